@@ -1,0 +1,1 @@
+"""artifacts layer of pkt (see DESIGN.md)."""

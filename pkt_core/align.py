@@ -1,0 +1,148 @@
+"""Layer selection and dimension reduction: cut student-shaped tensors out of the teacher.
+
+The paper's reducer takes, from each teacher matrix, the contiguous student-shaped window of
+maximal summed sensitivity. A summed-area table gives every window's sum in one vectorized
+pass, instead of the reference implementation's Python loop over every top-left corner.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Mapping
+
+import torch
+
+from . import arch
+
+LAYER_SELECTORS = ("sensitivity", "first", "last", "random")
+REDUCERS = ("submatrix", "rowcol", "random")
+
+
+class ShapeMismatch(ValueError):
+    pass
+
+
+def select_layers(layer_scores, n: int, strategy: str = "sensitivity", seed: int = 0) -> list[int]:
+    """Indices of n teacher layers, ascending (the teacher's order is kept)."""
+    scores = torch.as_tensor(layer_scores, dtype=torch.float64)
+    total = scores.numel()
+    if n > total:
+        raise ShapeMismatch(f"the teacher has {total} layers, fewer than the student's {n}; "
+                            "pick a deeper teacher or a shallower student")
+    if strategy == "sensitivity":
+        # stable sort: among equal totals the earlier layer wins
+        chosen = torch.sort(-scores, stable=True).indices[:n]
+    elif strategy == "first":
+        chosen = torch.arange(n)
+    elif strategy == "last":
+        chosen = torch.arange(total - n, total)
+    elif strategy == "random":
+        chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+    else:
+        raise ValueError(f"unknown layer selector {strategy!r}; choose one of {', '.join(LAYER_SELECTORS)}")
+    return sorted(int(i) for i in chosen)
+
+
+def window_sums(sens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Sum of every rows x cols window, indexed by its top-left corner: (R-rows+1, C-cols+1)."""
+    R, C = sens.shape
+    if rows > R or cols > C:
+        raise ShapeMismatch(f"window {rows}x{cols} does not fit in a {R}x{C} matrix")
+    # fp64 prefix sums keep the differences exact enough for ties of equal windows
+    sat = torch.zeros(R + 1, C + 1, dtype=torch.float64, device=sens.device)
+    sat[1:, 1:] = sens.to(torch.float64).cumsum(0).cumsum(1)
+    return sat[rows:, cols:] - sat[:-rows, cols:] - sat[rows:, :-cols] + sat[:-rows, :-cols]
+
+
+def max_sum_window(sens: torch.Tensor, rows: int, cols: int) -> tuple[int, int]:
+    """Top-left corner of the rows x cols window of maximal sum; ties: first in row-major order."""
+    sums = window_sums(sens, rows, cols)
+    flat = int(torch.argmax(sums.flatten()))  # argmax returns the first maximum
+    return flat // sums.shape[1], flat % sums.shape[1]
+
+
+def reduce_indices(sens: torch.Tensor, rows: int, cols: int, reducer: str = "submatrix",
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which teacher rows and columns make the student-shaped matrix (ascending indices)."""
+    R, C = sens.shape
+    if rows > R or cols > C:
+        raise ShapeMismatch(f"cannot cut {rows}x{cols} out of {R}x{C}")
+    if reducer == "submatrix":
+        r, c = max_sum_window(sens, rows, cols)
+        return torch.arange(r, r + rows), torch.arange(c, c + cols)
+    if reducer == "rowcol":
+        s = sens.to(torch.float64)
+        top_rows = torch.sort(-s.mean(1), stable=True).indices[:rows]
+        top_cols = torch.sort(-s.mean(0), stable=True).indices[:cols]
+        return top_rows.sort().values, top_cols.sort().values
+    if reducer == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randperm(R, generator=g)[:rows].sort().values, torch.randperm(C, generator=g)[:cols].sort().values
+    raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(REDUCERS)}")
+
+
+def repeat_kv(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
+    """Expand a k/v projection from kv_heads to heads heads, as grouped-query attention does."""
+    head_dim = weight.shape[0] // kv_heads
+    w = weight.reshape(kv_heads, head_dim, weight.shape[1])
+    return w.repeat_interleave(heads // kv_heads, dim=0).reshape(heads * head_dim, weight.shape[1])
+
+
+def _teacher_tensor(weights: Mapping[str, torch.Tensor], config, module: str, layer: int | None) -> torch.Tensor:
+    name = arch.weight_name(config, module, layer)
+    if name not in weights and module == "lm_head" and arch.dims(config).tied:
+        name = arch.weight_name(config, "embed")  # a tied lm_head is the embedding
+    return weights[name]
+
+
+def extract(
+    teacher_config,
+    student_config,
+    teacher_weights: Mapping[str, torch.Tensor],
+    sens: Mapping[str, torch.Tensor],
+    layers: list[int],
+    *,
+    reducer: str = "submatrix",
+    modules: tuple[str, ...] = arch.ALL_MODULE_TYPES,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Student-shaped fp32 tensors cut out of the teacher, keyed by the student's weight names.
+
+    layers: the teacher layers that become student layers 0..L_s-1 (from select_layers).
+    teacher_weights and sens may be lazy mappings: one tensor is read at a time.
+    """
+    t, s = arch.dims(teacher_config), arch.dims(student_config)
+    check_compatible(t, s, modules)
+    if len(layers) != s.layers:
+        raise ShapeMismatch(f"layer plan has {len(layers)} layers but the student has {s.layers}")
+    out = {}
+    for name, (module, s_layer) in arch.transferable_weights(student_config, modules).items():
+        t_layer = None if s_layer is None else layers[s_layer]
+        w = _teacher_tensor(teacher_weights, teacher_config, module, t_layer).float()
+        sv = _teacher_tensor(sens, teacher_config, module, t_layer).float()
+        if module in ("k", "v") and t.kv_width < s.kv_width:
+            w, sv = repeat_kv(w, t.kv_heads, t.heads), repeat_kv(sv, t.kv_heads, t.heads)
+        rows, cols = arch.module_shape(s, module)
+        if w.shape[0] < rows or w.shape[1] < cols:
+            raise ShapeMismatch(f"{name}: the teacher's {tuple(w.shape)} is narrower than the student's "
+                                f"{(rows, cols)}; the teacher must be at least as wide in every dimension")
+        seed_m = zlib.crc32(f"{seed}:{name}".encode())
+        r_idx, c_idx = reduce_indices(sv, rows, cols, reducer, seed_m)
+        out[name] = w[r_idx][:, c_idx].contiguous()
+    return out
+
+
+def check_compatible(t: arch.Dims, s: arch.Dims, modules: tuple[str, ...] = arch.ALL_MODULE_TYPES) -> None:
+    """Clear errors for pairs no extraction can serve."""
+    if t.layers < s.layers:
+        raise ShapeMismatch(f"the teacher has {t.layers} layers, fewer than the student's {s.layers}; "
+                            "the teacher must be at least as deep")
+    if any(m in modules for m in ("embed", "lm_head")) and t.vocab != s.vocab:
+        raise ShapeMismatch(f"vocabularies differ (teacher {t.vocab}, student {s.vocab}); embed/lm_head need "
+                            "one shared tokenizer: use models of one family, or drop embed and lm_head from modules")
+    for dim in ("hidden", "intermediate", "q_width"):
+        if getattr(t, dim) < getattr(s, dim):
+            raise ShapeMismatch(f"the teacher is narrower than the student in {dim} ({getattr(t, dim)} < "
+                                f"{getattr(s, dim)}); the teacher must be at least as wide in every dimension")
+    if max(t.kv_width, t.q_width) < s.kv_width:
+        raise ShapeMismatch(f"the teacher's k/v width {t.q_width} (heads repeated) is below the student's "
+                            f"{s.kv_width}")

@@ -1,0 +1,116 @@
+"""The chat jsonl format of the paper's release, formatting, answer-only labels, seed choice.
+
+One sample a line: {"messages": [{"role": "user", "content": ...}, {"role": "assistant",
+"content": ...}]}, an optional leading system turn; other fields are kept but unused.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str  # everything before the answer, formatted
+    answer: str  # the assistant turn's text
+    raw: dict
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Parse and validate a chat jsonl file; errors name the file, line, field and fix."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file; give a .jsonl file with one chat sample per line")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            validate_sample(row, f"{path} line {n}")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no samples; the file is empty. Add one JSON chat sample per line")
+    return rows
+
+
+def validate_sample(row, where: str) -> None:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with a \"messages\" list, got {type(row).__name__}")
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: \"messages\" is missing or empty; give a list of {{role, content}} turns")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(
+                f"{where}: messages[{i}] must be {{\"role\": one of {list(ROLES)}, \"content\": a string}}"
+            )
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(f"{where}: \"messages\" has no assistant turn at the end; each sample needs one answer")
+    if not any(m["role"] == "user" for m in msgs):
+        raise DataError(f"{where}: \"messages\" has no user turn; each sample needs a question")
+
+
+def format_prompt(messages: list[dict], tokenizer=None, chat_template: bool = False) -> str:
+    """The text before the answer: the paper's <|user|>/<|assistant|> tags, or the chat template."""
+    history = messages[:-1]
+    if chat_template:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise DataError("chat_template=True but the tokenizer has no chat template; use the paper's format")
+        return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    parts = []
+    for m in history:
+        parts.append(f"<|{m['role']}|>\n{m['content']}\n\n")
+    return "".join(parts) + "<|assistant|>\n"
+
+
+def to_samples(rows: list[dict], tokenizer=None, chat_template: bool = False) -> list[Sample]:
+    return [Sample(format_prompt(r["messages"], tokenizer, chat_template), r["messages"][-1]["content"], r) for r in rows]
+
+
+def encode(sample: Sample, tokenizer, max_length: int = 2048, where: str = "sample") -> dict[str, torch.Tensor]:
+    """input_ids/labels, each 1 x T; labels are IGNORE outside the answer (+ eos).
+
+    Truncation keeps the start; an answer cut away entirely is an error, not a silent zero loss.
+    """
+    prompt_ids = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if getattr(tokenizer, "bos_token_id", None) is not None and getattr(tokenizer, "add_bos_token", False):
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    ids = (prompt_ids + answer_ids)[:max_length]
+    if len(prompt_ids) >= max_length:
+        raise DataError(
+            f"{where}: the prompt alone is {len(prompt_ids)} tokens, so the cutoff of {max_length} removes the "
+            "whole answer; raise max_length (--cutoff) or shorten the prompt"
+        )
+    labels = [IGNORE] * len(prompt_ids) + ids[len(prompt_ids):]
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
+
+
+def load_encoded(path: str | Path, tokenizer, max_length: int = 2048, k: int | None = None, seed: int = 0,
+                 chat_template: bool = False) -> list[dict[str, torch.Tensor]]:
+    rows = read_jsonl(path)
+    idx = choose_seeds(len(rows), k, seed) if k else list(range(len(rows)))
+    samples = to_samples([rows[i] for i in idx], tokenizer, chat_template)
+    return [encode(s, tokenizer, max_length, f"{path} line {i + 1}") for s, i in zip(samples, idx)]
+
+
+def choose_seeds(n: int, k: int, seed: int = 0) -> list[int]:
+    """k distinct indices out of n, the same for the same (n, k, seed) on any machine."""
+    if k > n:
+        raise DataError(f"asked for {k} seed samples but the file has only {n}; lower k or add samples")
+    return sorted(random.Random(seed).sample(range(n), k))

@@ -1,0 +1,156 @@
+"""LoRA initialization from extracted teacher tensors, as a stock peft adapter folder.
+
+B = U_r diag(S_r), A = V_r^T (paper), so scale * B @ A is the best rank-r approximation of
+the extracted matrix (Eckart-Young) times peft's scaling. The delta step subtracts that
+product from the student's base weights, so training starts from the student's own function
+(the move peft's PiSSA/OLoRA inits make too).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import arch
+
+PEFT_PREFIX = "base_model.model."
+SPLITS = ("paper", "sqrt")
+
+
+class RankTooLarge(ValueError):
+    pass
+
+
+def svd_factors(weight: torch.Tensor, rank: int, split: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B [out x r], A [r x in]) with B @ A the rank-r truncated SVD of weight, in fp32.
+
+    split='paper': B = U S, A = V^T; split='sqrt': B = U sqrt(S), A = sqrt(S) V^T.
+    """
+    if rank < 1 or rank > min(weight.shape):
+        raise RankTooLarge(f"rank {rank} is outside 1..{min(weight.shape)} for a {tuple(weight.shape)} matrix; "
+                           "lower --rank")
+    u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    if split == "paper":
+        return (u * s).contiguous(), vh.contiguous()
+    if split == "sqrt":
+        r = s.sqrt()
+        return (u * r).contiguous(), (r[:, None] * vh).contiguous()
+    raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def leaf(module: str) -> str:
+    path = arch.LAYER_MODULES.get(module) or arch.GLOBAL_MODULES[module]
+    return path.rsplit(".", 1)[-1]
+
+
+def peft_keys(config, module: str, layer: int | None) -> tuple[str, str]:
+    """(A key, B key) under which peft saves this module's LoRA factors."""
+    base = PEFT_PREFIX + arch.module_path(config, module, layer)
+    if module == "embed":
+        return base + ".lora_embedding_A", base + ".lora_embedding_B"
+    return base + ".lora_A.weight", base + ".lora_B.weight"
+
+
+def peft_orientation(module: str, weight: torch.Tensor) -> torch.Tensor:
+    """The matrix that peft's B @ A stands for: the weight itself, transposed for embeddings
+    (peft's embedding delta is (B @ A)^T with B: hidden x r, A: r x vocab)."""
+    return weight.T if module == "embed" else weight
+
+
+def init_state_dict(extracted: dict[str, torch.Tensor], student_config, rank: int,
+                    split: str = "paper", scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """peft adapter tensors for every extracted weight. scale multiplies B (the init's size)."""
+    names = arch.transferable_weights(student_config)
+    out = {}
+    for name, weight in extracted.items():
+        module, layer = names[name]
+        b, a = svd_factors(peft_orientation(module, weight), rank, split)
+        key_a, key_b = peft_keys(student_config, module, layer)
+        out[key_a], out[key_b] = a, b * scale
+    return out
+
+
+def lora_config(modules, rank: int, alpha: float, dropout: float = 0.05, base_model: str | None = None):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=sorted(leaf(m) for m in modules),
+        init_lora_weights=True,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+    )
+
+
+def modules_in(state: dict[str, torch.Tensor], config) -> list[str]:
+    """The module types a peft state dict covers."""
+    found = set()
+    for name, (module, layer) in arch.transferable_weights(config).items():
+        if peft_keys(config, module, layer)[0] in state:
+            found.add(module)
+    return sorted(found)
+
+
+def save_adapter(directory: str | Path, state: dict[str, torch.Tensor], config, rank: int, alpha: float,
+                 dropout: float = 0.05, metadata: dict[str, str] | None = None) -> Path:
+    """Write a peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = lora_config(modules_in(state, config), rank, alpha, dropout, getattr(config, "_name_or_path", None))
+    cfg.save_pretrained(str(directory))
+    meta = {"format": "pt", **(metadata or {})}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "adapter_model.safetensors"), metadata=meta)
+    return directory
+
+
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    directory = Path(directory)
+    cfg = json.loads((directory / "adapter_config.json").read_text())
+    return cfg, load_file(str(directory / "adapter_model.safetensors"))
+
+
+def subtract_delta(peft_model, adapter_name: str = "default") -> None:
+    """The paper's delta step, in place: W_base <- W_base - scale * B @ A for every LoRA layer,
+    so the wrapped model computes exactly the student's function before training."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.scaling:
+                base = module.get_base_layer()
+                delta = module.get_delta_weight(adapter_name)
+                base.weight.sub_(delta.to(base.weight.dtype))
+
+
+def trainable_from_init(student, init_dir: str | Path, subtract: bool = True):
+    """A ready-to-train PeftModel: the student (modified in place, no second copy) wrapped with
+    the init adapter, delta subtracted so step 0 computes the student's function."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(student, str(init_dir), is_trainable=True)
+    if subtract:
+        subtract_delta(model)
+    return model
+
+
+def fold_init(trained: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A rank-2r adapter equal to (trained - init) for use on the *unmodified* student.
+
+    delta = B A - B0 A0 = [B | -B0] [A ; A0]. peft's save_pretrained(path_initial_model_for_weight_conversion)
+    does the same but drops embedding factors (lora_embedding_A/B), so pkt does it here.
+    """
+    out = {}
+    for k, v in trained.items():
+        if k.endswith(("lora_A.weight", "lora_embedding_A")):
+            out[k] = torch.cat([v, init[k]], dim=0)
+        elif k.endswith(("lora_B.weight", "lora_embedding_B")):
+            out[k] = torch.cat([v, -init[k]], dim=1)
+        else:
+            out[k] = v
+    return out

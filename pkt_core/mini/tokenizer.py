@@ -1,0 +1,35 @@
+"""A character-level tokenizer for the miniature family, saved as a standard HF tokenizer."""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHAT_TAGS = ["<|system|>", "<|user|>", "<|assistant|>"]
+CHARS = sorted(set(string.ascii_letters + string.digits + string.punctuation + " \n"))
+
+
+def build_tokenizer():
+    """PreTrainedTokenizerFast over a fixed character vocabulary (same ids on every machine)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHAT_TAGS + CHARS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(SPECIALS)
+    core.add_tokens(CHAT_TAGS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def save_tokenizer(directory: str | Path) -> Path:
+    build_tokenizer().save_pretrained(str(directory))
+    return Path(directory)
+
+
+def vocab_size() -> int:
+    return len(SPECIALS) + len(CHAT_TAGS) + len(CHARS)

@@ -1,0 +1,145 @@
+"""Loading causal LMs, tokenizers and raw weights from a local directory or a hub id."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def is_local(source: str | Path) -> bool:
+    return Path(source).exists()
+
+
+def _check_source(source: str | Path) -> None:
+    s = str(source)
+    looks_like_path = s.startswith((".", "/", "~")) or s.count("/") > 1 or "\\" in s
+    if looks_like_path and not Path(s).exists():
+        raise ModelNotFound(
+            f"model path {s!r} does not exist; give a local directory holding config.json and "
+            "*.safetensors, or a hub id such as 'meta-llama/Llama-2-7b-hf'"
+        )
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | None) -> torch.dtype:
+    """'auto' means bf16 on a CUDA device that supports it, fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        cuda = device is not None and str(device).startswith("cuda") or device == "auto"
+        if cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(
+    source: str | Path,
+    *,
+    revision: str | None = None,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | None = "cpu",
+    allow_bin: bool = False,
+    trust_remote_code: bool = False,
+):
+    """A causal LM from a local dir or hub id. Only safetensors weights unless allow_bin.
+
+    device='auto' shards over the visible GPUs (or offloads) with accelerate's device_map.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _check_source(source)
+    if is_local(source):
+        _refuse_pickled_only(Path(source), allow_bin)
+    kwargs = dict(
+        revision=revision,
+        dtype=resolve_dtype(dtype, device),
+        use_safetensors=None if allow_bin else True,
+        trust_remote_code=trust_remote_code,
+    )
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    if device not in (None, "auto"):
+        model.to(device)
+    return model
+
+
+def load_tokenizer(source: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _check_source(source)
+    tok = AutoTokenizer.from_pretrained(str(source), revision=revision, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_config(source: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    _check_source(source)
+    return AutoConfig.from_pretrained(str(source), revision=revision, trust_remote_code=trust_remote_code)
+
+
+def _refuse_pickled_only(path: Path, allow_bin: bool) -> None:
+    if not (path / "config.json").exists():
+        raise ModelNotFound(f"{path}: no config.json; a model directory needs config.json and *.safetensors")
+    if not list(path.glob("*.safetensors")) and not allow_bin:
+        found = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        raise ValueError(
+            f"{path}: no *.safetensors weights (found {found or 'none'}). Pickled checkpoints can run code "
+            "when loaded; convert them to safetensors, or pass --allow-bin to load them with weights_only=True"
+        )
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors weight files of a local model directory, in a stable order."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    return sorted(path.glob("*.safetensors"))
+
+
+class LazyWeights:
+    """Read-only mapping name -> tensor over safetensors files, loading one tensor at a time,
+    so a teacher bigger than RAM can be sliced without materializing it."""
+
+    def __init__(self, files: list[str | Path], device: str = "cpu"):
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    self._where[k] = Path(f)
+        self.device = device
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path) -> "LazyWeights":
+        files = weight_files(path)
+        if not files:
+            raise ModelNotFound(f"{path}: no *.safetensors files")
+        return cls(files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def keys(self):
+        return self._where.keys()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise KeyError(f"tensor {name!r} not found in {sorted(set(map(str, self._where.values())))}")
+        with safe_open(str(self._where[name]), framework="pt", device=self.device) as h:
+            return h.get_tensor(name)

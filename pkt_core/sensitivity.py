@@ -1,0 +1,73 @@
+"""Parameter sensitivity S = sum_i |theta * dL_i/dtheta| over seed samples (Zhong et al., eq. 2).
+
+Each parameter's |theta * grad| is added to an fp32 accumulator by a post-accumulate-grad hook
+the moment its gradient is ready, and the gradient is freed right there: peak memory is
+weights + activations + one accumulator, never a second full gradient copy.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import arch
+
+
+def compute_sensitivity(
+    model,
+    samples: Iterable[dict[str, torch.Tensor]],
+    *,
+    accumulate_dtype: torch.dtype = torch.float32,
+    accumulator_device: str | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Sum over samples of |theta * dL/dtheta| for every parameter.
+
+    samples: dicts with input_ids and labels, each 1 x T, labels -100 off the answer.
+    Returns {parameter name: accumulate_dtype tensor of the parameter's shape}, on
+    accumulator_device (default: each parameter's own device).
+    """
+    params = dict(model.named_parameters())
+    acc = {n: torch.zeros(p.shape, dtype=accumulate_dtype, device=accumulator_device or p.device)
+           for n, p in params.items()}
+    was_training = model.training
+    model.eval()  # no dropout: the score should not depend on a random mask
+    flags = {n: p.requires_grad for n, p in params.items()}
+    handles = []
+    for n, p in params.items():
+        p.requires_grad_(True)
+        handles.append(p.register_post_accumulate_grad_hook(_accumulator(acc[n])))
+    samples = list(samples) if not hasattr(samples, "__len__") else samples
+    try:
+        for s in tqdm(samples, desc="sensitivity", unit="sample", disable=not progress):
+            dev = model.get_input_embeddings().weight.device
+            out = model(input_ids=s["input_ids"].to(dev), labels=s["labels"].to(dev))
+            out.loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+            p.grad = None
+        model.train(was_training)
+    return acc
+
+
+def _accumulator(buf: torch.Tensor):
+    def hook(p: torch.Tensor) -> None:
+        g = (p.detach() * p.grad).abs()
+        buf.add_(g.to(device=buf.device, dtype=buf.dtype))
+        p.grad = None
+
+    return hook
+
+
+def layer_totals(sens: dict[str, torch.Tensor], config) -> torch.Tensor:
+    """Total sensitivity of every decoder layer (all its parameters), shape [num_layers], fp64."""
+    d = arch.dims(config)
+    totals = torch.zeros(d.layers, dtype=torch.float64)
+    for layer in range(d.layers):
+        prefix = arch.layer_prefix(config, layer)
+        totals[layer] = sum(float(t.double().sum()) for n, t in sens.items() if n.startswith(prefix))
+    return totals

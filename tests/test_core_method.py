@@ -1,0 +1,193 @@
+"""The method against independent oracles, on tiny random Llama/Mistral/Qwen2 models."""
+import pytest
+import torch
+
+from conftest import random_samples, tiny_config, tiny_model
+from pkt_core import align, arch, lora_init, sensitivity
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_sensitivity_equals_naive_per_sample_autograd(model_type):
+    model = tiny_model(model_type=model_type, kv_heads=2)
+    samples = random_samples(3)
+    got = sensitivity.compute_sensitivity(model, samples, progress=False)
+
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for s in samples:
+        model.zero_grad()
+        model(**s).loss.backward()
+        for n, p in model.named_parameters():
+            expected[n] += (p * p.grad).abs()
+    assert got.keys() == expected.keys()
+    for n in got:
+        assert torch.allclose(got[n], expected[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_sensitivity_leaves_no_gradients_and_restores_flags():
+    model = tiny_model()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    sensitivity.compute_sensitivity(model, random_samples(2), progress=False)
+    assert all(p.grad is None for p in model.parameters())
+    assert model.model.embed_tokens.weight.requires_grad is False
+
+
+def test_layer_totals_sum_each_layer():
+    model = tiny_model(layers=3)
+    sens = sensitivity.compute_sensitivity(model, random_samples(2), progress=False)
+    totals = sensitivity.layer_totals(sens, model.config)
+    assert totals.shape == (3,)
+    manual = sum(float(t.sum()) for n, t in sens.items() if n.startswith("model.layers.1."))
+    assert totals[1].item() == pytest.approx(manual, rel=1e-6)
+
+
+@pytest.mark.parametrize("shape,rank", [((20, 12), 4), ((12, 20), 12), ((16, 16), 1)])
+def test_svd_factors_eckart_young(shape, rank):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    s = torch.linalg.svdvals(w)
+    for split in lora_init.SPLITS:
+        b, a = lora_init.svd_factors(w, rank, split)
+        assert b.shape == (shape[0], rank) and a.shape == (rank, shape[1])
+        err = torch.linalg.norm(w - b @ a) ** 2
+        assert err.item() == pytest.approx(float((s[rank:] ** 2).sum()), abs=1e-4)
+    b, a = lora_init.svd_factors(w, rank)
+    assert torch.allclose(a @ a.T, torch.eye(rank), atol=1e-5)  # paper split: A orthonormal rows
+
+
+def test_rank_above_matrix_size_is_an_error():
+    with pytest.raises(lora_init.RankTooLarge, match="lower --rank"):
+        lora_init.svd_factors(torch.randn(4, 6), 5)
+
+
+def test_arch_shapes_match_real_models_with_gqa():
+    for model_type in ("llama", "mistral", "qwen2"):
+        model = tiny_model(model_type=model_type, kv_heads=2, head_dim=16)
+        d = arch.dims(model.config)
+        params = dict(model.named_parameters())
+        for name, (module, _) in arch.transferable_weights(model.config).items():
+            assert tuple(params[name].shape) == arch.module_shape(d, module), name
+
+
+def test_unknown_architecture_lists_supported():
+    cfg = tiny_config()
+    cfg.model_type = "gpt2"
+    with pytest.raises(arch.UnsupportedArchitecture, match="supported: .*llama"):
+        arch.dims(cfg)
+
+
+def _pair(teacher_kw=None, student_kw=None):
+    teacher = tiny_model(seed=1, **{"layers": 4, "hidden": 48, "intermediate": 64, "heads": 4, **(teacher_kw or {})})
+    student = tiny_model(seed=2, **{"layers": 2, "hidden": 32, "intermediate": 48, "heads": 4, **(student_kw or {})})
+    return teacher, student
+
+
+def _extract(teacher, student, reducer="submatrix"):
+    sens = sensitivity.compute_sensitivity(teacher, random_samples(2), progress=False)
+    plan = align.select_layers(sensitivity.layer_totals(sens, teacher.config), student.config.num_hidden_layers)
+    return align.extract(teacher.config, student.config, dict(teacher.named_parameters()), sens, plan,
+                         reducer=reducer)
+
+
+@pytest.mark.parametrize("reducer", align.REDUCERS)
+def test_extract_gives_student_shapes(reducer):
+    teacher, student = _pair()
+    got = _extract(teacher, student, reducer)
+    params = dict(student.named_parameters())
+    assert got.keys() == arch.transferable_weights(student.config).keys()
+    for name, t in got.items():
+        assert t.shape == params[name].shape
+
+
+def test_extract_submatrix_is_the_max_window_of_the_teacher():
+    teacher, student = _pair()
+    sens = sensitivity.compute_sensitivity(teacher, random_samples(2), progress=False)
+    got = align.extract(teacher.config, student.config, dict(teacher.named_parameters()), sens, [1, 3])
+    name_t = "model.layers.3.mlp.down_proj.weight"
+    r, c = align.max_sum_window(sens[name_t], 32, 48)
+    assert torch.equal(got["model.layers.1.mlp.down_proj.weight"], teacher.state_dict()[name_t][r:r + 32, c:c + 48])
+
+
+def test_gqa_teacher_to_mha_student_repeats_kv_heads():
+    teacher, student = _pair(teacher_kw={"kv_heads": 2, "hidden": 64, "heads": 8}, student_kw={"hidden": 32, "heads": 4})
+    got = _extract(teacher, student)
+    assert got["model.layers.0.self_attn.k_proj.weight"].shape == (32, 32)
+
+
+@pytest.mark.parametrize("teacher_kw,student_kw,match", [
+    ({"layers": 1}, {}, "at least as deep"),
+    ({"hidden": 24}, {}, "narrower"),
+    ({"vocab": 80}, {}, "vocabularies differ"),
+])
+def test_incompatible_pairs_are_clear_errors(teacher_kw, student_kw, match):
+    teacher, student = _pair(teacher_kw, student_kw)
+    sens = {n: torch.ones_like(p) for n, p in teacher.named_parameters()}
+    with pytest.raises(align.ShapeMismatch, match=match):
+        align.extract(teacher.config, student.config, dict(teacher.named_parameters()), sens, [0, 0])
+
+
+def _init_dir(tmp_path, teacher, student, rank=4, alpha=8):
+    extracted = _extract(teacher, student)
+    state = lora_init.init_state_dict(extracted, student.config, rank)
+    return lora_init.save_adapter(tmp_path / "init", state, student.config, rank, alpha), extracted
+
+
+@pytest.mark.parametrize("student_type", ["llama", "qwen2"])
+def test_delta_step_keeps_the_student_function(tmp_path, student_type):
+    teacher, student = _pair(teacher_kw={"model_type": student_type}, student_kw={"model_type": student_type})
+    init, _ = _init_dir(tmp_path, teacher, student)
+    ids = torch.randint(3, 64, (2, 10))
+    before = student(ids).logits.detach().clone()
+    model = lora_init.trainable_from_init(student, init)
+    model.eval()
+    after = model(ids).logits.detach()
+    assert torch.allclose(before, after, atol=1e-5)
+    # and the adapter is really there: without the delta step the function moves
+    with model.disable_adapter():
+        assert not torch.allclose(before, model(ids).logits.detach(), atol=1e-3)
+
+
+def test_init_adapter_loads_in_stock_peft_with_all_keys(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    teacher, student = _pair()
+    init, extracted = _init_dir(tmp_path, teacher, student)
+    saved = load_file(str(init / "adapter_model.safetensors"))
+    model = PeftModel.from_pretrained(student, str(init))  # stock peft, no pkt code
+    lora_params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(lora_params) == len(saved) == 2 * len(extracted)
+    for key, tensor in saved.items():
+        loaded_name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight").replace(
+            "lora_embedding_A", "lora_embedding_A.default").replace("lora_embedding_B", "lora_embedding_B.default")
+        assert torch.equal(lora_params[loaded_name], tensor), key
+    # B @ A (scaled) is the best rank-4 approximation of each extracted matrix
+    emb = model.base_model.model.model.embed_tokens
+    delta = emb.get_delta_weight("default")
+    best = lora_init.svd_factors(extracted["model.embed_tokens.weight"], 4)
+    assert torch.allclose(delta, emb.scaling["default"] * best[0] @ best[1], atol=1e-4)
+
+
+def test_fold_init_gives_trained_function_on_unmodified_student(tmp_path):
+    from peft import PeftModel
+
+    teacher, student = _pair()
+    init, _ = _init_dir(tmp_path, teacher, student)
+    ids = torch.randint(3, 64, (2, 10))
+    original = {k: v.clone() for k, v in student.state_dict().items()}
+    model = lora_init.trainable_from_init(student, init)
+    with torch.no_grad():  # pretend training moved every factor
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    trained_logits = model(ids).logits.detach()
+    from peft import get_peft_model_state_dict
+
+    cfg, init_state = lora_init.read_adapter(init)
+    folded = lora_init.fold_init(get_peft_model_state_dict(model, save_embedding_layers=False), init_state)
+    lora_init.save_adapter(tmp_path / "folded", folded, student.config, 2 * cfg["r"], 2 * cfg["lora_alpha"])
+
+    fresh = tiny_model(seed=2, layers=2, hidden=32, intermediate=48, heads=4)
+    fresh.load_state_dict(original)
+    stock = PeftModel.from_pretrained(fresh, str(tmp_path / "folded")).eval()
+    assert torch.allclose(stock(ids).logits, trained_logits, atol=1e-4)

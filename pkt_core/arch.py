@@ -146,3 +146,23 @@ def transferable_weights(config, modules: tuple[str, ...] = ALL_MODULE_TYPES) ->
         if m in GLOBAL_MODULES and not (m == "lm_head" and d.tied):
             out[weight_name(config, m)] = (m, None)
     return out
+
+
+SHAPE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+
+
+def shape_of(config) -> dict:
+    """The part of a config that fixes every transferable shape: what an extraction depends on,
+    so every student of one shape (base, chat, code variants) shares one extraction."""
+    d = dims(config)
+    return {"model_type": d.model_type, "num_hidden_layers": d.layers, "hidden_size": d.hidden,
+            "intermediate_size": d.intermediate, "num_attention_heads": d.heads, "num_key_value_heads": d.kv_heads,
+            "head_dim": d.head_dim, "vocab_size": d.vocab, "tie_word_embeddings": d.tied}
+
+
+def config_from_shape(shape: dict):
+    """A stand-in config for arch functions when only the shape is known."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{k: shape[k] for k in SHAPE_FIELDS})

@@ -154,3 +154,47 @@ def fold_init(trained: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -
         else:
             out[k] = v
     return out
+
+
+def top_singular_values(state: dict[str, torch.Tensor], k: int = 3) -> list[float]:
+    """Mean over modules of the init's top-k singular values of B @ A: the init's size."""
+    tops = []
+    for key_a in [k_ for k_ in state if k_.endswith(("lora_A.weight", "lora_embedding_A"))]:
+        key_b = key_a.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+        s = torch.linalg.svdvals(state[key_b].float() @ state[key_a].float())[:k]
+        tops.append(torch.nn.functional.pad(s, (0, k - s.numel())))
+    return torch.stack(tops).mean(0).tolist() if tops else []
+
+
+def _orthonormal(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=g))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def spectrum_matched(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Control: each module keeps its init's singular values, with random orthonormal directions."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(state)
+    for key_a in [k for k in state if k.endswith(("lora_A.weight", "lora_embedding_A"))]:
+        key_b = key_a.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+        b, a = state[key_b].float(), state[key_a].float()
+        s = torch.linalg.svdvals(b @ a)[: a.shape[0]]
+        out[key_b] = _orthonormal(b.shape[0], a.shape[0], g) * s
+        out[key_a] = _orthonormal(a.shape[1], a.shape[0], g).T.contiguous()
+    return out
+
+
+def shuffled(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Control: the init with its rows and columns permuted (same spectrum, no teacher alignment).
+    Embedding and lm_head are permuted along the vocabulary axis only."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(state)
+    for key_a in [k for k in state if k.endswith(("lora_A.weight", "lora_embedding_A"))]:
+        key_b = key_a.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+        b, a = state[key_b], state[key_a]
+        is_embed, is_head = key_a.endswith("lora_embedding_A"), ".lm_head." in key_a
+        if not is_embed:  # B's rows are the output axis (the vocabulary for lm_head)
+            out[key_b] = b[torch.randperm(b.shape[0], generator=g)]
+        if not is_head:  # A's columns are the input axis (the vocabulary for embeddings)
+            out[key_a] = a[:, torch.randperm(a.shape[1], generator=g)]
+    return out

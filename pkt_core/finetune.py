@@ -1,0 +1,140 @@
+"""LoRA fine-tuning of the student (the injection step), one readable loop.
+
+Defaults follow the paper: rank 16, alpha 16, dropout 0.05, lr 3e-4, 3 epochs, effective batch
+64, 3% warmup then linear decay, answer-only loss, cutoff 2048.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import IGNORE
+
+VARIANTS = ("vanilla", "lora", "transfer", "pissa", "random-submatrix", "cross-task", "untrained-teacher",
+            "spectrum-matched", "shuffled", "early-teacher")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.05
+    lr: float = 3e-4
+    epochs: float = 3.0
+    batch_size: int = 64  # effective batch
+    micro_batch: int = 8
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_length: int = 2048
+    n_train: int | None = None  # None: every training sample
+    seed: int = 0
+    modules: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["modules"] = list(self.modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainParams":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "modules" in known:
+            known["modules"] = tuple(known["modules"])
+        return cls(**known)
+
+
+@dataclass
+class TrainLog:
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    steps: int = 0
+
+
+def collate(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of 1 x T samples into a batch with an attention mask."""
+    T = max(s["input_ids"].shape[1] for s in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for i, s in enumerate(batch):
+        n = s["input_ids"].shape[1]
+        ids[i, :n], labels[i, :n], mask[i, :n] = s["input_ids"][0], s["labels"][0], 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def finetune(model, samples: list[dict[str, torch.Tensor]], params: TrainParams, pad_id: int,
+             progress: bool = True) -> TrainLog:
+    """Train the model's trainable parameters (the LoRA factors) in place; returns the loss curve.
+
+    Loss is the mean over answer tokens of each effective batch (micro-batches weighted by
+    their answer-token counts), so gradient accumulation does not change the objective.
+    """
+    from transformers import get_scheduler
+
+    torch.manual_seed(params.seed)
+    rng = random.Random(params.seed)
+    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters; wrap it with a LoRA adapter first")
+    opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    per_epoch = max(1, math.ceil(len(samples) / params.batch_size))
+    total = max(1, math.ceil(per_epoch * params.epochs))
+    sched = get_scheduler("linear", opt, num_warmup_steps=int(params.warmup_ratio * total), num_training_steps=total)
+    log = TrainLog()
+    model.train()
+    order: list[int] = []
+    bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress)
+    for _ in range(total):
+        if len(order) < params.batch_size:
+            fresh = list(range(len(samples)))
+            rng.shuffle(fresh)
+            order += fresh
+        batch = [samples[i] for i in order[: params.batch_size]]
+        del order[: params.batch_size]
+        loss = _accumulate(model, batch, params.micro_batch, pad_id, device)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        log.losses.append(loss)
+        log.steps += 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.4f}")
+    bar.close()
+    model.eval()
+    return log
+
+
+def _accumulate(model, batch, micro: int, pad_id: int, device) -> float:
+    n_tokens = sum(int((s["labels"] != IGNORE).sum()) for s in batch)
+    total = 0.0
+    for i in range(0, len(batch), micro):
+        mb = collate(batch[i:i + micro], pad_id)
+        mb = {k: v.to(device) for k, v in mb.items()}
+        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        loss_sum = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), mb["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+        (loss_sum / n_tokens).backward()
+        total += float(loss_sum)
+    return total / max(n_tokens, 1)
+
+
+def answer_loss(model, samples: list[dict[str, torch.Tensor]], pad_id: int, micro: int = 32) -> torch.Tensor:
+    """Per-sample mean answer-token NLL (nats), shape [n]: the steadier signal at small scale."""
+    device = next(model.parameters()).device
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(samples), micro):
+            mb = {k: v.to(device) for k, v in collate(samples[i:i + micro], pad_id).items()}
+            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits.float()
+            labels = mb["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE,
+                                                    reduction="none")
+            mask = labels != IGNORE
+            out.append((nll * mask).sum(1) / mask.sum(1).clamp(min=1))
+    return torch.cat(out).cpu()

@@ -239,10 +239,13 @@ class Store:
                 os.link(self.blob_path(digest), target)
             except OSError:
                 shutil.copyfile(self.blob_path(digest), target)
+        dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(tmp, dest)
-        except OSError:  # another process materialized it first
+        except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
+            if not dest.exists():  # not a concurrent materialization: a real failure
+                raise
         return dest
 
     def path(self, ref: Ref | dict) -> Path:

@@ -56,3 +56,26 @@ def random_samples(n, vocab=64, length=12, answer=4, seed=0):
 @pytest.fixture
 def tmp_store(tmp_path):
     return tmp_path / "store"
+
+
+@pytest.fixture(scope="session")
+def prefect_env(tmp_path_factory):
+    """Real Prefect runs against an isolated database, home and result storage."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect_home")
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "results")
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(home / "storage")
+    with prefect_test_harness(server_startup_timeout=180):
+        yield home
+
+
+@pytest.fixture(scope="session")
+def mini_family(tmp_path_factory):
+    """The test-size miniature family, built once per session with pkt_core directly."""
+    from pkt_core.mini.family import build_family
+
+    root = tmp_path_factory.mktemp("family")
+    build_family(root, "test", log=lambda *_: None, progress=False)
+    return root

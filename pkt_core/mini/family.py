@@ -16,7 +16,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import format_prompt
-from ..finetune import collate
 from . import tasks
 from .tokenizer import build_tokenizer, vocab_size
 
@@ -40,15 +39,16 @@ class FamilyRecipe:
     teacher: ModelRecipe
     student: ModelRecipe
     batch: int = 32
-    task_fraction: float = 0.6
+    task_fraction: float = 0.8
     n_texts: int = 20000
+    block: int = 32  # packed sequence length
     seed: int = 0
 
 
 SIZES = {
     "demo": FamilyRecipe(
-        teacher=ModelRecipe(layers=4, hidden=128, intermediate=344, heads=4, kv_heads=4, lr=3e-3, steps=2500,
-                            gate_em=0.8, check_every=250, early_step=400),
+        teacher=ModelRecipe(layers=4, hidden=128, intermediate=344, heads=4, kv_heads=4, lr=3e-3, steps=1500,
+                            gate_em=0.8, check_every=250, early_step=300),
         student=ModelRecipe(layers=2, hidden=64, intermediate=172, heads=4, kv_heads=4, lr=3e-3, steps=600),
     ),
     # seconds, for tests: a GQA teacher so the kv-head path is exercised end to end
@@ -103,11 +103,8 @@ def pretrain(r: ModelRecipe, family: FamilyRecipe, out_dir: Path, name: str, log
     tok = build_tokenizer()
     torch.manual_seed(family.seed)
     model = LlamaForCausalLM(llama_config(r))
-    texts = tasks.pretraining_texts(family.n_texts, family.task_fraction, family.seed)
-    docs = []
-    for t in texts:
-        ids = torch.tensor([tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
-        docs.append({"input_ids": ids, "labels": ids})
+    blocks = packed_blocks(tok, tasks.pretraining_texts(family.n_texts, family.task_fraction, family.seed),
+                           family.block)
     held = tasks.make_splits("gsm", n_train=0, n_val=100, n_test=0, seed=family.seed)["val"]
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, max(1, r.steps // 20), r.steps)
@@ -116,9 +113,8 @@ def pretrain(r: ModelRecipe, family: FamilyRecipe, out_dir: Path, name: str, log
     bar = tqdm(total=r.steps, desc=f"pretrain {name}", unit="step", disable=not progress)
     for step in range(1, r.steps + 1):
         model.train()
-        idx = torch.randint(len(docs), (family.batch,), generator=g).tolist()
-        batch = collate([docs[i] for i in idx], tok.pad_token_id)
-        loss = model(**batch).loss
+        batch = blocks[torch.randint(len(blocks), (family.batch,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -142,6 +138,15 @@ def pretrain(r: ModelRecipe, family: FamilyRecipe, out_dir: Path, name: str, log
     _save(model, tok, out_dir)
     return {"name": name, "steps": step, "gsm_em": em, "seconds": round(time.time() - t0, 1),
             "params": sum(p.numel() for p in model.parameters())}
+
+
+def packed_blocks(tok, texts: list[str], block: int) -> torch.Tensor:
+    """Documents joined by eos and cut into equal blocks: no padding, every token trains."""
+    stream = []
+    for t in texts:
+        stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n = len(stream) // block
+    return torch.tensor(stream[: n * block]).view(n, block)
 
 
 def _save(model, tok, path: Path) -> None:

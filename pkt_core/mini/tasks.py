@@ -2,7 +2,7 @@
 
 - gsm: two-digit addition with a numeric answer ("... The answer is N.")
 - mmlu: four-way multiple choice over generated facts (the facts appear in pretraining text)
-- sni: an instruction task (reverse a word), scored by exact match and ROUGE-L
+- sni: an instruction task (reverse the order of words), scored by exact match and ROUGE-L
 Held-out problems (val/test) never appear in pretraining or training data.
 """
 from __future__ import annotations
@@ -58,13 +58,17 @@ def fact_sentence(name: str, color: str) -> str:
     return f"The {name} is {color}."
 
 
-# ---- sni: reverse a word ---------------------------------------------------------------------
+# ---- sni: reverse the order of words -----------------------------------------------------------
 def random_word(rng: random.Random) -> str:
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7)))
 
 
-def sni_sample(word: str, i: int) -> dict:
-    return chat("sni", i, f"Reverse the word: {word}", word[::-1])
+def random_phrase(rng: random.Random) -> str:
+    return " ".join(rng.choice(COLORS + SYLLABLES) for _ in range(rng.randint(3, 5)))
+
+
+def sni_sample(phrase: str, i: int) -> dict:
+    return chat("sni", i, f"Reverse the order of the words: {phrase}", " ".join(reversed(phrase.split())))
 
 
 # ---- splits --------------------------------------------------------------------------------
@@ -84,7 +88,7 @@ def make_splits(task: str, n_train: int = 1000, n_val: int = 100, n_test: int = 
         val = [mmlu_sample(*held[i % len(held)], i, rng) for i in range(n_val)]
         test = [mmlu_sample(*held[(i + n_val) % len(held)], i, rng) for i in range(n_test)]
     elif task == "sni":
-        words = sorted({random_word(rng) for _ in range(4 * (n_train + n_val + n_test))})
+        words = sorted({random_phrase(rng) for _ in range(4 * (n_train + n_val + n_test))})
         rng.shuffle(words)
         train = [sni_sample(w, i) for i, w in enumerate(words[:n_train])]
         val = [sni_sample(w, i) for i, w in enumerate(words[n_train:n_train + n_val])]
@@ -116,9 +120,10 @@ def pretraining_texts(n: int, task_fraction: float = 0.6, seed: int = 0) -> list
     from ..data import format_prompt
 
     rng = random.Random(f"pretrain:{seed}")
-    train = {t: make_splits(t, n_train=2000, n_val=0, n_test=0, seed=seed + 1)["train"] for t in TASKS}
+    # every non-held-out addition pair (~7300): coverage is what lets the teacher generalize
+    train = {t: make_splits(t, n_train=10000, n_val=0, n_test=0, seed=seed + 1)["train"] for t in TASKS}
     ents = entities()
-    weights = {"gsm": 0.7, "mmlu": 0.15, "sni": 0.15}
+    weights = {"gsm": 0.8, "mmlu": 0.1, "sni": 0.1}
     texts = []
     for _ in range(n):
         if rng.random() < task_fraction:
@@ -126,7 +131,7 @@ def pretraining_texts(n: int, task_fraction: float = 0.6, seed: int = 0) -> list
             row = rng.choice(train[task])
             texts.append(format_prompt(row["messages"]) + row["messages"][-1]["content"])
         else:
-            facts = " ".join(fact_sentence(*rng.choice(ents)) for _ in range(2))
-            words = " ".join(random_word(rng) for _ in range(3))
+            facts = fact_sentence(*rng.choice(ents))
+            words = " ".join(random_word(rng) for _ in range(2))
             texts.append(facts + " " + words)
     return texts

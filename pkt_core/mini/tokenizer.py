@@ -6,6 +6,9 @@ from pathlib import Path
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHAT_TAGS = ["<|system|>", "<|user|>", "<|assistant|>"]
+# frequent phrases of the task prompts as single tokens (what BPE merges would learn), so
+# sequences stay short and pretraining fits the CPU budget
+PHRASES = ["What is ", "The answer is ", "What color is the ", "Reverse the order of the words: ", "Answer:"]
 CHARS = sorted(set(string.ascii_letters + string.digits + string.punctuation + " \n"))
 
 
@@ -14,12 +17,12 @@ def build_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHAT_TAGS + CHARS)}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHAT_TAGS + PHRASES + CHARS)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     core.decoder = decoders.Fuse()
     core.add_special_tokens(SPECIALS)
-    core.add_tokens(CHAT_TAGS)
+    core.add_tokens(CHAT_TAGS + PHRASES)
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         padding_side="left",
@@ -32,4 +35,4 @@ def save_tokenizer(directory: str | Path) -> Path:
 
 
 def vocab_size() -> int:
-    return len(SPECIALS) + len(CHAT_TAGS) + len(CHARS)
+    return len(SPECIALS) + len(CHAT_TAGS) + len(PHRASES) + len(CHARS)

@@ -1,0 +1,224 @@
+"""The pkt command line. Every command runs a Prefect flow (no server needed) or reads the store."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, OSError)
+
+
+def _store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=None, help="store root (default: $PKT_STORE or ./.pkt/store)")
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto (device_map over GPUs)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pkt", description="Parametric knowledge transfer between causal LMs "
+                                 "(Seeking Neural Nuggets) as a Prefect pipeline of content-addressed artifacts.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("demo", help="build or reuse the miniature family and run the demo sweep")
+    p.add_argument("--size", default="demo", choices=["demo", "test"], help="family size (test: seconds)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per variant (default 3)")
+    p.add_argument("--report-dir", default="pkt-report")
+    _store_arg(p)
+
+    p = sub.add_parser("extract", help="teacher sensitivity, layer plan and LoRA init for a student's shape")
+    p.add_argument("--teacher", required=True, help="teacher model directory or hub id")
+    p.add_argument("--seeds", required=True, help="seed samples, chat jsonl")
+    p.add_argument("--student", required=True, action="append", help="student model (repeat for several)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--k", type=int, default=None, help="seed samples to draw (default: all in the file)")
+    p.add_argument("--reducer", default="submatrix", choices=["submatrix", "rowcol", "random"])
+    _device_args(p)
+    _store_arg(p)
+
+    p = sub.add_parser("transfer", help="one teacher, one student, one task: variants x seeds, with report")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--task-dir", required=True, help="directory with train/seeds/val/test.jsonl")
+    p.add_argument("--benchmark", default="gsm", help="gsm | mmlu | sni | an lm-eval task name")
+    p.add_argument("--variants", default="vanilla,lora,transfer")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--train", default="{}", help='TrainParams overrides as JSON, e.g. \'{"lr": 1e-3}\'')
+    p.add_argument("--report-dir", default="pkt-report")
+    _device_args(p)
+    _store_arg(p)
+
+    p = sub.add_parser("sweep", help="run a sweep config (YAML or TOML)")
+    p.add_argument("--config", required=True)
+    _store_arg(p)
+
+    p = sub.add_parser("export", help="merge a stored adapter into its student and write an HF model dir")
+    p.add_argument("--student", required=True)
+    p.add_argument("--adapter", required=True, help="adapter key (or prefix) in the store, or an adapter folder")
+    p.add_argument("--out", required=True)
+    _store_arg(p)
+
+    p = sub.add_parser("store", help="inspect and maintain the artifact store")
+    ssub = p.add_subparsers(dest="store_cmd", required=True)
+    for name, text in [("ls", "list artifacts"), ("verify", "re-hash every blob; exit 1 on any mismatch")]:
+        _store_arg(ssub.add_parser(name, help=text))
+    sp = ssub.add_parser("show", help="show one artifact's record")
+    sp.add_argument("key", help="key or unique prefix")
+    _store_arg(sp)
+    sp = ssub.add_parser("gc", help="remove blobs that no record references")
+    sp.add_argument("--dry-run", action="store_true")
+    _store_arg(sp)
+
+    p = sub.add_parser("ui", help="start the Prefect server and UI on 127.0.0.1:4200")
+    p.add_argument("--port", type=int, default=4200)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args) or 0
+    except USER_ERRORS as e:
+        print(f"pkt {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_demo(args) -> int:
+    from .pipeline import demo
+
+    out = demo(size=args.size, seeds=list(range(args.seeds)), store=args.store, report_dir=args.report_dir)
+    _print_result(out)
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from .pipeline import extract_teacher
+
+    out = extract_teacher(teacher=args.teacher, seeds=args.seeds, students=args.student, rank=args.rank,
+                          alpha=args.alpha, k=args.k, reducer=args.reducer, store=args.store, dtype=args.dtype,
+                          device=args.device)
+    for kind, key, status in out.pop("_ledger"):
+        print(f"{kind:12s} {key}  {status}")
+    for student, v in out.items():
+        print(f"layer plan for {student}: teacher layers {v['layers']}")
+        print(f"LoRA init for {student}: {v['init_path']}")
+    return 0
+
+
+def cmd_transfer(args) -> int:
+    from .pipeline import sweep
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    config = {"teacher": args.teacher, "students": [args.student],
+              "tasks": [{"name": Path(args.task_dir).name, "dir": args.task_dir, "benchmark": args.benchmark}],
+              "variants": variants, "seeds": list(range(args.seeds)), "train": json.loads(args.train),
+              "report_dir": args.report_dir, "dtype": args.dtype, "device": args.device, "store": args.store}
+    _print_result(sweep(config))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .config import load_config
+    from .pipeline import sweep
+
+    cfg = load_config(args.config)
+    raw = cfg.model_dump()
+    if args.store:
+        raw["store"] = args.store
+    _print_result(sweep(raw))
+    return 0
+
+
+def _print_result(out: dict) -> None:
+    import pandas as pd
+
+    table = pd.DataFrame(out["table"])
+    cols = [c for c in ["task", "metric", "variant", "mean", "std", "n", "diff", "ci_low", "ci_high", "verdict",
+                        "top_sv"] if c in table]
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
+        print(table[cols].to_string(index=False))
+    print()
+    for line in out["headline"]:
+        print(line)
+    print(f"\n{out['computed']} nodes computed, {len(out['nodes']) - out['computed']} reused.")
+    for name, path in out["report"].items():
+        print(f"{name:9s} {Path(path).resolve()}")
+    print("Runs, scores and reports are in the Prefect UI: run `pkt ui`, then open http://127.0.0.1:4200")
+
+
+def cmd_export(args) -> int:
+    from peft import PeftModel
+
+    from artifacts.store import Ref, Store
+    from pkt_core import models
+
+    store = Store(args.store)
+    if Path(args.adapter).is_dir():
+        folder = Path(args.adapter)
+    else:
+        rec = store.find(args.adapter)
+        if rec is None or rec["kind"] != "adapter":
+            raise ValueError(f"no adapter with key {args.adapter!r} in {store.root}; see `pkt store ls`")
+        folder = store.tree(Ref.of(rec))
+    model = PeftModel.from_pretrained(models.load_model(args.student), str(folder)).merge_and_unload()
+    model.save_pretrained(args.out, safe_serialization=True)
+    models.load_tokenizer(args.student).save_pretrained(args.out)
+    print(f"merged model written to {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_store(args) -> int:
+    from artifacts.store import Ref, Store
+
+    store = Store(args.store)
+    if args.store_cmd == "ls":
+        for r in store.records():
+            print(f"{r['kind']:12s} {r['key']}  {r.get('created', '?')}  {r.get('seconds', '?')}s")
+        return 0
+    if args.store_cmd == "show":
+        rec = store.find(args.key)
+        if rec is None:
+            print(f"no artifact with key prefix {args.key!r} in {store.root}", file=sys.stderr)
+            return 1
+        print(json.dumps(rec, indent=1))
+        if rec.get("layout") != "tree":
+            print("header:", json.dumps(store.header(Ref.of(rec)), indent=1)[:2000])
+        print(f"path: {store.path(Ref.of(rec))}")
+        return 0
+    if args.store_cmd == "verify":
+        problems = store.verify()
+        for p in problems:
+            print(p)
+        print(f"{len(store.records())} artifacts checked, {len(problems)} problems")
+        return 1 if problems else 0
+    if args.store_cmd == "gc":
+        doomed = store.gc(dry_run=args.dry_run)
+        for p in doomed:
+            print(("would remove " if args.dry_run else "removed ") + str(p))
+        print(f"{len(doomed)} unreferenced entries {'found' if args.dry_run else 'removed'}")
+        return 0
+    return 1
+
+
+def cmd_ui(args) -> int:
+    prefect = shutil.which("prefect") or "prefect"
+    print(f"Prefect UI on http://127.0.0.1:{args.port} (bound to 127.0.0.1 only; see README before exposing it)")
+    print(f"point runs at it with: export PREFECT_API_URL=http://127.0.0.1:{args.port}/api")
+    return subprocess.call([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(args.port)])
+
+
+COMMANDS = {"demo": cmd_demo, "extract": cmd_extract, "transfer": cmd_transfer, "sweep": cmd_sweep,
+            "export": cmd_export, "store": cmd_store, "ui": cmd_ui}
+
+if __name__ == "__main__":
+    sys.exit(main())

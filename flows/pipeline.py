@@ -1,0 +1,282 @@
+"""The Prefect flows: extract_teacher, sweep, transfer, build_family and demo.
+
+Each node is a task whose result is a small ref; a node already in the store is reused (and
+shown as Cached), so one teacher extraction serves every student of its shape.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from artifacts.store import Ref, Store
+from pkt_core import arch, evaluate, models, report
+from pkt_core.mini import family
+from tasks import nodes
+from tasks.node import NodeResult, run_node
+
+from .config import SweepConfig, TaskSpec, parse_config
+
+
+@dataclass
+class Ledger:
+    """Every node a flow touched, for the summary: what was computed and what was reused."""
+
+    store: Store
+    rows: list[NodeResult] = field(default_factory=list)
+
+    def run(self, node_task, params: dict, inputs: dict, label: str) -> dict:
+        res = run_node(node_task, self.store, params, inputs, label)
+        if res.key not in {r.key for r in self.rows}:
+            self.rows.append(res)
+        return res.ref
+
+    def computed(self) -> int:
+        return sum(r.status == "computed" for r in self.rows)
+
+    def markdown(self) -> str:
+        lines = ["| kind | key | status | path |", "|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r.kind} | `{r.key[:16]}` | {r.status} | "
+                         f"`{self.store.record_path(r.kind, r.key)}` |")
+        return "\n".join(lines)
+
+
+def _name(path: str) -> str:
+    return Path(path).name or str(path)
+
+
+# ---- the extraction chain (teacher side; nothing here depends on a student's weights) ---------
+def extraction_chain(ledger: Ledger, teacher: dict, seeds: dict, shape: dict, *, k, sample_seed, selector, reducer,
+                     max_length, dtype, device, modules=arch.ALL_MODULE_TYPES, seed: int = 0) -> dict[str, dict]:
+    sens = ledger.run(nodes.sensitivity_task,
+                      {"k": k, "sample_seed": sample_seed, "max_length": max_length, "chat_template": False,
+                       "dtype": dtype, "device": device, "loss": "answer_tokens"},
+                      {"teacher": teacher, "seeds": seeds},
+                      f"teacher={_name(teacher['key'])}, seeds={_name(seeds['key'])}, k={k or 'all'}")
+    plan = ledger.run(nodes.layer_plan_task,
+                      {"student_layers": shape["num_hidden_layers"], "selector": selector, "seed": seed},
+                      {"sensitivity": sens}, f"{selector}, layers={shape['num_hidden_layers']}")
+    ext = ledger.run(nodes.extraction_task,
+                     {"student_shape": shape, "reducer": reducer, "modules": list(modules), "seed": seed},
+                     {"teacher": teacher, "sensitivity": sens, "plan": plan},
+                     f"teacher={_name(teacher['key'])}, {reducer}, hidden={shape['hidden_size']}")
+    return {"sensitivity": sens, "plan": plan, "extraction": ext}
+
+
+def init_node(ledger: Ledger, extraction: dict, *, rank, alpha, dropout, split, scale, transform="none",
+              transform_seed=0) -> dict:
+    return ledger.run(nodes.lora_init_task,
+                      {"rank": rank, "alpha": alpha, "dropout": dropout, "split": split, "scale": scale,
+                       "transform": transform, "transform_seed": transform_seed},
+                      {"extraction": extraction}, f"rank={rank}, {transform}")
+
+
+@flow(name="extract-teacher", log_prints=True)
+def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 16, alpha: float = 16.0,
+                    k: int | None = None, selector: str = "sensitivity", reducer: str = "submatrix",
+                    store: str | None = None, dtype: str = "float32", device: str = "cpu") -> dict:
+    """Sensitivity, layer plans, extractions and LoRA inits for each student shape (computed once)."""
+    ledger = Ledger(Store(store))
+    t_src, s_src = nodes.model_source(teacher, ledger.store), nodes.file_source(seeds)
+    out = {}
+    for student in students:
+        shape = arch.shape_of(models.load_config(student))
+        chain = extraction_chain(ledger, t_src, s_src, shape, k=k, sample_seed=0, selector=selector, reducer=reducer,
+                                 max_length=2048, dtype=dtype, device=device)
+        init = init_node(ledger, chain["extraction"], rank=rank, alpha=alpha, dropout=0.05, split="paper", scale=1.0)
+        layers = json.loads(ledger.store.header(chain["plan"])["layers"])
+        out[student] = {**chain, "lora_init": init, "layers": layers,
+                        "init_path": str(ledger.store.tree(Ref.of(init)))}
+    _publish_summary(ledger, "extract-teacher", {s: v["layers"] for s, v in out.items()})
+    out["_ledger"] = [(r.kind, r.key, r.status) for r in ledger.rows]
+    return out
+
+
+# ---- the sweep -------------------------------------------------------------------------------
+EXTRACTED = {"transfer", "random-submatrix", "cross-task", "untrained-teacher", "spectrum-matched", "shuffled",
+             "early-teacher"}
+
+
+def variant_init(ledger: Ledger, cfg: SweepConfig, variant: str, teacher: dict, task: TaskSpec, shape: dict,
+                 tp) -> dict | None:
+    """The LoRA init node a variant trains from (None for vanilla/lora/pissa: no teacher)."""
+    if variant not in EXTRACTED:
+        return None
+    seeds = nodes.file_source(str(Path(task.dir) / "seeds.jsonl"))
+    reducer, transform = cfg.reducer, "none"
+    if variant == "random-submatrix":
+        reducer = "random"
+    elif variant == "cross-task":
+        seeds = nodes.file_source(cfg.cross_task_seeds)
+    elif variant == "untrained-teacher":
+        teacher = ledger.run(nodes.random_model_task, {"seed": 0}, {"like": teacher}, f"like={_name(teacher['key'])}")
+        path = str(ledger.store.tree(Ref.of(teacher)))
+        teacher = {"kind": "model", "key": path, "digest": teacher["digest"]}
+    elif variant == "early-teacher":
+        teacher = nodes.model_source(cfg.early_teacher, ledger.store)
+    elif variant in ("spectrum-matched", "shuffled"):
+        transform = variant
+    chain = extraction_chain(ledger, teacher, seeds, shape, k=cfg.k, sample_seed=cfg.sample_seed,
+                             selector=cfg.selector, reducer=reducer, max_length=cfg.max_length, dtype=cfg.dtype,
+                             device=cfg.device, modules=tp.modules)
+    return init_node(ledger, chain["extraction"], rank=tp.rank, alpha=tp.alpha, dropout=tp.dropout, split=cfg.split,
+                     scale=cfg.init_scale, transform=transform, transform_seed=0)
+
+
+def _grid(cfg: SweepConfig) -> list[dict]:
+    points = [{}]
+    for name, values in cfg.train_grid.items():
+        points = [{**p, name: v} for p in points for v in values]
+    return points
+
+
+def _score(ledger: Ledger, cfg: SweepConfig, student: dict, adapter: dict | None, task: TaskSpec, benchmark: str,
+           split: str, label: str) -> dict:
+    inputs = {"student": student, "data": nodes.dir_source(task.dir)}
+    if adapter is not None:
+        inputs["adapter"] = adapter
+    ref = ledger.run(nodes.scores_task,
+                     {"benchmark": benchmark, "split": split, "num_fewshot": cfg.num_fewshot, "limit": cfg.eval_limit,
+                      "dtype": cfg.dtype, "device": cfg.device},
+                     inputs, f"{label}, {benchmark}, {split}")
+    return json.loads(ledger.store.header(ref)["summary"])
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(config: dict) -> dict:
+    """One teacher x students x tasks x variants x seeds (x a training grid), each node computed once,
+    then the report: paired differences to lora with 95% intervals."""
+    cfg = parse_config(config)
+    ledger = Ledger(Store(cfg.store))
+    teacher = nodes.model_source(cfg.teacher, ledger.store)
+    rows, grid = [], _grid(cfg)
+    splits = ["test"] + (["val"] if len(grid) > 1 else [])
+    for student_path in cfg.students:
+        student = nodes.model_source(student_path, ledger.store)
+        shape = arch.shape_of(models.load_config(student_path))
+        for task in cfg.tasks:
+            train = nodes.file_source(str(Path(task.dir) / "train.jsonl"))
+            benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
+            for variant in cfg.variants:
+                for setting in (grid if variant != "vanilla" else [{}]):
+                    for seed in (cfg.seeds if variant != "vanilla" else [cfg.seeds[0]]):
+                        tp = cfg.train_params(seed, setting)
+                        label = f"{_name(student_path)}, {task.name}, {variant}, seed={seed}" + (
+                            f", {setting}" if setting else "")
+                        adapter, top_sv = None, None
+                        if variant != "vanilla":
+                            init = variant_init(ledger, cfg, variant, teacher, task, shape, tp)
+                            inputs = {"student": student, "train": train, **({"init": init} if init else {})}
+                            adapter = ledger.run(nodes.adapter_task,
+                                                 {"variant": variant, "init": "extracted" if init else variant,
+                                                  "train": tp.as_dict(), "dtype": cfg.dtype, "device": cfg.device},
+                                                 inputs, label)
+                            if init:
+                                top_sv = _top_sv(ledger.store, init)
+                        for split in splits:
+                            for bench in benchmarks:
+                                summary = _score(ledger, cfg, student, adapter, task, bench, split, label)
+                                for metric, value in summary.items():
+                                    if metric in ("perplexity", "acc") and bench == "answer_nll":
+                                        continue
+                                    seeds_here = cfg.seeds if variant == "vanilla" else [seed]
+                                    for s in seeds_here:  # vanilla is deterministic: one run pairs with every seed
+                                        rows.append({"student": student_path, "task": task.name, "benchmark": bench,
+                                                     "metric": metric, "variant": variant, "seed": s,
+                                                     "setting": json.dumps(setting, sort_keys=True), "split": split,
+                                                     "value": value, "top_sv": top_sv})
+    scores = select_settings(pd.DataFrame(rows), cfg)
+    primary = evaluate.primary_metric(cfg.tasks[0].benchmark)
+    paths = report.write_report(scores, cfg.report_dir, primary)
+    summary = report.summarize(scores)
+    _publish_summary(ledger, "sweep", None, summary, paths)
+    return {"report": {k: str(v) for k, v in paths.items()}, "computed": ledger.computed(),
+            "nodes": [(r.kind, r.key, r.status) for r in ledger.rows],
+            "table": summary.to_dict(orient="records"),
+            "headline": report.headline(summary, primary)}
+
+
+def _top_sv(store: Store, init: dict) -> float | None:
+    from safetensors import safe_open
+
+    tree = store.tree(Ref.of(init))
+    with safe_open(str(tree / "adapter_model.safetensors"), framework="pt") as f:
+        values = json.loads((f.metadata() or {}).get("top_singular_values", "[]"))
+    return values[0] if values else None
+
+
+def select_settings(runs: pd.DataFrame, cfg: SweepConfig) -> pd.DataFrame:
+    """Test scores only, each variant at its own best training setting on the val split."""
+    test = runs[runs["split"] == "test"]
+    if (runs["split"] == "val").sum() == 0:
+        return test.drop(columns=["split"])
+    val = runs[runs["split"] == "val"]
+    keep = []
+    for (student, task, variant), g in val.groupby(["student", "task", "variant"]):
+        bench = cfg.tasks[[t.name for t in cfg.tasks].index(task)].benchmark
+        primary = evaluate.primary_metric(bench)
+        means = g[g["metric"] == primary].groupby("setting")["value"].mean()
+        best = means.idxmin() if primary in report.LOWER_IS_BETTER else means.idxmax()
+        keep.append((student, task, variant, best))
+    chosen = pd.DataFrame(keep, columns=["student", "task", "variant", "setting"])
+    return test.merge(chosen, on=["student", "task", "variant", "setting"]).drop(columns=["split"])
+
+
+def _publish_summary(ledger: Ledger, title: str, plans: dict | None = None, summary: pd.DataFrame | None = None,
+                     paths: dict | None = None) -> None:
+    md = [f"# pkt {title}", "", f"Store: `{ledger.store.root.resolve()}`; {ledger.computed()} computed, "
+          f"{len(ledger.rows) - ledger.computed()} reused.", ""]
+    for student, layers in (plans or {}).items():
+        md.append(f"- layer plan for `{_name(student)}`: teacher layers {layers}")
+    if summary is not None:
+        md += ["", report.markdown(summary)]
+        create_table_artifact(key=f"pkt-{title}-scores", table=json.loads(summary.to_json(orient="records")),
+                              description="pkt scores: mean, std, paired difference to lora with 95% CI")
+    if paths:
+        md += ["", *(f"- {k}: `{Path(v).resolve()}`" for k, v in paths.items())]
+    md += ["", "## Nodes", "", ledger.markdown()]
+    create_markdown_artifact(key=f"pkt-{title}-summary", markdown="\n".join(md), description=f"pkt {title} summary")
+
+
+# ---- the miniature family and the demo ----------------------------------------------------------
+@flow(name="build-family", log_prints=True)
+def build_family(size: str = "demo", store: str | None = None) -> dict:
+    """Pretrain (or reuse) the miniature teacher/student family; returns paths inside the store."""
+    ledger = Ledger(Store(store))
+    ref = ledger.run(nodes.family_task, family.recipe_params(size) | {"size": size}, {}, f"size={size}")
+    root = ledger.store.tree(Ref.of(ref))
+    stats = json.loads((root / "family_stats.json").read_text())
+    for who in ("teacher", "student"):
+        s = stats[who]
+        print(f"{who}: {s['params']:,} params, {s['steps']} steps, held-out gsm exact match {s['gsm_em']:.1%}")
+    return {"root": str(root), "status": ledger.rows[0].status, "stats": stats}
+
+
+DEMO_TRAIN = {
+    "demo": {"rank": 8, "alpha": 8.0, "lr": 1e-2, "epochs": 10, "batch_size": 64, "micro_batch": 64, "n_train": 512,
+             "max_length": 64},
+    "test": {"rank": 2, "alpha": 2.0, "lr": 1e-2, "epochs": 1, "batch_size": 16, "micro_batch": 16, "n_train": 32,
+             "max_length": 64},
+}
+ALL_VARIANTS = ["vanilla", "lora", "transfer", "pissa", "random-submatrix", "cross-task", "untrained-teacher",
+                "spectrum-matched", "shuffled", "early-teacher"]
+
+
+@flow(name="demo", log_prints=True)
+def demo(size: str = "demo", seeds: list[int] = (0, 1, 2), store: str | None = None,
+         report_dir: str = "pkt-report") -> dict:
+    """Build or reuse the miniature family, then sweep every variant on the GSM-like task."""
+    fam = build_family(size=size, store=store)
+    root = Path(fam["root"])
+    config = {"teacher": str(root / "teacher"), "students": [str(root / "student")],
+              "tasks": [{"name": "gsm", "dir": str(root / "tasks" / "gsm"), "benchmark": "gsm"}],
+              "variants": ALL_VARIANTS, "seeds": list(seeds), "early_teacher": str(root / "teacher-early"),
+              "cross_task_seeds": str(root / "tasks" / "sni" / "seeds.jsonl"), "train": DEMO_TRAIN[size],
+              "benchmarks": ["answer_nll"], "max_length": 64, "report_dir": report_dir,
+              **({"store": store} if store else {})}
+    return sweep(config) | {"family": fam}

@@ -1,0 +1,102 @@
+"""Evaluation through lm-evaluation-harness, on local chat jsonl or lm-eval's own tasks.
+
+pkt ships task YAMLs (lm_eval_tasks/) for GSM-style numeric exact match, MMLU-style multiple
+choice, Super-NI-style generation (EM, ROUGE-L) and the answer log-likelihood; their
+data_files are filled in at run time. Any other name (gsm8k, mmlu, ...) goes to lm-eval as is.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
+BENCHMARKS = {  # pkt name -> lm-eval task, the per-example metric to keep, and its summary name
+    "gsm": ("pkt_gsm", "exact_match", "strict-match"),
+    "mmlu": ("pkt_mmlu", "acc", "none"),
+    "sni": ("pkt_sni", "exact_match", "none"),
+    "answer_nll": ("pkt_answer_nll", None, "none"),
+}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    summary: dict[str, float]  # metric -> value over the split
+    per_example: dict[str, torch.Tensor]  # metric -> [n] values in document order
+
+
+def task_config(benchmark: str, data_dir: str | Path, split: str = "test", num_fewshot: int = 0) -> dict:
+    """The shipped YAML as a dict, pointed at data_dir/{train,<split>}.jsonl."""
+    from lm_eval.tasks._yaml_loader import load_yaml as load_yaml_config  # resolves !function tags
+
+    name = BENCHMARKS[benchmark][0]
+    cfg = load_yaml_config(str(TASK_DIR / f"{name}.yaml"))
+    data_dir = Path(data_dir)
+    files = {"test": str(data_dir / f"{split}.jsonl")}
+    if (data_dir / "train.jsonl").exists():
+        files["train"] = str(data_dir / "train.jsonl")
+    for f in files.values():
+        if not Path(f).exists():
+            raise FileNotFoundError(f"benchmark {benchmark!r}: {f} does not exist; a task directory holds "
+                                    "train.jsonl and test.jsonl (and val.jsonl) in the chat format")
+    cfg["dataset_kwargs"] = {"data_files": files}
+    cfg["task"] = f"{name}_{split}_{num_fewshot}shot"
+    cfg["num_fewshot"] = num_fewshot
+    if num_fewshot and "train" not in files:
+        raise FileNotFoundError(f"{num_fewshot}-shot {benchmark} needs {data_dir}/train.jsonl for the shots")
+    return cfg
+
+
+def evaluate(model, tokenizer, benchmark: str, data_dir: str | Path | None = None, *, split: str = "test",
+             num_fewshot: int = 0, batch_size: int = 64, limit: int | None = None) -> EvalResult:
+    """Score a loaded model (merge a LoRA into it first) on one benchmark.
+
+    benchmark: gsm | mmlu | sni | answer_nll over data_dir, or any lm-eval task name (hub data).
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    ours = benchmark in BENCHMARKS
+    task = task_config(benchmark, data_dir, split, num_fewshot) if ours else benchmark
+    out = simple_evaluate(model=lm, tasks=[task], num_fewshot=None if ours else num_fewshot,
+                          task_manager=_task_manager(include_defaults=not ours),
+                          limit=limit, log_samples=True, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
+                          torch_random_seed=0, fewshot_random_seed=0)
+    name = next(iter(out["results"]))
+    return _collect(benchmark, out["results"][name], out["samples"][name])
+
+
+@functools.lru_cache(maxsize=2)
+def _task_manager(include_defaults: bool):
+    """Indexing lm-eval's thousands of built-in tasks takes ~20 s: skip it for pkt's own, do it once."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=include_defaults)
+
+
+def _collect(benchmark: str, results: dict, samples: list[dict]) -> EvalResult:
+    samples = sorted(samples, key=lambda s: s["doc_id"])
+    summary = {k.split(",")[0] + ("" if k.endswith(",none") else "/" + k.split(",")[1]): float(v)
+               for k, v in results.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+    per = {}
+    if benchmark == "answer_nll":
+        per["answer_nll"] = torch.tensor([-float(s["resps"][0][0][0]) for s in samples], dtype=torch.float64)
+        summary["answer_nll"] = float(per["answer_nll"].mean())
+    else:
+        for metric in ("exact_match", "acc", "rougeL"):
+            rows = [s for s in samples if metric in s]
+            if rows and len(rows) == len(samples):
+                per[metric] = torch.tensor([float(s[metric]) for s in rows], dtype=torch.float64)
+    per["doc_id"] = torch.tensor([s["doc_id"] for s in samples], dtype=torch.int64)
+    return EvalResult(summary, per)
+
+
+def primary_metric(benchmark: str) -> str:
+    return {"gsm": "exact_match/strict-match", "mmlu": "acc", "sni": "exact_match", "answer_nll": "answer_nll"}.get(
+        benchmark, "acc")

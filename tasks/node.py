@@ -1,0 +1,93 @@
+"""How every pkt node runs as a Prefect task.
+
+The Prefect cache key *is* the artifact key, so the UI shows a reused node as Cached. The store
+stays the source of truth: when it lacks a node (first run, wiped, or a corrupt blob) the task
+runs with refresh_cache=True, so a stale Prefect record can never hand out a dead ref, and the
+task body itself answers from the store when Prefect's own cache is gone.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import CachePolicy
+from prefect.logging import get_logger
+
+from artifacts.store import Ref, Store
+
+# kind -> version: bump a kind's version when its computation changes meaning
+KIND_VERSIONS = {"family": 1, "random_model": 1, "sensitivity": 1, "layer_plan": 1, "extraction": 1,
+                 "lora_init": 1, "adapter": 1, "scores": 1}
+
+
+def digests(inputs: dict[str, dict]) -> dict[str, str]:
+    return {name: ref["digest"] for name, ref in sorted(inputs.items())}
+
+
+def node_key(kind: str, params: dict, inputs: dict[str, dict]) -> str:
+    return Store.key(kind, params, digests(inputs), KIND_VERSIONS[kind])
+
+
+@dataclass
+class ArtifactKeyPolicy(CachePolicy):
+    kind: str = ""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        return f"pkt-{self.kind}-{node_key(self.kind, inputs['params'], inputs['inputs'])}"
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:  # called outside a run (plain Python): still say what happened
+        return get_logger("pkt")
+
+
+Compute = Callable[[Store, str, dict, dict], Ref]
+
+
+def artifact_task(kind: str, compute: Compute, run_name: str):
+    """A Prefect task that returns the ref of kind's artifact for (params, inputs), computing it
+    (under a store lock, so concurrent runs compute it once) only when the store lacks it."""
+
+    def body(store_root: str, params: dict, inputs: dict[str, dict], label: str = "") -> dict:
+        store = Store(store_root)
+        key = node_key(kind, params, inputs)
+        with store.lock(kind, key):
+            hit = store.lookup(kind, key)
+            for note in store.misses:
+                _logger().warning(note)
+            if hit is not None:
+                return hit.as_dict()
+            t0 = time.time()
+            ref = compute(store, key, params, inputs)
+            _logger().info(f"{kind} {key[:12]} computed in {time.time() - t0:.1f}s")
+            return ref.as_dict()
+
+    body.__name__ = f"{kind}_task"
+    return task(body, name=kind, cache_policy=ArtifactKeyPolicy(kind=kind), persist_result=True,
+                result_serializer="json", task_run_name=run_name)
+
+
+@dataclass
+class NodeResult:
+    ref: dict
+    status: str  # "computed" or "reused"
+    kind: str
+
+    @property
+    def key(self) -> str:
+        return self.ref["key"]
+
+
+def run_node(node_task, store: Store, params: dict, inputs: dict[str, dict], label: str) -> NodeResult:
+    kind = node_task.name
+    hit = store.lookup(kind, node_key(kind, params, inputs))
+    for note in store.misses:
+        _logger().warning(note)
+    store.misses.clear()
+    ref = node_task.with_options(refresh_cache=hit is None)(
+        store_root=str(store.root), params=params, inputs=inputs, label=label)
+    return NodeResult(ref, "reused" if hit else "computed", kind)

@@ -1,0 +1,25 @@
+"""The main job end to end at the test size, through Prefect."""
+import math
+
+from flows.pipeline import ALL_VARIANTS, demo
+
+
+def test_demo_end_to_end_then_fully_reused(prefect_env, tmp_path):
+    store, report_dir = str(tmp_path / "store"), tmp_path / "report"
+    first = demo(size="test", seeds=[0, 1], store=store, report_dir=str(report_dir))
+    rows = first["table"]
+    gsm = [r for r in rows if r["metric"] == "exact_match/strict-match"]
+    assert sorted(r["variant"] for r in gsm) == sorted(ALL_VARIANTS)
+    assert all(math.isfinite(r["mean"]) for r in rows)
+    nll = {r["variant"]: r for r in rows if r["metric"] == "answer_nll"}
+    assert set(nll) == set(ALL_VARIANTS)
+    assert all(r["n"] == 2 for r in nll.values())
+    assert "diff" in nll["transfer"] and math.isfinite(nll["transfer"]["diff"])
+    for name in ("report.md", "summary.csv", "runs.csv", "report.png"):
+        assert (report_dir / name).stat().st_size > 0
+    text = (report_dir / "report.md").read_text()
+    assert "transfer" in text and "lora" in text
+
+    second = demo(size="test", seeds=[0, 1], store=store, report_dir=str(report_dir))
+    assert second["computed"] == 0 and second["family"]["status"] == "reused"
+    assert second["table"] == first["table"]

@@ -101,9 +101,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _check_inputs(models_: list[str], jsonl: list[str]) -> None:
+    """Fail before any flow starts (and before anything is written) on missing or malformed input."""
+    from pkt_core.data import read_jsonl
+    from pkt_core.models import check_source
+
+    for m in models_:
+        check_source(m)
+    for f in jsonl:
+        read_jsonl(f)
+
+
 def cmd_extract(args) -> int:
     from .pipeline import extract_teacher
 
+    _check_inputs([args.teacher, *args.student], [args.seeds])
     out = extract_teacher(teacher=args.teacher, seeds=args.seeds, students=args.student, rank=args.rank,
                           alpha=args.alpha, k=args.k, reducer=args.reducer, store=args.store, dtype=args.dtype,
                           device=args.device)
@@ -118,6 +130,7 @@ def cmd_extract(args) -> int:
 def cmd_transfer(args) -> int:
     from .pipeline import sweep
 
+    _check_inputs([args.teacher, args.student], [str(Path(args.task_dir) / f) for f in ("train.jsonl", "seeds.jsonl")])
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     config = {"teacher": args.teacher, "students": [args.student],
               "tasks": [{"name": Path(args.task_dir).name, "dir": args.task_dir, "benchmark": args.benchmark}],

@@ -60,6 +60,8 @@ def evaluate(model, tokenizer, benchmark: str, data_dir: str | Path | None = Non
     from lm_eval.models.huggingface import HFLM
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    # HFLM warns on every in-memory model ("not of type str"): passing one is what pkt means to do
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     ours = benchmark in BENCHMARKS

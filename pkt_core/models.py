@@ -16,7 +16,7 @@ def is_local(source: str | Path) -> bool:
     return Path(source).exists()
 
 
-def _check_source(source: str | Path) -> None:
+def check_source(source: str | Path) -> None:
     s = str(source)
     looks_like_path = s.startswith((".", "/", "~")) or s.count("/") > 1 or "\\" in s
     if looks_like_path and not Path(s).exists():
@@ -58,7 +58,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    _check_source(source)
+    check_source(source)
     if is_local(source):
         _refuse_pickled_only(Path(source), allow_bin)
     kwargs = dict(
@@ -78,7 +78,7 @@ def load_model(
 def load_tokenizer(source: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    _check_source(source)
+    check_source(source)
     tok = AutoTokenizer.from_pretrained(str(source), revision=revision, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -88,7 +88,7 @@ def load_tokenizer(source: str | Path, *, revision: str | None = None, trust_rem
 def load_config(source: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
-    _check_source(source)
+    check_source(source)
     return AutoConfig.from_pretrained(str(source), revision=revision, trust_remote_code=trust_remote_code)
 
 

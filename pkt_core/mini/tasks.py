@@ -1,6 +1,6 @@
 """Synthetic tasks in the shapes of the paper's benchmarks, as chat jsonl, fully deterministic.
 
-- gsm: two-digit addition with a numeric answer ("... The answer is N.")
+- gsm: two-digit addition worked digit by digit, ending "The answer is N."
 - mmlu: four-way multiple choice over generated facts (the facts appear in pretraining text)
 - sni: an instruction task (reverse the order of words), scored by exact match and ROUGE-L
 Held-out problems (val/test) never appear in pretraining or training data.
@@ -28,7 +28,11 @@ def _held_out(a: int, b: int) -> bool:
 
 
 def gsm_sample(a: int, b: int, i: int) -> dict:
-    return chat("gsm", i, f"What is {a}+{b}?", f"The answer is {a + b}.")
+    """Worked digit by digit, then the final answer, as GSM solutions end ("The answer is N.")."""
+    units = a % 10 + b % 10
+    tens = a // 10 + b // 10 + units // 10
+    return chat("gsm", i, f"What is {a}+{b}?", f"{a % 10}+{b % 10}={units}, {a // 10}+{b // 10}+{units // 10}={tens}. "
+                f"The answer is {a + b}.")
 
 
 def gsm_pairs(held_out: bool, seed: int) -> list[tuple[int, int]]:

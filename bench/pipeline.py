@@ -1,0 +1,92 @@
+"""Caching pays: first run vs repeated run, and a second student of the same shape.
+
+Prints, measured in one run on a fresh store:
+  - `pkt extract` first vs repeated (target: repeated <= 5% of first)
+  - a sweep first vs repeated (target: repeated <= 5% of first)
+  - adding a second student of the same shape: seconds of teacher work (target: 0)
+
+    python bench/pipeline.py [--size test|demo]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TEACHER_KINDS = {"sensitivity", "layer_plan", "extraction"}
+
+
+def timed(fn, **kw):
+    t0 = time.perf_counter()
+    out = fn(**kw)
+    return out, time.perf_counter() - t0
+
+
+def teacher_seconds(store, nodes) -> float:
+    """Seconds the store records for teacher-side nodes that this run computed."""
+    return sum(store.record(kind, key)["seconds"] for kind, key, status in nodes
+               if kind in TEACHER_KINDS and status == "computed")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="test", choices=["test", "demo"])
+    args = ap.parse_args()
+
+    from artifacts.store import Store
+    from flows.pipeline import build_family, extract_teacher, sweep
+    from pkt_core.mini.family import build_family as build_family_direct
+
+    work = Path(tempfile.mkdtemp(prefix="pkt-bench-"))
+    store = str(work / "store")
+    fam = work / "family"
+    build_family_direct(fam, args.size, log=lambda *_: None, progress=False)
+    build_family(size="test", store=store)  # warm Prefect's ephemeral server before timing anything
+    twin = work / "student-chat"
+    shutil.copytree(fam / "student", twin)
+    _perturb(twin)  # same shape, different weights: a "chat" variant of the base student
+
+    ex = dict(teacher=str(fam / "teacher"), seeds=str(fam / "tasks/gsm/seeds.jsonl"), students=[str(fam / "student")],
+              rank=4, alpha=4.0, store=store)
+    _, t_first = timed(extract_teacher, **ex)
+    _, t_again = timed(extract_teacher, **ex)
+
+    config = {"teacher": str(fam / "teacher"), "students": [str(fam / "student")],
+              "tasks": [{"name": "gsm", "dir": str(fam / "tasks/gsm"), "benchmark": "gsm"}],
+              "variants": ["vanilla", "lora", "transfer"], "seeds": [0, 1], "benchmarks": ["answer_nll"],
+              "train": {"rank": 4, "alpha": 4.0, "epochs": 1, "lr": 1e-2, "n_train": 64, "batch_size": 16,
+                        "micro_batch": 16, "max_length": 64},
+              "store": store, "report_dir": str(work / "report")}
+    first, s_first = timed(sweep, config=config)
+    again, s_again = timed(sweep, config=config)
+    two = dict(config, students=[str(fam / "student"), str(twin)])
+    added, _ = timed(sweep, config=two)
+
+    st = Store(store)
+    print(f"family size {args.size}; store {store}")
+    print(f"pkt extract: first {t_first:.1f}s, repeated {t_again:.2f}s, ratio {t_again / t_first:.3f} (target <= 0.05)")
+    print(f"sweep: first {s_first:.1f}s ({first['computed']} nodes), repeated {s_again:.2f}s "
+          f"({again['computed']} computed), ratio {s_again / s_first:.3f} (target <= 0.05)")
+    print(f"second student of the same shape: {added['computed']} nodes computed, teacher work "
+          f"{teacher_seconds(st, added['nodes']):.2f}s (target 0)")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _perturb(model_dir: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(model_dir / "model.safetensors"))
+    g = torch.Generator().manual_seed(7)
+    save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in w.items()},
+              str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
+if __name__ == "__main__":
+    main()

@@ -62,6 +62,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     _store_arg(p)
 
+    p = sub.add_parser("report", help="rebuild the report (markdown, CSV, PNG) from a runs.csv")
+    p.add_argument("--runs", required=True, help="runs.csv written by a sweep")
+    p.add_argument("--out", default="pkt-report")
+    p.add_argument("--metric", default="exact_match/strict-match", help="metric for the headline sentences")
+
     p = sub.add_parser("export", help="merge a stored adapter into its student and write an HF model dir")
     p.add_argument("--student", required=True)
     p.add_argument("--adapter", required=True, help="adapter key (or prefix) in the store, or an adapter folder")
@@ -169,6 +174,22 @@ def _print_result(out: dict) -> None:
     print("Runs, scores and reports are in the Prefect UI: run `pkt ui`, then open http://127.0.0.1:4200")
 
 
+def cmd_report(args) -> int:
+    import pandas as pd
+
+    from pkt_core import report
+
+    runs = pd.read_csv(args.runs)
+    missing = {"student", "task", "benchmark", "metric", "variant", "seed", "value"} - set(runs.columns)
+    if missing:
+        raise ValueError(f"{args.runs}: missing columns {sorted(missing)}; give the runs.csv a sweep wrote")
+    paths = report.write_report(runs, args.out, args.metric)
+    print(Path(paths["markdown"]).read_text())
+    for name, path in paths.items():
+        print(f"{name:9s} {Path(path).resolve()}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from peft import PeftModel
 
@@ -230,7 +251,7 @@ def cmd_ui(args) -> int:
     return subprocess.call([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(args.port)])
 
 
-COMMANDS = {"demo": cmd_demo, "extract": cmd_extract, "transfer": cmd_transfer, "sweep": cmd_sweep,
+COMMANDS = {"demo": cmd_demo, "report": cmd_report, "extract": cmd_extract, "transfer": cmd_transfer, "sweep": cmd_sweep,
             "export": cmd_export, "store": cmd_store, "ui": cmd_ui}
 
 if __name__ == "__main__":

@@ -141,8 +141,8 @@ def _score(ledger: Ledger, cfg: SweepConfig, student: dict, adapter: dict | None
     if adapter is not None:
         inputs["adapter"] = adapter
     ref = ledger.run(nodes.scores_task,
-                     {"benchmark": benchmark, "split": split, "num_fewshot": cfg.num_fewshot, "limit": cfg.eval_limit,
-                      "dtype": cfg.dtype, "device": cfg.device},
+                     {"benchmark": benchmark, "task_definition": evaluate.task_digest(benchmark), "split": split,
+                      "num_fewshot": cfg.num_fewshot, "limit": cfg.eval_limit, "dtype": cfg.dtype, "device": cfg.device},
                      inputs, f"{label}, {benchmark}, {split}")
     return json.loads(ledger.store.header(ref)["summary"])
 
@@ -258,7 +258,7 @@ def build_family(size: str = "demo", store: str | None = None) -> dict:
 
 
 DEMO_TRAIN = {
-    "demo": {"rank": 8, "alpha": 8.0, "lr": 1e-2, "epochs": 10, "batch_size": 64, "micro_batch": 64, "n_train": 512,
+    "demo": {"rank": 8, "alpha": 8.0, "lr": 1e-2, "epochs": 6, "batch_size": 64, "micro_batch": 64, "n_train": 512,
              "max_length": 64},
     "test": {"rank": 2, "alpha": 2.0, "lr": 1e-2, "epochs": 1, "batch_size": 16, "micro_batch": 16, "n_train": 32,
              "max_length": 64},

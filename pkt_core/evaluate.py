@@ -71,7 +71,8 @@ def evaluate(model, tokenizer, benchmark: str, data_dir: str | Path | None = Non
                           limit=limit, log_samples=True, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
                           torch_random_seed=0, fewshot_random_seed=0)
     name = next(iter(out["results"]))
-    return _collect(benchmark, out["results"][name], out["samples"][name])
+    kept_filter = BENCHMARKS[benchmark][2] if ours else None
+    return _collect(benchmark, out["results"][name], out["samples"][name], kept_filter)
 
 
 @functools.lru_cache(maxsize=2)
@@ -82,7 +83,10 @@ def _task_manager(include_defaults: bool):
     return TaskManager(include_defaults=include_defaults)
 
 
-def _collect(benchmark: str, results: dict, samples: list[dict]) -> EvalResult:
+def _collect(benchmark: str, results: dict, samples: list[dict], kept_filter: str | None) -> EvalResult:
+    """Summary metrics, and per-example values for one filter (lm-eval logs a sample per filter)."""
+    if kept_filter is not None:
+        samples = [s for s in samples if s.get("filter", "none") == kept_filter]
     samples = sorted(samples, key=lambda s: s["doc_id"])
     summary = {k.split(",")[0] + ("" if k.endswith(",none") else "/" + k.split(",")[1]): float(v)
                for k, v in results.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
@@ -97,6 +101,21 @@ def _collect(benchmark: str, results: dict, samples: list[dict]) -> EvalResult:
                 per[metric] = torch.tensor([float(s[metric]) for s in rows], dtype=torch.float64)
     per["doc_id"] = torch.tensor([s["doc_id"] for s in samples], dtype=torch.int64)
     return EvalResult(summary, per)
+
+
+def task_digest(benchmark: str) -> str:
+    """sha256 of the shipped YAML (and metric code) behind a benchmark: part of a score's identity,
+    so editing a task definition re-scores instead of reusing stale numbers."""
+    import hashlib
+
+    if benchmark not in BENCHMARKS:
+        import lm_eval
+
+        return f"lm-eval=={lm_eval.__version__}:{benchmark}"
+    h = hashlib.sha256()
+    for f in (TASK_DIR / f"{BENCHMARKS[benchmark][0]}.yaml", TASK_DIR / "pkt_metrics.py"):
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def primary_metric(benchmark: str) -> str:

@@ -1,0 +1,91 @@
+"""Evaluation through lm-eval: the shipped YAMLs on hand-written outputs and on a tiny model."""
+import json
+
+import pytest
+from lm_eval.api.model import LM
+
+from pkt_core import evaluate
+from pkt_core.models import load_model, load_tokenizer
+
+
+class HandWritten(LM):
+    """An lm-eval model whose generations and log-likelihoods are written by the test."""
+
+    def __init__(self, answers: dict[str, str], good_letter: dict[str, str] | None = None):
+        super().__init__()
+        self.answers, self.good_letter = answers, good_letter or {}
+
+    def generate_until(self, requests):
+        return [next(a for q, a in self.answers.items() if q in r.args[0]) for r in requests]
+
+    def loglikelihood(self, requests):
+        out = []
+        for r in requests:
+            ctx, cont = r.args
+            good = next((L for q, L in self.good_letter.items() if q in ctx), None)
+            out.append((0.0 if cont == good else -5.0, cont == good))
+        return out
+
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError
+
+
+def write_task(tmp_path, rows):
+    d = tmp_path / "task"
+    d.mkdir()
+    for split in ("train", "test"):
+        (d / f"{split}.jsonl").write_text("\n".join(json.dumps(
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) for q, a in rows) + "\n")
+    return d
+
+
+def run(lm, benchmark, data_dir):
+    from lm_eval import simple_evaluate
+
+    out = simple_evaluate(model=lm, tasks=[evaluate.task_config(benchmark, data_dir)], log_samples=True,
+                          bootstrap_iters=0, task_manager=evaluate._task_manager(False))
+    name = next(iter(out["results"]))
+    return evaluate._collect(benchmark, out["results"][name], out["samples"][name], evaluate.BENCHMARKS[benchmark][2])
+
+
+def test_gsm_answer_extraction_on_hand_written_outputs(tmp_path):
+    d = write_task(tmp_path, [("What is 47+38?", "7+8=15, 4+3+1=8. The answer is 85."),
+                              ("What is 10+11?", "The answer is 21."),
+                              ("What is 20+30?", "The answer is 50."),
+                              ("What is 99+99?", "The answer is 198.")])
+    lm = HandWritten({"47+38": "7+8=15, 4+3+1=8. The answer is 85.",  # right, with work shown
+                      "10+11": "The answer is 12.",  # wrong
+                      "20+30": "it is 50 I think",  # right number, but not in the required form
+                      "99+99": "the answer is 198."})  # lower-case "the" still counts
+    res = run(lm, "gsm", d)
+    assert res.per_example["exact_match"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert res.summary["exact_match/strict-match"] == pytest.approx(0.5)
+    assert res.summary["exact_match/flexible-extract"] == pytest.approx(0.75)  # last number: 50 counts
+
+
+def test_mmlu_choice_by_loglikelihood(tmp_path):
+    q1 = "What color is the kalomi?\nA. red\nB. blue\nC. green\nD. pink\nAnswer:"
+    q2 = "What color is the zuzuzu?\nA. red\nB. blue\nC. green\nD. pink\nAnswer:"
+    d = write_task(tmp_path, [(q1, "B"), (q2, "D")])
+    res = run(HandWritten({}, {"kalomi": "B", "zuzuzu": "A"}), "mmlu", d)
+    assert res.per_example["acc"].tolist() == [1.0, 0.0]
+
+
+def test_sni_exact_match_and_rouge_l(tmp_path):
+    d = write_task(tmp_path, [("Reverse the order of the words: a b c", "c b a"),
+                              ("Reverse the order of the words: red blue", "blue red")])
+    res = run(HandWritten({"a b c": "c b a", "red blue": "blue"}), "sni", d)
+    assert res.per_example["exact_match"].tolist() == [1.0, 0.0]
+    assert res.per_example["rougeL"].tolist() == pytest.approx([1.0, 2 / 3])  # P=1, R=1/2
+
+
+@pytest.mark.parametrize("benchmark,task", [("gsm", "gsm"), ("mmlu", "mmlu"), ("sni", "sni"),
+                                            ("answer_nll", "gsm")])
+def test_every_yaml_runs_offline_on_a_tiny_model(mini_family, benchmark, task):
+    model, tok = load_model(mini_family / "student"), load_tokenizer(mini_family / "student")
+    res = evaluate.evaluate(model, tok, benchmark, mini_family / "tasks" / task, limit=4)
+    metric = evaluate.primary_metric(benchmark)
+    assert metric in res.summary
+    assert all(v.numel() == 4 for v in res.per_example.values())
+    if benchmark == "answer_nll":
+        assert (res.per_example["answer_nll"] > 0).all()

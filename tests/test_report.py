@@ -1,0 +1,46 @@
+"""The report's statistics against numpy/scipy on fixed numbers, and its wording."""
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from pkt_core import report
+
+
+def runs(values: dict[str, list[float]], metric="exact_match"):
+    rows = []
+    for variant, vs in values.items():
+        for seed, v in enumerate(vs):
+            rows.append({"student": "s", "task": "gsm", "benchmark": "gsm", "metric": metric, "variant": variant,
+                         "seed": seed, "value": v})
+    return pd.DataFrame(rows)
+
+
+def test_mean_std_and_paired_interval_match_scipy():
+    lora, transfer = [0.20, 0.30, 0.25, 0.28], [0.31, 0.36, 0.30, 0.41]
+    s = report.summarize(runs({"lora": lora, "transfer": transfer})).set_index("variant")
+    assert s.loc["transfer", "mean"] == pytest.approx(np.mean(transfer))
+    assert s.loc["transfer", "std"] == pytest.approx(np.std(transfer, ddof=1))
+    d = np.array(transfer) - np.array(lora)
+    lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    assert (s.loc["transfer", "ci_low"], s.loc["transfer", "ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert s.loc["transfer", "verdict"] == "better than lora"
+
+
+def test_no_gain_claimed_when_interval_includes_zero():
+    s = report.summarize(runs({"lora": [0.2, 0.3, 0.25], "transfer": [0.3, 0.2, 0.27]})).set_index("variant")
+    assert s.loc["transfer", "ci_low"] < 0 < s.loc["transfer", "ci_high"]
+    assert "no clear difference" in s.loc["transfer", "verdict"]
+
+
+def test_lower_is_better_metrics_flip_the_wording():
+    s = report.summarize(runs({"lora": [1.0, 1.1, 1.2], "transfer": [0.5, 0.6, 0.65]}, "answer_nll"))
+    assert s.set_index("variant").loc["transfer", "verdict"] == "better than lora"
+
+
+def test_report_files(tmp_path):
+    paths = report.write_report(runs({"lora": [0.2, 0.3], "transfer": [0.4, 0.5], "shuffled": [0.1, 0.2]}),
+                                tmp_path, "exact_match")
+    text = paths["markdown"].read_text()
+    assert "transfer 0.4500 vs lora 0.2500" in text and "better than 1 of 1 controls" in text
+    assert paths["chart"].read_bytes()[:4] == b"\x89PNG"

@@ -137,7 +137,7 @@ def _grid(cfg: SweepConfig) -> list[dict]:
 
 def _score(ledger: Ledger, cfg: SweepConfig, student: dict, adapter: dict | None, task: TaskSpec, benchmark: str,
            split: str, label: str) -> dict:
-    inputs = {"student": student, "data": nodes.dir_source(task.dir)}
+    inputs = {"student": student, "data": nodes.dir_source(task.dir, [f"{split}.jsonl", "train.jsonl"])}
     if adapter is not None:
         inputs["adapter"] = adapter
     ref = ledger.run(nodes.scores_task,
@@ -198,7 +198,7 @@ def sweep(config: dict) -> dict:
     return {"report": {k: str(v) for k, v in paths.items()}, "computed": ledger.computed(),
             "nodes": [(r.kind, r.key, r.status) for r in ledger.rows],
             "table": summary.to_dict(orient="records"),
-            "headline": report.headline(summary, primary)}
+            "headline": report.headlines(summary, primary)}
 
 
 def _top_sv(store: Store, init: dict) -> float | None:

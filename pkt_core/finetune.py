@@ -119,7 +119,7 @@ def _accumulate(model, batch, micro: int, pad_id: int, device) -> float:
         loss_sum = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), mb["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
         (loss_sum / n_tokens).backward()
-        total += float(loss_sum)
+        total += loss_sum.item()
     return total / max(n_tokens, 1)
 
 

@@ -111,13 +111,19 @@ def bar_chart(summary: pd.DataFrame, path: str | Path) -> Path:
     return Path(path)
 
 
+def headlines(summary: pd.DataFrame, primary: str) -> list[str]:
+    """Headline sentences for the primary metric and, where measured, the answer NLL."""
+    metrics = [primary] + [m for m in LOWER_IS_BETTER if m != primary and m in set(summary["metric"])]
+    return [line for m in metrics for line in headline(summary, m)]
+
+
 def write_report(scores: pd.DataFrame, out_dir: str | Path, primary: str) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(scores)
     scores.to_csv(out_dir / "runs.csv", index=False)
     summary.to_csv(out_dir / "summary.csv", index=False)
-    text = "# pkt report\n\n" + "\n".join(f"- {h}" for h in headline(summary, primary)) + "\n\n" + markdown(summary)
+    text = "# pkt report\n\n" + "\n".join(f"- {h}" for h in headlines(summary, primary)) + "\n\n" + markdown(summary)
     (out_dir / "report.md").write_text(text)
     chart = bar_chart(summary, out_dir / "report.png")
     return {"markdown": out_dir / "report.md", "csv": out_dir / "summary.csv", "runs": out_dir / "runs.csv",

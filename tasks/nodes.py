@@ -33,9 +33,11 @@ def file_source(path: str) -> dict:
     return {"kind": "file", "key": str(path), "digest": file_digest(path)}
 
 
-def dir_source(path: str) -> dict:
-    """A task directory: digest over its jsonl files (names and contents)."""
-    files = sorted(Path(path).glob("*.jsonl"))
+def dir_source(path: str, names: list[str] | None = None) -> dict:
+    """A task directory: digest over the named jsonl files (default: all), names and contents, so a
+    score depends on the files it reads and not on, say, the seed file beside them."""
+    files = sorted(Path(path) / n for n in names) if names else sorted(Path(path).glob("*.jsonl"))
+    files = [f for f in files if f.exists()]
     if not files:
         raise FileNotFoundError(f"{path}: no *.jsonl files; a task directory holds train/seeds/val/test.jsonl")
     h = hashlib.sha256()

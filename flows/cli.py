@@ -22,6 +22,8 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
 def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto (device_map over GPUs)")
+    p.add_argument("--allow-bin", action="store_true",
+                   help="also load pickled *.bin checkpoints (with torch weights_only=True); off by default")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,6 +93,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "allow_bin", False):
+        os.environ["PKT_ALLOW_BIN"] = "1"
     try:
         return COMMANDS[args.cmd](args) or 0
     except USER_ERRORS as e:
@@ -133,15 +137,14 @@ def cmd_extract(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    from .pipeline import sweep
+    from .pipeline import transfer
 
     _check_inputs([args.teacher, args.student], [str(Path(args.task_dir) / f) for f in ("train.jsonl", "seeds.jsonl")])
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    config = {"teacher": args.teacher, "students": [args.student],
-              "tasks": [{"name": Path(args.task_dir).name, "dir": args.task_dir, "benchmark": args.benchmark}],
-              "variants": variants, "seeds": list(range(args.seeds)), "train": json.loads(args.train),
-              "report_dir": args.report_dir, "dtype": args.dtype, "device": args.device, "store": args.store}
-    _print_result(sweep(config))
+    _print_result(transfer(teacher=args.teacher, student=args.student, task_dir=args.task_dir,
+                           benchmark=args.benchmark, variants=variants, seeds=list(range(args.seeds)),
+                           train=json.loads(args.train), store=args.store, report_dir=args.report_dir,
+                           dtype=args.dtype, device=args.device))
     return 0
 
 

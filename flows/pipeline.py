@@ -72,7 +72,7 @@ def init_node(ledger: Ledger, extraction: dict, *, rank, alpha, dropout, split, 
               transform_seed=0) -> dict:
     return ledger.run(nodes.lora_init_task,
                       {"rank": rank, "alpha": alpha, "dropout": dropout, "split": split, "scale": scale,
-                       "transform": transform, "transform_seed": transform_seed},
+                       "svd": "full", "transform": transform, "transform_seed": transform_seed},
                       {"extraction": extraction}, f"rank={rank}, {transform}")
 
 
@@ -199,6 +199,18 @@ def sweep(config: dict) -> dict:
             "nodes": [(r.kind, r.key, r.status) for r in ledger.rows],
             "table": summary.to_dict(orient="records"),
             "headline": report.headlines(summary, primary)}
+
+
+@flow(name="transfer", log_prints=True)
+def transfer(teacher: str, student: str, task_dir: str, benchmark: str = "gsm",
+             variants: list[str] = ("vanilla", "lora", "transfer"), seeds: list[int] = (0,), train: dict | None = None,
+             store: str | None = None, report_dir: str = "pkt-report", dtype: str = "float32",
+             device: str = "cpu") -> dict:
+    """One teacher, one student, one task: the sweep with a single branch."""
+    return sweep({"teacher": teacher, "students": [student],
+                  "tasks": [{"name": Path(task_dir).name, "dir": task_dir, "benchmark": benchmark}],
+                  "variants": list(variants), "seeds": list(seeds), "train": train or {}, "store": store,
+                  "report_dir": report_dir, "dtype": dtype, "device": device})
 
 
 def _top_sv(store: Store, init: dict) -> float | None:

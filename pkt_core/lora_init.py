@@ -23,22 +23,36 @@ class RankTooLarge(ValueError):
     pass
 
 
-def svd_factors(weight: torch.Tensor, rank: int, split: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
-    """(B [out x r], A [r x in]) with B @ A the rank-r truncated SVD of weight, in fp32.
+def svd_factors(weight: torch.Tensor, rank: int, split: str = "paper",
+                method: str = "full") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B [out x r], A [r x in]) with B @ A the rank-r truncated SVD of weight, in fp32 on its device.
 
     split='paper': B = U S, A = V^T; split='sqrt': B = U sqrt(S), A = sqrt(S) V^T.
+    method='lowrank' uses torch.svd_lowrank (randomized, much faster when rank << size; its error
+    against the full SVD is measured by bench/svd_lowrank.py); 'auto' picks it when rank <= size/8.
     """
     if rank < 1 or rank > min(weight.shape):
         raise RankTooLarge(f"rank {rank} is outside 1..{min(weight.shape)} for a {tuple(weight.shape)} matrix; "
                            "lower --rank")
-    u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
-    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    u, s, vh = truncated_svd(weight.float(), rank, method)
     if split == "paper":
         return (u * s).contiguous(), vh.contiguous()
     if split == "sqrt":
         r = s.sqrt()
         return (u * r).contiguous(), (r[:, None] * vh).contiguous()
     raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def truncated_svd(w: torch.Tensor, rank: int, method: str = "full"):
+    if method == "auto":
+        method = "lowrank" if rank * 8 <= min(w.shape) else "full"
+    if method == "full":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
+    if method == "lowrank":
+        u, s, v = torch.svd_lowrank(w, q=min(rank + 10, min(w.shape)), niter=4)
+        return u[:, :rank], s[:rank], v[:, :rank].T
+    raise ValueError(f"unknown SVD method {method!r}; choose full, lowrank or auto")
 
 
 def leaf(module: str) -> str:
@@ -61,13 +75,13 @@ def peft_orientation(module: str, weight: torch.Tensor) -> torch.Tensor:
 
 
 def init_state_dict(extracted: dict[str, torch.Tensor], student_config, rank: int,
-                    split: str = "paper", scale: float = 1.0) -> dict[str, torch.Tensor]:
+                    split: str = "paper", scale: float = 1.0, method: str = "full") -> dict[str, torch.Tensor]:
     """peft adapter tensors for every extracted weight. scale multiplies B (the init's size)."""
     names = arch.transferable_weights(student_config)
     out = {}
     for name, weight in extracted.items():
         module, layer = names[name]
-        b, a = svd_factors(peft_orientation(module, weight), rank, split)
+        b, a = svd_factors(peft_orientation(module, weight), rank, split, method)
         key_a, key_b = peft_keys(student_config, module, layer)
         out[key_a], out[key_b] = a, b * scale
     return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -49,13 +50,17 @@ def load_model(
     revision: str | None = None,
     dtype: str | torch.dtype | None = "float32",
     device: str | None = "cpu",
-    allow_bin: bool = False,
+    allow_bin: bool | None = None,
     trust_remote_code: bool = False,
 ):
-    """A causal LM from a local dir or hub id. Only safetensors weights unless allow_bin.
+    """A causal LM from a local dir or hub id. Only safetensors weights unless allow_bin
+    (default: the PKT_ALLOW_BIN=1 that `pkt ... --allow-bin` sets); transformers then reads the
+    pickle with torch.load(weights_only=True).
 
     device='auto' shards over the visible GPUs (or offloads) with accelerate's device_map.
     """
+    if allow_bin is None:
+        allow_bin = os.environ.get("PKT_ALLOW_BIN") == "1"
     from transformers import AutoModelForCausalLM
 
     check_source(source)

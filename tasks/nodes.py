@@ -112,7 +112,8 @@ def compute_lora_init(store: Store, key: str, params: dict, inputs: dict) -> Ref
     extraction = inputs["extraction"]
     shape = store.record("extraction", extraction["key"])["params"]["student_shape"]
     cfg = arch.config_from_shape(shape)
-    state = lora_init.init_state_dict(store.tensors(extraction), cfg, params["rank"], params["split"], params["scale"])
+    state = lora_init.init_state_dict(store.tensors(extraction), cfg, params["rank"], params["split"], params["scale"],
+                                      params["svd"])
     if params["transform"] == "spectrum-matched":
         state = lora_init.spectrum_matched(state, params["transform_seed"])
     elif params["transform"] == "shuffled":

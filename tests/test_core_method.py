@@ -191,3 +191,12 @@ def test_fold_init_gives_trained_function_on_unmodified_student(tmp_path):
     fresh.load_state_dict(original)
     stock = PeftModel.from_pretrained(fresh, str(tmp_path / "folded")).eval()
     assert torch.allclose(stock(ids).logits, trained_logits, atol=1e-4)
+
+
+def test_lowrank_svd_recovers_a_low_rank_matrix():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 6, generator=g) @ torch.randn(6, 150, generator=g)
+    b_full, a_full = lora_init.svd_factors(w, 6)
+    b_low, a_low = lora_init.svd_factors(w, 6, method="lowrank")
+    assert torch.allclose(b_low @ a_low, w, atol=1e-3) and torch.allclose(b_full @ a_full, w, atol=1e-3)
+    assert lora_init.truncated_svd(w, 4, "auto")[0].shape == (200, 4)

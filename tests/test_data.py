@@ -66,3 +66,32 @@ def test_seed_choice_is_deterministic_and_distinct():
     assert a != data.choose_seeds(100, 32, seed=4)
     with pytest.raises(DataError, match="only 10"):
         data.choose_seeds(10, 32)
+
+
+from hypothesis import given, settings, strategies as st
+
+text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
+turn = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]), "content": text})
+
+
+@settings(max_examples=60, deadline=None)
+@given(samples=st.lists(st.tuples(text, text), min_size=1, max_size=5))
+def test_valid_samples_round_trip(tmp_path_factory, samples):
+    p = tmp_path_factory.mktemp("h") / "d.jsonl"
+    p.write_text("\n".join(json.dumps(chat(q, a)) for q, a in samples) + "\n")
+    rows = data.read_jsonl(p)
+    assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows] == samples
+
+
+@settings(max_examples=100, deadline=None)
+@given(line=st.one_of(text, st.lists(turn, max_size=3).map(lambda m: json.dumps({"messages": m})),
+                      st.dictionaries(text, text, max_size=3).map(json.dumps)))
+def test_any_line_either_loads_or_raises_a_data_error(tmp_path_factory, line):
+    p = tmp_path_factory.mktemp("h") / "d.jsonl"
+    p.write_text(line.replace("\n", " ") + "\n")
+    try:
+        rows = data.read_jsonl(p)
+    except DataError as e:
+        assert str(p) in str(e)
+    else:
+        assert rows and all(r["messages"][-1]["role"] == "assistant" for r in rows)

@@ -9,6 +9,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
+# Prefect binds its console log handler to sys.stderr when logging is first set up: do it now,
+# before pytest's capsys swaps (and later closes) the stream of whichever test got there first
+from prefect.logging.configuration import setup_logging  # noqa: E402
+
+setup_logging()
+
 FAMILIES = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",

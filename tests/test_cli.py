@@ -1,5 +1,6 @@
 """The pkt CLI: clear errors (input, problem, fix), non-zero exits, nothing written on bad input."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,50 @@ def test_store_verify_exit_codes(tmp_path, capsys):
     blob.write_bytes(b"garbage")
     assert main(["store", "verify", "--store", str(store.root)]) == 1
     assert f"scores {key}" in capsys.readouterr().out
+
+
+def test_every_pkt_command_in_the_readme_parses():
+    """The README's pkt commands use real subcommands and flags (so they cannot silently rot)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        joined = block.replace("\\\n", " ")
+        commands += [line.split("#")[0].strip() for line in joined.splitlines() if line.strip().startswith("pkt ")]
+    assert len(commands) >= 8
+    for cmd in commands:
+        argv = [a.replace("<", "").replace(">", "") for a in shlex.split(cmd)[1:]]
+        parser().parse_args(argv)  # SystemExit(2) on an unknown flag or subcommand
+
+
+def test_extract_transfer_and_export_from_the_command_line(prefect_env, mini_family, tmp_path, capsys):
+    import torch
+    from peft import PeftModel
+
+    from artifacts.store import Ref, Store
+    from pkt_core.models import load_model
+
+    store = str(tmp_path / "store")
+    fam = mini_family
+    assert main(["extract", "--teacher", str(fam / "teacher"), "--seeds", str(fam / "tasks/gsm/seeds.jsonl"),
+                 "--student", str(fam / "student"), "--rank", "2", "--store", store]) == 0
+    out = capsys.readouterr().out
+    assert "sensitivity" in out and "computed" in out
+    init_dir = out.strip().splitlines()[-1].split(": ", 1)[1]
+    assert (Path(init_dir) / "adapter_config.json").exists()
+
+    train = json.dumps({"rank": 2, "alpha": 2.0, "epochs": 1, "batch_size": 8, "micro_batch": 8, "n_train": 8})
+    assert main(["transfer", "--teacher", str(fam / "teacher"), "--student", str(fam / "student"), "--task-dir",
+                 str(fam / "tasks/gsm"), "--variants", "lora,transfer", "--train", train, "--store", store,
+                 "--report-dir", str(tmp_path / "report")]) == 0
+    assert "transfer" in capsys.readouterr().out
+    adapter = next(r for r in Store(store).records() if r["kind"] == "adapter" and r["params"]["variant"] == "transfer")
+    assert main(["export", "--student", str(fam / "student"), "--adapter", adapter["key"][:12], "--store", store,
+                 "--out", str(tmp_path / "merged")]) == 0
+    merged = load_model(tmp_path / "merged")
+    stock = PeftModel.from_pretrained(load_model(fam / "student"), str(Store(store).tree(Ref.of(adapter)))).eval()
+    ids = torch.tensor([[5, 12, 7, 36, 35, 24]])
+    assert torch.allclose(merged(ids).logits, stock(ids).logits, atol=1e-4)

@@ -44,3 +44,28 @@ def test_report_files(tmp_path):
     text = paths["markdown"].read_text()
     assert "transfer 0.4500 vs lora 0.2500" in text and "better than 1 of 1 controls" in text
     assert paths["chart"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_each_variant_is_reported_at_its_best_val_setting():
+    from flows.pipeline import select_settings
+
+    rows = []
+    for variant, best in (("lora", '{"lr": 0.01}'), ("transfer", '{"lr": 0.001}')):
+        for setting in ('{"lr": 0.01}', '{"lr": 0.001}'):
+            for split in ("val", "test"):
+                good = setting == best
+                # on test the other setting would look better: selection must use val only
+                value = (0.9 if good else 0.1) if split == "val" else (0.3 if good else 0.8)
+                rows.append({"student": "s", "task": "gsm", "benchmark": "gsm", "metric": "exact_match/strict-match",
+                             "variant": variant, "seed": 0, "setting": setting, "split": split, "value": value})
+    picked = select_settings(pd.DataFrame(rows), _Cfg())
+    assert sorted(zip(picked["variant"], picked["setting"])) == [("lora", '{"lr": 0.01}'), ("transfer", '{"lr": 0.001}')]
+    assert set(picked["value"]) == {0.3} and "split" not in picked
+
+
+class _Task:
+    name, benchmark = "gsm", "gsm"
+
+
+class _Cfg:
+    tasks = [_Task()]

@@ -63,10 +63,15 @@ class Ref:
         return d if isinstance(d, Ref) else cls(d["kind"], d["key"], d["digest"])
 
 
+# digest -> (size, mtime_ns) of blobs this process has hashed, per store root: a flow and its
+# tasks open their own Store objects but should hash a (possibly many-GB) blob once, not twice
+_VERIFIED: dict[str, dict[str, tuple[int, int]]] = {}
+
+
 class Store:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else default_root()
-        self._verified: dict[str, tuple[int, int]] = {}  # digest -> (size, mtime_ns) hashed ok
+        self._verified = _VERIFIED.setdefault(str(self.root.absolute()), {})
         self.misses: list[str] = []  # human-readable notes of corrupt entries met
 
     # ---- paths -------------------------------------------------------------------------

@@ -194,11 +194,12 @@ def sweep(config: dict) -> dict:
     primary = evaluate.primary_metric(cfg.tasks[0].benchmark)
     paths = report.write_report(scores, cfg.report_dir, primary)
     summary = report.summarize(scores)
-    _publish_summary(ledger, "sweep", None, summary, paths)
+    lines = report.headlines(summary, primary)
+    _publish_summary(ledger, "sweep", None, summary, paths, lines)
     return {"report": {k: str(v) for k, v in paths.items()}, "computed": ledger.computed(),
             "nodes": [(r.kind, r.key, r.status) for r in ledger.rows],
             "table": summary.to_dict(orient="records"),
-            "headline": report.headlines(summary, primary)}
+            "headline": lines}
 
 
 @flow(name="transfer", log_prints=True)
@@ -239,15 +240,25 @@ def select_settings(runs: pd.DataFrame, cfg: SweepConfig) -> pd.DataFrame:
     return test.merge(chosen, on=["student", "task", "variant", "setting"]).drop(columns=["split"])
 
 
+def _ui_table(summary: pd.DataFrame) -> list[dict]:
+    """The score table as a person reads it in the UI: variant and metric first, short names, 4 decimals."""
+    t = summary.assign(student=summary["student"].map(_name))
+    first = ["variant", "metric", "mean", "std", "n", "diff", "ci_low", "ci_high", "verdict", "top_sv", "task",
+             "benchmark", "student"]
+    t = t[[c for c in first if c in t] + [c for c in t if c not in first]]
+    return json.loads(t.round(4).to_json(orient="records"))
+
+
 def _publish_summary(ledger: Ledger, title: str, plans: dict | None = None, summary: pd.DataFrame | None = None,
-                     paths: dict | None = None) -> None:
+                     paths: dict | None = None, headlines: list[str] | None = None) -> None:
     md = [f"# pkt {title}", "", f"Store: `{ledger.store.root.resolve()}`; {ledger.computed()} computed, "
           f"{len(ledger.rows) - ledger.computed()} reused.", ""]
+    md += [f"- {line.strip()}" for line in headlines or []]
     for student, layers in (plans or {}).items():
         md.append(f"- layer plan for `{_name(student)}`: teacher layers {layers}")
     if summary is not None:
         md += ["", report.markdown(summary)]
-        create_table_artifact(key=f"pkt-{title}-scores", table=json.loads(summary.to_json(orient="records")),
+        create_table_artifact(key=f"pkt-{title}-scores", table=_ui_table(summary),
                               description="pkt scores: mean, std, paired difference to lora with 95% CI")
     if paths:
         md += ["", *(f"- {k}: `{Path(v).resolve()}`" for k, v in paths.items())]

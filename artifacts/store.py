@@ -11,6 +11,7 @@ Every write goes to a temp file, is fsynced and renamed: a reader sees all or no
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -162,11 +163,20 @@ class Store:
 
     def put_bytes(self, data: bytes) -> str:
         tmp = self._tmp()
-        try:
+        with self._cleanup_on_failure(tmp):
             tmp.write_bytes(data)
             return self._publish_blob(tmp)
-        except BaseException:
+
+    @contextlib.contextmanager
+    def _cleanup_on_failure(self, tmp: Path):
+        """No half-written temp file survives a failure; a full disk is a clear error."""
+        try:
+            yield
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise StoreError(f"store root {self.root}: the disk is full; nothing was stored. Free space, "
+                                 "run `pkt store gc`, or move the store with --store DIR / PKT_STORE") from None
             raise
 
     def _write_record(self, kind: str, key: str, digest: str, params: dict, inputs: dict, seconds: float,
@@ -188,12 +198,9 @@ class Store:
         """Store tensors as one safetensors blob whose header names kind, key and params."""
         meta = {"kind": kind, "key": key, "params": canonical_json(params), **(metadata or {})}
         tmp = self._tmp(".safetensors")
-        try:
+        with self._cleanup_on_failure(tmp):
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
             digest = self._publish_blob(tmp)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return self._write_record(kind, key, digest, params, inputs, seconds, "safetensors")
 
     def put_tree(self, kind: str, key: str, directory: str | Path, *, params: dict, inputs: dict[str, str],
@@ -204,8 +211,9 @@ class Store:
         for p in sorted(directory.rglob("*")):
             if p.is_file():
                 tmp = self._tmp()
-                shutil.copyfile(p, tmp)
-                files[p.relative_to(directory).as_posix()] = self._publish_blob(tmp)
+                with self._cleanup_on_failure(tmp):
+                    shutil.copyfile(p, tmp)
+                    files[p.relative_to(directory).as_posix()] = self._publish_blob(tmp)
         if not files:
             raise StoreError(f"{directory}: nothing to store, the directory is empty")
         digest = self.put_bytes(canonical_json({"files": files}).encode())

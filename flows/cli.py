@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PKT_ALLOW_BIN"] = "1"
     try:
         return COMMANDS[args.cmd](args) or 0
-    except USER_ERRORS as e:
+    except Exception as e:
+        from artifacts.store import StoreError
+
+        if not isinstance(e, (*USER_ERRORS, StoreError)):
+            raise
         print(f"pkt {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

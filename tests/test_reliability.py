@@ -83,3 +83,50 @@ def test_pickled_checkpoints_are_refused_without_flag(tmp_path):
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(models.ModelNotFound, match="does not exist"):
         models.load_model(str(tmp_path / "nowhere"))
+
+
+SWEEP = textwrap.dedent("""
+    import json, os, sys
+    from pkt_core import sensitivity, finetune
+    log = sys.argv[2]
+    def counting(name, fn):
+        def wrapper(*a, **kw):
+            with open(log, "a") as f:
+                f.write(name + "\\n")
+            return fn(*a, **kw)
+        return wrapper
+    sensitivity.compute_sensitivity = counting("sensitivity", sensitivity.compute_sensitivity)
+    finetune.finetune = counting("finetune", finetune.finetune)
+    from flows.pipeline import sweep
+    out = sweep(json.loads(sys.argv[1]))
+    print("RESULT", out["computed"], len(out["nodes"]))
+""")
+
+
+def test_two_sweeps_at_once_on_one_store(mini_family, tmp_path):
+    """Two real processes (each with its own Prefect) run the same sweep on one store: both succeed,
+    every node is computed once, and the store verifies."""
+    config = {"teacher": str(mini_family / "teacher"), "students": [str(mini_family / "student")],
+              "tasks": [{"name": "gsm", "dir": str(mini_family / "tasks/gsm"), "benchmark": "gsm"}],
+              "variants": ["lora", "transfer"], "seeds": [0], "benchmarks": [], "eval_limit": 4,
+              "train": {"rank": 2, "alpha": 2.0, "epochs": 1, "batch_size": 8, "micro_batch": 8, "n_train": 8},
+              "store": str(tmp_path / "store")}
+    log = tmp_path / "calls.log"
+    cwd = os.path.dirname(os.path.dirname(__file__))
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect{i}"), "PREFECT_API_URL": "",
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+               "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / f"results{i}")}
+        cfg = dict(config, report_dir=str(tmp_path / f"report{i}"))
+        procs.append(subprocess.Popen([sys.executable, "-c", SWEEP, json.dumps(cfg), str(log)], cwd=cwd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "RESULT" in out
+    calls = log.read_text().split()
+    assert calls.count("sensitivity") == 1 and calls.count("finetune") == 2  # lora + transfer, once each
+    store = Store(tmp_path / "store")
+    assert store.verify() == []
+    assert len({(r["kind"], r["key"]) for r in store.records()}) == len(store.records())

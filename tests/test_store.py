@@ -105,3 +105,18 @@ def test_key_changes_with_any_param_or_input(params, name, value):
         assert artifact_key("k", 1, changed, {"a": "x"}) != base
     assert artifact_key("k", 1, params, {"a": "y"}) != base
     assert artifact_key("k", 2, params, {"a": "x"}) != base
+
+
+def test_full_disk_is_a_clear_error_and_leaves_nothing(tmp_store, monkeypatch):
+    import errno
+
+    import artifacts.store as store_module
+
+    def no_space(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "save_file", no_space)
+    store = Store(tmp_store)
+    with pytest.raises(StoreError, match="disk is full; nothing was stored.*--store"):
+        put(store)
+    assert store.records() == [] and not list((tmp_store / "tmp").iterdir())

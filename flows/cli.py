@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--k", type=int, default=None, help="seed samples to draw (default: all in the file)")
     p.add_argument("--reducer", default="submatrix", choices=["submatrix", "rowcol", "random"])
+    p.add_argument("--per-layer-sensitivity", action="store_true",
+                   help="write the sensitivity map one decoder layer at a time (big teachers: host RAM holds "
+                        "one layer of it)")
     _device_args(p)
     _store_arg(p)
 
@@ -131,7 +134,8 @@ def cmd_extract(args) -> int:
     _check_inputs([args.teacher, *args.student], [args.seeds])
     out = extract_teacher(teacher=args.teacher, seeds=args.seeds, students=args.student, rank=args.rank,
                           alpha=args.alpha, k=args.k, reducer=args.reducer, store=args.store, dtype=args.dtype,
-                          device=args.device)
+                          device=args.device,
+                          sensitivity_layout="per_layer" if args.per_layer_sensitivity else "single")
     for kind, key, status in out.pop("_ledger"):
         print(f"{kind:12s} {key}  {status}")
     for student, v in out.items():

@@ -52,10 +52,11 @@ def _name(path: str) -> str:
 
 # ---- the extraction chain (teacher side; nothing here depends on a student's weights) ---------
 def extraction_chain(ledger: Ledger, teacher: dict, seeds: dict, shape: dict, *, k, sample_seed, selector, reducer,
-                     max_length, dtype, device, modules=arch.ALL_MODULE_TYPES, seed: int = 0) -> dict[str, dict]:
+                     max_length, dtype, device, modules=arch.ALL_MODULE_TYPES, seed: int = 0,
+                     layout: str = "single") -> dict[str, dict]:
     sens = ledger.run(nodes.sensitivity_task,
                       {"k": k, "sample_seed": sample_seed, "max_length": max_length, "chat_template": False,
-                       "dtype": dtype, "device": device, "loss": "answer_tokens"},
+                       "dtype": dtype, "device": device, "loss": "answer_tokens", "layout": layout},
                       {"teacher": teacher, "seeds": seeds},
                       f"teacher={_name(teacher['key'])}, seeds={_name(seeds['key'])}, k={k or 'all'}")
     plan = ledger.run(nodes.layer_plan_task,
@@ -79,15 +80,19 @@ def init_node(ledger: Ledger, extraction: dict, *, rank, alpha, dropout, split, 
 @flow(name="extract-teacher", log_prints=True)
 def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 16, alpha: float = 16.0,
                     k: int | None = None, selector: str = "sensitivity", reducer: str = "submatrix",
-                    store: str | None = None, dtype: str = "float32", device: str = "cpu") -> dict:
-    """Sensitivity, layer plans, extractions and LoRA inits for each student shape (computed once)."""
+                    store: str | None = None, dtype: str = "float32", device: str = "cpu",
+                    sensitivity_layout: str = "single") -> dict:
+    """Sensitivity, layer plans, extractions and LoRA inits for each student shape (computed once).
+
+    sensitivity_layout='per_layer' writes the map one decoder layer at a time (host RAM holds one
+    layer of it; with device='cuda' the accumulators stay on the GPU)."""
     ledger = Ledger(Store(store))
     t_src, s_src = nodes.model_source(teacher, ledger.store), nodes.file_source(seeds)
     out = {}
     for student in students:
         shape = arch.shape_of(models.load_config(student))
         chain = extraction_chain(ledger, t_src, s_src, shape, k=k, sample_seed=0, selector=selector, reducer=reducer,
-                                 max_length=2048, dtype=dtype, device=device)
+                                 max_length=2048, dtype=dtype, device=device, layout=sensitivity_layout)
         init = init_node(ledger, chain["extraction"], rank=rank, alpha=alpha, dropout=0.05, split="paper", scale=1.0)
         layers = json.loads(ledger.store.header(chain["plan"])["layers"])
         out[student] = {**chain, "lora_init": init, "layers": layers,

@@ -72,3 +72,17 @@ def layer_totals(sens: dict[str, torch.Tensor], config) -> torch.Tensor:
         prefix = arch.layer_prefix(config, layer)
         totals[layer] = sum(float(t.double().sum()) for n, t in sens.items() if n.startswith(prefix))
     return totals
+
+
+def layer_groups(names, config) -> dict[str, list[str]]:
+    """Parameter names grouped by decoder layer ('layer.N'), the rest under 'global': the unit in
+    which a sensitivity map is written when host RAM must never hold it whole."""
+    from . import arch
+
+    d = arch.dims(config)
+    groups: dict[str, list[str]] = {f"layer.{i}": [] for i in range(d.layers)}
+    groups["global"] = []
+    prefixes = [(arch.layer_prefix(config, i), f"layer.{i}") for i in range(d.layers)]
+    for n in names:
+        groups[next((g for p, g in prefixes if n.startswith(p)), "global")].append(n)
+    return groups

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from artifacts.keys import file_digest
 from artifacts.model_id import model_digest
@@ -83,12 +84,34 @@ def compute_sensitivity(store: Store, key: str, params: dict, inputs: dict) -> R
     totals = sensitivity.layer_totals(sens, model.config).tolist()
     meta = {"layer_totals": json.dumps(totals), "teacher_config": model.config.to_json_string(),
             "n_samples": str(len(samples))}
-    return store.put_tensors("sensitivity", key, sens, params=params, inputs=_d(inputs), seconds=time.time() - t0,
-                             metadata=meta)
+    if params.get("layout", "single") == "single":
+        return store.put_tensors("sensitivity", key, sens, params=params, inputs=_d(inputs),
+                                 seconds=time.time() - t0, metadata=meta)
+    # per_layer: one file per decoder layer, each moved off the device only when written, so host
+    # RAM holds one layer of the map at a time (the accumulators stay on the GPU until then)
+    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
+        for group, names in sensitivity.layer_groups(list(sens), model.config).items():
+            save_file({n: sens.pop(n).cpu() for n in names}, f"{tmp}/{group}.safetensors",
+                      metadata={"format": "pt", **meta})
+        Path(tmp, "layer_totals.json").write_text(json.dumps(totals))
+        return store.put_tree("sensitivity", key, tmp, params=params, inputs=_d(inputs), seconds=time.time() - t0)
+
+
+def sensitivity_map(store: Store, ref: dict) -> models.LazyWeights:
+    """A lazy name -> tensor view of a stored sensitivity map, in either layout."""
+    if store.record("sensitivity", ref["key"]).get("layout") == "tree":
+        return models.LazyWeights(sorted(store.tree(Ref.of(ref)).glob("*.safetensors")))
+    return models.LazyWeights([store.blob_path(ref["digest"])])
+
+
+def sensitivity_totals(store: Store, ref: dict) -> list[float]:
+    if store.record("sensitivity", ref["key"]).get("layout") == "tree":
+        return json.loads((store.tree(Ref.of(ref)) / "layer_totals.json").read_text())
+    return json.loads(store.header(ref)["layer_totals"])
 
 
 def compute_layer_plan(store: Store, key: str, params: dict, inputs: dict) -> Ref:
-    totals = json.loads(store.header(inputs["sensitivity"])["layer_totals"])
+    totals = sensitivity_totals(store, inputs["sensitivity"])
     layers = align.select_layers(totals, params["student_layers"], params["selector"], params["seed"])
     meta = {"layers": json.dumps(layers), "layer_totals": json.dumps(totals)}
     return store.put_tensors("layer_plan", key, {"layers": torch.tensor(layers)}, params=params, inputs=_d(inputs),
@@ -101,7 +124,7 @@ def compute_extraction(store: Store, key: str, params: dict, inputs: dict) -> Re
     student_cfg = arch.config_from_shape(params["student_shape"])
     layers = json.loads(store.header(inputs["plan"])["layers"])
     weights = models.LazyWeights.from_model_dir(inputs["teacher"]["key"])
-    sens = models.LazyWeights([store.blob_path(inputs["sensitivity"]["digest"])])
+    sens = sensitivity_map(store, inputs["sensitivity"])
     out = align.extract(teacher_cfg, student_cfg, weights, sens, layers, reducer=params["reducer"],
                         modules=tuple(params["modules"]), seed=params["seed"])
     return store.put_tensors("extraction", key, out, params=params, inputs=_d(inputs), seconds=time.time() - t0,

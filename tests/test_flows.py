@@ -148,3 +148,22 @@ def test_a_crashed_sweep_resumes_where_it_stopped(prefect_env, mini_family, tmp_
     total = len(resumed["nodes"])
     assert 0 < finished < total
     assert resumed["computed"] == total - finished  # only the unfinished nodes ran
+
+
+def test_per_layer_sensitivity_gives_the_same_extraction(prefect_env, mini_family, tmp_path):
+    from artifacts.store import Ref, Store
+
+    args = dict(teacher=str(mini_family / "teacher"), seeds=str(mini_family / "tasks/gsm/seeds.jsonl"),
+                students=[str(mini_family / "student")], rank=2, alpha=2.0, store=str(tmp_path / "store"))
+    single = extract_teacher(**args)
+    layered = extract_teacher(**args, sensitivity_layout="per_layer")
+    store = Store(tmp_path / "store")
+    key = lambda out, kind: next(k for kd, k, _ in out["_ledger"] if kd == kind)
+    sens_tree = store.tree(Ref.of(store.record("sensitivity", key(layered, "sensitivity"))))
+    assert sorted(p.name for p in sens_tree.glob("*.safetensors")) == ["global.safetensors", "layer.0.safetensors",
+                                                                       "layer.1.safetensors"]
+    s = args["students"][0]
+    assert single[s]["layers"] == layered[s]["layers"]
+    a = store.tensors(store.record("extraction", key(single, "extraction")))
+    b = store.tensors(store.record("extraction", key(layered, "extraction")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

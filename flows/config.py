@@ -51,6 +51,7 @@ class SweepConfig(BaseModel):
     train: dict = Field(default_factory=dict, description="TrainParams overrides (rank, alpha, lr, epochs, ...)")
     train_grid: dict[str, list] = Field(default_factory=dict, description="e.g. {lr: [1e-3, 1e-2]}: best on val")
     benchmarks: list[str] = Field(default_factory=lambda: ["answer_nll"], description="extra benchmarks per task")
+    judge: str | None = Field(None, description="local judge model for the optional 'winrate' benchmark")
     num_fewshot: int = 0
     eval_limit: int | None = None
     dtype: str = "float32"
@@ -80,6 +81,8 @@ class SweepConfig(BaseModel):
             raise ValueError("variant early-teacher needs early_teacher: the path of an earlier teacher checkpoint")
         if "cross-task" in self.variants and not self.cross_task_seeds:
             raise ValueError("variant cross-task needs cross_task_seeds: a seeds.jsonl from another task")
+        if "winrate" in self.benchmarks and not self.judge:
+            raise ValueError("benchmark winrate needs judge: the path of a local judge model")
         if "lora" not in self.variants and len(self.variants) > 1:
             raise ValueError("add variant lora: every comparison in the report is paired against it")
         return self

@@ -145,6 +145,8 @@ def _score(ledger: Ledger, cfg: SweepConfig, student: dict, adapter: dict | None
     inputs = {"student": student, "data": nodes.dir_source(task.dir, [f"{split}.jsonl", "train.jsonl"])}
     if adapter is not None:
         inputs["adapter"] = adapter
+    if benchmark == "winrate":
+        inputs["judge"] = nodes.model_source(cfg.judge, ledger.store)
     ref = ledger.run(nodes.scores_task,
                      {"benchmark": benchmark, "task_definition": evaluate.task_digest(benchmark), "split": split,
                       "num_fewshot": cfg.num_fewshot, "limit": cfg.eval_limit, "dtype": cfg.dtype, "device": cfg.device},

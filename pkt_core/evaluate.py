@@ -7,6 +7,7 @@ data_files are filled in at run time. Any other name (gsm8k, mmlu, ...) goes to 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ BENCHMARKS = {  # pkt name -> lm-eval task, the per-example metric to keep, and 
 class EvalResult:
     summary: dict[str, float]  # metric -> value over the split
     per_example: dict[str, torch.Tensor]  # metric -> [n] values in document order
+    outputs: tuple[str, ...] = ()  # generated answers (generation tasks), document order
+    docs: tuple[dict, ...] = ()  # the documents, document order
 
 
 def task_config(benchmark: str, data_dir: str | Path, split: str = "test", num_fewshot: int = 0) -> dict:
@@ -51,11 +54,16 @@ def task_config(benchmark: str, data_dir: str | Path, split: str = "test", num_f
 
 
 def evaluate(model, tokenizer, benchmark: str, data_dir: str | Path | None = None, *, split: str = "test",
-             num_fewshot: int = 0, batch_size: int = 64, limit: int | None = None) -> EvalResult:
+             num_fewshot: int = 0, batch_size: int = 64, limit: int | None = None,
+             judge: str | Path | None = None) -> EvalResult:
     """Score a loaded model (merge a LoRA into it first) on one benchmark.
 
-    benchmark: gsm | mmlu | sni | answer_nll over data_dir, or any lm-eval task name (hub data).
+    benchmark: gsm | mmlu | sni | answer_nll over data_dir, or any lm-eval task name (hub data);
+    winrate (instruction following) needs judge=<path of a local judge model>.
     """
+    if benchmark == "winrate":
+        return instruction_win_rate(model, tokenizer, data_dir, judge, split=split, limit=limit,
+                                    batch_size=batch_size)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -100,14 +108,34 @@ def _collect(benchmark: str, results: dict, samples: list[dict], kept_filter: st
             if rows and len(rows) == len(samples):
                 per[metric] = torch.tensor([float(s[metric]) for s in rows], dtype=torch.float64)
     per["doc_id"] = torch.tensor([s["doc_id"] for s in samples], dtype=torch.int64)
-    return EvalResult(summary, per)
+    outputs = tuple(str(s["filtered_resps"][0]) for s in samples if isinstance(s["filtered_resps"][0], str))
+    return EvalResult(summary, per, outputs, tuple(s["doc"] for s in samples))
+
+
+def instruction_win_rate(model, tokenizer, data_dir, judge: str | Path | None, *, split: str = "test",
+                         limit: int | None = None, batch_size: int = 64) -> EvalResult:
+    """Generate answers (lm-eval, the Super-NI-style YAML), then judge each against the reference
+    with a local model in both orders (pkt_core.judge). Optional: needs a judge model path."""
+    from . import judge as judging
+    from .models import load_model, load_tokenizer
+
+    if judge is None:
+        raise ValueError("benchmark 'winrate' needs a judge model: set judge: PATH in the sweep config "
+                         "(a local causal LM that reads the same chat format)")
+    gen = evaluate(model, tokenizer, "sni", data_dir, split=split, limit=limit, batch_size=batch_size)
+    questions = [d["messages"][0]["content"] for d in gen.docs]
+    references = [d["messages"][-1]["content"] for d in gen.docs]
+    wins = judging.win_rates(load_model(judge), load_tokenizer(judge), questions, list(gen.outputs), references)
+    return EvalResult({"winrate": float(wins.mean())}, {"winrate": wins, "doc_id": gen.per_example["doc_id"]},
+                      gen.outputs, gen.docs)
 
 
 def task_digest(benchmark: str) -> str:
-    """sha256 of the shipped YAML (and metric code) behind a benchmark: part of a score's identity,
-    so editing a task definition re-scores instead of reusing stale numbers."""
-    import hashlib
-
+    """sha256 of the shipped YAML (and metric or judging code) behind a benchmark: part of a score's
+    identity, so editing a task definition re-scores instead of reusing stale numbers."""
+    if benchmark == "winrate":  # the generation YAML + the judging code
+        judge_code = (Path(__file__).parent / "judge.py").read_bytes()
+        return hashlib.sha256(task_digest("sni").encode() + judge_code).hexdigest()
     if benchmark not in BENCHMARKS:
         import lm_eval
 
@@ -119,5 +147,6 @@ def task_digest(benchmark: str) -> str:
 
 
 def primary_metric(benchmark: str) -> str:
-    return {"gsm": "exact_match/strict-match", "mmlu": "acc", "sni": "exact_match", "answer_nll": "answer_nll"}.get(
+    return {"gsm": "exact_match/strict-match", "mmlu": "acc", "sni": "exact_match", "answer_nll": "answer_nll",
+            "winrate": "winrate"}.get(
         benchmark, "acc")

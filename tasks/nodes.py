@@ -193,7 +193,8 @@ def compute_scores(store: Store, key: str, params: dict, inputs: dict) -> Ref:
     if "adapter" in inputs:
         model = PeftModel.from_pretrained(model, str(store.tree(Ref.of(inputs["adapter"])))).merge_and_unload()
     res = evaluate.evaluate(model, tok, params["benchmark"], inputs["data"]["key"], split=params["split"],
-                            num_fewshot=params["num_fewshot"], limit=params.get("limit"))
+                            num_fewshot=params["num_fewshot"], limit=params.get("limit"),
+                            judge=inputs.get("judge", {}).get("key"))
     return store.put_tensors("scores", key, res.per_example, params=params, inputs=_d(inputs),
                              seconds=time.time() - t0, metadata={"summary": json.dumps(res.summary)})
 

@@ -89,3 +89,23 @@ def test_every_yaml_runs_offline_on_a_tiny_model(mini_family, benchmark, task):
     assert all(v.numel() == 4 for v in res.per_example.values())
     if benchmark == "answer_nll":
         assert (res.per_example["answer_nll"] > 0).all()
+
+
+def test_judge_gives_a_tie_when_candidate_equals_reference(mini_family):
+    from pkt_core import judge
+
+    model, tok = load_model(mini_family / "teacher"), load_tokenizer(mini_family / "teacher")
+    # the same text in both slots makes both orderings the same prompt: one win, one loss
+    wins = judge.win_rates(model, tok, ["What is 1+2?"] * 2, ["The answer is 3.", "x"], ["The answer is 3.", "x"])
+    assert wins.tolist() == [0.5, 0.5]
+
+
+def test_winrate_benchmark_runs_offline_with_a_local_judge(mini_family):
+    model, tok = load_model(mini_family / "student"), load_tokenizer(mini_family / "student")
+    res = evaluate.evaluate(model, tok, "winrate", mini_family / "tasks" / "sni", limit=3,
+                            judge=mini_family / "teacher")
+    assert res.per_example["winrate"].numel() == 3 and len(res.outputs) == 3
+    assert set(res.per_example["winrate"].tolist()) <= {0.0, 0.5, 1.0}
+    assert res.summary["winrate"] == pytest.approx(float(res.per_example["winrate"].mean()))
+    with pytest.raises(ValueError, match="needs a judge model"):
+        evaluate.evaluate(model, tok, "winrate", mini_family / "tasks" / "sni", limit=3)

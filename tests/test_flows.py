@@ -167,3 +167,14 @@ def test_per_layer_sensitivity_gives_the_same_extraction(prefect_env, mini_famil
     a = store.tensors(store.record("extraction", key(single, "extraction")))
     b = store.tensors(store.record("extraction", key(layered, "extraction")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sweep_scores_instruction_following_with_a_judge(prefect_env, mini_family, tmp_path):
+    config = {"teacher": str(mini_family / "teacher"), "students": [str(mini_family / "student")],
+              "tasks": [{"name": "sni", "dir": str(mini_family / "tasks/sni"), "benchmark": "sni"}],
+              "variants": ["vanilla"], "benchmarks": ["winrate"], "judge": str(mini_family / "teacher"),
+              "eval_limit": 3, "store": str(tmp_path / "store"), "report_dir": str(tmp_path / "report")}
+    out = sweep(config)
+    metrics = {r["metric"] for r in out["table"]}
+    assert {"exact_match", "rougeL", "winrate"} <= metrics
+    assert [k for k, _, _ in out["nodes"]].count("scores") == 2

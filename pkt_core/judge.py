@@ -26,7 +26,7 @@ def prefers_a(judge, tokenizer, question: str, a: str, b: str) -> bool:
 def win_rates(judge, tokenizer, questions: list[str], candidates: list[str], references: list[str]) -> torch.Tensor:
     """Per example: 1 if the candidate beats the reference in both orders, 0.5 if split, 0 if neither."""
     wins = []
-    for q, c, r in zip(questions, candidates, references):
+    for q, c, r in zip(questions, candidates, references, strict=True):
         first = prefers_a(judge, tokenizer, q, c, r)  # candidate shown as A
         second = not prefers_a(judge, tokenizer, q, r, c)  # candidate shown as B
         wins.append((first + second) / 2)

@@ -105,7 +105,7 @@ def lora_config(modules, rank: int, alpha: float, dropout: float = 0.05, base_mo
 def modules_in(state: dict[str, torch.Tensor], config) -> list[str]:
     """The module types a peft state dict covers."""
     found = set()
-    for name, (module, layer) in arch.transferable_weights(config).items():
+    for module, layer in arch.transferable_weights(config).values():
         if peft_keys(config, module, layer)[0] in state:
             found.add(module)
     return sorted(found)

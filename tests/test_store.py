@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from artifacts.keys import artifact_key
-from artifacts.store import Ref, Store, StoreError, check_relpath
+from artifacts.store import Store, StoreError, check_relpath
 
 
 def put(store, kind="sensitivity", params=None, inputs=None, value=1.0):

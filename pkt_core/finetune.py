@@ -87,7 +87,7 @@ def finetune(model, samples: list[dict[str, torch.Tensor]], params: TrainParams,
     log = TrainLog()
     model.train()
     order: list[int] = []
-    bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress)
+    bar = tqdm(total=total, desc="finetune", unit="step", disable=None if progress else True)
     for _ in range(total):
         if len(order) < params.batch_size:
             fresh = list(range(len(samples)))

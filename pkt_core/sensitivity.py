@@ -40,7 +40,7 @@ def compute_sensitivity(
         handles.append(p.register_post_accumulate_grad_hook(_accumulator(acc[n])))
     samples = list(samples) if not hasattr(samples, "__len__") else samples
     try:
-        for s in tqdm(samples, desc="sensitivity", unit="sample", disable=not progress):
+        for s in tqdm(samples, desc="sensitivity", unit="sample", disable=None if progress else True):
             dev = model.get_input_embeddings().weight.device
             out = model(input_ids=s["input_ids"].to(dev), labels=s["labels"].to(dev))
             out.loss.backward()

@@ -110,7 +110,7 @@ def pretrain(r: ModelRecipe, family: FamilyRecipe, out_dir: Path, name: str, log
     sched = get_cosine_schedule_with_warmup(opt, max(1, r.steps // 20), r.steps)
     g = torch.Generator().manual_seed(family.seed)
     em, step, t0 = float("nan"), 0, time.time()
-    bar = tqdm(total=r.steps, desc=f"pretrain {name}", unit="step", disable=not progress)
+    bar = tqdm(total=r.steps, desc=f"pretrain {name}", unit="step", disable=None if progress else True)
     for step in range(1, r.steps + 1):
         model.train()
         batch = blocks[torch.randint(len(blocks), (family.batch,), generator=g)]

@@ -20,7 +20,7 @@ def model_digest(source: str | Path, revision: str | None = None, memo_dir: Path
         from pkt_core.models import weight_files, _refuse_pickled_only
 
         _refuse_pickled_only(path, allow_bin=True)
-        files = [path / "config.json", *weight_files(path)] or []
+        files = [path / "config.json", *weight_files(path)]
         files += sorted(p for p in path.glob("*.bin"))  # pickled weights count too when allowed
         h = hashlib.sha256()
         for f in files:

@@ -5,6 +5,7 @@ shown as Cached), so one teacher extraction serves every student of its shape.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,34 +170,20 @@ def sweep(config: dict) -> dict:
         for task in cfg.tasks:
             train = nodes.file_source(str(Path(task.dir) / "train.jsonl"))
             benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
-            for variant in cfg.variants:
-                for setting in (grid if variant != "vanilla" else [{}]):
-                    for seed in (cfg.seeds if variant != "vanilla" else [cfg.seeds[0]]):
-                        tp = cfg.train_params(seed, setting)
-                        label = f"{_name(student_path)}, {task.name}, {variant}, seed={seed}" + (
-                            f", {setting}" if setting else "")
-                        adapter, top_sv = None, None
-                        if variant != "vanilla":
-                            init = variant_init(ledger, cfg, variant, teacher, task, shape, tp)
-                            inputs = {"student": student, "train": train, **({"init": init} if init else {})}
-                            adapter = ledger.run(nodes.adapter_task,
-                                                 {"variant": variant, "init": "extracted" if init else variant,
-                                                  "train": tp.as_dict(), "dtype": cfg.dtype, "device": cfg.device},
-                                                 inputs, label)
-                            if init:
-                                top_sv = _top_sv(ledger.store, init)
-                        for split in splits:
-                            for bench in benchmarks:
-                                summary = _score(ledger, cfg, student, adapter, task, bench, split, label)
-                                for metric, value in summary.items():
-                                    if metric in ("perplexity", "acc") and bench == "answer_nll":
-                                        continue
-                                    seeds_here = cfg.seeds if variant == "vanilla" else [seed]
-                                    for s in seeds_here:  # vanilla is deterministic: one run pairs with every seed
-                                        rows.append({"student": student_path, "task": task.name, "benchmark": bench,
-                                                     "metric": metric, "variant": variant, "seed": s,
-                                                     "setting": json.dumps(setting, sort_keys=True), "split": split,
-                                                     "value": value, "top_sv": top_sv})
+            for variant, setting, seed in _runs(cfg, grid):
+                label = f"{_name(student_path)}, {task.name}, {variant}, seed={seed}" + (f", {setting}" if setting else "")
+                adapter, top_sv = None, None
+                if variant != "vanilla":
+                    adapter, top_sv = _train(ledger, cfg, teacher, student, train, task, shape, variant,
+                                             cfg.train_params(seed, setting), label)
+                # vanilla is deterministic: its one run pairs with every seed
+                seeds_here = cfg.seeds if variant == "vanilla" else [seed]
+                for split, bench in itertools.product(splits, benchmarks):
+                    summary = _score(ledger, cfg, student, adapter, task, bench, split, label)
+                    rows += [{"student": student_path, "task": task.name, "benchmark": bench, "metric": metric,
+                              "variant": variant, "seed": s, "setting": json.dumps(setting, sort_keys=True),
+                              "split": split, "value": value, "top_sv": top_sv}
+                             for metric, value in summary.items() for s in seeds_here]
     scores = select_settings(pd.DataFrame(rows), cfg)
     primary = evaluate.primary_metric(cfg.tasks[0].benchmark)
     paths = report.write_report(scores, cfg.report_dir, primary)
@@ -219,6 +206,26 @@ def transfer(teacher: str, student: str, task_dir: str, benchmark: str = "gsm",
                   "tasks": [{"name": Path(task_dir).name, "dir": task_dir, "benchmark": benchmark}],
                   "variants": list(variants), "seeds": list(seeds), "train": train or {}, "store": store,
                   "report_dir": report_dir, "dtype": dtype, "device": device})
+
+
+def _runs(cfg: SweepConfig, grid: list[dict]):
+    """(variant, training setting, seed) of every run; vanilla trains nothing, so it runs once."""
+    for variant in cfg.variants:
+        if variant == "vanilla":
+            yield variant, {}, cfg.seeds[0]
+        else:
+            yield from ((variant, setting, seed) for setting, seed in itertools.product(grid, cfg.seeds))
+
+
+def _train(ledger: Ledger, cfg: SweepConfig, teacher: dict, student: dict, train: dict, task: TaskSpec, shape: dict,
+           variant: str, tp, label: str) -> tuple[dict, float | None]:
+    """The adapter node of one run, and its init's top singular value (None without a teacher init)."""
+    init = variant_init(ledger, cfg, variant, teacher, task, shape, tp)
+    inputs = {"student": student, "train": train, **({"init": init} if init else {})}
+    adapter = ledger.run(nodes.adapter_task,
+                         {"variant": variant, "init": "extracted" if init else variant, "train": tp.as_dict(),
+                          "dtype": cfg.dtype, "device": cfg.device}, inputs, label)
+    return adapter, _top_sv(ledger.store, init) if init else None
 
 
 def _top_sv(store: Store, init: dict) -> float | None:

@@ -100,8 +100,9 @@ def _collect(benchmark: str, results: dict, samples: list[dict], kept_filter: st
                for k, v in results.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
     per = {}
     if benchmark == "answer_nll":
+        # lm-eval's perplexity and greedy-acc over a summed log-likelihood are not what pkt reports
         per["answer_nll"] = torch.tensor([-float(s["resps"][0][0][0]) for s in samples], dtype=torch.float64)
-        summary["answer_nll"] = float(per["answer_nll"].mean())
+        summary = {"answer_nll": float(per["answer_nll"].mean())}
     else:
         for metric in ("exact_match", "acc", "rougeL"):
             rows = [s for s in samples if metric in s]

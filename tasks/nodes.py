@@ -20,7 +20,7 @@ from artifacts.store import Ref, Store
 from pkt_core import align, arch, data, evaluate, finetune, lora_init, models, sensitivity
 from pkt_core.mini import family
 
-from .node import artifact_task
+from .node import artifact_task, digests
 
 
 # ---- sources ---------------------------------------------------------------------------------
@@ -47,10 +47,6 @@ def dir_source(path: str, names: list[str] | None = None) -> dict:
     return {"kind": "dir", "key": str(path), "digest": h.hexdigest()}
 
 
-def _tree_child(store: Store, ref: dict, child: str) -> Path:
-    return store.tree(Ref.of(ref)) / child
-
-
 # ---- computations ---------------------------------------------------------------------------
 def compute_family(store: Store, key: str, params: dict, inputs: dict) -> Ref:
     with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
@@ -70,7 +66,7 @@ def compute_random_model(store: Store, key: str, params: dict, inputs: dict) -> 
     with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         models.load_tokenizer(src).save_pretrained(tmp)
-        return store.put_tree("random_model", key, tmp, params=params, inputs=_d(inputs))
+        return store.put_tree("random_model", key, tmp, params=params, inputs=digests(inputs))
 
 
 def compute_sensitivity(store: Store, key: str, params: dict, inputs: dict) -> Ref:
@@ -85,7 +81,7 @@ def compute_sensitivity(store: Store, key: str, params: dict, inputs: dict) -> R
     meta = {"layer_totals": json.dumps(totals), "teacher_config": model.config.to_json_string(),
             "n_samples": str(len(samples))}
     if params.get("layout", "single") == "single":
-        return store.put_tensors("sensitivity", key, sens, params=params, inputs=_d(inputs),
+        return store.put_tensors("sensitivity", key, sens, params=params, inputs=digests(inputs),
                                  seconds=time.time() - t0, metadata=meta)
     # per_layer: one file per decoder layer, each moved off the device only when written, so host
     # RAM holds one layer of the map at a time (the accumulators stay on the GPU until then)
@@ -94,7 +90,7 @@ def compute_sensitivity(store: Store, key: str, params: dict, inputs: dict) -> R
             save_file({n: sens.pop(n).cpu() for n in names}, f"{tmp}/{group}.safetensors",
                       metadata={"format": "pt", **meta})
         Path(tmp, "layer_totals.json").write_text(json.dumps(totals))
-        return store.put_tree("sensitivity", key, tmp, params=params, inputs=_d(inputs), seconds=time.time() - t0)
+        return store.put_tree("sensitivity", key, tmp, params=params, inputs=digests(inputs), seconds=time.time() - t0)
 
 
 def sensitivity_map(store: Store, ref: dict) -> models.LazyWeights:
@@ -114,7 +110,7 @@ def compute_layer_plan(store: Store, key: str, params: dict, inputs: dict) -> Re
     totals = sensitivity_totals(store, inputs["sensitivity"])
     layers = align.select_layers(totals, params["student_layers"], params["selector"], params["seed"])
     meta = {"layers": json.dumps(layers), "layer_totals": json.dumps(totals)}
-    return store.put_tensors("layer_plan", key, {"layers": torch.tensor(layers)}, params=params, inputs=_d(inputs),
+    return store.put_tensors("layer_plan", key, {"layers": torch.tensor(layers)}, params=params, inputs=digests(inputs),
                              metadata=meta)
 
 
@@ -127,7 +123,7 @@ def compute_extraction(store: Store, key: str, params: dict, inputs: dict) -> Re
     sens = sensitivity_map(store, inputs["sensitivity"])
     out = align.extract(teacher_cfg, student_cfg, weights, sens, layers, reducer=params["reducer"],
                         modules=tuple(params["modules"]), seed=params["seed"])
-    return store.put_tensors("extraction", key, out, params=params, inputs=_d(inputs), seconds=time.time() - t0,
+    return store.put_tensors("extraction", key, out, params=params, inputs=digests(inputs), seconds=time.time() - t0,
                              metadata={"layers": json.dumps(layers)})
 
 
@@ -144,7 +140,7 @@ def compute_lora_init(store: Store, key: str, params: dict, inputs: dict) -> Ref
     meta = {"top_singular_values": json.dumps(lora_init.top_singular_values(state)), "pkt_kind": "lora_init"}
     with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
         lora_init.save_adapter(tmp, state, cfg, params["rank"], params["alpha"], params["dropout"], meta)
-        return store.put_tree("lora_init", key, tmp, params=params, inputs=_d(inputs))
+        return store.put_tree("lora_init", key, tmp, params=params, inputs=digests(inputs))
 
 
 def compute_adapter(store: Store, key: str, params: dict, inputs: dict) -> Ref:
@@ -180,7 +176,7 @@ def compute_adapter(store: Store, key: str, params: dict, inputs: dict) -> Ref:
         lora_init.save_adapter(tmp, state, cfg, factor * rank, factor * alpha, tp.dropout,
                                {"pkt_kind": "adapter", "variant": params["variant"]})
         Path(tmp, "pkt_train_log.json").write_text(json.dumps({"losses": log.losses, "steps": log.steps}))
-        return store.put_tree("adapter", key, tmp, params=params, inputs=_d(inputs), seconds=time.time() - t0)
+        return store.put_tree("adapter", key, tmp, params=params, inputs=digests(inputs), seconds=time.time() - t0)
 
 
 def compute_scores(store: Store, key: str, params: dict, inputs: dict) -> Ref:
@@ -195,12 +191,8 @@ def compute_scores(store: Store, key: str, params: dict, inputs: dict) -> Ref:
     res = evaluate.evaluate(model, tok, params["benchmark"], inputs["data"]["key"], split=params["split"],
                             num_fewshot=params["num_fewshot"], limit=params.get("limit"),
                             judge=inputs.get("judge", {}).get("key"))
-    return store.put_tensors("scores", key, res.per_example, params=params, inputs=_d(inputs),
+    return store.put_tensors("scores", key, res.per_example, params=params, inputs=digests(inputs),
                              seconds=time.time() - t0, metadata={"summary": json.dumps(res.summary)})
-
-
-def _d(inputs: dict) -> dict[str, str]:
-    return {n: r["digest"] for n, r in inputs.items()}
 
 
 def _log(msg: str) -> None:

@@ -225,6 +225,11 @@ class Store:
         self._verify_blob(ref.digest)
         return load_file(str(self.blob_path(ref.digest)), device=device)
 
+    def read_bytes(self, digest: str) -> bytes:
+        """A plain blob's bytes (see put_bytes), verified against its digest."""
+        self._verify_blob(digest)
+        return self.blob_path(digest).read_bytes()
+
     def header(self, ref: Ref | dict) -> dict[str, str]:
         from safetensors import safe_open
 

@@ -186,11 +186,9 @@ def _print_result(out: dict) -> None:
 
 
 def cmd_report(args) -> int:
-    import pandas as pd
-
     from pkt_core import report
 
-    runs = pd.read_csv(args.runs)
+    runs = report.read_csv(args.runs)
     missing = {"student", "task", "benchmark", "metric", "variant", "seed", "value"} - set(runs.columns)
     if missing:
         raise ValueError(f"{args.runs}: missing columns {sorted(missing)}; give the runs.csv a sweep wrote")

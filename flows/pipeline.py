@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from artifacts.store import Ref, Store
 from pkt_core import arch, evaluate, models, report
 from pkt_core.mini import family
 from tasks import nodes
-from tasks.node import NodeResult, run_node
+from tasks.node import NodeResult, node_key, run_node
 
 from .config import SweepConfig, TaskSpec, parse_config
 
@@ -28,13 +30,19 @@ class Ledger:
     """Every node a flow touched, for the summary: what was computed and what was reused."""
 
     store: Store
-    rows: list[NodeResult] = field(default_factory=list)
+    by_key: dict[str, NodeResult] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[NodeResult]:
+        return list(self.by_key.values())
 
     def run(self, node_task, params: dict, inputs: dict, label: str) -> dict:
-        res = run_node(node_task, self.store, params, inputs, label)
-        if res.key not in {r.key for r in self.rows}:
-            self.rows.append(res)
-        return res.ref
+        """The node's ref; a node this flow already resolved (one teacher chain feeds many runs) is
+        answered from memory, without another task run."""
+        key = node_key(node_task.name, params, inputs)
+        if key not in self.by_key:
+            self.by_key[key] = run_node(node_task, self.store, params, inputs, label)
+        return self.by_key[key].ref
 
     def computed(self) -> int:
         return sum(r.status == "computed" for r in self.rows)
@@ -184,10 +192,9 @@ def sweep(config: dict) -> dict:
                               "variant": variant, "seed": s, "setting": json.dumps(setting, sort_keys=True),
                               "split": split, "value": value, "top_sv": top_sv}
                              for metric, value in summary.items() for s in seeds_here]
-    scores = select_settings(pd.DataFrame(rows), cfg)
     primary = evaluate.primary_metric(cfg.tasks[0].benchmark)
-    paths = report.write_report(scores, cfg.report_dir, primary)
-    summary = report.summarize(scores)
+    paths = _report(ledger, select_settings(pd.DataFrame(rows), cfg), primary, cfg.report_dir)
+    summary = report.read_csv(paths["csv"])
     lines = report.headlines(summary, primary)
     _publish_summary(ledger, "sweep", None, summary, paths, lines)
     return {"report": {k: str(v) for k, v in paths.items()}, "computed": ledger.computed(),
@@ -206,6 +213,20 @@ def transfer(teacher: str, student: str, task_dir: str, benchmark: str = "gsm",
                   "tasks": [{"name": Path(task_dir).name, "dir": task_dir, "benchmark": benchmark}],
                   "variants": list(variants), "seeds": list(seeds), "train": train or {}, "store": store,
                   "report_dir": report_dir, "dtype": dtype, "device": device})
+
+
+def _report(ledger: Ledger, scores: pd.DataFrame, primary: str, out_dir: str) -> dict[str, Path]:
+    """The report node of this runs table (drawn once per distinct table), copied into out_dir."""
+    runs = nodes.table_source(ledger.store, scores, "runs.csv")
+    ref = ledger.run(nodes.report_task, {"primary": primary}, {"runs": runs}, f"{len(scores)} rows, {primary}")
+    tree = ledger.store.tree(Ref.of(ref))
+    paths = {name: Path(out_dir) / f for name, f in report.REPORT_FILES.items()}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for dest in paths.values():
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(tree / dest.name, tmp)
+        os.replace(tmp, dest)  # a reader never sees half a report file
+    return paths
 
 
 def _runs(cfg: SweepConfig, grid: list[dict]):
@@ -309,11 +330,15 @@ def demo(size: str = "demo", seeds: list[int] = (0, 1, 2), store: str | None = N
          report_dir: str = "pkt-report") -> dict:
     """Build or reuse the miniature family, then sweep every variant on the GSM-like task."""
     fam = build_family(size=size, store=store)
-    root = Path(fam["root"])
-    config = {"teacher": str(root / "teacher"), "students": [str(root / "student")],
-              "tasks": [{"name": "gsm", "dir": str(root / "tasks" / "gsm"), "benchmark": "gsm"}],
-              "variants": ALL_VARIANTS, "seeds": list(seeds), "early_teacher": str(root / "teacher-early"),
-              "cross_task_seeds": str(root / "tasks" / "sni" / "seeds.jsonl"), "train": DEMO_TRAIN[size],
-              "benchmarks": ["answer_nll"], "max_length": 64, "report_dir": report_dir,
-              **({"store": store} if store else {})}
-    return sweep(config) | {"family": fam}
+    return sweep(demo_config(fam["root"], size, seeds, store, report_dir)) | {"family": fam}
+
+
+def demo_config(family_root: str, size: str, seeds: list[int], store: str | None, report_dir: str) -> dict:
+    """The demo's sweep: every variant on the GSM-like task of a built miniature family."""
+    root = Path(family_root)
+    return {"teacher": str(root / "teacher"), "students": [str(root / "student")],
+            "tasks": [{"name": "gsm", "dir": str(root / "tasks" / "gsm"), "benchmark": "gsm"}],
+            "variants": ALL_VARIANTS, "seeds": list(seeds), "early_teacher": str(root / "teacher-early"),
+            "cross_task_seeds": str(root / "tasks" / "sni" / "seeds.jsonl"), "train": DEMO_TRAIN[size],
+            "benchmarks": ["answer_nll"], "max_length": 64, "report_dir": report_dir,
+            **({"store": store} if store else {})}

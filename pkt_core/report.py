@@ -117,14 +117,21 @@ def headlines(summary: pd.DataFrame, primary: str) -> list[str]:
     return [line for m in metrics for line in headline(summary, m)]
 
 
+REPORT_FILES = {"markdown": "report.md", "csv": "summary.csv", "runs": "runs.csv", "chart": "report.png"}
+
+
 def write_report(scores: pd.DataFrame, out_dir: str | Path, primary: str) -> dict[str, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: Path(out_dir) / f for name, f in REPORT_FILES.items()}
+    paths["markdown"].parent.mkdir(parents=True, exist_ok=True)
     summary = summarize(scores)
-    scores.to_csv(out_dir / "runs.csv", index=False)
-    summary.to_csv(out_dir / "summary.csv", index=False)
+    scores.to_csv(paths["runs"], index=False)
+    summary.to_csv(paths["csv"], index=False)
     text = "# pkt report\n\n" + "\n".join(f"- {h}" for h in headlines(summary, primary)) + "\n\n" + markdown(summary)
-    (out_dir / "report.md").write_text(text)
-    chart = bar_chart(summary, out_dir / "report.png")
-    return {"markdown": out_dir / "report.md", "csv": out_dir / "summary.csv", "runs": out_dir / "runs.csv",
-            "chart": chart}
+    paths["markdown"].write_text(text)
+    bar_chart(summary, paths["chart"])
+    return paths
+
+
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """A runs or summary table as written above (empty cells are missing values, nothing else is)."""
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])

@@ -6,18 +6,20 @@ digest}. Only digests enter the artifact key, so moving a model directory reuses
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 from safetensors.torch import save_file
 
 from artifacts.keys import file_digest
 from artifacts.model_id import model_digest
 from artifacts.store import Ref, Store
-from pkt_core import align, arch, data, evaluate, finetune, lora_init, models, sensitivity
+from pkt_core import align, arch, data, evaluate, finetune, lora_init, models, report, sensitivity
 from pkt_core.mini import family
 
 from .node import artifact_task, digests
@@ -45,6 +47,12 @@ def dir_source(path: str, names: list[str] | None = None) -> dict:
     for f in files:
         h.update(f"{f.name}\0{file_digest(f)}\0".encode())
     return {"kind": "dir", "key": str(path), "digest": h.hexdigest()}
+
+
+def table_source(store: Store, table: pd.DataFrame, name: str) -> dict:
+    """A table the flow assembled (the sweep's runs), stored as a CSV blob so that a node can
+    depend on its content."""
+    return {"kind": "table", "key": name, "digest": store.put_bytes(table.to_csv(index=False).encode())}
 
 
 # ---- computations ---------------------------------------------------------------------------
@@ -195,6 +203,15 @@ def compute_scores(store: Store, key: str, params: dict, inputs: dict) -> Ref:
                              seconds=time.time() - t0, metadata={"summary": json.dumps(res.summary)})
 
 
+def compute_report(store: Store, key: str, params: dict, inputs: dict) -> Ref:
+    """The report files (markdown, csv, chart) of a runs table: drawn once per distinct table."""
+    t0 = time.time()
+    runs = report.read_csv(io.BytesIO(store.read_bytes(inputs["runs"]["digest"])))
+    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
+        report.write_report(runs, tmp, params["primary"])
+        return store.put_tree("report", key, tmp, params=params, inputs=digests(inputs), seconds=time.time() - t0)
+
+
 def _log(msg: str) -> None:
     from .node import _logger
 
@@ -210,3 +227,4 @@ extraction_task = artifact_task("extraction", compute_extraction, "extraction[{l
 lora_init_task = artifact_task("lora_init", compute_lora_init, "lora_init[{label}]")
 adapter_task = artifact_task("adapter", compute_adapter, "adapter[{label}]")
 scores_task = artifact_task("scores", compute_scores, "scores[{label}]")
+report_task = artifact_task("report", compute_report, "report[{label}]")

@@ -1,5 +1,6 @@
 """The main job end to end at the test size, through Prefect."""
 import math
+import shutil
 
 import pandas as pd
 
@@ -22,6 +23,10 @@ def test_demo_end_to_end_then_fully_reused(prefect_env, tmp_path):
     text = (report_dir / "report.md").read_text()
     assert "transfer" in text and "lora" in text
 
+    drawn = {f.name: f.read_bytes() for f in report_dir.iterdir()}
+    shutil.rmtree(report_dir)  # the report is a store node too: a rerun puts it back, drawing nothing
     second = demo(size="test", seeds=[0, 1], store=store, report_dir=str(report_dir))
     assert second["computed"] == 0 and second["family"]["status"] == "reused"
+    assert ("report", "reused") in {(kind, status) for kind, _, status in second["nodes"]}
+    assert {f.name: f.read_bytes() for f in report_dir.iterdir()} == drawn
     pd.testing.assert_frame_equal(pd.DataFrame(second["table"]), pd.DataFrame(first["table"]))

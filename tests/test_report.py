@@ -46,6 +46,17 @@ def test_report_files(tmp_path):
     assert paths["chart"].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_from_the_written_runs_csv_is_the_same(tmp_path):
+    """The report node draws from runs.csv as stored: the round trip must not change a figure
+    (nor read a task named "NA" as missing)."""
+    table = runs({"lora": [0.2, 0.3, 0.25], "transfer": [0.4, 0.5, 0.45]}).assign(task="NA", top_sv=None)
+    table.loc[table["variant"] == "transfer", "top_sv"] = 1.5
+    direct = report.write_report(table, tmp_path / "direct", "exact_match")
+    again = report.write_report(report.read_csv(direct["runs"]), tmp_path / "again", "exact_match")
+    for name in ("markdown", "csv", "runs"):
+        assert again[name].read_text() == direct[name].read_text(), name
+
+
 def test_each_variant_is_reported_at_its_best_val_setting():
     from flows.pipeline import select_settings
 

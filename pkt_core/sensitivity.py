@@ -29,6 +29,7 @@ def compute_sensitivity(
     accumulator_device (default: each parameter's own device).
     """
     params = dict(model.named_parameters())
+    _require_resident(params)
     acc = {n: torch.zeros(p.shape, dtype=accumulate_dtype, device=accumulator_device or p.device)
            for n, p in params.items()}
     was_training = model.training
@@ -52,6 +53,16 @@ def compute_sensitivity(
             p.grad = None
         model.train(was_training)
     return acc
+
+
+def _require_resident(params: dict[str, torch.Tensor]) -> None:
+    """Offloaded weights (device_map put them on disk or the CPU's meta stand-ins) get no gradient
+    of their own: their sensitivity would silently be zero."""
+    offloaded = [n for n, p in params.items() if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(f"sensitivity needs every teacher weight on a device, but {len(offloaded)} parameters are "
+                         f"offloaded (e.g. {offloaded[0]}); give device_map='auto' enough memory (more GPUs, or "
+                         "dtype bfloat16), or run the teacher on one device (device='cuda' or 'cpu')")
 
 
 def _accumulator(buf: torch.Tensor):

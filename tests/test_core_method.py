@@ -31,6 +31,20 @@ def test_sensitivity_leaves_no_gradients_and_restores_flags():
     assert model.model.embed_tokens.weight.requires_grad is False
 
 
+def test_sensitivity_refuses_a_teacher_with_offloaded_weights(tmp_path):
+    """device_map='auto' may offload what does not fit; those weights get no gradient, so their
+    sensitivity would silently read zero: refuse, naming a parameter and the fix."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model(layers=2).save_pretrained(tmp_path / "m")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map=device_map,
+                                                 offload_folder=str(tmp_path / "offload"))
+    with pytest.raises(ValueError, match=r"offloaded \(e\.g\. model\.layers\.1\."):
+        sensitivity.compute_sensitivity(model, random_samples(1), progress=False)
+
+
 def test_layer_totals_sum_each_layer():
     model = tiny_model(layers=3)
     sens = sensitivity.compute_sensitivity(model, random_samples(2), progress=False)

@@ -64,25 +64,24 @@ def main() -> None:
     shutil.copy(work / "gsm" / "seeds.jsonl", seeds)
     ex = {"teacher": str(big_teacher), "seeds": str(seeds), "students": [str(big_student)], "rank": 16,
           "alpha": 16.0, "store": store}
+    print(f"family size {args.size}; store {store}", flush=True)
     _, t_first = timed(extract_teacher, **ex)
     _, t_again = timed(extract_teacher, **ex)
+    print(f"pkt extract ({args.teacher_hidden}x{args.teacher_layers} teacher): first {t_first:.1f}s, repeated "
+          f"{t_again:.2f}s, ratio {t_again / t_first:.3f} (target <= 0.05)", flush=True)
 
     seed_list = [0, 1, 2] if args.size == "demo" else [0, 1]
     config = demo_config(str(fam), args.size, seed_list, store, str(work / "report"))
     first, s_first = timed(sweep, config=config)
     again, s_again = timed(sweep, config=config)
-    # the twin joins for one transfer run: its teacher chain (same shape) must come from the store
-    added, _ = timed(sweep, config=dict(config, students=[str(twin)], variants=["transfer"], seeds=[0]))
-
-    st = Store(store)
-    print(f"family size {args.size}; store {store}")
-    print(f"pkt extract ({args.teacher_hidden}x{args.teacher_layers} teacher): first {t_first:.1f}s, repeated "
-          f"{t_again:.2f}s, ratio {t_again / t_first:.3f} (target <= 0.05)")
     print(f"sweep ({len(config['variants'])} variants x {len(seed_list)} seeds): first {s_first:.1f}s "
           f"({first['computed']} nodes), repeated {s_again:.2f}s ({again['computed']} computed), "
-          f"ratio {s_again / s_first:.3f} (target <= 0.05)")
+          f"ratio {s_again / s_first:.3f} (target <= 0.05)", flush=True)
+
+    # the twin joins for one transfer run: its teacher chain (same shape) must come from the store
+    added, _ = timed(sweep, config=dict(config, students=[str(twin)], variants=["transfer"], seeds=[0]))
     print(f"second student of the same shape: {added['computed']} nodes computed, teacher work "
-          f"{teacher_seconds(st, added['nodes']):.2f}s (target 0)")
+          f"{teacher_seconds(Store(store), added['nodes']):.2f}s (target 0)", flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
 

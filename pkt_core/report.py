@@ -80,8 +80,10 @@ def headline(summary: pd.DataFrame, metric: str) -> list[str]:
             continue
         t = by.loc["transfer"]
         sign = -1 if metric in LOWER_IS_BETTER else 1
-        out.append(f"{Path(str(student)).name} / {task} / {metric}: transfer {t['mean']:.4f} vs lora "
-                   f"{by.loc['lora', 'mean']:.4f}" + (f" — {t['verdict']}" if "verdict" in t and not pd.isna(t["verdict"]) else ""))
+        vs = (f" vs lora {by.loc[BASELINE, 'mean']:.4f}" if BASELINE in by.index
+              else " (this sweep has no lora baseline to compare with)")
+        verdict_text = f" — {t['verdict']}" if "verdict" in t and not pd.isna(t["verdict"]) else ""
+        out.append(f"{Path(str(student)).name} / {task} / {metric}: transfer {t['mean']:.4f}{vs}{verdict_text}")
         controls = [v for v in by.index if v not in ("transfer", "lora", "vanilla")]
         beaten = [v for v in controls if sign * (t["mean"] - by.loc[v, "mean"]) > 0]
         if controls:

@@ -38,6 +38,11 @@ def test_lower_is_better_metrics_flip_the_wording():
     assert s.set_index("variant").loc["transfer", "verdict"] == "better than lora"
 
 
+def test_a_sweep_without_lora_still_reports(tmp_path):
+    paths = report.write_report(runs({"transfer": [0.4, 0.5], "vanilla": [0.1]}), tmp_path, "exact_match")
+    assert "transfer 0.4500 (this sweep has no lora baseline to compare with)" in paths["markdown"].read_text()
+
+
 def test_report_files(tmp_path):
     paths = report.write_report(runs({"lora": [0.2, 0.3], "transfer": [0.4, 0.5], "shuffled": [0.1, 0.2]}),
                                 tmp_path, "exact_match")

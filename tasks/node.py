@@ -1,14 +1,17 @@
 """How every pkt node runs as a Prefect task.
 
-The Prefect cache key *is* the artifact key, so the UI shows a reused node as Cached. The store
-stays the source of truth: when it lacks a node (first run, wiped, or a corrupt blob) the task
-runs with refresh_cache=True, so a stale Prefect record can never hand out a dead ref, and the
-task body itself answers from the store when Prefect's own cache is gone.
+The Prefect cache key is the artifact key (plus which store), so the UI shows a reused node as
+Cached. The store stays the source of truth: when it lacks a node (first run, wiped, or a corrupt
+blob) the task runs with refresh_cache=True; when it has one, its ref is what the flow gets, never
+a Prefect record that may predate a rebuilt store; and the task body itself answers from the
+store when Prefect's own cache is gone.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from prefect import get_run_logger, task
@@ -35,7 +38,9 @@ class ArtifactKeyPolicy(CachePolicy):
     kind: str = ""
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-        return f"pkt-{self.kind}-{node_key(self.kind, inputs['params'], inputs['inputs'])}"
+        # Prefect's cache is one per machine, stores are many: a ref is only good in its own store
+        store = hashlib.sha256(str(Path(inputs["store_root"]).resolve()).encode()).hexdigest()[:12]
+        return f"pkt-{self.kind}-{node_key(self.kind, inputs['params'], inputs['inputs'])}-{store}"
 
 
 def _logger():
@@ -90,4 +95,6 @@ def run_node(node_task, store: Store, params: dict, inputs: dict[str, dict], lab
     store.misses.clear()
     ref = node_task.with_options(refresh_cache=hit is None)(
         store_root=str(store.root), params=params, inputs=inputs, label=label)
+    if hit is not None:  # the store answers: Prefect's record may predate a rebuilt or copied store
+        ref = hit.as_dict()
     return NodeResult(ref, "reused" if hit else "computed", kind)

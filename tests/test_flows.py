@@ -59,6 +59,24 @@ def test_repeated_extract_computes_nothing_and_shows_cached(prefect_env, mini_fa
     assert os.path.exists(os.path.join(out[args["students"][0]]["init_path"], "adapter_config.json"))
 
 
+def test_a_second_store_never_gets_refs_from_the_first(prefect_env, mini_family, tmp_path):
+    """Prefect's cache is shared by every store on the machine: a node that another store holds
+    under the same key but other bytes must come back with *this* store's digest."""
+    from artifacts.store import Store
+
+    args = dict(teacher=str(mini_family / "teacher"), seeds=str(mini_family / "tasks/gsm/seeds.jsonl"),
+                students=[str(mini_family / "student")], rank=2, alpha=2.0)
+    first = extract_teacher(**args, store=str(tmp_path / "a"))[args["students"][0]]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    b = Store(tmp_path / "b")
+    plan = first["plan"]  # rebuild b's plan: same key, same layers, other bytes (one more header field)
+    rebuilt = b.put_tensors("layer_plan", plan["key"], b.tensors(plan), params=b.record("layer_plan", plan["key"])["params"],
+                            inputs={}, metadata={**b.header(plan), "rebuilt": "yes"})
+    b.gc()  # a's plan bytes are gone from b
+    out = extract_teacher(**args, store=str(tmp_path / "b"))[args["students"][0]]
+    assert out["plan"]["digest"] == rebuilt.digest != plan["digest"]
+
+
 def test_two_students_of_one_shape_share_teacher_work(prefect_env, mini_family, tmp_path, calls):
     twin = twin_student(mini_family / "student", tmp_path / "student-chat")
     out = extract_teacher(teacher=str(mini_family / "teacher"), seeds=str(mini_family / "tasks/gsm/seeds.jsonl"),

@@ -74,6 +74,7 @@ class Store:
         self.root = Path(root) if root is not None else default_root()
         self._verified = _VERIFIED.setdefault(str(self.root.absolute()), {})
         self.misses: list[str] = []  # human-readable notes of corrupt entries met
+        self._writable = False  # probed on the first write, not on every one
 
     # ---- paths -------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
@@ -83,6 +84,8 @@ class Store:
         return self.root / "keys" / kind / f"{key}.json"
 
     def _ensure_writable(self) -> None:
+        if self._writable:
+            return
         try:
             (self.root / "tmp").mkdir(parents=True, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=self.root / "tmp", delete=True)
@@ -301,10 +304,10 @@ class Store:
             raise StoreError(f"key prefix {key_prefix!r} matches {len(hits)} artifacts; give more characters")
         return hits[0] if hits else None
 
-    def verify(self) -> list[str]:
-        """Re-hash every blob; one line per problem, naming the kind and key that use it."""
-        problems = []
+    def _blob_users(self) -> tuple[dict[str, list[str]], list[str]]:
+        """digest -> the records (and manifest entries) that use it, and unreadable records/manifests."""
         users: dict[str, list[str]] = {}
+        problems = []
         for rec in self.records():
             if "broken_record" in rec:
                 problems.append(f"{rec['kind']} {rec['key']}: unreadable record {rec['broken_record']}")
@@ -316,6 +319,11 @@ class Store:
                         users.setdefault(d, []).append(f"{rec['kind']} {rec['key']} ({rel})")
                 except (ValueError, json.JSONDecodeError) as e:
                     problems.append(f"{rec['kind']} {rec['key']}: bad manifest ({e})")
+        return users, problems
+
+    def verify(self) -> list[str]:
+        """Re-hash every blob; one line per problem, naming the kind and key that use it."""
+        users, problems = self._blob_users()
         for digest, who in sorted(users.items()):
             p = self.blob_path(digest)
             if not p.exists():
@@ -325,15 +333,7 @@ class Store:
         return problems
 
     def referenced(self) -> set[str]:
-        refs = set()
-        for rec in self.records():
-            if "broken_record" in rec:
-                continue
-            refs.add(rec["digest"])
-            if rec.get("layout") == "tree" and self.blob_path(rec["digest"]).exists():
-                with contextlib.suppress(ValueError, json.JSONDecodeError):
-                    refs.update(self.manifest(Ref.of(rec)).values())
-        return refs
+        return set(self._blob_users()[0])
 
     def gc(self, dry_run: bool = False) -> list[Path]:
         """Remove blobs no record references (and leftovers of interrupted writes)."""

@@ -161,7 +161,7 @@ def fold_init(trained: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -
     """
     out = {}
     for k, v in trained.items():
-        if k.endswith(("lora_A.weight", "lora_embedding_A")):
+        if k.endswith(A_SUFFIXES):
             out[k] = torch.cat([v, init[k]], dim=0)
         elif k.endswith(("lora_B.weight", "lora_embedding_B")):
             out[k] = torch.cat([v, -init[k]], dim=1)
@@ -170,11 +170,19 @@ def fold_init(trained: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -
     return out
 
 
+A_SUFFIXES = ("lora_A.weight", "lora_embedding_A")
+
+
+def factor_pairs(state: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """(A key, B key) of every module in a peft state dict."""
+    return [(k, k.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B"))
+            for k in state if k.endswith(A_SUFFIXES)]
+
+
 def top_singular_values(state: dict[str, torch.Tensor], k: int = 3) -> list[float]:
     """Mean over modules of the init's top-k singular values of B @ A: the init's size."""
     tops = []
-    for key_a in [k_ for k_ in state if k_.endswith(("lora_A.weight", "lora_embedding_A"))]:
-        key_b = key_a.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+    for key_a, key_b in factor_pairs(state):
         s = torch.linalg.svdvals(state[key_b].float() @ state[key_a].float())[:k]
         tops.append(torch.nn.functional.pad(s, (0, k - s.numel())))
     return torch.stack(tops).mean(0).tolist() if tops else []
@@ -189,8 +197,7 @@ def spectrum_matched(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str,
     """Control: each module keeps its init's singular values, with random orthonormal directions."""
     g = torch.Generator().manual_seed(seed)
     out = dict(state)
-    for key_a in [k for k in state if k.endswith(("lora_A.weight", "lora_embedding_A"))]:
-        key_b = key_a.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+    for key_a, key_b in factor_pairs(state):
         b, a = state[key_b].float(), state[key_a].float()
         s = torch.linalg.svdvals(b @ a)[: a.shape[0]]
         out[key_b] = _orthonormal(b.shape[0], a.shape[0], g) * s
@@ -203,8 +210,7 @@ def shuffled(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.T
     Embedding and lm_head are permuted along the vocabulary axis only."""
     g = torch.Generator().manual_seed(seed)
     out = dict(state)
-    for key_a in [k for k in state if k.endswith(("lora_A.weight", "lora_embedding_A"))]:
-        key_b = key_a.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+    for key_a, key_b in factor_pairs(state):
         b, a = state[key_b], state[key_a]
         is_embed, is_head = key_a.endswith("lora_embedding_A"), ".lm_head." in key_a
         if not is_embed:  # B's rows are the output axis (the vocabulary for lm_head)

@@ -50,6 +50,15 @@ def _logger():
         return get_logger("pkt")
 
 
+def _lookup(store: Store, kind: str, key: str) -> Ref | None:
+    """store.lookup, saying in the run's log why a stored entry could not be used."""
+    hit = store.lookup(kind, key)
+    for note in store.misses:
+        _logger().warning(note)
+    store.misses.clear()
+    return hit
+
+
 Compute = Callable[[Store, str, dict, dict], Ref]
 
 
@@ -61,9 +70,7 @@ def artifact_task(kind: str, compute: Compute, run_name: str):
         store = Store(store_root)
         key = node_key(kind, params, inputs)
         with store.lock(kind, key):
-            hit = store.lookup(kind, key)
-            for note in store.misses:
-                _logger().warning(note)
+            hit = _lookup(store, kind, key)
             if hit is not None:
                 return hit.as_dict()
             t0 = time.time()
@@ -89,10 +96,7 @@ class NodeResult:
 
 def run_node(node_task, store: Store, params: dict, inputs: dict[str, dict], label: str) -> NodeResult:
     kind = node_task.name
-    hit = store.lookup(kind, node_key(kind, params, inputs))
-    for note in store.misses:
-        _logger().warning(note)
-    store.misses.clear()
+    hit = _lookup(store, kind, node_key(kind, params, inputs))
     ref = node_task.with_options(refresh_cache=hit is None)(
         store_root=str(store.root), params=params, inputs=inputs, label=label)
     if hit is not None:  # the store answers: Prefect's record may predate a rebuilt or copied store

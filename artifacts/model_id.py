@@ -12,12 +12,12 @@ from .keys import file_digest
 def model_digest(source: str | Path, revision: str | None = None, memo_dir: Path | None = None) -> str:
     """Local dir: sha256 over config.json and the weight files, each file's hash memoized by
     (path, size, mtime) in memo_dir. Hub id: 'repo@<resolved commit>'."""
-    from pkt_core.models import check_source
+    from pkt.core.models import check_source
 
     check_source(source)
     path = Path(source)
     if path.exists():
-        from pkt_core.models import weight_files, _refuse_pickled_only
+        from pkt.core.models import weight_files, _refuse_pickled_only
 
         _refuse_pickled_only(path, allow_bin=True)
         files = [path / "config.json", *weight_files(path)]

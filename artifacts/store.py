@@ -43,7 +43,7 @@ def default_root() -> Path:
 
 
 def pkt_version() -> str:
-    from pkt_core import __version__
+    from pkt.core import __version__
 
     return __version__
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from pkt_core.align import max_sum_window
+from pkt.core.align import max_sum_window
 
 LAYERS = 32
 # 13B -> 7B: (teacher shape, student shape) per matrix type; q,k,v,o share the attention shape

@@ -46,9 +46,9 @@ def main() -> None:
     ap.add_argument("--teacher-layers", type=int, default=12)
     args = ap.parse_args()
 
-    from artifacts.store import Store
-    from flows.pipeline import build_family, demo_config, extract_teacher, sweep
-    from pkt_core.mini.tasks import write_task
+    from pkt.artifacts.store import Store
+    from pkt.flows.pipeline import build_family, demo_config, extract_teacher, sweep
+    from pkt.core.mini.tasks import write_task
 
     work = Path(tempfile.mkdtemp(prefix="pkt-bench-"))
     store = str(work / "store")
@@ -90,7 +90,7 @@ def synthetic_llama(path: Path, hidden: int, layers: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pkt_core.mini.tokenizer import build_tokenizer, vocab_size
+    from pkt.core.mini.tokenizer import build_tokenizer, vocab_size
 
     torch.manual_seed(hidden + layers)
     cfg = LlamaConfig(vocab_size=vocab_size(), hidden_size=hidden, intermediate_size=int(hidden * 2.6875),

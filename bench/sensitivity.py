@@ -40,7 +40,7 @@ def build(args):
 
 
 def mode_pkt(model, samples):
-    from pkt_core.sensitivity import compute_sensitivity
+    from pkt.core.sensitivity import compute_sensitivity
 
     return compute_sensitivity(model, samples, progress=False)
 

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from pkt_core.lora_init import svd_factors
+from pkt.core.lora_init import svd_factors
 
 
 def main() -> None:

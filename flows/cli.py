@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.cmd](args) or 0
     except Exception as e:
-        from artifacts.store import StoreError
+        from pkt.artifacts.store import StoreError
 
         if not isinstance(e, (*USER_ERRORS, StoreError)):
             raise
@@ -119,8 +119,8 @@ def cmd_demo(args) -> int:
 
 def _check_inputs(models_: list[str], jsonl: list[str]) -> None:
     """Fail before any flow starts (and before anything is written) on missing or malformed input."""
-    from pkt_core.data import read_jsonl
-    from pkt_core.models import check_source
+    from pkt.core.data import read_jsonl
+    from pkt.core.models import check_source
 
     for m in models_:
         check_source(m)
@@ -186,7 +186,7 @@ def _print_result(out: dict) -> None:
 
 
 def cmd_report(args) -> int:
-    from pkt_core import report
+    from pkt.core import report
 
     runs = report.read_csv(args.runs)
     missing = {"student", "task", "benchmark", "metric", "variant", "seed", "value"} - set(runs.columns)
@@ -202,8 +202,8 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from peft import PeftModel
 
-    from artifacts.store import Ref, Store
-    from pkt_core import models
+    from pkt.artifacts.store import Ref, Store
+    from pkt.core import models
 
     store = Store(args.store)
     if Path(args.adapter).is_dir():
@@ -221,7 +221,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_store(args) -> int:
-    from artifacts.store import Ref, Store
+    from pkt.artifacts.store import Ref, Store
 
     store = Store(args.store)
     if args.store_cmd == "ls":

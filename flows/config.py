@@ -8,9 +8,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pkt_core.align import LAYER_SELECTORS, REDUCERS
-from pkt_core.finetune import VARIANTS, TrainParams
-from pkt_core.lora_init import SPLITS
+from pkt.core.align import LAYER_SELECTORS, REDUCERS
+from pkt.core.finetune import VARIANTS, TrainParams
+from pkt.core.lora_init import SPLITS
 
 
 class ConfigError(ValueError):

@@ -16,11 +16,11 @@ import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from artifacts.store import Ref, Store
-from pkt_core import arch, evaluate, models, report
-from pkt_core.mini import family
-from tasks import nodes
-from tasks.node import NodeResult, node_key, run_node
+from pkt.artifacts.store import Ref, Store
+from pkt.core import arch, evaluate, models, report
+from pkt.core.mini import family
+from pkt.tasks import nodes
+from pkt.tasks.node import NodeResult, node_key, run_node
 
 from .config import SweepConfig, TaskSpec, parse_config
 

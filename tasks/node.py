@@ -18,7 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.logging import get_logger
 
-from artifacts.store import Ref, Store
+from pkt.artifacts.store import Ref, Store
 
 # kind -> version: bump a kind's version when its computation changes meaning
 KIND_VERSIONS = {"family": 1, "random_model": 1, "sensitivity": 1, "layer_plan": 1, "extraction": 1,

@@ -16,11 +16,11 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from artifacts.keys import file_digest
-from artifacts.model_id import model_digest
-from artifacts.store import Ref, Store
-from pkt_core import align, arch, data, evaluate, finetune, lora_init, models, report, sensitivity
-from pkt_core.mini import family
+from pkt.artifacts.keys import file_digest
+from pkt.artifacts.model_id import model_digest
+from pkt.artifacts.store import Ref, Store
+from pkt.core import align, arch, data, evaluate, finetune, lora_init, models, report, sensitivity
+from pkt.core.mini import family
 
 from .node import artifact_task, digests
 

@@ -80,7 +80,7 @@ def prefect_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mini_family(tmp_path_factory):
     """The test-size miniature family, built once per session with pkt_core directly."""
-    from pkt_core.mini.family import build_family
+    from pkt.core.mini.family import build_family
 
     root = tmp_path_factory.mktemp("family")
     build_family(root, "test", log=lambda *_: None, progress=False)

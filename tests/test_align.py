@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pkt_core import align
-from pkt_core.align import ShapeMismatch, max_sum_window, select_layers
+from pkt.core import align
+from pkt.core.align import ShapeMismatch, max_sum_window, select_layers
 
 
 def brute_force_window(sens, rows, cols):

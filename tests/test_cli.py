@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main, parser
+from pkt.flows.cli import main, parser
 
 
 def test_help_everywhere(capsys):
@@ -38,7 +38,7 @@ def test_store_verify_exit_codes(tmp_path, capsys):
 
     import torch
 
-    from artifacts.store import Store
+    from pkt.artifacts.store import Store
 
     store = Store(tmp_path / "store")
     key = store.key("scores", {}, {})
@@ -74,8 +74,8 @@ def test_extract_transfer_and_export_from_the_command_line(prefect_env, mini_fam
     import torch
     from peft import PeftModel
 
-    from artifacts.store import Ref, Store
-    from pkt_core.models import load_model
+    from pkt.artifacts.store import Ref, Store
+    from pkt.core.models import load_model
 
     store = str(tmp_path / "store")
     fam = mini_family

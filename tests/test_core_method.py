@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import random_samples, tiny_config, tiny_model
-from pkt_core import align, arch, lora_init, sensitivity
+from pkt.core import align, arch, lora_init, sensitivity
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])

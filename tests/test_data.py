@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from pkt_core import data
-from pkt_core.data import DataError
-from pkt_core.mini.tokenizer import build_tokenizer
+from pkt.core import data
+from pkt.core.data import DataError
+from pkt.core.mini.tokenizer import build_tokenizer
 
 
 def write(tmp_path, lines, name="d.jsonl"):

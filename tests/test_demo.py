@@ -4,7 +4,7 @@ import shutil
 
 import pandas as pd
 
-from flows.pipeline import ALL_VARIANTS, demo
+from pkt.flows.pipeline import ALL_VARIANTS, demo
 
 
 def test_demo_end_to_end_then_fully_reused(prefect_env, tmp_path):

@@ -4,8 +4,8 @@ import json
 import pytest
 from lm_eval.api.model import LM
 
-from pkt_core import evaluate
-from pkt_core.models import load_model, load_tokenizer
+from pkt.core import evaluate
+from pkt.core.models import load_model, load_tokenizer
 
 
 class HandWritten(LM):
@@ -92,7 +92,7 @@ def test_every_yaml_runs_offline_on_a_tiny_model(mini_family, benchmark, task):
 
 
 def test_judge_gives_a_tie_when_candidate_equals_reference(mini_family):
-    from pkt_core import judge
+    from pkt.core import judge
 
     model, tok = load_model(mini_family / "teacher"), load_tokenizer(mini_family / "teacher")
     # the same text in both slots makes both orderings the same prompt: one win, one loss

@@ -3,7 +3,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 
 from conftest import random_samples, tiny_model
-from pkt_core import finetune, lora_init
+from pkt.core import finetune, lora_init
 from test_core_method import _init_dir, _pair
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flows.pipeline import extract_teacher, sweep
-from pkt_core import align, sensitivity
+from pkt.flows.pipeline import extract_teacher, sweep
+from pkt.core import align, sensitivity
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_repeated_extract_computes_nothing_and_shows_cached(prefect_env, mini_fa
 def test_a_second_store_never_gets_refs_from_the_first(prefect_env, mini_family, tmp_path):
     """Prefect's cache is shared by every store on the machine: a node that another store holds
     under the same key but other bytes must come back with *this* store's digest."""
-    from artifacts.store import Store
+    from pkt.artifacts.store import Store
 
     args = dict(teacher=str(mini_family / "teacher"), seeds=str(mini_family / "tasks/gsm/seeds.jsonl"),
                 students=[str(mini_family / "student")], rank=2, alpha=2.0)
@@ -88,7 +88,7 @@ def test_two_students_of_one_shape_share_teacher_work(prefect_env, mini_family, 
 
 
 def test_corrupt_blob_is_reported_and_recomputed(prefect_env, mini_family, tmp_path, calls, caplog):
-    from artifacts.store import Store
+    from pkt.artifacts.store import Store
 
     args = dict(teacher=str(mini_family / "teacher"), seeds=str(mini_family / "tasks/gsm/seeds.jsonl"),
                 students=[str(mini_family / "student")], rank=2, alpha=2.0, store=str(tmp_path / "store"))
@@ -109,7 +109,7 @@ def test_corrupt_blob_is_reported_and_recomputed(prefect_env, mini_family, tmp_p
 
 
 def test_changing_seeds_recomputes_only_downstream(prefect_env, mini_family, tmp_path):
-    from artifacts.store import Store
+    from pkt.artifacts.store import Store
 
     task_dir = tmp_path / "gsm"
     shutil.copytree(mini_family / "tasks/gsm", task_dir)
@@ -141,8 +141,8 @@ def test_changing_seeds_recomputes_only_downstream(prefect_env, mini_family, tmp
 
 
 def test_a_crashed_sweep_resumes_where_it_stopped(prefect_env, mini_family, tmp_path, monkeypatch):
-    from artifacts.store import Store
-    from pkt_core import finetune
+    from pkt.artifacts.store import Store
+    from pkt.core import finetune
 
     config = {"teacher": str(mini_family / "teacher"), "students": [str(mini_family / "student")],
               "tasks": [{"name": "gsm", "dir": str(mini_family / "tasks/gsm"), "benchmark": "gsm"}],
@@ -169,7 +169,7 @@ def test_a_crashed_sweep_resumes_where_it_stopped(prefect_env, mini_family, tmp_
 
 
 def test_per_layer_sensitivity_gives_the_same_extraction(prefect_env, mini_family, tmp_path):
-    from artifacts.store import Ref, Store
+    from pkt.artifacts.store import Ref, Store
 
     args = dict(teacher=str(mini_family / "teacher"), seeds=str(mini_family / "tasks/gsm/seeds.jsonl"),
                 students=[str(mini_family / "student")], rank=2, alpha=2.0, store=str(tmp_path / "store"))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import random_samples, tiny_model
-from pkt_core import align, lora_init, sensitivity
+from pkt.core import align, lora_init, sensitivity
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

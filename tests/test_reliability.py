@@ -9,18 +9,18 @@ import textwrap
 import pytest
 import torch
 
-from artifacts.store import Store
-from pkt_core import models
+from pkt.artifacts.store import Store
+from pkt.core import models
 
 WRITER = textwrap.dedent("""
     import sys, time, torch, safetensors.torch as st
-    from artifacts.store import Store
+    from pkt.artifacts.store import Store
     real = st.save_file
     def slow_save(tensors, path, metadata=None):
         real(tensors, path, metadata=metadata)
         print("WRITING", flush=True)
         time.sleep(60)  # killed here: the blob is written but not yet published
-    import artifacts.store as s
+    import pkt.artifacts.store as s
     s.save_file = slow_save
     store = Store(sys.argv[1])
     key = store.key("sensitivity", {}, {})
@@ -45,7 +45,7 @@ def test_sigkill_mid_write_leaves_nothing_valid(tmp_path):
 
 COMPUTE_ONCE = textwrap.dedent("""
     import sys, time, torch
-    from artifacts.store import Store
+    from pkt.artifacts.store import Store
     store = Store(sys.argv[1])
     key = store.key("extraction", {"n": 1}, {})
     with store.lock("extraction", key):
@@ -86,7 +86,7 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
 SWEEP = textwrap.dedent("""
     import json, os, sys
-    from pkt_core import sensitivity, finetune
+    from pkt.core import sensitivity, finetune
     log = sys.argv[2]
     def counting(name, fn):
         def wrapper(*a, **kw):
@@ -96,7 +96,7 @@ SWEEP = textwrap.dedent("""
         return wrapper
     sensitivity.compute_sensitivity = counting("sensitivity", sensitivity.compute_sensitivity)
     finetune.finetune = counting("finetune", finetune.finetune)
-    from flows.pipeline import sweep
+    from pkt.flows.pipeline import sweep
     out = sweep(json.loads(sys.argv[1]))
     print("RESULT", out["computed"], len(out["nodes"]))
 """)

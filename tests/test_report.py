@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from pkt_core import report
+from pkt.core import report
 
 
 def runs(values: dict[str, list[float]], metric="exact_match"):
@@ -63,7 +63,7 @@ def test_report_from_the_written_runs_csv_is_the_same(tmp_path):
 
 
 def test_each_variant_is_reported_at_its_best_val_setting():
-    from flows.pipeline import select_settings
+    from pkt.flows.pipeline import select_settings
 
     rows = []
     for variant, best in (("lora", '{"lr": 0.01}'), ("transfer", '{"lr": 0.001}')):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from artifacts.keys import artifact_key
-from artifacts.store import Store, StoreError, check_relpath
+from pkt.artifacts.keys import artifact_key
+from pkt.artifacts.store import Store, StoreError, check_relpath
 
 
 def put(store, kind="sensitivity", params=None, inputs=None, value=1.0):
@@ -76,7 +76,7 @@ def test_unwritable_root_is_a_clear_error(tmp_path):
 
 
 def test_keys_identical_across_fresh_interpreters():
-    code = ("from artifacts.keys import artifact_key;"
+    code = ("from pkt.artifacts.keys import artifact_key;"
             "print(artifact_key('extraction', 1, {'b': [1, 2.5], 'a': {'y': None, 'x': 'z'}}, {'t': 'd'}))")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(2)}
@@ -110,7 +110,7 @@ def test_key_changes_with_any_param_or_input(params, name, value):
 def test_full_disk_is_a_clear_error_and_leaves_nothing(tmp_store, monkeypatch):
     import errno
 
-    import artifacts.store as store_module
+    import pkt.artifacts.store as store_module
 
     def no_space(*a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -69,6 +69,10 @@ def artifact_task(kind: str, compute: Compute, run_name: str):
     def body(store_root: str, params: dict, inputs: dict[str, dict], label: str = "") -> dict:
         store = Store(store_root)
         key = node_key(kind, params, inputs)
+        hit = store.lookup(kind, key)  # a stored node needs no lock (nor a writable store)
+        store.misses.clear()  # a miss is looked up (and reported) again under the lock
+        if hit is not None:
+            return hit.as_dict()
         with store.lock(kind, key):
             hit = _lookup(store, kind, key)
             if hit is not None:

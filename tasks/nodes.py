@@ -50,17 +50,21 @@ def dir_source(path: str, names: list[str] | None = None) -> dict:
 
 
 def table_source(store: Store, table: pd.DataFrame, name: str) -> dict:
-    """A table the flow assembled (the sweep's runs), stored as a CSV blob so that a node can
-    depend on its content."""
-    return {"kind": "table", "key": name, "digest": store.put_bytes(table.to_csv(index=False).encode())}
+    """A table the flow assembled (the sweep's runs), stored as a CSV artifact (a record, so gc keeps
+    it until the node that reads it has run) so that a node can depend on its content."""
+    data = table.to_csv(index=False).encode()
+    params, inputs = {"name": name}, {"csv": hashlib.sha256(data).hexdigest()}
+    return store.put_blob("table", store.key("table", params, inputs), data, params=params, inputs=inputs).as_dict()
 
 
 # ---- computations ---------------------------------------------------------------------------
 def compute_family(store: Store, key: str, params: dict, inputs: dict) -> Ref:
-    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
+    with tempfile.TemporaryDirectory(dir=store.tmp_dir()) as tmp:
         t0 = time.time()
         stats = family.build_family(tmp, params["size"], log=_log)
-        Path(tmp, "family_stats.json").write_text(json.dumps(stats, indent=1))
+        # the artifact's bytes are a function of its key: the build's duration goes in the record only
+        stats = {who: {k: v for k, v in s.items() if k != "seconds"} for who, s in stats.items()}
+        Path(tmp, "family_stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
         return store.put_tree("family", key, tmp, params=params, inputs={}, seconds=time.time() - t0)
 
 
@@ -71,7 +75,7 @@ def compute_random_model(store: Store, key: str, params: dict, inputs: dict) -> 
     src = inputs["like"]["key"]
     torch.manual_seed(params["seed"])
     model = AutoModelForCausalLM.from_config(models.load_config(src), dtype=torch.float32)
-    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
+    with tempfile.TemporaryDirectory(dir=store.tmp_dir()) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         models.load_tokenizer(src).save_pretrained(tmp)
         return store.put_tree("random_model", key, tmp, params=params, inputs=digests(inputs))
@@ -93,7 +97,7 @@ def compute_sensitivity(store: Store, key: str, params: dict, inputs: dict) -> R
                                  seconds=time.time() - t0, metadata=meta)
     # per_layer: one file per decoder layer, each moved off the device only when written, so host
     # RAM holds one layer of the map at a time (the accumulators stay on the GPU until then)
-    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
+    with tempfile.TemporaryDirectory(dir=store.tmp_dir()) as tmp:
         for group, names in sensitivity.layer_groups(list(sens), model.config).items():
             save_file({n: sens.pop(n).cpu() for n in names}, f"{tmp}/{group}.safetensors",
                       metadata={"format": "pt", **meta})
@@ -146,7 +150,7 @@ def compute_lora_init(store: Store, key: str, params: dict, inputs: dict) -> Ref
     elif params["transform"] == "shuffled":
         state = lora_init.shuffled(state, params["transform_seed"])
     meta = {"top_singular_values": json.dumps(lora_init.top_singular_values(state)), "pkt_kind": "lora_init"}
-    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
+    with tempfile.TemporaryDirectory(dir=store.tmp_dir()) as tmp:
         lora_init.save_adapter(tmp, state, cfg, params["rank"], params["alpha"], params["dropout"], meta)
         return store.put_tree("lora_init", key, tmp, params=params, inputs=digests(inputs))
 
@@ -180,7 +184,7 @@ def compute_adapter(store: Store, key: str, params: dict, inputs: dict) -> Ref:
     state = lora_init.fold_init(trained, init_state) if subtracted else trained
     factor = 2 if subtracted else 1
     cfg = arch.config_from_shape(arch.shape_of(student.config))
-    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
+    with tempfile.TemporaryDirectory(dir=store.tmp_dir()) as tmp:
         lora_init.save_adapter(tmp, state, cfg, factor * rank, factor * alpha, tp.dropout,
                                {"pkt_kind": "adapter", "variant": params["variant"]})
         Path(tmp, "pkt_train_log.json").write_text(json.dumps({"losses": log.losses, "steps": log.steps}))
@@ -207,7 +211,7 @@ def compute_report(store: Store, key: str, params: dict, inputs: dict) -> Ref:
     """The report files (markdown, csv, chart) of a runs table: drawn once per distinct table."""
     t0 = time.time()
     runs = report.read_csv(io.BytesIO(store.read_bytes(inputs["runs"]["digest"])))
-    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
+    with tempfile.TemporaryDirectory(dir=store.tmp_dir()) as tmp:
         report.write_report(runs, tmp, params["primary"])
         return store.put_tree("report", key, tmp, params=params, inputs=digests(inputs), seconds=time.time() - t0)
 

@@ -129,3 +129,55 @@ def test_two_sweeps_at_once_on_one_store(mini_family, tmp_path):
     store = Store(tmp_path / "store")
     assert store.verify() == []
     assert len({(r["kind"], r["key"]) for r in store.records()}) == len(store.records())
+
+
+BUILD_CHAIN = textwrap.dedent("""
+    import json, sys
+    import pandas as pd
+    from pkt.artifacts.store import Store
+    from pkt.core import arch, finetune, models
+    from pkt.tasks import nodes
+    from pkt.tasks.node import node_key
+    fam, store = sys.argv[1], Store(sys.argv[2])
+    teacher, student = nodes.model_source(fam + "/teacher", store), nodes.model_source(fam + "/student", store)
+    shape = arch.shape_of(models.load_config(fam + "/student"))
+    def run(fn, kind, params, inputs):
+        return fn(store, node_key(kind, params, inputs), params, inputs).as_dict()
+    sens = run(nodes.compute_sensitivity, "sensitivity", {"k": None, "sample_seed": 0, "max_length": 64,
+               "chat_template": False, "dtype": "float32", "device": "cpu", "loss": "answer_tokens",
+               "layout": "single"}, {"teacher": teacher, "seeds": nodes.file_source(fam + "/tasks/gsm/seeds.jsonl")})
+    plan = run(nodes.compute_layer_plan, "layer_plan", {"student_layers": shape["num_hidden_layers"],
+               "selector": "sensitivity", "seed": 0}, {"sensitivity": sens})
+    ext = run(nodes.compute_extraction, "extraction", {"student_shape": shape, "reducer": "submatrix",
+              "modules": list(arch.ALL_MODULE_TYPES), "seed": 0}, {"teacher": teacher, "sensitivity": sens, "plan": plan})
+    init = run(nodes.compute_lora_init, "lora_init", {"rank": 2, "alpha": 2.0, "dropout": 0.05, "split": "paper",
+               "scale": 1.0, "svd": "full", "transform": "none", "transform_seed": 0}, {"extraction": ext})
+    tp = finetune.TrainParams(rank=2, alpha=2.0, epochs=1, batch_size=4, micro_batch=4, n_train=8, max_length=64)
+    run(nodes.compute_adapter, "adapter", {"variant": "transfer", "init": "extracted", "train": tp.as_dict(),
+        "dtype": "float32", "device": "cpu"},
+        {"student": student, "train": nodes.file_source(fam + "/tasks/gsm/train.jsonl"), "init": init})
+    runs = pd.DataFrame([{"student": "s", "task": "gsm", "benchmark": "gsm", "metric": "exact_match/strict-match",
+                          "variant": v, "seed": s, "setting": "{}", "value": 0.1 * s + (v == "transfer") * 0.05,
+                          "top_sv": None} for v in ("lora", "transfer") for s in range(3)])
+    run(nodes.compute_report, "report", {"primary": "exact_match/strict-match"},
+        {"runs": nodes.table_source(store, runs, "runs.csv")})
+""")
+
+
+def test_every_node_has_the_same_bytes_when_built_in_another_process(mini_family, tmp_path):
+    """Safetensors metadata, adapter_config.json's module sets, the report: two interpreters with
+    different string hash seeds build the same nodes, byte for byte."""
+    cwd = os.path.dirname(os.path.dirname(__file__))
+    stores = [Store(tmp_path / f"store{seed}") for seed in ("1", "2")]
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_CHAIN, str(mini_family), str(store.root)], cwd=cwd,
+                              env={**os.environ, "PYTHONHASHSEED": seed}, stderr=subprocess.PIPE, text=True)
+             for seed, store in zip(("1", "2"), stores)]
+    for p in procs:
+        err = p.communicate(timeout=300)[1]
+        assert p.returncode == 0, err[-3000:]
+    recs = [{(r["kind"], r["key"]): r["digest"] for r in s.records()} for s in stores]
+    kinds = {kind for kind, _ in recs[0]}
+    assert kinds == {"sensitivity", "layer_plan", "extraction", "lora_init", "adapter", "table", "report"}
+    assert recs[0] == recs[1]
+    blobs = [{p.name: p.read_bytes() for p in s.root.glob("blobs/sha256/*/*")} for s in stores]
+    assert blobs[0] == blobs[1]

@@ -35,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="demo", choices=["demo", "test"], help="family size (test: seconds)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per variant (default 3)")
     p.add_argument("--report-dir", default="pkt-report")
+    p.add_argument("--runner", default="threads", choices=["threads", "processes", "dask"],
+                   help="task runner: threads (default, one worker), processes, or dask (a LocalCluster)")
+    p.add_argument("--workers", type=int, default=1, help="parallel workers for processes or dask (default 1)")
     _store_arg(p)
 
     p = sub.add_parser("extract", help="teacher sensitivity, layer plan and LoRA init for a student's shape")
@@ -112,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_demo(args) -> int:
     from .demo import demo
 
-    out = demo(size=args.size, seeds=list(range(args.seeds)), store=args.store, report_dir=args.report_dir)
+    if args.runner == "threads" and args.workers > 1:
+        raise ValueError("--runner threads runs one worker (threads share torch's random state); "
+                         "use --runner processes or --runner dask for --workers > 1")
+    out = demo(size=args.size, seeds=list(range(args.seeds)), store=args.store, report_dir=args.report_dir,
+               runner=args.runner, workers=args.workers)
     _print_result(out)
     return 0
 

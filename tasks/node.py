@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import StateDetails
 from prefect.logging import get_logger
 from prefect.states import Completed
 
@@ -123,7 +124,9 @@ def run_node(spec: Node, inputs: dict, store_root: str, label: str, torch_thread
     ref = build(spec, inputs, Store(store_root))
     if ref["status"] == "computed":
         return ref
-    return Completed(name="Cached", message=f"{spec.KIND} {ref['key'][:12]} reused from the store", data=ref)
+    # the artifact key shows as the state's cache key; Prefect itself looks nothing up by it
+    return Completed(name="Cached", message=f"{spec.KIND} {ref['key'][:12]} reused from the store", data=ref,
+                     state_details=StateDetails(cache_key=f"pkt-{spec.KIND}-{ref['key']}"))
 
 
 def _compute(store: Store, spec: Node, key: str, inputs: dict) -> Ref:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pkt.flows.pipeline import extract_teacher, sweep
+from pkt.flows.extract import extract_teacher
+from pkt.flows.sweep import sweep
 from pkt.core import align, sensitivity
 
 
@@ -174,15 +175,18 @@ def test_per_layer_sensitivity_gives_the_same_extraction(prefect_env, mini_famil
     args = dict(teacher=str(mini_family / "teacher"), seeds=str(mini_family / "tasks/gsm/seeds.jsonl"),
                 students=[str(mini_family / "student")], rank=2, alpha=2.0, store=str(tmp_path / "store"))
     single = extract_teacher(**args)
-    layered = extract_teacher(**args, sensitivity_layout="per_layer")
-    store = Store(tmp_path / "store")
+    # the layout is how a map is stored, not what it is: same key, so a second store shows it
+    layered = extract_teacher(**{**args, "store": str(tmp_path / "layered")}, sensitivity_layout="per_layer")
+    assert layered["_ledger"][0][:2] == single["_ledger"][0][:2] and single["_ledger"][0][0] == "sensitivity"
+    store = Store(tmp_path / "layered")
     key = lambda out, kind: next(k for kd, k, _ in out["_ledger"] if kd == kind)
     sens_tree = store.tree(Ref.of(store.record("sensitivity", key(layered, "sensitivity"))))
     assert sorted(p.name for p in sens_tree.glob("*.safetensors")) == ["global.safetensors", "layer.0.safetensors",
                                                                        "layer.1.safetensors"]
     s = args["students"][0]
     assert single[s]["layers"] == layered[s]["layers"]
-    a = store.tensors(store.record("extraction", key(single, "extraction")))
+    first = Store(tmp_path / "store")
+    a = first.tensors(first.record("extraction", key(single, "extraction")))
     b = store.tensors(store.record("extraction", key(layered, "extraction")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -196,3 +200,46 @@ def test_sweep_scores_instruction_following_with_a_judge(prefect_env, mini_famil
     metrics = {r["metric"] for r in out["table"]}
     assert {"exact_match", "rougeL", "winrate"} <= metrics
     assert [k for k, _, _ in out["nodes"]].count("scores") == 2
+
+
+def _forged_result(marker) -> bytes:
+    """A Prefect result record whose pickled payload, if ever deserialized, creates `marker`."""
+    import base64
+    import json
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    data = base64.b64encode(pickle.dumps(Payload())).decode()
+    return json.dumps({"metadata": {"storage_key": "x", "expiration": None, "serializer": {"type": "pickle"},
+                                    "prefect_version": "3.9.1", "storage_block_id": None}, "result": data}).encode()
+
+
+def test_no_prefect_result_file_is_written_or_read(prefect_env, mini_family, tmp_path):
+    """The store is the only cache: pkt's tasks keep no Prefect result files, so a file planted in the
+    results directory (here a pickle that would run code) is never deserialized."""
+    from pkt.artifacts.store import Store
+    from pkt.tasks.node import run_node
+    from pkt.tasks.nodes import source
+
+    for t in (run_node, source):
+        assert t.persist_result is False and t.cache_policy.__class__.__name__ == "_None"
+    results = prefect_env / "results"
+    results.mkdir(exist_ok=True)
+    before = set(results.rglob("*"))
+    args = dict(teacher=str(mini_family / "teacher"), seeds=str(mini_family / "tasks/gsm/seeds.jsonl"),
+                students=[str(mini_family / "student")], rank=2, alpha=2.0, store=str(tmp_path / "store"))
+    out = extract_teacher(**args)
+    assert set(results.rglob("*")) == before
+    # plant a forged record under every name a cache of these nodes could use: key, kind-key, and
+    # the names pkt used before (pkt-<kind>-<key>-<store>)
+    store_tag = __import__("hashlib").sha256(str(Store(args["store"]).root.resolve()).encode()).hexdigest()[:12]
+    marker = tmp_path / "pwned"
+    for kind, key, _ in out["_ledger"]:
+        for name in (key, f"{kind}-{key}", f"pkt-{kind}-{key}-{store_tag}"):
+            (results / name).write_bytes(_forged_result(marker))
+    again = extract_teacher(**args)
+    assert {s for _, _, s in again["_ledger"]} == {"reused"}
+    assert not marker.exists()

@@ -96,7 +96,7 @@ SWEEP = textwrap.dedent("""
         return wrapper
     sensitivity.compute_sensitivity = counting("sensitivity", sensitivity.compute_sensitivity)
     finetune.finetune = counting("finetune", finetune.finetune)
-    from pkt.flows.pipeline import sweep
+    from pkt.flows.sweep import sweep
     out = sweep(json.loads(sys.argv[1]))
     print("RESULT", out["computed"], len(out["nodes"]))
 """)
@@ -132,36 +132,31 @@ def test_two_sweeps_at_once_on_one_store(mini_family, tmp_path):
 
 
 BUILD_CHAIN = textwrap.dedent("""
-    import json, sys
+    import sys
     import pandas as pd
     from pkt.artifacts.store import Store
     from pkt.core import arch, finetune, models
     from pkt.tasks import nodes
-    from pkt.tasks.node import node_key
+    from pkt.tasks.node import run_node
     fam, store = sys.argv[1], Store(sys.argv[2])
     teacher, student = nodes.model_source(fam + "/teacher", store), nodes.model_source(fam + "/student", store)
     shape = arch.shape_of(models.load_config(fam + "/student"))
-    def run(fn, kind, params, inputs):
-        return fn(store, node_key(kind, params, inputs), params, inputs).as_dict()
-    sens = run(nodes.compute_sensitivity, "sensitivity", {"k": None, "sample_seed": 0, "max_length": 64,
-               "chat_template": False, "dtype": "float32", "device": "cpu", "loss": "answer_tokens",
-               "layout": "single"}, {"teacher": teacher, "seeds": nodes.file_source(fam + "/tasks/gsm/seeds.jsonl")})
-    plan = run(nodes.compute_layer_plan, "layer_plan", {"student_layers": shape["num_hidden_layers"],
-               "selector": "sensitivity", "seed": 0}, {"sensitivity": sens})
-    ext = run(nodes.compute_extraction, "extraction", {"student_shape": shape, "reducer": "submatrix",
-              "modules": list(arch.ALL_MODULE_TYPES), "seed": 0}, {"teacher": teacher, "sensitivity": sens, "plan": plan})
-    init = run(nodes.compute_lora_init, "lora_init", {"rank": 2, "alpha": 2.0, "dropout": 0.05, "split": "paper",
-               "scale": 1.0, "svd": "full", "transform": "none", "transform_seed": 0}, {"extraction": ext})
+    def run(spec, inputs):
+        return run_node.fn(spec, inputs, str(store.root), spec.KIND)
+    sens = run(nodes.Sensitivity(max_length=64), {"teacher": teacher,
+                                                 "seeds": nodes.file_source(fam + "/tasks/gsm/seeds.jsonl")})
+    plan = run(nodes.LayerPlan(student_layers=shape["num_hidden_layers"]), {"sensitivity": sens})
+    ext = run(nodes.Extraction(student_shape=shape), {"teacher": teacher, "sensitivity": sens, "plan": plan})
+    init = run(nodes.LoraInit(rank=2, alpha=2.0), {"extraction": ext})
     tp = finetune.TrainParams(rank=2, alpha=2.0, epochs=1, batch_size=4, micro_batch=4, n_train=8, max_length=64)
-    run(nodes.compute_adapter, "adapter", {"variant": "transfer", "init": "extracted", "train": tp.as_dict(),
-        "dtype": "float32", "device": "cpu"},
+    run(nodes.Adapter(variant="transfer", init="extracted", train=tp.as_dict()),
         {"student": student, "train": nodes.file_source(fam + "/tasks/gsm/train.jsonl"), "init": init})
     runs = pd.DataFrame([{"student": "s", "task": "gsm", "benchmark": "gsm", "metric": "exact_match/strict-match",
                           "variant": v, "seed": s, "setting": "{}", "value": 0.1 * s + (v == "transfer") * 0.05,
                           "top_sv": None} for v in ("lora", "transfer") for s in range(3)])
-    run(nodes.compute_report, "report", {"primary": "exact_match/strict-match"},
-        {"runs": nodes.table_source(store, runs, "runs.csv")})
+    run(nodes.Report(), {"runs": nodes.table_source(store, runs, "runs.csv"), "scores": []})
 """)
+
 
 
 def test_every_node_has_the_same_bytes_when_built_in_another_process(mini_family, tmp_path):

@@ -12,7 +12,9 @@ import threading
 import pytest
 
 from pkt.artifacts.store import CorruptBlob, Store
-from pkt.flows.pipeline import demo, extract_teacher, sweep
+from pkt.flows.demo import demo
+from pkt.flows.extract import extract_teacher
+from pkt.flows.sweep import sweep
 
 REPO = os.path.dirname(os.path.dirname(__file__))
 
@@ -157,7 +159,7 @@ READ_ONLY_RUN = textwrap.dedent("""
         pass
     for cmd in (["ls"], ["verify"], ["show", prefix], ["gc", "--dry-run"]):
         assert main(["store", *cmd, "--store", store]) == 0, cmd
-    from pkt.flows.pipeline import sweep
+    from pkt.flows.sweep import sweep
     out = sweep(config)
     print("COMPUTED", out["computed"], len(out["nodes"]), flush=True)
     print("EXTRACT", main(extract), flush=True)

@@ -251,13 +251,6 @@ class Store:
             _AREAS[root] = (self.root / "tmp" / name, fd)
             return self.root / "tmp" / name
 
-    @contextlib.contextmanager
-    def scratch_dir(self):
-        """A temporary directory inside the store (same filesystem: its files move in cheaply), in
-        this process's temp area, so gc leaves it alone however long the work in it takes."""
-        with tempfile.TemporaryDirectory(dir=self.tmp_dir()) as d:
-            yield Path(d)
-
     def _tmp(self, suffix: str = "") -> Path:
         fd, name = tempfile.mkstemp(dir=self.tmp_dir(), suffix=suffix)
         os.close(fd)
@@ -315,6 +308,12 @@ class Store:
                                  "run `pkt store gc`, or move the store with --store DIR / PKT_STORE") from None
             raise
 
+    @contextlib.contextmanager
+    def scratch_dir(self):
+        """A temporary directory in this process's temp area (same filesystem: its files move in cheaply)."""
+        with tempfile.TemporaryDirectory(dir=self.tmp_dir()) as d:
+            yield Path(d)
+
     def _same_record(self, kind: str, key: str, digest: str, layout: str, params: dict, inputs: dict) -> bool:
         rec = self.record(kind, key)
         return bool(rec) and (rec["digest"], rec["layout"], rec["params"], rec["inputs"]) == (
@@ -322,9 +321,8 @@ class Store:
 
     def _write_record(self, kind: str, key: str, digest: str, params: dict, inputs: dict, seconds: float,
                       layout: str, execution: dict | None = None) -> Ref:
-        """Publish the record (call under _lease, after its blobs). When how it ran (execution,
-        seconds, host, created) is all that would change, the existing record stays: that
-        describes a run, not the artifact."""
+        """Publish the record (call under _lease, after its blobs). When (seconds, host, created) is
+        all that would change, the existing record stays: they describe a run, not the artifact."""
         if self._same_record(kind, key, digest, layout, params, inputs):
             return Ref(kind, key, digest)
         rec = {"kind": kind, "key": key, "digest": digest, "layout": layout, "params": params, "inputs": inputs,

@@ -52,8 +52,8 @@ def dir_source(path: str, names: list[str] | None = None) -> dict:
 
 
 def table_source(store: Store, table: pd.DataFrame, name: str) -> dict:
-    """A table the flow assembled (the sweep's runs), stored as a CSV artifact so that a node can
-    depend on its content (a record, so gc keeps it until the node that reads it has run)."""
+    """A table the flow assembled (the sweep's runs), stored as a CSV artifact (a record, so gc keeps
+    it until the node that reads it has run) so that a node can depend on its content."""
     data = table.to_csv(index=False).encode()
     params, inputs = {"name": name}, {"csv": hashlib.sha256(data).hexdigest()}
     return store.put_blob("table", store.key("table", params, inputs), data, params=params, inputs=inputs).as_dict()
@@ -89,7 +89,7 @@ class Family(Node):
 
     def compute(self, store, inputs, out):
         stats = family.build_family(out, self.size, log=log)
-        # the artifact's bytes are a function of its key: how long the build took is the record's
+        # the artifact's bytes are a function of its key: the build's duration goes in the record only
         stats = {who: {k: v for k, v in s.items() if k != "seconds"} for who, s in stats.items()}
         Path(out, "family_stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
 

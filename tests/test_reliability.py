@@ -137,26 +137,24 @@ BUILD_CHAIN = textwrap.dedent("""
     from pkt.artifacts.store import Store
     from pkt.core import arch, finetune, models
     from pkt.tasks import nodes
-    from pkt.tasks.node import run_node
+    from pkt.tasks.node import build
     fam, store = sys.argv[1], Store(sys.argv[2])
     teacher, student = nodes.model_source(fam + "/teacher", store), nodes.model_source(fam + "/student", store)
     shape = arch.shape_of(models.load_config(fam + "/student"))
-    def run(spec, inputs):
-        return run_node.fn(spec, inputs, str(store.root), spec.KIND)
-    sens = run(nodes.Sensitivity(max_length=64), {"teacher": teacher,
-                                                 "seeds": nodes.file_source(fam + "/tasks/gsm/seeds.jsonl")})
-    plan = run(nodes.LayerPlan(student_layers=shape["num_hidden_layers"]), {"sensitivity": sens})
-    ext = run(nodes.Extraction(student_shape=shape), {"teacher": teacher, "sensitivity": sens, "plan": plan})
-    init = run(nodes.LoraInit(rank=2, alpha=2.0), {"extraction": ext})
+    sens = build(nodes.Sensitivity(max_length=64), {"teacher": teacher,
+                 "seeds": nodes.file_source(fam + "/tasks/gsm/seeds.jsonl")}, store)
+    plan = build(nodes.LayerPlan(student_layers=shape["num_hidden_layers"]), {"sensitivity": sens}, store)
+    ext = build(nodes.Extraction(student_shape=shape), {"teacher": teacher, "sensitivity": sens, "plan": plan}, store)
+    init = build(nodes.LoraInit(rank=2, alpha=2.0), {"extraction": ext}, store)
     tp = finetune.TrainParams(rank=2, alpha=2.0, epochs=1, batch_size=4, micro_batch=4, n_train=8, max_length=64)
-    run(nodes.Adapter(variant="transfer", init="extracted", train=tp.as_dict()),
-        {"student": student, "train": nodes.file_source(fam + "/tasks/gsm/train.jsonl"), "init": init})
+    build(nodes.Adapter(variant="transfer", init="extracted", train=tp.as_dict()),
+          {"student": student, "train": nodes.file_source(fam + "/tasks/gsm/train.jsonl"), "init": init}, store)
     runs = pd.DataFrame([{"student": "s", "task": "gsm", "benchmark": "gsm", "metric": "exact_match/strict-match",
                           "variant": v, "seed": s, "setting": "{}", "value": 0.1 * s + (v == "transfer") * 0.05,
                           "top_sv": None} for v in ("lora", "transfer") for s in range(3)])
-    run(nodes.Report(), {"runs": nodes.table_source(store, runs, "runs.csv"), "scores": []})
+    build(nodes.Report(primary="exact_match/strict-match"),
+          {"runs": nodes.table_source(store, runs, "runs.csv"), "scores": []}, store)
 """)
-
 
 
 def test_every_node_has_the_same_bytes_when_built_in_another_process(mini_family, tmp_path):

@@ -17,9 +17,9 @@ def model_digest(source: str | Path, revision: str | None = None, memo_dir: Path
     check_source(source)
     path = Path(source)
     if path.exists():
-        from pkt.core.models import weight_files, _refuse_pickled_only
+        from pkt.core.models import check_weights_present, weight_files
 
-        _refuse_pickled_only(path, allow_bin=True)
+        check_weights_present(path, allow_bin=True)
         files = [path / "config.json", *weight_files(path)]
         files += sorted(p for p in path.glob("*.bin"))  # pickled weights count too when allowed
         h = hashlib.sha256()

@@ -25,12 +25,14 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors.torch import load_file, save_file
 
+from pkt.core.errors import UserError
+
 from .keys import artifact_key, canonical_json, file_digest
 
 DEFAULT_ROOT = Path(".pkt") / "store"
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     pass
 
 

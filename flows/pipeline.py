@@ -78,11 +78,11 @@ def extraction_chain(ledger: Ledger, teacher: dict, seeds: dict, shape: dict, *,
     return {"sensitivity": sens, "plan": plan, "extraction": ext}
 
 
-def init_node(ledger: Ledger, extraction: dict, *, rank, alpha, dropout, split, scale, transform="none",
+def init_node(ledger: Ledger, extraction: dict, *, rank, alpha, dropout, split, scale, svd="auto", transform="none",
               transform_seed=0) -> dict:
     return ledger.run(nodes.lora_init_task,
                       {"rank": rank, "alpha": alpha, "dropout": dropout, "split": split, "scale": scale,
-                       "svd": "full", "transform": transform, "transform_seed": transform_seed},
+                       "svd": svd, "transform": transform, "transform_seed": transform_seed},
                       {"extraction": extraction}, f"rank={rank}, {transform}")
 
 
@@ -90,11 +90,12 @@ def init_node(ledger: Ledger, extraction: dict, *, rank, alpha, dropout, split, 
 def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 16, alpha: float = 16.0,
                     k: int | None = None, selector: str = "sensitivity", reducer: str = "submatrix",
                     store: str | None = None, dtype: str = "float32", device: str = "cpu",
-                    sensitivity_layout: str = "single") -> dict:
+                    sensitivity_layout: str = "single", svd: str = "auto") -> dict:
     """Sensitivity, layer plans, extractions and LoRA inits for each student shape (computed once).
 
     sensitivity_layout='per_layer' writes the map one decoder layer at a time (host RAM holds one
-    layer of it; with device='cuda' the accumulators stay on the GPU)."""
+    layer of it; with device='cuda' the accumulators stay on the GPU). svd: 'auto' (randomized SVD for
+    large pieces), 'full' or 'lowrank'."""
     ledger = Ledger(Store(store))
     t_src, s_src = nodes.model_source(teacher, ledger.store), nodes.file_source(seeds)
     out = {}
@@ -102,7 +103,8 @@ def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 1
         shape = arch.shape_of(models.load_config(student))
         chain = extraction_chain(ledger, t_src, s_src, shape, k=k, sample_seed=0, selector=selector, reducer=reducer,
                                  max_length=2048, dtype=dtype, device=device, layout=sensitivity_layout)
-        init = init_node(ledger, chain["extraction"], rank=rank, alpha=alpha, dropout=0.05, split="paper", scale=1.0)
+        init = init_node(ledger, chain["extraction"], rank=rank, alpha=alpha, dropout=0.05, split="paper", scale=1.0,
+                         svd=svd)
         layers = json.loads(ledger.store.header(chain["plan"])["layers"])
         out[student] = {**chain, "lora_init": init, "layers": layers,
                         "init_path": str(ledger.store.tree(Ref.of(init)))}
@@ -139,7 +141,7 @@ def variant_init(ledger: Ledger, cfg: SweepConfig, variant: str, teacher: dict, 
                              selector=cfg.selector, reducer=reducer, max_length=cfg.max_length, dtype=cfg.dtype,
                              device=cfg.device, modules=tp.modules)
     return init_node(ledger, chain["extraction"], rank=tp.rank, alpha=tp.alpha, dropout=tp.dropout, split=cfg.split,
-                     scale=cfg.init_scale, transform=transform, transform_seed=0)
+                     scale=cfg.init_scale, svd=cfg.svd, transform=transform, transform_seed=0)
 
 
 def _grid(cfg: SweepConfig) -> list[dict]:

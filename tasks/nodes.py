@@ -85,7 +85,8 @@ def compute_sensitivity(store: Store, key: str, params: dict, inputs: dict) -> R
     samples = data.load_encoded(inputs["seeds"]["key"], tok, params["max_length"], params["k"], params["sample_seed"],
                                 params["chat_template"])
     sens = sensitivity.compute_sensitivity(model, samples)
-    totals = sensitivity.layer_totals(sens, model.config).tolist()
+    totals = sensitivity.layer_totals(sens, model.config).tolist()  # from the fp32 sums, before rounding
+    sensitivity.to_storage_dtype(sens)
     meta = {"layer_totals": json.dumps(totals), "teacher_config": model.config.to_json_string(),
             "n_samples": str(len(samples))}
     if params.get("layout", "single") == "single":
@@ -136,19 +137,25 @@ def compute_extraction(store: Store, key: str, params: dict, inputs: dict) -> Re
 
 
 def compute_lora_init(store: Store, key: str, params: dict, inputs: dict) -> Ref:
+    t0 = time.time()
     extraction = inputs["extraction"]
     shape = store.record("extraction", extraction["key"])["params"]["student_shape"]
     cfg = arch.config_from_shape(shape)
+    errors: dict[str, float] = {}
     state = lora_init.init_state_dict(store.tensors(extraction), cfg, params["rank"], params["split"], params["scale"],
-                                      params["svd"])
+                                      params["svd"], errors)
+    if errors:
+        _log(f"SVD ({params['svd']}) relative reconstruction error ||W - BA||/||W||: max {max(errors.values()):.4f}, "
+             f"mean {sum(errors.values()) / len(errors):.4f} over {len(errors)} pieces")
     if params["transform"] == "spectrum-matched":
         state = lora_init.spectrum_matched(state, params["transform_seed"])
     elif params["transform"] == "shuffled":
         state = lora_init.shuffled(state, params["transform_seed"])
-    meta = {"top_singular_values": json.dumps(lora_init.top_singular_values(state)), "pkt_kind": "lora_init"}
+    meta = {"top_singular_values": json.dumps(lora_init.top_singular_values(state)), "pkt_kind": "lora_init",
+            "svd_relative_errors": json.dumps(errors)}
     with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
         lora_init.save_adapter(tmp, state, cfg, params["rank"], params["alpha"], params["dropout"], meta)
-        return store.put_tree("lora_init", key, tmp, params=params, inputs=digests(inputs))
+        return store.put_tree("lora_init", key, tmp, params=params, inputs=digests(inputs), seconds=time.time() - t0)
 
 
 def compute_adapter(store: Store, key: str, params: dict, inputs: dict) -> Ref:

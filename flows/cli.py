@@ -226,7 +226,7 @@ def cmd_demo(args) -> int:
     from .server import prefect_api
 
     with prefect_api():
-        from .pipeline import demo
+        from .demo import demo
 
         out = demo(size=cfg.size, seeds=list(range(cfg.seeds)), store=cfg.store, report_dir=cfg.report_dir)
     _print_result(out)
@@ -240,7 +240,7 @@ def cmd_extract(args) -> int:
     cfg = extract_config(args)
     check_extract_inputs(cfg)
     with prefect_api():
-        from .pipeline import extract_teacher
+        from .extract import extract_teacher
 
         out = extract_teacher(**cfg.model_dump())
     for kind, key, status in out.pop("_ledger"):
@@ -258,7 +258,7 @@ def cmd_transfer(args) -> int:
     cfg = transfer_config(args)
     check_sweep_inputs(cfg)
     with prefect_api():
-        from .pipeline import transfer
+        from .sweep import transfer
 
         out = transfer(teacher=cfg.teacher, student=cfg.students[0], task_dir=cfg.tasks[0].dir,
                        benchmark=cfg.tasks[0].benchmark, variants=cfg.variants, seeds=cfg.seeds,
@@ -277,7 +277,7 @@ def cmd_sweep(args) -> int:
         cfg = cfg.model_copy(update={"store": args.store})
     check_sweep_inputs(cfg)
     with prefect_api():
-        from .pipeline import sweep
+        from .sweep import sweep
 
         out = sweep(cfg.model_dump(mode="json"))
     _print_result(out)

@@ -17,8 +17,10 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pkt.core import arch, data, models, preflight
 from pkt.core.align import LAYER_SELECTORS, REDUCERS
 from pkt.core.errors import UserError
-from pkt.core.finetune import VARIANTS, TrainParams
+from pkt.core.finetune import TrainParams
 from pkt.core.lora_init import SPLITS, SVD_METHODS
+
+from .variants import VARIANTS
 
 
 class ConfigError(UserError, ValueError):
@@ -77,18 +79,26 @@ class TrainSpec(BaseModel):
     modules: Modules = TrainParams.modules
 
 
+class GridPoint(TrainSpec):
+    """What a training grid may vary: any training parameter, and the init's scale."""
+
+    init_scale: float = Field(1.0, ge=0)
+
+
 def _train_grid(v: dict) -> dict:
-    """{parameter: [values]}, each value validated as that TrainSpec field ("1e-3" -> 0.001)."""
+    """{parameter: [values]}, each value validated as that field ("1e-3" -> 0.001)."""
     out = {}
     for name, values in v.items():
-        if name not in TrainSpec.model_fields:
-            raise ValueError(f"unknown training parameter {name!r}; known: {', '.join(TrainSpec.model_fields)}")
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"{name}: give a non-empty list of values, e.g. {name}: [{getattr(TrainParams, name)}]")
+        if name not in GridPoint.model_fields:
+            raise ValueError(f"unknown grid parameter {name!r}; known: {', '.join(GridPoint.model_fields)}")
+        if not values:
+            raise ValueError(f"{name}: give a non-empty list of values, e.g. {name}: "
+                             f"[{GridPoint.model_fields[name].default}]")
         try:
-            out[name] = [_plain(getattr(TrainSpec.model_validate({name: x}), name)) for x in values]
+            out[name] = [_plain(getattr(GridPoint.model_validate({name: x}), name)) for x in values]
         except ValidationError as e:
-            raise ValueError("; ".join(f"{name}: {err['input']!r}: {err['msg']}" for err in e.errors())) from None
+            raise ValueError("; ".join(f"{name} {err['input']!r}: {MESSAGES.get(err['type'], err['msg'])}"
+                                       .format(**err.get("ctx", {})) for err in e.errors())) from None
     return out
 
 
@@ -115,6 +125,7 @@ class TaskSpec(BaseModel):
 
 class SweepConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str | None = Field(None, description="names this sweep's artifacts in the UI (default: a config digest)")
     teacher: str
     students: list[str] = Field(min_length=1)
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -141,6 +152,10 @@ class SweepConfig(BaseModel):
     device: Device = "cpu"
     report_dir: str = "pkt-report"
     store: str | None = Field(None, description="store root; default PKT_STORE or ./.pkt/store")
+    runner: Literal["threads", "processes", "dask"] = Field(
+        "threads", description="task runner: threads in this process, a local process pool, or a Dask cluster")
+    workers: int = Field(1, ge=1, description="parallel workers (threads, processes, or LocalCluster workers)")
+    dask_address: str | None = Field(None, description="scheduler address of an existing Dask cluster (runner dask)")
 
     @field_validator("variants")
     @classmethod
@@ -149,6 +164,13 @@ class SweepConfig(BaseModel):
         if bad:
             raise ValueError(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
         return v
+
+    @model_validator(mode="after")
+    def _one_thread_worker(self):
+        if self.runner == "threads" and self.workers > 1:
+            raise ValueError("runner threads takes workers: 1 (threads share torch's random state, so parallel "
+                             "branches would not be reproducible); use runner processes or dask for workers > 1")
+        return self
 
     @model_validator(mode="after")
     def _controls_have_inputs(self):
@@ -256,9 +278,6 @@ def _describe(err: dict, where: str, flags: dict[str, str] | None) -> str:
 
 
 # ---- the inputs behind a config, checked before any work ----------------------------------------
-TEACHERLESS = ("vanilla", "lora", "pissa")  # variants that read no teacher
-
-
 def check_extract_inputs(cfg: ExtractConfig) -> None:
     """The seeds file, and every model's files, config and tokenizer: no weights are loaded."""
     _check_seeds(cfg.seeds, cfg.k, "--k")
@@ -272,17 +291,18 @@ def check_sweep_inputs(cfg: SweepConfig) -> None:
         for name in ("train.jsonl", "test.jsonl") + (("val.jsonl",) if cfg.train_grid else ()):
             data.read_jsonl(Path(task.dir) / name)
         _check_seeds(str(Path(task.dir) / "seeds.jsonl"), cfg.k, "k")
-    if cfg.cross_task_seeds and "cross-task" in cfg.variants:
+    variants = [VARIANTS[v] for v in cfg.variants]
+    if cfg.cross_task_seeds and any(v.seeds == "cross-task" for v in variants):
         _check_seeds(cfg.cross_task_seeds, cfg.k, "k")
     modules, rank = cfg.modules(), max(cfg.ranks())
-    if any(v not in TEACHERLESS for v in cfg.variants):
+    if any(v.extracted for v in variants):
         preflight.check_models(cfg.teacher, cfg.students, modules, rank, "train.rank")
-        if "early-teacher" in cfg.variants:
+        if any(v.teacher == "early" for v in variants):
             preflight.check_models(cfg.early_teacher, cfg.students, modules)
     else:
         for s in cfg.students:
             preflight.check_model_files(s)
-            if cfg.variants != ["vanilla"]:
+            if any(v.trains for v in variants):
                 preflight.check_rank(rank, models.load_config(s), modules, "train.rank")
     if "winrate" in cfg.benchmarks:
         preflight.check_model_files(cfg.judge)

@@ -137,3 +137,20 @@ def write_report(scores: pd.DataFrame, out_dir: str | Path, primary: str) -> dic
 def read_csv(path: str | Path) -> pd.DataFrame:
     """A runs or summary table as written above (empty cells are missing values, nothing else is)."""
     return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+def choose_settings(runs: pd.DataFrame, primary: dict[str, str]) -> pd.DataFrame:
+    """Test rows only, each (student, task, variant) at the training setting whose mean primary
+    metric (primary: task -> metric) is best on the val split; the split column is dropped."""
+    test = runs[runs["split"] == "test"]
+    val = runs[runs["split"] == "val"]
+    if val.empty:
+        return test.drop(columns=["split"])
+    keep = []
+    for (student, task, variant), g in val.groupby(["student", "task", "variant"]):
+        metric = primary[task]
+        means = g[g["metric"] == metric].groupby("setting")["value"].mean()
+        best = means.idxmin() if metric in LOWER_IS_BETTER else means.idxmax()
+        keep.append((student, task, variant, best))
+    chosen = pd.DataFrame(keep, columns=["student", "task", "variant", "setting"])
+    return test.merge(chosen, on=["student", "task", "variant", "setting"]).drop(columns=["split"])

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from pkt.flows import cli, pipeline, server
+from pkt.flows import cli, demo, extract, server, sweep
 
 
 @pytest.fixture
@@ -35,8 +35,8 @@ def captured(monkeypatch):
             return {"_ledger": []} if name == "extract_teacher" else result
         return record
 
-    for name in ("extract_teacher", "transfer", "sweep", "demo"):
-        monkeypatch.setattr(pipeline, name, recorder(name))
+    for module, name in ((extract, "extract_teacher"), (sweep, "transfer"), (sweep, "sweep"), (demo, "demo")):
+        monkeypatch.setattr(module, name, recorder(name))
     monkeypatch.setattr(server, "prefect_api", contextlib.nullcontext)
     return calls
 

@@ -63,7 +63,7 @@ def test_report_from_the_written_runs_csv_is_the_same(tmp_path):
 
 
 def test_each_variant_is_reported_at_its_best_val_setting():
-    from pkt.flows.pipeline import select_settings
+    from pkt.core.report import choose_settings
 
     rows = []
     for variant, best in (("lora", '{"lr": 0.01}'), ("transfer", '{"lr": 0.001}')):
@@ -74,14 +74,6 @@ def test_each_variant_is_reported_at_its_best_val_setting():
                 value = (0.9 if good else 0.1) if split == "val" else (0.3 if good else 0.8)
                 rows.append({"student": "s", "task": "gsm", "benchmark": "gsm", "metric": "exact_match/strict-match",
                              "variant": variant, "seed": 0, "setting": setting, "split": split, "value": value})
-    picked = select_settings(pd.DataFrame(rows), _Cfg())
+    picked = choose_settings(pd.DataFrame(rows), {"gsm": "exact_match/strict-match"})
     assert sorted(zip(picked["variant"], picked["setting"])) == [("lora", '{"lr": 0.01}'), ("transfer", '{"lr": 0.001}')]
     assert set(picked["value"]) == {0.3} and "split" not in picked
-
-
-class _Task:
-    name, benchmark = "gsm", "gsm"
-
-
-class _Cfg:
-    tasks = [_Task()]

@@ -43,12 +43,12 @@ def deploy(checkout: Path, names: list[str] | None = None, out=print) -> list[st
     from prefect.settings import get_current_settings
     from prefect.utilities.callables import parameter_schema
 
+    checkout = checkout.resolve()
+    spec = read_spec(checkout)
     api = get_current_settings().api.url
     if not api:
         raise DeployError("PREFECT_API_URL is not set, so there is no server to register deployments with; start "
                           "`pkt ui` in another terminal and `export PREFECT_API_URL=http://127.0.0.1:4200/api`")
-    checkout = checkout.resolve()
-    spec = read_spec(checkout)
     chosen = [d for d in spec["deployments"] if not names or d["name"] in names]
     unknown = sorted(set(names or []) - {d["name"] for d in spec["deployments"]})
     if unknown:

@@ -9,18 +9,25 @@ import struct
 
 import pytest
 
-from pkt.flows import cli, demo, extract, server, sweep
+from pkt.core import models
+from pkt.flows import cli, server
+from pkt.flows import demo as demo_flow, extract as extract_flow, sweep as sweep_flow
 
 
 @pytest.fixture
 def no_work(monkeypatch):
-    """Entering the Prefect API (the step before any flow) fails the test."""
+    """Entering the Prefect API (the step before any flow) or loading weights fails the test."""
     @contextlib.contextmanager
     def refuse():
         raise AssertionError("work started before the input was refused")
         yield
 
     monkeypatch.setattr(server, "prefect_api", refuse)
+
+    def no_weights(*a, **kw):
+        raise AssertionError("weights loaded before the input was refused")
+
+    monkeypatch.setattr(models, "load_model", no_weights)
 
 
 @pytest.fixture
@@ -35,7 +42,8 @@ def captured(monkeypatch):
             return {"_ledger": []} if name == "extract_teacher" else result
         return record
 
-    for module, name in ((extract, "extract_teacher"), (sweep, "transfer"), (sweep, "sweep"), (demo, "demo")):
+    for module, name in ((extract_flow, "extract_teacher"), (sweep_flow, "transfer"), (sweep_flow, "sweep"),
+                         (demo_flow, "demo")):
         monkeypatch.setattr(module, name, recorder(name))
     monkeypatch.setattr(server, "prefect_api", contextlib.nullcontext)
     return calls

@@ -85,9 +85,22 @@ def check_models(teacher: str, students: list[str], modules=arch.ALL_MODULE_TYPE
     headers and tokenizers only, no weights."""
     for m in (teacher, *students):
         check_model_files(m, allow_bin)
-    t_cfg, t_tok = models.load_config(teacher), models.load_tokenizer(teacher)
+    t_cfg, t_tok = _read(teacher)
     for s in students:
-        s_cfg = models.load_config(s)
-        check_pair(t_cfg, s_cfg, t_tok, models.load_tokenizer(s), modules, f"teacher {teacher}", f"student {s}")
+        s_cfg, s_tok = _read(s)
+        check_pair(t_cfg, s_cfg, t_tok, s_tok, modules, f"teacher {teacher}", f"student {s}")
         if rank is not None:
             check_rank(rank, s_cfg, modules, rank_name)
+
+
+def _read(source: str):
+    """(config, tokenizer) of a model, or one sentence saying why they cannot be read."""
+    try:
+        return models.load_config(source), models.load_tokenizer(source)
+    except (OSError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise models.ModelNotFound(f"{source}: its config or tokenizer cannot be read ({first}); give a local model "
+                                   "directory, or a hub id reachable from here (unset HF_HUB_OFFLINE; HF_TOKEN for "
+                                   "gated models)") from None

@@ -345,36 +345,58 @@ def cmd_export(args) -> int:
 
 
 def cmd_store(args) -> int:
-    from pkt.artifacts.store import Ref, Store
+    from pkt.artifacts.store import Store
 
     store = Store(args.store)
-    if args.store_cmd == "ls":
-        for r in store.records():
+    store.require_store()  # a typo in --store is an error, not an empty store
+    return {"ls": _store_ls, "show": _store_show, "verify": _store_verify, "gc": _store_gc}[args.store_cmd](store, args)
+
+
+def _store_ls(store, args) -> int:
+    for r in store.records():
+        if "broken_record" in r:
+            print(f"{r['kind']:12s} {r['key']}  UNUSABLE: record {r['problem']}")
+        else:
             print(f"{r['kind']:12s} {r['key']}  {r.get('created', '?')}  {r.get('seconds', '?')}s")
-        return 0
-    if args.store_cmd == "show":
-        rec = store.find(args.key)
-        if rec is None:
-            print(f"no artifact with key prefix {args.key!r} in {store.root}", file=sys.stderr)
-            return 1
-        print(json.dumps(rec, indent=1))
-        if rec.get("layout") != "tree":
-            print("header:", json.dumps(store.header(Ref.of(rec)), indent=1)[:2000])
-        print(f"path: {store.path(Ref.of(rec))}")
-        return 0
-    if args.store_cmd == "verify":
-        problems = store.verify()
-        for p in problems:
-            print(p)
-        print(f"{len(store.records())} artifacts checked, {len(problems)} problems")
-        return 1 if problems else 0
-    if args.store_cmd == "gc":
-        doomed = store.gc(dry_run=args.dry_run)
-        for p in doomed:
-            print(("would remove " if args.dry_run else "removed ") + str(p))
-        print(f"{len(doomed)} unreferenced entries {'found' if args.dry_run else 'removed'}")
-        return 0
-    return 1
+    return 0
+
+
+def _store_show(store, args) -> int:
+    from pkt.artifacts.store import Ref, StoreError
+
+    rec = store.find(args.key)
+    if rec is None:
+        print(f"no artifact with key prefix {args.key!r} in {store.root}", file=sys.stderr)
+        return 1
+    print(json.dumps(rec, indent=1))
+    if "broken_record" in rec:
+        return 1
+    ref = Ref.of(rec)
+    try:
+        store.verify_ref(ref)
+    except StoreError as e:
+        print(f"problem: {e}; the next run that needs it recomputes it")
+        return 1
+    if rec["layout"] == "safetensors":
+        print("header:", json.dumps(store.header(ref), indent=1)[:2000])
+    print(f"path: {store.path(ref)}")
+    return 0
+
+
+def _store_verify(store, args) -> int:
+    problems = store.verify()
+    for p in problems:
+        print(p)
+    print(f"{len(store.records())} artifacts checked, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+def _store_gc(store, args) -> int:
+    doomed = store.gc(dry_run=args.dry_run)
+    for p in doomed:
+        print(("would remove " if args.dry_run else "removed ") + str(p))
+    print(f"{len(doomed)} unreferenced entries {'found' if args.dry_run else 'removed'}")
+    return 0
 
 
 def ui_command(port: int) -> list[str]:

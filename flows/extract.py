@@ -5,8 +5,6 @@ Nothing here depends on a student's weights, so every student of one shape share
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 from prefect import flow
 from prefect.futures import PrefectFuture
 
@@ -14,7 +12,7 @@ from pkt.artifacts.store import Ref, Store
 from pkt.core import arch, models
 from pkt.tasks import nodes
 
-from .graph import Graph, task_runner
+from .graph import Graph, source_name, task_runner
 from .summary import publish
 
 
@@ -34,17 +32,12 @@ class ChainOptions:
     draw_seed: int = 0  # seed of a random layer selector or reducer
 
 
-def source_name(path: str) -> str:
-    """A short, telling name for a file or model: 'gsm/seeds.jsonl', 'teacher'."""
-    p = Path(path)
-    return f"{p.parent.name}/{p.name}" if p.suffix else (p.name or str(path))
-
-
-def extraction_chain(graph: Graph, teacher, seeds: dict, shape: dict, opts: ChainOptions,
+def extraction_chain(graph: Graph, teacher: PrefectFuture, seeds: str, shape: dict, opts: ChainOptions,
                      teacher_name: str) -> dict[str, PrefectFuture]:
-    """Futures of the sensitivity, layer plan and extraction nodes for one teacher, seed file and
-    student shape. teacher is a source or the future of a model the store builds."""
-    tag = f"teacher={teacher_name}, seeds={source_name(seeds['key'])}"
+    """Futures of the sensitivity, layer plan and extraction nodes for one teacher (a model source,
+    or a model the store builds), seed file and student shape."""
+    tag = f"teacher={teacher_name}, seeds={source_name(seeds)}"
+    seeds = graph.source("file", seeds)
     sens = graph.submit(nodes.Sensitivity(k=opts.k, sample_seed=opts.sample_seed, max_length=opts.max_length,
                                           dtype=opts.dtype, device=opts.device, layout=opts.layout),
                         {"teacher": teacher, "seeds": seeds}, f"{tag}, k={opts.k or 'all'}")
@@ -80,14 +73,14 @@ def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 1
     layer of it; with device='cuda' the accumulators stay on the GPU). svd: the LoRA init's SVD,
     'auto' (randomized torch.svd_lowrank for large pieces), 'full' or 'lowrank'."""
     st = Store(store)
-    t_src, s_src = nodes.model_source(teacher, st), nodes.file_source(seeds)
     opts = ChainOptions(k=k, selector=selector, reducer=reducer, dtype=dtype, device=device, layout=sensitivity_layout)
     with task_runner() as runner:
         graph = Graph(st, runner)
+        t_src = graph.source("model", teacher)
         chains = {}
         for student in students:
             shape = arch.shape_of(models.load_config(student))
-            chain = extraction_chain(graph, t_src, s_src, shape, opts, source_name(teacher))
+            chain = extraction_chain(graph, t_src, seeds, shape, opts, source_name(teacher))
             chains[student] = {**chain, "lora_init": init_node(graph, chain, rank=rank, alpha=alpha, svd=svd)}
         results = graph.results()
     out = {}

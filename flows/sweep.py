@@ -19,8 +19,8 @@ from pkt.core import arch, evaluate, models, report
 from pkt.tasks import nodes
 
 from .config import SweepConfig, TaskSpec, parse_config
-from .extract import ChainOptions, extraction_chain, init_node, source_name
-from .graph import Graph, task_runner, torch_threads_per_worker
+from .extract import ChainOptions, extraction_chain, init_node
+from .graph import Graph, source_name, task_runner, torch_threads_per_worker
 from .summary import publish
 from .variants import VARIANTS, Variant
 
@@ -32,17 +32,17 @@ def config_tag(cfg: SweepConfig) -> str:
     return cfg.name or hashlib.sha256(canonical_json(cfg.model_dump(mode="json")).encode()).hexdigest()[:8]
 
 
-def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: dict, task: TaskSpec, shape: dict, tp,
+def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, task: TaskSpec, shape: dict, tp,
                  scale: float) -> PrefectFuture:
     """The future of the LoRA init a variant with a teacher trains from."""
     draw = tp.seed if v.drawn else 0
-    seeds = nodes.file_source(cfg.cross_task_seeds if v.seeds == "cross-task" else str(Path(task.dir) / "seeds.jsonl"))
+    seeds = cfg.cross_task_seeds if v.seeds == "cross-task" else str(Path(task.dir) / "seeds.jsonl")
     name = source_name(cfg.teacher)
     if v.teacher == "untrained":
         teacher = graph.submit(nodes.RandomModel(seed=draw), {"like": teacher}, f"like={name}, seed={draw}")
         name = f"untrained {name} seed={draw}"
     elif v.teacher == "early":
-        teacher, name = nodes.model_source(cfg.early_teacher, graph.store), source_name(cfg.early_teacher)
+        teacher, name = graph.source("model", cfg.early_teacher), source_name(cfg.early_teacher)
     opts = ChainOptions(k=cfg.k, sample_seed=cfg.sample_seed, selector=v.selector or cfg.selector,
                         reducer=v.reducer or cfg.reducer, max_length=cfg.max_length, dtype=cfg.dtype,
                         device=cfg.device, modules=tp.modules, draw_seed=draw)
@@ -70,15 +70,15 @@ def runs(cfg: SweepConfig, points: list[dict]):
 def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
     """Submit every node of the sweep, wait, write the report; publishes on the current flow run."""
     store = graph.store
-    teacher = nodes.model_source(cfg.teacher, store)
+    teacher = graph.source("model", cfg.teacher)
     points = grid(cfg)
     splits = ["test"] + (["val"] if len(points) > 1 else [])
     scored = []  # (row fields, scores future, init future or None)
     for student_path in cfg.students:
-        student = nodes.model_source(student_path, store)
+        student = graph.source("model", student_path)
         shape = arch.shape_of(models.load_config(student_path))
         for task in cfg.tasks:
-            train = nodes.file_source(str(Path(task.dir) / "train.jsonl"))
+            train = graph.source("file", str(Path(task.dir) / "train.jsonl"))
             benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
             for v, setting, seed in runs(cfg, points):
                 label = f"{source_name(student_path)}, {task.name}, {v.name}, seed={seed}" + (
@@ -110,8 +110,9 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
             "table": summary.to_dict(orient="records"), "headline": lines}
 
 
-def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: dict, student: dict, train: dict, task: TaskSpec,
-           shape: dict, seed: int, setting: dict, label: str) -> tuple[PrefectFuture | None, PrefectFuture | None]:
+def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, student: PrefectFuture,
+           train: PrefectFuture, task: TaskSpec, shape: dict, seed: int, setting: dict,
+           label: str) -> tuple[PrefectFuture | None, PrefectFuture | None]:
     """Futures of one run's adapter and of the LoRA init it trains from (None where there is none)."""
     if not v.trains:
         return None, None
@@ -125,13 +126,13 @@ def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: dict, student: d
     return adapter, init
 
 
-def _score(graph: Graph, cfg: SweepConfig, student: dict, adapter, task: TaskSpec, benchmark: str, split: str,
+def _score(graph: Graph, cfg: SweepConfig, student: PrefectFuture, adapter, task: TaskSpec, benchmark: str, split: str,
            label: str) -> PrefectFuture:
-    inputs = {"student": student, "data": nodes.dir_source(task.dir, [f"{split}.jsonl", "train.jsonl"])}
+    inputs = {"student": student, "data": graph.source("dir", task.dir, [f"{split}.jsonl", "train.jsonl"])}
     if adapter is not None:
         inputs["adapter"] = adapter
     if benchmark == "winrate":
-        inputs["judge"] = nodes.model_source(cfg.judge, graph.store)
+        inputs["judge"] = graph.source("model", cfg.judge)
     spec = nodes.Scores(benchmark=benchmark, task_definition=evaluate.task_digest(benchmark), split=split,
                         num_fewshot=cfg.num_fewshot, limit=cfg.eval_limit, dtype=cfg.dtype, device=cfg.device)
     return graph.submit(spec, inputs, f"{label}, {benchmark}, {split}")

@@ -157,9 +157,21 @@ def save_adapter(directory: str | Path, state: dict[str, torch.Tensor], config, 
     directory.mkdir(parents=True, exist_ok=True)
     cfg = lora_config(modules_in(state, config), rank, alpha, dropout, getattr(config, "_name_or_path", None))
     cfg.save_pretrained(str(directory))
+    _sort_sets(cfg, directory / "adapter_config.json")
     meta = {"format": "pt", **(metadata or {})}
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "adapter_model.safetensors"), metadata=meta)
     return directory
+
+
+def _sort_sets(cfg, path: Path) -> None:
+    """peft keeps target_modules (and other module lists) as sets and writes them in set order,
+    which changes between processes with the string hash seed: sort them, so one adapter has one
+    set of bytes (the store's digest, and every key downstream, depend on them)."""
+    saved = json.loads(path.read_text())
+    for name, value in vars(cfg).items():
+        if isinstance(value, (set, frozenset)) and isinstance(saved.get(name), list):
+            saved[name] = sorted(saved[name])
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

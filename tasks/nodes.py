@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
 
 from pkt.artifacts.keys import file_digest
@@ -50,9 +52,25 @@ def dir_source(path: str, names: list[str] | None = None) -> dict:
 
 
 def table_source(store: Store, table: pd.DataFrame, name: str) -> dict:
-    """A table the flow assembled (the sweep's runs), stored as a CSV blob so that a node can
-    depend on its content."""
-    return {"kind": "table", "key": name, "digest": store.put_bytes(table.to_csv(index=False).encode())}
+    """A table the flow assembled (the sweep's runs), stored as a CSV artifact (a record, so gc keeps
+    it until the node that reads it has run) so that a node can depend on its content."""
+    data = table.to_csv(index=False).encode()
+    params, inputs = {"name": name}, {"csv": hashlib.sha256(data).hexdigest()}
+    return store.put_blob("table", store.key("table", params, inputs), data, params=params, inputs=inputs).as_dict()
+
+
+@task(name="source", cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}")
+def source(kind: str, path: str, store_root: str, label: str, names: list[str] | None = None) -> dict:
+    """An input that is not a node, as a ref named by its content: a model ("model"), a data file
+    ("file") or the named files of a task directory ("dir"). A task of its own, so the graph shows
+    which model and which data each node read."""
+    if kind == "model":
+        return model_source(path, Store(store_root))
+    if kind == "file":
+        return file_source(path)
+    if kind == "dir":
+        return dir_source(path, names)
+    raise ValueError(f"unknown source kind {kind!r}")
 
 
 def model_path(store: Store, ref: dict) -> str:
@@ -71,6 +89,8 @@ class Family(Node):
 
     def compute(self, store, inputs, out):
         stats = family.build_family(out, self.size, log=log)
+        # the artifact's bytes are a function of its key: the build's duration goes in the record only
+        stats = {who: {k: v for k, v in s.items() if k != "seconds"} for who, s in stats.items()}
         Path(out, "family_stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
 
 

@@ -1,15 +1,39 @@
-"""The main job end to end at the test size, through Prefect."""
+"""The main job end to end at the test size, through Prefect: results, reuse, and the graph the UI draws."""
 import math
 import shutil
 
 import pandas as pd
 
 from pkt.flows.demo import ALL_VARIANTS, demo
+from prefect_api import task_graph
+
+
+def check_edges(graph: dict) -> None:
+    """The true dependencies: teacher -> sensitivity -> plan -> extraction -> init -> adapter -> scores -> report."""
+    kind = lambda name: name.split("[")[0]
+    adapters = {n: ups for n, (_, ups) in graph.items() if kind(n) == "adapter"}
+    assert len(adapters) == 2 * (len(ALL_VARIANTS) - 1), sorted(graph)
+    for name, ups in adapters.items():
+        assert "model[student]" in ups and "file[gsm/train.jsonl]" in ups, (name, ups)
+        needs_init = not any(f", {v}, " in name for v in ("lora", "pissa"))
+        assert sum(kind(u) == "lora_init" for u in ups) == needs_init, (name, ups)
+    for name, (_, ups) in graph.items():
+        need = {"sensitivity": {"model", "file"}, "layer_plan": {"sensitivity"},
+                "extraction": {"model", "sensitivity", "layer_plan"}, "lora_init": {"extraction"},
+                "scores": {"model", "dir"}}.get(kind(name), set())
+        if kind(name) == "extraction" and "untrained" in name:
+            need = {"random_model", "sensitivity", "layer_plan"}
+        if kind(name) == "sensitivity" and "untrained" in name:
+            need = {"random_model", "file"}
+        assert need <= {kind(u) for u in ups}, (name, ups)
+    (report, (_, ups)), = [(n, v) for n, v in graph.items() if kind(n) == "report"]
+    assert sorted(ups) == sorted(n for n in graph if kind(n) == "scores")
 
 
 def test_demo_end_to_end_then_fully_reused(prefect_env, tmp_path):
     store, report_dir = str(tmp_path / "store"), tmp_path / "report"
-    first = demo(size="test", seeds=[0, 1], store=store, report_dir=str(report_dir))
+    state = demo(size="test", seeds=[0, 1], store=store, report_dir=str(report_dir), return_state=True)
+    first = state.result()
     rows = first["table"]
     gsm = [r for r in rows if r["metric"] == "exact_match/strict-match"]
     assert sorted(r["variant"] for r in gsm) == sorted(ALL_VARIANTS)
@@ -22,11 +46,19 @@ def test_demo_end_to_end_then_fully_reused(prefect_env, tmp_path):
         assert (report_dir / name).stat().st_size > 0
     text = (report_dir / "report.md").read_text()
     assert "transfer" in text and "lora" in text
+    graph = task_graph(state)
+    check_edges(graph)
+    assert {s for n, (s, _) in graph.items() if not n.startswith(("model[", "file[", "dir["))} == {"Completed"}
 
     drawn = {f.name: f.read_bytes() for f in report_dir.iterdir()}
     shutil.rmtree(report_dir)  # the report is a store node too: a rerun puts it back, drawing nothing
-    second = demo(size="test", seeds=[0, 1], store=store, report_dir=str(report_dir))
+    state = demo(size="test", seeds=[0, 1], store=store, report_dir=str(report_dir), return_state=True)
+    second = state.result()
     assert second["computed"] == 0 and second["family"]["status"] == "reused"
     assert ("report", "reused") in {(kind, status) for kind, _, status in second["nodes"]}
     assert {f.name: f.read_bytes() for f in report_dir.iterdir()} == drawn
     pd.testing.assert_frame_equal(pd.DataFrame(second["table"]), pd.DataFrame(first["table"]))
+    cached = task_graph(state)
+    check_edges(cached)  # a cached run draws the same graph
+    assert cached.keys() == graph.keys()
+    assert {s for n, (s, _) in cached.items() if not n.startswith(("model[", "file[", "dir["))} == {"Cached"}

@@ -222,3 +222,22 @@ def test_no_message_suggests_a_fix_that_does_not_exist():
         for flag in re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", path.read_text()):
             assert flag in flags | {"--help", "--no-prompt", "--all", "--pool", "--name", "--port-file", "--parent",
                                     "--host", "--port", "--checkout"}, (path.name, flag)
+
+
+def test_a_pkt_error_inside_a_flow_prints_its_sentence_without_tracebacks(prefect_env, mini_family, tmp_path,
+                                                                          monkeypatch, capfd):
+    """An input problem only a node can see (here: raised from inside the sensitivity pass) reaches
+    the user as pkt's one sentence; Prefect's log lines for it carry no traceback."""
+    from pkt.core import sensitivity
+    from pkt.core.data import DataError
+
+    def fails(*a, **kw):
+        raise DataError("seeds.jsonl line 3: the answer is cut away; shorten the prompt")
+
+    monkeypatch.setattr(sensitivity, "compute_sensitivity", fails)
+    code = cli.main(extract(mini_family, "--store", str(tmp_path / "store")))
+    out, err = capfd.readouterr()
+    assert code == 2
+    assert "Traceback" not in out + err, err
+    assert err.strip().splitlines()[-1] == ("pkt extract: error: seeds.jsonl line 3: the answer is cut away; "
+                                            "shorten the prompt")

@@ -47,9 +47,9 @@ def model_digest(source: str | Path, revision: str | None = None, memo_dir: Path
     check_source(source)
     path = Path(source)
     if path.exists():
-        from pkt.core.models import _refuse_pickled_only
+        from pkt.core.models import check_weights_present
 
-        _refuse_pickled_only(path, allow_bin=True)
+        check_weights_present(path, allow_bin=True)
         h = hashlib.sha256()
         for f in identity_files(path):
             rel = f.relative_to(path).as_posix()

@@ -35,6 +35,8 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors.torch import load_file, save_file
 
+from pkt.core.errors import UserError
+
 from .keys import artifact_key, canonical_json, file_digest
 
 DEFAULT_ROOT = Path(".pkt") / "store"
@@ -44,7 +46,7 @@ TMP_MAX_AGE = 3600  # seconds: a temp entry outside any live process's area this
 log = logging.getLogger("pkt.store")
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     pass
 
 

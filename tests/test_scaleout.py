@@ -18,6 +18,7 @@ def config(family, store, report_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_sweep_runs_on_dask_workers_and_matches_the_serial_run(prefect_env, mini_family, tmp_path):
     pytest.importorskip("prefect_dask")
     from distributed import Client, LocalCluster

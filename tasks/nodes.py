@@ -24,7 +24,7 @@ from pkt.artifacts.store import Ref, Store
 from pkt.core import align, arch, data, evaluate, finetune, lora_init, models, report, sensitivity
 from pkt.core.mini import family
 
-from .node import Node, Tensors, execution, log
+from .node import Node, Tensors, execution, log, opaque
 
 
 # ---- sources: inputs that are not nodes ----------------------------------------------------------
@@ -65,11 +65,11 @@ def source(kind: str, path: str, store_root: str, label: str, names: list[str] |
     ("file") or the named files of a task directory ("dir"). A task of its own, so the graph shows
     which model and which data each node read."""
     if kind == "model":
-        return model_source(path, Store(store_root))
+        return opaque(model_source(path, Store(store_root)))
     if kind == "file":
-        return file_source(path)
+        return opaque(file_source(path))
     if kind == "dir":
-        return dir_source(path, names)
+        return opaque(dir_source(path, names))
     raise ValueError(f"unknown source kind {kind!r}")
 
 

@@ -55,9 +55,9 @@ def extraction_chain(graph: Graph, teacher: PrefectFuture, seeds: str, shape: di
 
 
 def init_node(graph: Graph, chain: dict, *, rank: int, alpha: float, dropout: float = 0.05, split: str = "paper",
-              scale: float = 1.0, transform: str = "none", transform_seed: int = 0) -> PrefectFuture:
+              scale: float = 1.0, svd: str = "auto", transform: str = "none", transform_seed: int = 0) -> PrefectFuture:
     how = "" if transform == "none" else f", {transform} seed={transform_seed}"
-    return graph.submit(nodes.LoraInit(rank=rank, alpha=alpha, dropout=dropout, split=split, scale=scale,
+    return graph.submit(nodes.LoraInit(rank=rank, alpha=alpha, dropout=dropout, split=split, scale=scale, svd=svd,
                                        transform=transform, transform_seed=transform_seed),
                         {"extraction": chain["extraction"]}, f"{chain['tag']}, rank={rank}, scale={scale}{how}")
 
@@ -66,11 +66,12 @@ def init_node(graph: Graph, chain: dict, *, rank: int, alpha: float, dropout: fl
 def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 16, alpha: float = 16.0,
                     k: int | None = None, selector: str = "sensitivity", reducer: str = "submatrix",
                     store: str | None = None, dtype: str = "float32", device: str = "cpu",
-                    sensitivity_layout: str = "single") -> dict:
+                    sensitivity_layout: str = "single", svd: str = "auto") -> dict:
     """Sensitivity, layer plans, extractions and LoRA inits for each student shape (computed once).
 
     sensitivity_layout='per_layer' writes the map one decoder layer at a time (host RAM holds one
-    layer of it; with device='cuda' the accumulators stay on the GPU)."""
+    layer of it; with device='cuda' the accumulators stay on the GPU). svd: the LoRA init's SVD,
+    'auto' (randomized torch.svd_lowrank for large pieces), 'full' or 'lowrank'."""
     st = Store(store)
     opts = ChainOptions(k=k, selector=selector, reducer=reducer, dtype=dtype, device=device, layout=sensitivity_layout)
     with task_runner() as runner:
@@ -80,7 +81,7 @@ def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 1
         for student in students:
             shape = arch.shape_of(models.load_config(student))
             chain = extraction_chain(graph, t_src, seeds, shape, opts, source_name(teacher))
-            chains[student] = {**chain, "lora_init": init_node(graph, chain, rank=rank, alpha=alpha)}
+            chains[student] = {**chain, "lora_init": init_node(graph, chain, rank=rank, alpha=alpha, svd=svd)}
         results = graph.results()
     out = {}
     for student, chain in chains.items():

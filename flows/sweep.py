@@ -48,7 +48,7 @@ def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFut
                         device=cfg.device, modules=tp.modules, draw_seed=draw)
     chain = extraction_chain(graph, teacher, seeds, shape, opts, name)
     return init_node(graph, chain, rank=tp.rank, alpha=tp.alpha, dropout=tp.dropout, split=cfg.split, scale=scale,
-                     transform=v.transform, transform_seed=draw)
+                     svd=cfg.svd, transform=v.transform, transform_seed=draw)
 
 
 def grid(cfg: SweepConfig) -> list[dict]:

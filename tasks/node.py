@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import StateDetails
 from prefect.logging import get_logger
 from prefect.states import Completed
 
@@ -100,24 +101,32 @@ def log(msg: str) -> None:
     _logger().info(msg)
 
 
-@task(name="node", cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}")
-def run_node(spec: Node, inputs: dict, store_root: str, label: str, torch_threads: int | None = None):
-    """The node's ref as {kind, key, digest, status}; status is 'reused' (the run shows Cached) or
+def build(spec: Node, inputs: dict, store: Store) -> dict:
+    """The node's ref as {kind, key, digest, status}: 'reused' when the store holds it, else
     'computed'. A node being computed elsewhere (another branch, another process) is waited for
-    under the store's lock, never computed twice."""
-    store = Store(store_root)
+    under the store's lock, never computed twice. Plain Python: no Prefect run needed."""
     key = spec.key(inputs)
-    hit = _lookup(store, spec.KIND, key)
+    hit = store.lookup(spec.KIND, key)  # a stored node needs no lock (nor a writable store)
+    store.misses.clear()  # a miss is looked up (and reported) again under the lock
     if hit is None:
-        if torch_threads and torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)  # N workers on N cores: no oversubscription
         with store.lock(spec.KIND, key):
             hit = _lookup(store, spec.KIND, key)  # computed by someone else while we waited
             if hit is None:
-                ref = _compute(store, spec, key, inputs)
-                return {**ref.as_dict(), "status": "computed"}
-    return Completed(name="Cached", message=f"{spec.KIND} {key[:12]} reused from the store",
-                     data={**hit.as_dict(), "status": "reused"})
+                return {**_compute(store, spec, key, inputs).as_dict(), "status": "computed"}
+    return {**hit.as_dict(), "status": "reused"}
+
+
+@task(name="node", cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}")
+def run_node(spec: Node, inputs: dict, store_root: str, label: str, torch_threads: int | None = None):
+    """build() as a Prefect task: a node the store holds finishes in a state named Cached."""
+    if torch_threads and torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)  # N workers on N cores: no oversubscription
+    ref = build(spec, inputs, Store(store_root))
+    if ref["status"] == "computed":
+        return ref
+    # the artifact key shows as the state's cache key; Prefect itself looks nothing up by it
+    return Completed(name="Cached", message=f"{spec.KIND} {ref['key'][:12]} reused from the store", data=ref,
+                     state_details=StateDetails(cache_key=f"pkt-{spec.KIND}-{ref['key']}"))
 
 
 def _compute(store: Store, spec: Node, key: str, inputs: dict) -> Ref:

@@ -52,9 +52,11 @@ def dir_source(path: str, names: list[str] | None = None) -> dict:
 
 
 def table_source(store: Store, table: pd.DataFrame, name: str) -> dict:
-    """A table the flow assembled (the sweep's runs), stored as a CSV blob so that a node can
-    depend on its content."""
-    return {"kind": "table", "key": name, "digest": store.put_bytes(table.to_csv(index=False).encode())}
+    """A table the flow assembled (the sweep's runs), stored as a CSV artifact (a record, so gc keeps
+    it until the node that reads it has run) so that a node can depend on its content."""
+    data = table.to_csv(index=False).encode()
+    params, inputs = {"name": name}, {"csv": hashlib.sha256(data).hexdigest()}
+    return store.put_blob("table", store.key("table", params, inputs), data, params=params, inputs=inputs).as_dict()
 
 
 @task(name="source", cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}")
@@ -87,6 +89,8 @@ class Family(Node):
 
     def compute(self, store, inputs, out):
         stats = family.build_family(out, self.size, log=log)
+        # the artifact's bytes are a function of its key: the build's duration goes in the record only
+        stats = {who: {k: v for k, v in s.items() if k != "seconds"} for who, s in stats.items()}
         Path(out, "family_stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
 
 
@@ -113,6 +117,7 @@ class Sensitivity(Node):
     """S = sum over seed samples of |theta * dL/dtheta|, the loss on answer tokens only."""
 
     KIND = "sensitivity"
+    VERSION = 2  # stored in bfloat16
     INPUTS = ("teacher", "seeds")
     k: int | None = None
     sample_seed: int = 0
@@ -130,7 +135,8 @@ class Sensitivity(Node):
         samples = data.load_encoded(inputs["seeds"]["key"], tok, self.max_length, self.k, self.sample_seed,
                                     self.chat_template)
         sens = sensitivity.compute_sensitivity(model, samples)
-        totals = sensitivity.layer_totals(sens, model.config).tolist()
+        totals = sensitivity.layer_totals(sens, model.config).tolist()  # from the fp32 sums, before rounding
+        sensitivity.to_storage_dtype(sens)
         meta = {"layer_totals": json.dumps(totals), "teacher_config": model.config.to_json_string(),
                 "n_samples": str(len(samples))}
         if self.layout == "single":
@@ -203,25 +209,32 @@ class LoraInit(Node):
     transform of them)."""
 
     KIND = "lora_init"
+    VERSION = 2  # top singular values from the factors; the svd method's random sketch is seeded
     INPUTS = ("extraction",)
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.05
     split: str = "paper"
     scale: float = 1.0
-    svd: str = "full"
+    svd: str = "auto"  # lora_init.SVD_METHODS: auto uses torch.svd_lowrank for large pieces
     transform: str = "none"
     transform_seed: int = 0
 
     def compute(self, store, inputs, out):
         extraction = inputs["extraction"]
         cfg = arch.config_from_shape(store.record("extraction", extraction["key"])["params"]["student_shape"])
-        state = lora_init.init_state_dict(store.tensors(extraction), cfg, self.rank, self.split, self.scale, self.svd)
+        errors: dict[str, float] = {}
+        state = lora_init.init_state_dict(store.tensors(extraction), cfg, self.rank, self.split, self.scale, self.svd,
+                                          errors)
+        if errors:
+            log(f"SVD ({self.svd}) relative reconstruction error ||W - BA||/||W||: max {max(errors.values()):.4f}, "
+                f"mean {sum(errors.values()) / len(errors):.4f} over {len(errors)} pieces")
         if self.transform == "spectrum-matched":
             state = lora_init.spectrum_matched(state, self.transform_seed)
         elif self.transform == "shuffled":
             state = lora_init.shuffled(state, self.transform_seed)
-        meta = {"top_singular_values": json.dumps(lora_init.top_singular_values(state)), "pkt_kind": "lora_init"}
+        meta = {"top_singular_values": json.dumps(lora_init.top_singular_values(state)), "pkt_kind": "lora_init",
+                "svd_relative_errors": json.dumps(errors, sort_keys=True)}
         lora_init.save_adapter(out, state, cfg, self.rank, self.alpha, self.dropout, meta)
 
 

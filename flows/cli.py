@@ -303,7 +303,9 @@ def _print_result(out: dict) -> None:
     print(f"\n{out['computed']} nodes computed, {len(out['nodes']) - out['computed']} reused.")
     for name, path in out["report"].items():
         print(f"{name:9s} {Path(path).resolve()}")
-    print("Runs, scores and reports are in the Prefect UI: run `pkt ui`, then open http://127.0.0.1:4200")
+    api = os.environ.get("PREFECT_API_URL", "")
+    where = f"open {api.removesuffix('/api')}" if api else "run `pkt ui`, then open http://127.0.0.1:4200"
+    print(f"Runs, scores and reports are in the Prefect UI: {where}")
 
 
 def cmd_report(args) -> int:
@@ -412,7 +414,10 @@ def ui_command(port: int) -> list[str]:
 def cmd_ui(args) -> int:
     print(f"Prefect UI on http://127.0.0.1:{args.port} (bound to 127.0.0.1 only; see README before exposing it)")
     print(f"point runs at it with: export PREFECT_API_URL=http://127.0.0.1:{args.port}/api", flush=True)
-    server = subprocess.Popen(ui_command(args.port))
+    # the UI's browser code calls the API at PREFECT_UI_API_URL, which defaults to port 4200
+    env = {**os.environ, "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL")
+           or f"http://127.0.0.1:{args.port}/api"}
+    server = subprocess.Popen(ui_command(args.port), env=env)
     try:
         return server.wait()
     finally:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 
+import pandas as pd
 import pytest
 
 from pkt.artifacts.store import CorruptBlob, Store
@@ -108,7 +109,8 @@ def test_gc_in_a_tight_loop_during_the_test_demo_loses_nothing(prefect_env, tmp_
     assert errors == [] and rounds[0] > 5
     assert Store(store).verify() == []
     second = demo(size="test", seeds=[0], store=str(store), report_dir=str(tmp_path / "report"))
-    assert second["computed"] == 0 and first["table"] == second["table"]
+    assert second["computed"] == 0
+    pd.testing.assert_frame_equal(pd.DataFrame(second["table"]), pd.DataFrame(first["table"]))
 
 
 def test_a_permuted_tokenizer_reuses_no_extraction_node(prefect_env, mini_family, tmp_path):

@@ -172,10 +172,15 @@ def _print_result(out: dict) -> None:
     import pandas as pd
 
     table = pd.DataFrame(out["table"])
-    cols = [c for c in ["task", "metric", "variant", "mean", "std", "n", "diff", "ci_low", "ci_high", "verdict",
-                        "top_sv"] if c in table]
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
-        print(table[cols].to_string(index=False))
+    views = [["task", "metric", "variant", "mean", "std", "n", "top_sv", "top_sv_ratio", "diff", "ci_low", "ci_high",
+              "p_perm", "verdict"],
+             ["task", "metric", "variant", "transfer_diff", "transfer_ci_low", "transfer_ci_high", "transfer_p_perm",
+              "transfer_verdict"]]
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 70,
+                           "display.float_format", "{:.4f}".format):
+        for cols in views:  # variant - lora, then transfer - variant
+            print(table[[c for c in cols if c in table]].to_string(index=False))
+            print()
     print()
     for line in out["headline"]:
         print(line)

@@ -140,7 +140,11 @@ def cmd_extract(args) -> int:
         print(f"{kind:12s} {key}  {status}")
     for student, v in out.items():
         print(f"layer plan for {student}: teacher layers {v['layers']}")
-        print(f"LoRA init for {student}: {v['init_path']}")
+        print(f"fine-tune {student} from these two together (step 0 computes the student; README: "
+              "'Fine-tuning from pkt extract'):")
+        print(f"  base model: {v['base_path']}")
+        print(f"  LoRA init:  {v['init_path']}")
+        print("  (the LoRA init alone on the original student is NOT the student: its base must be the one above)")
     return 0
 
 

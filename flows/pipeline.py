@@ -91,7 +91,9 @@ def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 1
                     k: int | None = None, selector: str = "sensitivity", reducer: str = "submatrix",
                     store: str | None = None, dtype: str = "float32", device: str = "cpu",
                     sensitivity_layout: str = "single") -> dict:
-    """Sensitivity, layer plans, extractions and LoRA inits for each student shape (computed once).
+    """Sensitivity, layer plans, extractions and LoRA inits for each student shape (computed once),
+    and for each student the residual base (its weights minus the init's delta) that the init
+    adapter trains on: that pair, loaded with stock peft, is the student at step 0.
 
     sensitivity_layout='per_layer' writes the map one decoder layer at a time (host RAM holds one
     layer of it; with device='cuda' the accumulators stay on the GPU)."""
@@ -103,9 +105,13 @@ def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 1
         chain = extraction_chain(ledger, t_src, s_src, shape, k=k, sample_seed=0, selector=selector, reducer=reducer,
                                  max_length=2048, dtype=dtype, device=device, layout=sensitivity_layout)
         init = init_node(ledger, chain["extraction"], rank=rank, alpha=alpha, dropout=0.05, split="paper", scale=1.0)
+        residual = ledger.run(nodes.residual_model_task, {"dtype": dtype},
+                              {"student": nodes.model_source(student, ledger.store), "init": init},
+                              f"student={_name(student)}, rank={rank}")
         layers = json.loads(ledger.store.header(chain["plan"])["layers"])
-        out[student] = {**chain, "lora_init": init, "layers": layers,
-                        "init_path": str(ledger.store.tree(Ref.of(init)))}
+        out[student] = {**chain, "lora_init": init, "residual_model": residual, "layers": layers,
+                        "init_path": str(ledger.store.tree(Ref.of(init))),
+                        "base_path": str(ledger.store.tree(Ref.of(residual)))}
     _publish_summary(ledger, "extract-teacher", {s: v["layers"] for s, v in out.items()})
     out["_ledger"] = [(r.kind, r.key, r.status) for r in ledger.rows]
     return out
@@ -180,9 +186,9 @@ def sweep(config: dict) -> dict:
             benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
             for variant, setting, seed in _runs(cfg, grid):
                 label = f"{_name(student_path)}, {task.name}, {variant}, seed={seed}" + (f", {setting}" if setting else "")
-                adapter, top_sv = None, None
+                adapter, size = None, {}
                 if variant != "vanilla":
-                    adapter, top_sv = _train(ledger, cfg, teacher, student, train, task, shape, variant,
+                    adapter, size = _train(ledger, cfg, teacher, student, train, task, shape, variant,
                                              cfg.train_params(seed, setting), label)
                 # vanilla is deterministic: its one run pairs with every seed
                 seeds_here = cfg.seeds if variant == "vanilla" else [seed]
@@ -190,7 +196,8 @@ def sweep(config: dict) -> dict:
                     summary = _score(ledger, cfg, student, adapter, task, bench, split, label)
                     rows += [{"student": student_path, "task": task.name, "benchmark": bench, "metric": metric,
                               "variant": variant, "seed": s, "setting": json.dumps(setting, sort_keys=True),
-                              "split": split, "value": value, "top_sv": top_sv}
+                              "split": split, "value": value, "top_sv": size.get("top_sv"),
+                              "top_sv_ratio": size.get("top_sv_ratio")}
                              for metric, value in summary.items() for s in seeds_here]
     primary = evaluate.primary_metric(cfg.tasks[0].benchmark)
     paths = _report(ledger, select_settings(pd.DataFrame(rows), cfg), primary, cfg.report_dir)
@@ -239,23 +246,22 @@ def _runs(cfg: SweepConfig, grid: list[dict]):
 
 
 def _train(ledger: Ledger, cfg: SweepConfig, teacher: dict, student: dict, train: dict, task: TaskSpec, shape: dict,
-           variant: str, tp, label: str) -> tuple[dict, float | None]:
-    """The adapter node of one run, and its init's top singular value (None without a teacher init)."""
+           variant: str, tp, label: str) -> tuple[dict, dict]:
+    """The adapter node of one run, and its init's effective size at step 0 (lora_init.init_size)."""
     init = variant_init(ledger, cfg, variant, teacher, task, shape, tp)
     inputs = {"student": student, "train": train, **({"init": init} if init else {})}
     adapter = ledger.run(nodes.adapter_task,
                          {"variant": variant, "init": "extracted" if init else variant, "train": tp.as_dict(),
                           "dtype": cfg.dtype, "device": cfg.device}, inputs, label)
-    return adapter, _top_sv(ledger.store, init) if init else None
+    return adapter, _init_size(ledger.store, adapter)
 
 
-def _top_sv(store: Store, init: dict) -> float | None:
+def _init_size(store: Store, adapter: dict) -> dict:
     from safetensors import safe_open
 
-    tree = store.tree(Ref.of(init))
+    tree = store.tree(Ref.of(adapter))
     with safe_open(str(tree / "adapter_model.safetensors"), framework="pt") as f:
-        values = json.loads((f.metadata() or {}).get("top_singular_values", "[]"))
-    return values[0] if values else None
+        return json.loads((f.metadata() or {}).get("init_size", "{}"))
 
 
 def select_settings(runs: pd.DataFrame, cfg: SweepConfig) -> pd.DataFrame:

@@ -139,16 +139,33 @@ def compute_lora_init(store: Store, key: str, params: dict, inputs: dict) -> Ref
     extraction = inputs["extraction"]
     shape = store.record("extraction", extraction["key"])["params"]["student_shape"]
     cfg = arch.config_from_shape(shape)
-    state = lora_init.init_state_dict(store.tensors(extraction), cfg, params["rank"], params["split"], params["scale"],
-                                      params["svd"])
+    rank, alpha = params["rank"], params["alpha"]
+    state = lora_init.init_state_dict(store.tensors(extraction), cfg, rank, alpha=alpha, split=params["split"],
+                                      scale=params["scale"], method=params["svd"])
     if params["transform"] == "spectrum-matched":
         state = lora_init.spectrum_matched(state, params["transform_seed"])
     elif params["transform"] == "shuffled":
         state = lora_init.shuffled(state, params["transform_seed"])
-    meta = {"top_singular_values": json.dumps(lora_init.top_singular_values(state)), "pkt_kind": "lora_init"}
+    meta = {"top_singular_values": json.dumps(lora_init.top_singular_values(state, alpha / rank)),
+            "scaling": lora_init.scaling_note(rank, alpha, params["split"], params["scale"]),
+            "transform_seed": str(params["transform_seed"]), "pkt_kind": "lora_init"}
     with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
         lora_init.save_adapter(tmp, state, cfg, params["rank"], params["alpha"], params["dropout"], meta)
         return store.put_tree("lora_init", key, tmp, params=params, inputs=digests(inputs))
+
+
+def compute_residual_model(store: Store, key: str, params: dict, inputs: dict) -> Ref:
+    """The student minus its init's applied delta, an HF model dir: with the init adapter on top
+    it is the student at step 0, so a user's own trainer starts where pkt's does."""
+    t0 = time.time()
+    src = inputs["student"]["key"]
+    student = models.load_model(src, dtype=params["dtype"], device="cpu")
+    residual = lora_init.residual_model(student, store.tree(Ref.of(inputs["init"])))
+    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
+        residual.save_pretrained(tmp, safe_serialization=True)
+        models.load_tokenizer(src).save_pretrained(tmp)
+        return store.put_tree("residual_model", key, tmp, params=params, inputs=digests(inputs),
+                              seconds=time.time() - t0)
 
 
 def compute_adapter(store: Store, key: str, params: dict, inputs: dict) -> Ref:
@@ -173,6 +190,7 @@ def compute_adapter(store: Store, key: str, params: dict, inputs: dict) -> Ref:
         model = get_peft_model(student, cfg)
         rank, alpha = tp.rank, tp.alpha
     init_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    size = lora_init.init_size(model)  # at step 0, from peft's applied deltas
     samples = data.load_encoded(inputs["train"]["key"], tok, tp.max_length)[: tp.n_train]
     log = finetune.finetune(model, samples, tp, tok.pad_token_id)
     trained = get_peft_model_state_dict(model, save_embedding_layers=False)
@@ -182,7 +200,8 @@ def compute_adapter(store: Store, key: str, params: dict, inputs: dict) -> Ref:
     cfg = arch.config_from_shape(arch.shape_of(student.config))
     with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
         lora_init.save_adapter(tmp, state, cfg, factor * rank, factor * alpha, tp.dropout,
-                               {"pkt_kind": "adapter", "variant": params["variant"]})
+                               {"pkt_kind": "adapter", "variant": params["variant"],
+                                "init_size": json.dumps(size)})
         Path(tmp, "pkt_train_log.json").write_text(json.dumps({"losses": log.losses, "steps": log.steps}))
         return store.put_tree("adapter", key, tmp, params=params, inputs=digests(inputs), seconds=time.time() - t0)
 
@@ -225,6 +244,7 @@ sensitivity_task = artifact_task("sensitivity", compute_sensitivity, "sensitivit
 layer_plan_task = artifact_task("layer_plan", compute_layer_plan, "layer_plan[{label}]")
 extraction_task = artifact_task("extraction", compute_extraction, "extraction[{label}]")
 lora_init_task = artifact_task("lora_init", compute_lora_init, "lora_init[{label}]")
+residual_model_task = artifact_task("residual_model", compute_residual_model, "residual_model[{label}]")
 adapter_task = artifact_task("adapter", compute_adapter, "adapter[{label}]")
 scores_task = artifact_task("scores", compute_scores, "scores[{label}]")
 report_task = artifact_task("report", compute_report, "report[{label}]")

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -34,7 +35,11 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build or reuse the miniature family and run the demo sweep")
     p.add_argument("--size", default="demo", choices=["demo", "test"], help="family size (test: seconds)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per variant (default 3)")
-    p.add_argument("--report-dir", default="pkt-report")
+    p.add_argument("--report-dir", default=None, help="default: pkt-report (pkt-study with --study)")
+    p.add_argument("--study", action="store_true",
+                   help="the study instead of the smoke-size demo: every variant x 5 seeds x 2 lr x 3 init "
+                        "scales, two independently built families, GSM-like and MMLU-like tasks")
+    p.add_argument("--families", default="0,1", help="with --study: the family seeds to build and sweep")
     _store_arg(p)
 
     p = sub.add_parser("extract", help="teacher sensitivity, layer plan and LoRA init for a student's shape")
@@ -110,10 +115,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.study:
+        from .study import study
+
+        started = time.time()
+        out = study(store=args.store, report_dir=args.report_dir or "pkt-study",
+                    family_seeds=[int(s) for s in args.families.split(",")])
+        _print_result(out)
+        print(f"study wall time {time.time() - started:.0f} s")
+        return 0
     from .pipeline import demo
 
-    out = demo(size=args.size, seeds=list(range(args.seeds)), store=args.store, report_dir=args.report_dir)
+    out = demo(size=args.size, seeds=list(range(args.seeds)), store=args.store,
+               report_dir=args.report_dir or "pkt-report")
     _print_result(out)
+    print("\nThis is a smoke-size study (one small family, one task, one learning rate and init scale, "
+          f"{args.seeds} seeds): it shows the pipeline works, not whether transfer helps. For that, run "
+          "`pkt demo --study`.")
     return 0
 
 

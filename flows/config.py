@@ -49,7 +49,10 @@ class SweepConfig(BaseModel):
     init_scale: float = 1.0
     max_length: int = 2048
     train: dict = Field(default_factory=dict, description="TrainParams overrides (rank, alpha, lr, epochs, ...)")
-    train_grid: dict[str, list] = Field(default_factory=dict, description="e.g. {lr: [1e-3, 1e-2]}: best on val")
+    train_grid: dict[str, list] = Field(default_factory=dict, description="e.g. {lr: [1e-3, 1e-2], init_scale: "
+                                        "[0.5, 1, 2]}: each variant at its best setting on val")
+    select_on: str | None = Field(None, description="val metric that picks each variant's setting; default: the "
+                                  "first task's primary metric (answer_nll is steadier at small scale)")
     benchmarks: list[str] = Field(default_factory=lambda: ["answer_nll"], description="extra benchmarks per task")
     judge: str | None = Field(None, description="local judge model for the optional 'winrate' benchmark")
     num_fewshot: int = 0
@@ -73,6 +76,15 @@ class SweepConfig(BaseModel):
         bad = [k for k in v if k not in TrainParams.__dataclass_fields__]
         if bad:
             raise ValueError(f"unknown training parameters {bad}; known: {', '.join(TrainParams.__dataclass_fields__)}")
+        return v
+
+    @field_validator("train_grid")
+    @classmethod
+    def _known_grid(cls, v: dict) -> dict:
+        bad = [k for k in v if k not in TrainParams.__dataclass_fields__ and k != "init_scale"]
+        if bad:
+            raise ValueError(f"unknown grid parameters {bad}; known: init_scale, "
+                             f"{', '.join(TrainParams.__dataclass_fields__)}")
         return v
 
     @model_validator(mode="after")

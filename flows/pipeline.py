@@ -118,23 +118,27 @@ def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 1
 
 
 # ---- the sweep -------------------------------------------------------------------------------
-EXTRACTED = {"transfer", "random-submatrix", "cross-task", "untrained-teacher", "spectrum-matched", "shuffled",
-             "early-teacher"}
+EXTRACTED = {"transfer", "random-submatrix", "random-layers", "cross-task", "untrained-teacher", "spectrum-matched",
+             "shuffled", "early-teacher"}
 
 
 def variant_init(ledger: Ledger, cfg: SweepConfig, variant: str, teacher: dict, task: TaskSpec, shape: dict,
-                 tp) -> dict | None:
-    """The LoRA init node a variant trains from (None for vanilla/lora/pissa: no teacher)."""
+                 tp, scale: float | None = None) -> dict | None:
+    """The LoRA init node a variant trains from (None for vanilla/lora/pissa: no teacher). Every
+    control's random draw is seeded by the training seed (tp.seed, recorded in its node's params)."""
     if variant not in EXTRACTED:
         return None
     seeds = nodes.file_source(str(Path(task.dir) / "seeds.jsonl"))
-    reducer, transform = cfg.reducer, "none"
-    if variant == "random-submatrix":
-        reducer = "random"
+    reducer, selector, transform, draw = cfg.reducer, cfg.selector, "none", 0
+    if variant == "random-submatrix":  # the sensitive layers, random rows/columns
+        reducer, draw = "random", tp.seed
+    elif variant == "random-layers":  # random layers, the sensitive windows
+        selector, draw = "random", tp.seed
     elif variant == "cross-task":
         seeds = nodes.file_source(cfg.cross_task_seeds)
     elif variant == "untrained-teacher":
-        teacher = ledger.run(nodes.random_model_task, {"seed": 0}, {"like": teacher}, f"like={_name(teacher['key'])}")
+        teacher = ledger.run(nodes.random_model_task, {"seed": tp.seed}, {"like": teacher},
+                             f"like={_name(teacher['key'])}, seed={tp.seed}")
         path = str(ledger.store.tree(Ref.of(teacher)))
         teacher = {"kind": "model", "key": path, "digest": teacher["digest"]}
     elif variant == "early-teacher":
@@ -142,10 +146,11 @@ def variant_init(ledger: Ledger, cfg: SweepConfig, variant: str, teacher: dict, 
     elif variant in ("spectrum-matched", "shuffled"):
         transform = variant
     chain = extraction_chain(ledger, teacher, seeds, shape, k=cfg.k, sample_seed=cfg.sample_seed,
-                             selector=cfg.selector, reducer=reducer, max_length=cfg.max_length, dtype=cfg.dtype,
-                             device=cfg.device, modules=tp.modules)
+                             selector=selector, reducer=reducer, max_length=cfg.max_length, dtype=cfg.dtype,
+                             device=cfg.device, modules=tp.modules, seed=draw)
     return init_node(ledger, chain["extraction"], rank=tp.rank, alpha=tp.alpha, dropout=tp.dropout, split=cfg.split,
-                     scale=cfg.init_scale, transform=transform, transform_seed=0)
+                     scale=cfg.init_scale if scale is None else scale, transform=transform,
+                     transform_seed=tp.seed if transform != "none" else 0)
 
 
 def _grid(cfg: SweepConfig) -> list[dict]:
@@ -172,35 +177,41 @@ def _score(ledger: Ledger, cfg: SweepConfig, student: dict, adapter: dict | None
 @flow(name="sweep", log_prints=True)
 def sweep(config: dict) -> dict:
     """One teacher x students x tasks x variants x seeds (x a training grid), each node computed once,
-    then the report: paired differences to lora with 95% intervals."""
+    then the report: variant - lora and transfer - every other variant, with 95% intervals.
+
+    With a grid, every run is scored on val (the selection metric only), each variant keeps its
+    best setting, and only those runs are scored on test; the size controls are also scored at
+    transfer's setting (same lr and scale: matched effective size)."""
     cfg = parse_config(config)
     ledger = Ledger(Store(cfg.store))
     teacher = nodes.model_source(cfg.teacher, ledger.store)
-    rows, grid = [], _grid(cfg)
-    splits = ["test"] + (["val"] if len(grid) > 1 else [])
+    rows, curves, grid = [], [], _grid(cfg)
     for student_path in cfg.students:
         student = nodes.model_source(student_path, ledger.store)
         shape = arch.shape_of(models.load_config(student_path))
         for task in cfg.tasks:
             train = nodes.file_source(str(Path(task.dir) / "train.jsonl"))
-            benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
+            runs = {}  # (variant, setting json, seed) -> (adapter ref or None, init size, label)
             for variant, setting, seed in _runs(cfg, grid):
                 label = f"{_name(student_path)}, {task.name}, {variant}, seed={seed}" + (f", {setting}" if setting else "")
-                adapter, size = None, {}
-                if variant != "vanilla":
-                    adapter, size = _train(ledger, cfg, teacher, student, train, task, shape, variant,
-                                             cfg.train_params(seed, setting), label)
-                # vanilla is deterministic: its one run pairs with every seed
-                seeds_here = cfg.seeds if variant == "vanilla" else [seed]
-                for split, bench in itertools.product(splits, benchmarks):
-                    summary = _score(ledger, cfg, student, adapter, task, bench, split, label)
-                    rows += [{"student": student_path, "task": task.name, "benchmark": bench, "metric": metric,
-                              "variant": variant, "seed": s, "setting": json.dumps(setting, sort_keys=True),
-                              "split": split, "value": value, "top_sv": size.get("top_sv"),
-                              "top_sv_ratio": size.get("top_sv_ratio")}
-                             for metric, value in summary.items() for s in seeds_here]
+                adapter, size = (None, {}) if variant == "vanilla" else _train(
+                    ledger, cfg, teacher, student, train, task, shape, variant, seed, setting, label)
+                runs[variant, json.dumps(setting, sort_keys=True), seed] = (adapter, size, label)
+            chosen = _choose(ledger, cfg, student, task, runs) if len(grid) > 1 else None
+            benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
+            for (variant, setting, seed), as_variant in _tested(runs, chosen):
+                adapter, size, label = runs[variant, setting, seed]
+                base = {"student": student_path, "task": task.name, "variant": as_variant, "seed": seed,
+                        "setting": setting}
+                for bench in benchmarks:
+                    summary = _score(ledger, cfg, student, adapter, task, bench, "test", label)
+                    rows += [{**base, "benchmark": bench, "metric": metric, "value": value,
+                              "top_sv": size.get("top_sv"), "top_sv_ratio": size.get("top_sv_ratio")}
+                             for metric, value in summary.items()]
+                if adapter is not None:
+                    curves += [{**base, "step": i + 1, "loss": loss} for i, loss in enumerate(_losses(ledger, adapter))]
     primary = evaluate.primary_metric(cfg.tasks[0].benchmark)
-    paths = _report(ledger, select_settings(pd.DataFrame(rows), cfg), primary, cfg.report_dir)
+    paths = _report(ledger, pd.DataFrame(rows), pd.DataFrame(curves), primary, cfg.report_dir)
     summary = report.read_csv(paths["csv"])
     lines = report.headlines(summary, primary)
     _publish_summary(ledger, "sweep", None, summary, paths, lines)
@@ -208,6 +219,33 @@ def sweep(config: dict) -> dict:
             "nodes": [(r.kind, r.key, r.status) for r in ledger.rows],
             "table": summary.to_dict(orient="records"),
             "headline": lines}
+
+
+def _choose(ledger: Ledger, cfg: SweepConfig, student: dict, task: TaskSpec, runs: dict) -> dict[str, str]:
+    """Each variant's training setting with the best mean val score (cfg.select_on, default the task's
+    primary metric), over seeds."""
+    metric = cfg.select_on or evaluate.primary_metric(task.benchmark)
+    bench = "answer_nll" if metric == "answer_nll" else task.benchmark
+    val = []
+    for (variant, setting, seed), (adapter, _, label) in runs.items():
+        value = _score(ledger, cfg, student, adapter, task, bench, "val", label)[metric]
+        val.append({"variant": variant, "setting": setting, "seed": seed, "value": value})
+    return report.select_settings(pd.DataFrame(val), metric)
+
+
+def _tested(runs: dict, chosen: dict[str, str] | None):
+    """((variant, setting, seed), name in the report) of every run scored on test: each variant at
+    its chosen setting, and the size controls also at transfer's (named 'X@transfer-setting')."""
+    for key in runs:
+        variant, setting, _ = key
+        if chosen is None or chosen[variant] == setting:
+            yield key, variant
+        elif variant in report.SIZE_CONTROLS and chosen.get(report.SUBJECT) == setting:
+            yield key, variant + report.AT_SUBJECT
+
+
+def _losses(ledger: Ledger, adapter: dict) -> list[float]:
+    return json.loads((ledger.store.tree(Ref.of(adapter)) / "pkt_train_log.json").read_text())["losses"]
 
 
 @flow(name="transfer", log_prints=True)
@@ -222,12 +260,15 @@ def transfer(teacher: str, student: str, task_dir: str, benchmark: str = "gsm",
                   "report_dir": report_dir, "dtype": dtype, "device": device})
 
 
-def _report(ledger: Ledger, scores: pd.DataFrame, primary: str, out_dir: str) -> dict[str, Path]:
-    """The report node of this runs table (drawn once per distinct table), copied into out_dir."""
-    runs = nodes.table_source(ledger.store, scores, "runs.csv")
-    ref = ledger.run(nodes.report_task, {"primary": primary}, {"runs": runs}, f"{len(scores)} rows, {primary}")
+def _report(ledger: Ledger, scores: pd.DataFrame, curves: pd.DataFrame, primary: str, out_dir: str) -> dict[str, Path]:
+    """The report node of this runs table and its training curves (drawn once per distinct pair),
+    copied into out_dir."""
+    inputs = {"runs": nodes.table_source(ledger.store, scores, "runs.csv")}
+    if not curves.empty:
+        inputs["curves"] = nodes.table_source(ledger.store, curves, "curves.csv")
+    ref = ledger.run(nodes.report_task, {"primary": primary}, inputs, f"{len(scores)} rows, {primary}")
     tree = ledger.store.tree(Ref.of(ref))
-    paths = {name: Path(out_dir) / f for name, f in report.REPORT_FILES.items()}
+    paths = {name: Path(out_dir) / f for name, f in report.REPORT_FILES.items() if (tree / f).exists()}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for dest in paths.values():
         tmp = dest.with_name(f".{dest.name}.tmp")
@@ -237,18 +278,30 @@ def _report(ledger: Ledger, scores: pd.DataFrame, primary: str, out_dir: str) ->
 
 
 def _runs(cfg: SweepConfig, grid: list[dict]):
-    """(variant, training setting, seed) of every run; vanilla trains nothing, so it runs once."""
+    """(variant, training setting, seed) of every run; vanilla trains nothing, so it runs once (n=1).
+    init_scale only varies the inits from a teacher."""
     for variant in cfg.variants:
         if variant == "vanilla":
             yield variant, {}, cfg.seeds[0]
-        else:
-            yield from ((variant, setting, seed) for setting, seed in itertools.product(grid, cfg.seeds))
+            continue
+        settings = grid if variant in EXTRACTED else _unique([{k: v for k, v in g.items() if k != "init_scale"}
+                                                              for g in grid])
+        yield from ((variant, setting, seed) for setting, seed in itertools.product(settings, cfg.seeds))
+
+
+def _unique(settings: list[dict]) -> list[dict]:
+    seen = {}
+    for setting in settings:
+        seen.setdefault(json.dumps(setting, sort_keys=True), setting)
+    return list(seen.values())
 
 
 def _train(ledger: Ledger, cfg: SweepConfig, teacher: dict, student: dict, train: dict, task: TaskSpec, shape: dict,
-           variant: str, tp, label: str) -> tuple[dict, dict]:
-    """The adapter node of one run, and its init's effective size at step 0 (lora_init.init_size)."""
-    init = variant_init(ledger, cfg, variant, teacher, task, shape, tp)
+           variant: str, seed: int, setting: dict, label: str) -> tuple[dict, dict]:
+    """The adapter node of one run, and its init's effective size at step 0 (lora_init.init_size).
+    A setting holds TrainParams fields and, for the inits from a teacher, init_scale."""
+    tp = cfg.train_params(seed, {k: v for k, v in setting.items() if k != "init_scale"})
+    init = variant_init(ledger, cfg, variant, teacher, task, shape, tp, setting.get("init_scale", cfg.init_scale))
     inputs = {"student": student, "train": train, **({"init": init} if init else {})}
     adapter = ledger.run(nodes.adapter_task,
                          {"variant": variant, "init": "extracted" if init else variant, "train": tp.as_dict(),
@@ -262,23 +315,6 @@ def _init_size(store: Store, adapter: dict) -> dict:
     tree = store.tree(Ref.of(adapter))
     with safe_open(str(tree / "adapter_model.safetensors"), framework="pt") as f:
         return json.loads((f.metadata() or {}).get("init_size", "{}"))
-
-
-def select_settings(runs: pd.DataFrame, cfg: SweepConfig) -> pd.DataFrame:
-    """Test scores only, each variant at its own best training setting on the val split."""
-    test = runs[runs["split"] == "test"]
-    if (runs["split"] == "val").sum() == 0:
-        return test.drop(columns=["split"])
-    val = runs[runs["split"] == "val"]
-    keep = []
-    for (student, task, variant), g in val.groupby(["student", "task", "variant"]):
-        bench = cfg.tasks[[t.name for t in cfg.tasks].index(task)].benchmark
-        primary = evaluate.primary_metric(bench)
-        means = g[g["metric"] == primary].groupby("setting")["value"].mean()
-        best = means.idxmin() if primary in report.LOWER_IS_BETTER else means.idxmax()
-        keep.append((student, task, variant, best))
-    chosen = pd.DataFrame(keep, columns=["student", "task", "variant", "setting"])
-    return test.merge(chosen, on=["student", "task", "variant", "setting"]).drop(columns=["split"])
 
 
 def _ui_table(summary: pd.DataFrame) -> list[dict]:
@@ -311,10 +347,12 @@ def _publish_summary(ledger: Ledger, title: str, plans: dict | None = None, summ
 
 # ---- the miniature family and the demo ----------------------------------------------------------
 @flow(name="build-family", log_prints=True)
-def build_family(size: str = "demo", store: str | None = None) -> dict:
-    """Pretrain (or reuse) the miniature teacher/student family; returns paths inside the store."""
+def build_family(size: str = "demo", store: str | None = None, seed: int | None = None) -> dict:
+    """Pretrain (or reuse) the miniature teacher/student family; returns paths inside the store.
+    Another seed builds an independent family of the same size."""
     ledger = Ledger(Store(store))
-    ref = ledger.run(nodes.family_task, family.recipe_params(size) | {"size": size}, {}, f"size={size}")
+    label = f"size={size}" + ("" if seed is None else f", seed={seed}")
+    ref = ledger.run(nodes.family_task, family.recipe_params(size, seed) | {"size": size}, {}, label)
     root = ledger.store.tree(Ref.of(ref))
     stats = json.loads((root / "family_stats.json").read_text())
     for who in ("teacher", "student"):
@@ -329,8 +367,8 @@ DEMO_TRAIN = {
     "test": {"rank": 2, "alpha": 2.0, "lr": 1e-2, "epochs": 1, "batch_size": 16, "micro_batch": 16, "n_train": 32,
              "max_length": 64},
 }
-ALL_VARIANTS = ["vanilla", "lora", "transfer", "pissa", "random-submatrix", "cross-task", "untrained-teacher",
-                "spectrum-matched", "shuffled", "early-teacher"]
+ALL_VARIANTS = ["vanilla", "lora", "transfer", "pissa", "random-submatrix", "random-layers", "cross-task",
+                "untrained-teacher", "spectrum-matched", "shuffled", "early-teacher"]
 
 
 @flow(name="demo", log_prints=True)

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 
 from .data import IGNORE
 
-VARIANTS = ("vanilla", "lora", "transfer", "pissa", "random-submatrix", "cross-task", "untrained-teacher",
-            "spectrum-matched", "shuffled", "early-teacher")
+VARIANTS = ("vanilla", "lora", "transfer", "pissa", "random-submatrix", "random-layers", "cross-task",
+            "untrained-teacher", "spectrum-matched", "shuffled", "early-teacher")
 
 
 @dataclass(frozen=True)

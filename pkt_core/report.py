@@ -16,6 +16,8 @@ BASELINE = "lora"
 SUBJECT = "transfer"
 DETERMINISTIC = {"vanilla"}  # no training, one run: compared as a fixed value, not paired by seed
 NOT_CONTROLS = {SUBJECT, BASELINE, *DETERMINISTIC}  # what the headline's "controls" leave out
+SIZE_CONTROLS = ("spectrum-matched", "shuffled", "untrained-teacher")  # same size or source, no knowledge
+AT_SUBJECT = "@transfer-setting"  # a control also run at transfer's chosen setting (matched size)
 LOWER_IS_BETTER = {"answer_nll"}
 ROW_KEYS = ["student", "task", "benchmark", "metric", "variant"]
 EXACT_MAX = 16  # sign-flip: all 2^n patterns up to n = 16, Monte Carlo above
@@ -177,7 +179,7 @@ def headline(summary: pd.DataFrame, metric: str) -> list[str]:
             out.append(f"{head} vs lora {by.loc[BASELINE, 'mean']:.4f} — {t['verdict']} ({_ci_text(t)})")
         else:
             out.append(f"{head} (this sweep has no lora baseline to compare with)")
-        controls = [v for v in by.index if v not in NOT_CONTROLS]
+        controls = [v for v in by.index if v not in NOT_CONTROLS and AT_SUBJECT not in v]
         if controls:
             out.append("  " + _control_sentence(by, controls, metric))
         for v in (v for v in by.index if v in DETERMINISTIC):
@@ -198,6 +200,68 @@ def _control_sentence(by: pd.DataFrame, controls: list[str], metric: str) -> str
     if lost:
         parts.append("worse than " + ", ".join(lost))
     return "; ".join(parts)
+
+
+def knowledge_vs_size(summary: pd.DataFrame, metric: str) -> list[str]:
+    """Transfer against the controls that keep its size but not its knowledge (spectrum-matched and
+    shuffled: the same singular values; untrained-teacher: the same extraction from a teacher that
+    learned nothing), each at transfer's own training setting where the sweep ran it there."""
+    out = []
+    rows = summary[summary["metric"] == metric]
+    for (student, task), g in rows.groupby(["student", "task"], sort=False):
+        by = g.set_index("variant")
+        if SUBJECT not in by.index:
+            continue
+        parts = []
+        for c in SIZE_CONTROLS:
+            name = c + AT_SUBJECT if c + AT_SUBJECT in by.index else c
+            if name not in by.index:
+                continue
+            r = by.loc[name]
+            parts.append(f"vs {c} ({_size(r) or 'size n/a'}): {r['transfer_verdict']} ({_ci_text(r, 'transfer_')})")
+        if parts:
+            out.append(f"{Path(str(student)).name} / {task} / {metric}: transfer's init "
+                       f"({_size(by.loc[SUBJECT]) or 'size n/a'}, σ₁ and ratio to the student's) at its own "
+                       f"setting — " + "; ".join(parts))
+    return out
+
+
+def select_settings(val: pd.DataFrame, metric: str) -> dict[str, str]:
+    """Each variant's setting (a JSON string) with the best mean over seeds of `metric` on val
+    (columns variant, setting, value). Ties: the first setting in the table's order."""
+    chosen = {}
+    for variant, g in val.groupby("variant", sort=False):
+        means = g.groupby("setting", sort=False)["value"].mean()
+        chosen[variant] = means.idxmin() if metric in LOWER_IS_BETTER else means.idxmax()
+    return chosen
+
+
+def curves_chart(curves: pd.DataFrame, path: str | Path) -> Path:
+    """Training loss per optimizer step, mean over seeds per variant (shaded: min..max over seeds),
+    one panel per student x task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(curves.groupby(["student", "task"], sort=False))
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(5, 5 * len(groups)), 4), squeeze=False)
+    for ax, ((student, task), g) in zip(axes[0], groups):
+        for variant, v in g.groupby("variant", sort=False):
+            by_step = v.groupby("step")["loss"]
+            mean = by_step.mean()
+            style = {"lw": 2.2, "color": "tab:orange"} if variant == SUBJECT else {"lw": 1}
+            ax.plot(mean.index, mean.values, label=variant, **style)
+            ax.fill_between(mean.index, by_step.min().values, by_step.max().values, alpha=0.12,
+                            color=style.get("color"))
+        ax.set_title(f"{Path(str(student)).name} · {task}", fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.set_ylabel("training loss (answer tokens)", fontsize=8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def _forest(ax, g: pd.DataFrame, prefix: str, label: str) -> None:
@@ -246,23 +310,40 @@ def bar_chart(summary: pd.DataFrame, path: str | Path) -> Path:
 
 def headlines(summary: pd.DataFrame, primary: str) -> list[str]:
     """Headline sentences for the primary metric and, where measured, the answer NLL."""
-    metrics = [primary] + [m for m in LOWER_IS_BETTER if m != primary and m in set(summary["metric"])]
-    return [line for m in metrics for line in headline(summary, m)]
+    return [line for m in _metrics(summary, primary) for line in headline(summary, m)]
 
 
-REPORT_FILES = {"markdown": "report.md", "csv": "summary.csv", "runs": "runs.csv", "chart": "report.png"}
+REPORT_FILES = {"markdown": "report.md", "csv": "summary.csv", "runs": "runs.csv", "chart": "report.png",
+                "curves": "curves.csv", "curves_chart": "curves.png"}
 
 
-def write_report(scores: pd.DataFrame, out_dir: str | Path, primary: str) -> dict[str, Path]:
-    paths = {name: Path(out_dir) / f for name, f in REPORT_FILES.items()}
+def write_report(scores: pd.DataFrame, out_dir: str | Path, primary: str,
+                 curves: pd.DataFrame | None = None) -> dict[str, Path]:
+    """report.md, summary.csv, runs.csv, report.png; with training curves also curves.csv and curves.png."""
+    names = REPORT_FILES if curves is not None and not curves.empty else \
+        {k: v for k, v in REPORT_FILES.items() if not k.startswith("curves")}
+    paths = {name: Path(out_dir) / f for name, f in names.items()}
     paths["markdown"].parent.mkdir(parents=True, exist_ok=True)
     summary = summarize(scores)
     scores.to_csv(paths["runs"], index=False)
     summary.to_csv(paths["csv"], index=False)
-    text = "# pkt report\n\n" + "\n".join(f"- {h}" for h in headlines(summary, primary)) + "\n\n" + markdown(summary)
-    paths["markdown"].write_text(text)
+    text = "# pkt report\n\n" + "\n".join(f"- {h}" for h in headlines(summary, primary)) + "\n\n"
+    size = [line for m in _metrics(summary, primary) for line in knowledge_vs_size(summary, m)]
+    if size:
+        text += ("## Knowledge vs size\n\nTransfer against inits of the same size without the teacher's knowledge "
+                 "(spectrum-matched, shuffled: its singular values exactly; untrained-teacher: the same extraction "
+                 "from a teacher that learned nothing), at transfer's own lr and scale.\n\n"
+                 + "\n".join(f"- {line}" for line in size) + "\n\n")
+    paths["markdown"].write_text(text + markdown(summary))
     bar_chart(summary, paths["chart"])
+    if "curves" in paths:
+        curves.to_csv(paths["curves"], index=False)
+        curves_chart(curves, paths["curves_chart"])
     return paths
+
+
+def _metrics(summary: pd.DataFrame, primary: str) -> list[str]:
+    return [primary] + [m for m in LOWER_IS_BETTER if m != primary and m in set(summary["metric"])]
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:

@@ -59,7 +59,7 @@ def table_source(store: Store, table: pd.DataFrame, name: str) -> dict:
 def compute_family(store: Store, key: str, params: dict, inputs: dict) -> Ref:
     with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
         t0 = time.time()
-        stats = family.build_family(tmp, params["size"], log=_log)
+        stats = family.build_family(tmp, params["size"], log=_log, seed=params.get("seed"))
         Path(tmp, "family_stats.json").write_text(json.dumps(stats, indent=1))
         return store.put_tree("family", key, tmp, params=params, inputs={}, seconds=time.time() - t0)
 
@@ -226,8 +226,9 @@ def compute_report(store: Store, key: str, params: dict, inputs: dict) -> Ref:
     """The report files (markdown, csv, chart) of a runs table: drawn once per distinct table."""
     t0 = time.time()
     runs = report.read_csv(io.BytesIO(store.read_bytes(inputs["runs"]["digest"])))
+    curves = report.read_csv(io.BytesIO(store.read_bytes(inputs["curves"]["digest"]))) if "curves" in inputs else None
     with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
-        report.write_report(runs, tmp, params["primary"])
+        report.write_report(runs, tmp, params["primary"], curves)
         return store.put_tree("report", key, tmp, params=params, inputs=digests(inputs), seconds=time.time() - t0)
 
 

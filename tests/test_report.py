@@ -66,28 +66,16 @@ def test_report_from_the_written_runs_csv_is_the_same(tmp_path):
 
 
 def test_each_variant_is_reported_at_its_best_val_setting():
-    from pkt.flows.pipeline import select_settings
-
-    rows = []
+    val = []
     for variant, best in (("lora", '{"lr": 0.01}'), ("transfer", '{"lr": 0.001}')):
         for setting in ('{"lr": 0.01}', '{"lr": 0.001}'):
-            for split in ("val", "test"):
-                good = setting == best
-                # on test the other setting would look better: selection must use val only
-                value = (0.9 if good else 0.1) if split == "val" else (0.3 if good else 0.8)
-                rows.append({"student": "s", "task": "gsm", "benchmark": "gsm", "metric": "exact_match/strict-match",
-                             "variant": variant, "seed": 0, "setting": setting, "split": split, "value": value})
-    picked = select_settings(pd.DataFrame(rows), _Cfg())
-    assert sorted(zip(picked["variant"], picked["setting"])) == [("lora", '{"lr": 0.01}'), ("transfer", '{"lr": 0.001}')]
-    assert set(picked["value"]) == {0.3} and "split" not in picked
-
-
-class _Task:
-    name, benchmark = "gsm", "gsm"
-
-
-class _Cfg:
-    tasks = [_Task()]
+            for seed in (0, 1):
+                val.append({"variant": variant, "setting": setting, "seed": seed,
+                            "value": 0.9 if setting == best else 0.1})
+    assert report.select_settings(pd.DataFrame(val), "exact_match") == {"lora": '{"lr": 0.01}',
+                                                                         "transfer": '{"lr": 0.001}'}
+    nll = pd.DataFrame(val).assign(value=lambda d: -d["value"])  # lower is better: the same picks
+    assert report.select_settings(nll, "answer_nll") == {"lora": '{"lr": 0.01}', "transfer": '{"lr": 0.001}'}
 
 
 # ---- paired inference against every control ---------------------------------------------------

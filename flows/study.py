@@ -1,0 +1,61 @@
+"""The study: every variant over 5 training seeds, a grid of 2 learning rates x 3 init scales
+(each variant at its best setting on val), on two independently built miniature families and two
+tasks (GSM-like and MMLU-like). `pkt demo --study` runs it; a re-run computes nothing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow
+
+from pkt.artifacts.store import Store
+from pkt.core import report
+
+from .pipeline import ALL_VARIANTS, Ledger, _publish_summary, _report, build_family, sweep
+
+STUDY_TRAIN = {"rank": 4, "alpha": 8.0, "epochs": 2, "batch_size": 32, "micro_batch": 32, "n_train": 256,
+               "max_length": 96}
+STUDY_GRID = {"lr": [3e-3, 1e-2], "init_scale": [0.5, 1.0, 2.0]}
+STUDY_SEEDS = [0, 1, 2, 3, 4]
+FAMILY_SEEDS = [0, 1]
+PRIMARY = "exact_match/strict-match"
+
+
+def study_config(family_root: str, seeds: list[int], store: str | None, report_dir: str) -> dict:
+    """The sweep of one family: GSM-like and MMLU-like tasks, every variant, the grid, val selection
+    on the answer NLL (exact match at this size is mostly 0 on val: it cannot rank settings)."""
+    root = Path(family_root)
+    return {"teacher": str(root / "teacher"), "students": [str(root / "student")],
+            "tasks": [{"name": "gsm", "dir": str(root / "tasks" / "gsm"), "benchmark": "gsm"},
+                      {"name": "mmlu", "dir": str(root / "tasks" / "mmlu"), "benchmark": "mmlu"}],
+            "variants": ALL_VARIANTS, "seeds": list(seeds), "early_teacher": str(root / "teacher-early"),
+            "cross_task_seeds": str(root / "tasks" / "sni" / "seeds.jsonl"), "train": STUDY_TRAIN,
+            "train_grid": STUDY_GRID, "select_on": "answer_nll", "benchmarks": ["answer_nll"], "max_length": 96,
+            "report_dir": report_dir, **({"store": store} if store else {})}
+
+
+@flow(name="study", log_prints=True)
+def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds: list[int] = FAMILY_SEEDS,
+          seeds: list[int] = STUDY_SEEDS) -> dict:
+    """One sweep per family (each with its own report under report_dir/family-<seed>), then one
+    report over both: the families are told apart as family-<seed>/student."""
+    runs, curves, families = [], [], {}
+    for fseed in family_seeds:
+        fam = build_family(size="study", store=store, seed=fseed)
+        out = sweep(study_config(fam["root"], seeds, store, str(Path(report_dir) / f"family-{fseed}")))
+        name = f"family-{fseed}/student"
+        runs.append(report.read_csv(out["report"]["runs"]).assign(student=name))
+        if "curves" in out["report"]:
+            curves.append(report.read_csv(out["report"]["curves"]).assign(student=name))
+        families[fseed] = fam["stats"]
+    ledger = Ledger(Store(store))
+    paths = _report(ledger, pd.concat(runs, ignore_index=True),
+                    pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(), PRIMARY, report_dir)
+    summary = report.read_csv(paths["csv"])
+    lines = report.headlines(summary, PRIMARY) + ["knowledge vs size:"] + [
+        "  " + line for m in (PRIMARY, "acc", "answer_nll") for line in report.knowledge_vs_size(summary, m)]
+    _publish_summary(ledger, "study", None, summary, paths, lines)
+    return {"report": {k: str(v) for k, v in paths.items()}, "computed": ledger.computed(),
+            "nodes": [(r.kind, r.key, r.status) for r in ledger.rows], "table": summary.to_dict(orient="records"),
+            "headline": lines, "families": families}

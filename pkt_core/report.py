@@ -334,6 +334,10 @@ def write_report(scores: pd.DataFrame, out_dir: str | Path, primary: str,
                  "(spectrum-matched, shuffled: its singular values exactly; untrained-teacher: the same extraction "
                  "from a teacher that learned nothing), at transfer's own lr and scale.\n\n"
                  + "\n".join(f"- {line}" for line in size) + "\n\n")
+    views = [view for m in _metrics(summary, primary) if (view := overview(summary, m))]
+    text += ("## Overview\n\nMean over seeds; T−X: transfer minus the row's variant, paired by seed, with its "
+             "95% interval (▲ transfer better, ▼ worse, unmarked: not distinguishable).\n\n"
+             + "\n\n".join(views) + "\n\n## Every comparison\n\n")
     paths["markdown"].write_text(text + markdown(summary))
     bar_chart(summary, paths["chart"])
     if "curves" in paths:
@@ -342,8 +346,43 @@ def write_report(scores: pd.DataFrame, out_dir: str | Path, primary: str,
     return paths
 
 
+# the metric each shipped benchmark is judged by (evaluate.primary_metric), and the answer NLL
+HEADLINE_METRICS = ("exact_match/strict-match", "acc", "exact_match", "winrate", "answer_nll")
+
+
 def _metrics(summary: pd.DataFrame, primary: str) -> list[str]:
-    return [primary] + [m for m in LOWER_IS_BETTER if m != primary and m in set(summary["metric"])]
+    """The primary metric first, then every other headline metric the table has (a sweep over a
+    GSM-like and an MMLU-like task reports both exact match and accuracy)."""
+    present = set(summary["metric"])
+    return [primary] + [m for m in HEADLINE_METRICS if m != primary and m in present]
+
+
+def overview(summary: pd.DataFrame, metric: str) -> str:
+    """One row per variant, one column per student x task: the mean over seeds, then transfer minus
+    that variant with its 95% interval, marked ▲ (transfer better: the interval excludes 0), ▼
+    (transfer worse) or nothing (not distinguishable)."""
+    rows = summary[summary["metric"] == metric]
+    if rows.empty:
+        return ""
+    cols = list(dict.fromkeys(zip(rows["student"], rows["task"])))
+    head = [f"{Path(str(st)).parent.name or Path(str(st)).name}/{Path(str(st)).name} · {t}" for st, t in cols]
+    lines = [f"| {metric} | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
+    for variant in dict.fromkeys(rows["variant"]):
+        cells = []
+        for st, t in cols:
+            r = rows[(rows["student"] == st) & (rows["task"] == t) & (rows["variant"] == variant)]
+            cells.append(_overview_cell(r.iloc[0]) if len(r) else "")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _overview_cell(r: pd.Series) -> str:
+    text = f"{r['mean']:.3f}"
+    if pd.isna(r.get("transfer_diff")):
+        return text
+    v = str(r.get("transfer_verdict", ""))
+    mark = " ▲" if v.startswith("better") else " ▼" if v.startswith("worse") else ""
+    return f"{text}; T−X {_ci(r, 'transfer_')}{mark}"
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:

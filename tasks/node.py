@@ -22,7 +22,7 @@ from pkt.artifacts.store import Ref, Store
 
 # kind -> version: bump a kind's version when its computation changes meaning
 KIND_VERSIONS = {"family": 1, "random_model": 1, "sensitivity": 1, "layer_plan": 1, "extraction": 1,
-                 "lora_init": 2, "residual_model": 1, "adapter": 2, "scores": 2, "report": 1}
+                 "lora_init": 2, "residual_model": 1, "adapter": 2, "scores": 2, "report": 2}
 
 
 def digests(inputs: dict[str, dict]) -> dict[str, str]:

@@ -274,3 +274,28 @@ def test_init_size_is_the_effective_top_singular_value_and_its_ratio(tmp_path):
         cfg.init_lora_weights = init_kind
         got = lora_init.init_size(get_peft_model(fresh, cfg))
         assert got["top_sv_ratio"] == pytest.approx(expect, abs=1e-4), init_kind
+
+
+def test_control_draws_follow_their_seed():
+    """The same seed reproduces a control's draw, another seed draws differently (the sweep passes
+    the training seed); the spectrum-matched and shuffled controls keep the init's spectrum."""
+    teacher, student = _pair()
+    extracted = {k: v.detach() for k, v in _extract(teacher, student).items()}
+    state = lora_init.init_state_dict(extracted, student.config, 4, alpha=8)
+    sens = sensitivity.compute_sensitivity(teacher, random_samples(2), progress=False)
+    totals = sensitivity.layer_totals(sens, teacher.config)
+    draws = {
+        "spectrum-matched": lambda seed: lora_init.spectrum_matched(state, seed),
+        "shuffled": lambda seed: lora_init.shuffled(state, seed),
+        "random-submatrix": lambda seed: align.extract(teacher.config, student.config, dict(teacher.named_parameters()),
+                                                       sens, [1, 3], reducer="random", seed=seed),
+    }
+    for name, draw in draws.items():
+        a, again, other = draw(0), draw(0), draw(1)
+        assert all(torch.equal(a[k], again[k]) for k in a), name
+        assert any(not torch.equal(a[k], other[k]) for k in a), name
+    plans = {tuple(align.select_layers(totals, 2, "random", seed)) for seed in range(8)}
+    assert len(plans) > 1 and align.select_layers(totals, 2, "random", 3) == align.select_layers(totals, 2, "random", 3)
+    for control in (lora_init.spectrum_matched(state, 1), lora_init.shuffled(state, 1)):
+        assert lora_init.top_singular_values(control, 2.0) == pytest.approx(lora_init.top_singular_values(state, 2.0),
+                                                                            rel=1e-4)

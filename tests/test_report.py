@@ -157,3 +157,14 @@ def test_summary_csv_carries_every_comparison(tmp_path):
         assert col in summary, col
     text = paths["markdown"].read_text()
     assert "| shuffled |" in text and "better than shuffled" in text and "sign-flip" in text
+
+
+def test_overview_marks_follow_the_intervals(tmp_path):
+    table = runs({"lora": [0.10, 0.10, 0.10], "transfer": [0.31, 0.29, 0.33], "spectrum-matched": [0.30, 0.30, 0.30],
+                  "shuffled": [0.40, 0.41, 0.42]})
+    lines = report.overview(report.summarize(table), "exact_match").splitlines()
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[1].rstrip(" |") for line in lines[2:]}
+    assert cells["lora"].endswith("▲") and cells["shuffled"].endswith("▼") and cells["transfer"] == "0.310"
+    assert cells["spectrum-matched"] == "0.300; T−X +0.0100 [-0.0397, +0.0597]"  # no mark: includes 0
+    text = report.write_report(table, tmp_path, "exact_match")["markdown"].read_text()
+    assert "## Overview" in text and cells["spectrum-matched"] in text

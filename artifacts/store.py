@@ -164,6 +164,13 @@ class Store:
         self._verified[digest] = (st.st_size, st.st_mtime_ns)
         return digest
 
+    @contextlib.contextmanager
+    def scratch_dir(self):
+        """A temporary directory inside the store (same filesystem: its files move in cheaply)."""
+        self._ensure_writable()
+        with tempfile.TemporaryDirectory(dir=self.root / "tmp") as d:
+            yield Path(d)
+
     def put_bytes(self, data: bytes) -> str:
         tmp = self._tmp()
         with self._cleanup_on_failure(tmp):
@@ -183,9 +190,9 @@ class Store:
             raise
 
     def _write_record(self, kind: str, key: str, digest: str, params: dict, inputs: dict, seconds: float,
-                      layout: str) -> Ref:
+                      layout: str, execution: dict | None = None) -> Ref:
         rec = {"kind": kind, "key": key, "digest": digest, "layout": layout, "params": params, "inputs": inputs,
-               "pkt_version": pkt_version(), "seconds": round(seconds, 3), "host": socket.gethostname(),
+               "execution": execution or {}, "pkt_version": pkt_version(), "seconds": round(seconds, 3), "host": socket.gethostname(),
                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         dest = self.record_path(kind, key)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -197,17 +204,18 @@ class Store:
         return Ref(kind, key, digest)
 
     def put_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor], *, params: dict,
-                    inputs: dict[str, str], seconds: float = 0.0, metadata: dict[str, str] | None = None) -> Ref:
+                    inputs: dict[str, str], seconds: float = 0.0, metadata: dict[str, str] | None = None,
+                    execution: dict | None = None) -> Ref:
         """Store tensors as one safetensors blob whose header names kind, key and params."""
         meta = {"kind": kind, "key": key, "params": canonical_json(params), **(metadata or {})}
         tmp = self._tmp(".safetensors")
         with self._cleanup_on_failure(tmp):
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
             digest = self._publish_blob(tmp)
-        return self._write_record(kind, key, digest, params, inputs, seconds, "safetensors")
+        return self._write_record(kind, key, digest, params, inputs, seconds, "safetensors", execution)
 
     def put_tree(self, kind: str, key: str, directory: str | Path, *, params: dict, inputs: dict[str, str],
-                 seconds: float = 0.0) -> Ref:
+                 seconds: float = 0.0, execution: dict | None = None) -> Ref:
         """Store every file of a directory (a peft adapter, an HF model dir) and a manifest of them."""
         directory = Path(directory)
         files = {}
@@ -220,7 +228,7 @@ class Store:
         if not files:
             raise StoreError(f"{directory}: nothing to store, the directory is empty")
         digest = self.put_bytes(canonical_json({"files": files}).encode())
-        return self._write_record(kind, key, digest, params, inputs, seconds, "tree")
+        return self._write_record(kind, key, digest, params, inputs, seconds, "tree", execution)
 
     # ---- reading -------------------------------------------------------------------------
     def tensors(self, ref: Ref | dict, device: str = "cpu") -> dict[str, torch.Tensor]:

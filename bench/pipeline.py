@@ -47,7 +47,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from pkt.artifacts.store import Store
-    from pkt.flows.pipeline import build_family, demo_config, extract_teacher, sweep
+    from pkt.flows.demo import build_family, demo_config
+    from pkt.flows.extract import extract_teacher
+    from pkt.flows.sweep import sweep
     from pkt.core.mini.tasks import write_task
 
     work = Path(tempfile.mkdtemp(prefix="pkt-bench-"))

@@ -124,7 +124,7 @@ def cmd_demo(args) -> int:
         _print_result(out)
         print(f"study wall time {time.time() - started:.0f} s")
         return 0
-    from .pipeline import demo
+    from .demo import demo
 
     out = demo(size=args.size, seeds=list(range(args.seeds)), store=args.store,
                report_dir=args.report_dir or "pkt-report")
@@ -147,7 +147,7 @@ def _check_inputs(models_: list[str], jsonl: list[str]) -> None:
 
 
 def cmd_extract(args) -> int:
-    from .pipeline import extract_teacher
+    from .extract import extract_teacher
 
     _check_inputs([args.teacher, *args.student], [args.seeds])
     out = extract_teacher(teacher=args.teacher, seeds=args.seeds, students=args.student, rank=args.rank,
@@ -167,7 +167,7 @@ def cmd_extract(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    from .pipeline import transfer
+    from .sweep import transfer
 
     _check_inputs([args.teacher, args.student], [str(Path(args.task_dir) / f) for f in ("train.jsonl", "seeds.jsonl")])
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -180,7 +180,7 @@ def cmd_transfer(args) -> int:
 
 def cmd_sweep(args) -> int:
     from .config import load_config
-    from .pipeline import sweep
+    from .sweep import sweep
 
     cfg = load_config(args.config)
     raw = cfg.model_dump()

@@ -9,8 +9,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pkt.core.align import LAYER_SELECTORS, REDUCERS
-from pkt.core.finetune import VARIANTS, TrainParams
+from pkt.core.finetune import TrainParams
 from pkt.core.lora_init import SPLITS
+
+from .variants import VARIANTS
 
 
 class ConfigError(ValueError):
@@ -34,6 +36,7 @@ class TaskSpec(BaseModel):
 
 class SweepConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str | None = Field(None, description="names this sweep's artifacts in the UI (default: a config digest)")
     teacher: str
     students: list[str] = Field(min_length=1)
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -61,6 +64,10 @@ class SweepConfig(BaseModel):
     device: str = "cpu"
     report_dir: str = "pkt-report"
     store: str | None = Field(None, description="store root; default PKT_STORE or ./.pkt/store")
+    runner: Literal["threads", "processes", "dask"] = Field(
+        "threads", description="task runner: threads in this process, a local process pool, or a Dask cluster")
+    workers: int = Field(1, ge=1, description="parallel workers (threads, processes, or LocalCluster workers)")
+    dask_address: str | None = Field(None, description="scheduler address of an existing Dask cluster (runner dask)")
 
     @field_validator("variants")
     @classmethod
@@ -70,21 +77,28 @@ class SweepConfig(BaseModel):
             raise ValueError(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
         return v
 
+    @field_validator("train_grid")
+    @classmethod
+    def _known_grid(cls, v: dict) -> dict:
+        known = [*TrainParams.__dataclass_fields__, "init_scale"]
+        bad = [k for k in v if k not in known]
+        if bad:
+            raise ValueError(f"unknown grid parameters {bad}; known: {', '.join(known)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_thread_worker(self):
+        if self.runner == "threads" and self.workers > 1:
+            raise ValueError("runner threads takes workers: 1 (threads share torch's random state, so parallel "
+                             "branches would not be reproducible); use runner processes or dask for workers > 1")
+        return self
+
     @field_validator("train")
     @classmethod
     def _known_train(cls, v: dict) -> dict:
         bad = [k for k in v if k not in TrainParams.__dataclass_fields__]
         if bad:
             raise ValueError(f"unknown training parameters {bad}; known: {', '.join(TrainParams.__dataclass_fields__)}")
-        return v
-
-    @field_validator("train_grid")
-    @classmethod
-    def _known_grid(cls, v: dict) -> dict:
-        bad = [k for k in v if k not in TrainParams.__dataclass_fields__ and k != "init_scale"]
-        if bad:
-            raise ValueError(f"unknown grid parameters {bad}; known: init_scale, "
-                             f"{', '.join(TrainParams.__dataclass_fields__)}")
         return v
 
     @model_validator(mode="after")

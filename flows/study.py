@@ -9,10 +9,15 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow
 
-from pkt.artifacts.store import Store
+from pkt.artifacts.store import Ref, Store
 from pkt.core import report
+from pkt.tasks import nodes
 
-from .pipeline import ALL_VARIANTS, Ledger, _publish_summary, _report, build_family, sweep
+from .config import parse_config
+from .demo import ALL_VARIANTS, family_node, family_stats
+from .graph import Graph, task_runner, torch_threads_per_worker
+from .summary import publish
+from .sweep import copy_report, run_sweep
 
 STUDY_TRAIN = {"rank": 4, "alpha": 8.0, "epochs": 2, "batch_size": 32, "micro_batch": 32, "n_train": 256,
                "max_length": 96}
@@ -37,25 +42,36 @@ def study_config(family_root: str, seeds: list[int], store: str | None, report_d
 
 @flow(name="study", log_prints=True)
 def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds: list[int] = FAMILY_SEEDS,
-          seeds: list[int] = STUDY_SEEDS) -> dict:
-    """One sweep per family (each with its own report under report_dir/family-<seed>), then one
-    report over both: the families are told apart as family-<seed>/student."""
+          seeds: list[int] = STUDY_SEEDS, workers: int = 2) -> dict:
+    """One sweep per family (each with its report under report_dir/family-<seed>), then one report
+    over both, the families told apart as family-<seed>-student. Runs on a local process pool."""
+    st = Store(store)
     runs, curves, families = [], [], {}
-    for fseed in family_seeds:
-        fam = build_family(size="study", store=store, seed=fseed)
-        out = sweep(study_config(fam["root"], seeds, store, str(Path(report_dir) / f"family-{fseed}")))
-        name = f"family-{fseed}/student"
-        runs.append(report.read_csv(out["report"]["runs"]).assign(student=name))
-        if "curves" in out["report"]:
-            curves.append(report.read_csv(out["report"]["curves"]).assign(student=name))
-        families[fseed] = fam["stats"]
-    ledger = Ledger(Store(store))
-    paths = _report(ledger, pd.concat(runs, ignore_index=True),
-                    pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(), PRIMARY, report_dir)
+    with task_runner("processes", workers) as runner:
+        graph = Graph(st, runner, torch_threads_per_worker("processes", workers))
+        for fseed in family_seeds:
+            fam = family_node(graph, "study", fseed)
+            cfg = parse_config(study_config(str(st.tree(Ref.of(fam))), seeds, store,
+                                            str(Path(report_dir) / f"family-{fseed}")))
+            out = run_sweep(graph, cfg, "study", f"family-{fseed}")
+            name = f"family-{fseed}-student"
+            runs.append(report.read_csv(out["report"]["runs"]).assign(student=name))
+            if "curves" in out["report"]:
+                curves.append(report.read_csv(out["report"]["curves"]).assign(student=name))
+            families[fseed] = family_stats(st, fam)
+        table = pd.concat(runs, ignore_index=True)
+        inputs = {"runs": nodes.table_source(st, table, "runs.csv"),
+                  "scores": [r for r in graph.results() if r["kind"] == "scores"]}
+        if curves:
+            inputs["curves"] = nodes.table_source(st, pd.concat(curves, ignore_index=True), "curves.csv")
+        rep = graph.submit(nodes.Report(primary=PRIMARY), inputs, f"study, {len(table)} rows")
+        paths = copy_report(st, rep.result(), report_dir)
+        results = graph.results()
     summary = report.read_csv(paths["csv"])
     lines = report.headlines(summary, PRIMARY) + ["knowledge vs size:"] + [
         "  " + line for m in (PRIMARY, "acc", "answer_nll") for line in report.knowledge_vs_size(summary, m)]
-    _publish_summary(ledger, "study", None, summary, paths, lines)
-    return {"report": {k: str(v) for k, v in paths.items()}, "computed": ledger.computed(),
-            "nodes": [(r.kind, r.key, r.status) for r in ledger.rows], "table": summary.to_dict(orient="records"),
+    publish(st, "study", results, tag="all", summary=summary, paths=paths, headlines=lines)
+    return {"report": {k: str(v) for k, v in paths.items()},
+            "computed": sum(r["status"] == "computed" for r in results),
+            "nodes": [(r["kind"], r["key"], r["status"]) for r in results], "table": summary.to_dict(orient="records"),
             "headline": lines, "families": families}

@@ -14,10 +14,6 @@ from tqdm.auto import tqdm
 
 from .data import IGNORE
 
-VARIANTS = ("vanilla", "lora", "transfer", "pissa", "random-submatrix", "random-layers", "cross-task",
-            "untrained-teacher", "spectrum-matched", "shuffled", "early-teacher")
-
-
 @dataclass(frozen=True)
 class TrainParams:
     rank: int = 16
@@ -138,3 +134,49 @@ def answer_loss(model, samples: list[dict[str, torch.Tensor]], pad_id: int, micr
             mask = labels != IGNORE
             out.append((nll * mask).sum(1) / mask.sum(1).clamp(min=1))
     return torch.cat(out).cpu()
+
+
+@dataclass
+class TrainedAdapter:
+    """A trained LoRA as a stock peft state for the *unmodified* student, and how it was trained."""
+
+    state: dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+    log: TrainLog
+    init_size: dict = field(default_factory=dict)  # lora_init.init_size at step 0: top_sv, top_sv_ratio
+
+
+def train_adapter(student, samples: list[dict[str, torch.Tensor]], params: TrainParams, pad_id: int,
+                  init: str = "lora", init_dir=None, progress: bool = True) -> TrainedAdapter:
+    """Fine-tune a LoRA on the student from an init: "lora" (peft's B = 0), "pissa" (the student's own
+    principal directions) or "extracted" (the LoRA-init folder init_dir, delta subtracted).
+
+    Inits that moved the base weights (pissa, extracted) are folded back in: the result is a
+    rank-2r adapter equal to (trained - init), for the student as it was loaded."""
+    import json
+    from pathlib import Path
+
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    from . import lora_init
+
+    if init == "extracted":
+        model = lora_init.trainable_from_init(student, init_dir)
+        cfg = json.loads((Path(init_dir) / "adapter_config.json").read_text())
+        rank, alpha = cfg["r"], cfg["lora_alpha"]
+    elif init in ("lora", "pissa"):
+        modules = [m for m in params.modules if init != "pissa" or m != "embed"]  # no PiSSA for embeddings
+        cfg = lora_init.lora_config(modules, params.rank, params.alpha, params.dropout)
+        cfg.init_lora_weights = True if init == "lora" else "pissa"
+        model = get_peft_model(student, cfg)
+        rank, alpha = params.rank, params.alpha
+    else:
+        raise ValueError(f"unknown init {init!r}; choose lora, pissa or extracted")
+    init_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    size = lora_init.init_size(model)  # at step 0, from peft's applied deltas
+    log = finetune(model, samples, params, pad_id, progress=progress)
+    trained = get_peft_model_state_dict(model, save_embedding_layers=False)
+    if init == "lora":
+        return TrainedAdapter(trained, rank, alpha, log, size)
+    return TrainedAdapter(lora_init.fold_init(trained, init_state), 2 * rank, 2 * alpha, log, size)

@@ -148,3 +148,10 @@ class LazyWeights:
             raise KeyError(f"tensor {name!r} not found in {sorted(set(map(str, self._where.values())))}")
         with safe_open(str(self._where[name]), framework="pt", device=self.device) as h:
             return h.get_tensor(name)
+
+
+def with_adapter(model, adapter_dir: str | Path):
+    """The model with a peft adapter folder merged into its weights (what evaluation scores)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()

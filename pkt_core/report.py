@@ -365,7 +365,7 @@ def overview(summary: pd.DataFrame, metric: str) -> str:
     if rows.empty:
         return ""
     cols = list(dict.fromkeys(zip(rows["student"], rows["task"])))
-    head = [f"{Path(str(st)).parent.name or Path(str(st)).name}/{Path(str(st)).name} · {t}" for st, t in cols]
+    head = [f"{Path(str(st)).name} · {t}" for st, t in cols]
     lines = [f"| {metric} | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
     for variant in dict.fromkeys(rows["variant"]):
         cells = []

@@ -1,46 +1,92 @@
 """How every pkt node runs as a Prefect task.
 
-The Prefect cache key is the artifact key (plus which store), so the UI shows a reused node as
-Cached. The store stays the source of truth: when it lacks a node (first run, wiped, or a corrupt
-blob) the task runs with refresh_cache=True; when it has one, its ref is what the flow gets, never
-a Prefect record that may predate a rebuilt store; and the task body itself answers from the
-store when Prefect's own cache is gone.
+A node is a typed, frozen spec (mergekit's Task pattern): its fields are its identity, its
+upstream artifacts arrive as Prefect futures, and its key is computed in one place,
+`Node.key(inputs)`, once those inputs have resolved. One wrapper, `run_node`, answers a node
+from the store or computes, stores, times and records it.
+
+The store is the only cache. Prefect keeps no result files for pkt's tasks (nothing a worker
+could plant in a results directory is ever deserialized); a node the store holds finishes in a
+state named Cached, so the UI still shows reuse, and Prefect records the true edges because
+every upstream ref is passed in as a future.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar
 
+import torch
 from prefect import get_run_logger, task
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_logger
+from prefect.states import Completed
 
+from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Ref, Store
 
-# kind -> version: bump a kind's version when its computation changes meaning
-KIND_VERSIONS = {"family": 1, "random_model": 1, "sensitivity": 1, "layer_plan": 1, "extraction": 1,
-                 "lora_init": 2, "residual_model": 1, "adapter": 2, "scores": 2, "report": 2}
+
+def digests(inputs: dict) -> dict:
+    """name -> digest (or list of digests) of resolved input refs: all a key sees of its inputs."""
+    return {name: [r["digest"] for r in ref] if isinstance(ref, list) else ref["digest"]
+            for name, ref in sorted(inputs.items())}
 
 
-def digests(inputs: dict[str, dict]) -> dict[str, str]:
-    return {name: ref["digest"] for name, ref in sorted(inputs.items())}
+def execution(**kw):
+    """A spec field that says how or where a node runs, not what it is: kept out of the key,
+    written into the record."""
+    return dataclasses.field(metadata={"execution": True}, **kw)
 
 
-def node_key(kind: str, params: dict, inputs: dict[str, dict]) -> str:
-    return Store.key(kind, params, digests(inputs), KIND_VERSIONS[kind])
+@dataclass(frozen=True)
+class Tensors:
+    """What a single-file node's compute returns: tensors and header metadata (one safetensors blob)."""
+
+    tensors: dict
+    metadata: dict = dataclasses.field(default_factory=dict)
 
 
-@dataclass
-class ArtifactKeyPolicy(CachePolicy):
-    kind: str = ""
+@dataclass(frozen=True)
+class Node:
+    """A node spec: subclasses declare KIND, VERSION, INPUTS and their parameters as fields, and
+    implement compute(store, inputs, out_dir) -> Tensors, or None after writing files to out_dir."""
 
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-        # Prefect's cache is one per machine, stores are many: a ref is only good in its own store
-        store = hashlib.sha256(str(Path(inputs["store_root"]).resolve()).encode()).hexdigest()[:12]
-        return f"pkt-{self.kind}-{node_key(self.kind, inputs['params'], inputs['inputs'])}-{store}"
+    KIND: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+    INPUTS: ClassVar[tuple[str, ...]] = ()
+
+    def params(self) -> dict:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if not f.metadata.get("execution")}
+
+    def execution(self) -> dict:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata.get("execution")}
+
+    def key(self, inputs: dict) -> str:
+        """The artifact key: sha256 of {kind, kind_version, params, inputs: {name: digest}}."""
+        missing = set(self.INPUTS) - set(inputs)
+        if missing:
+            raise ValueError(f"{self.KIND} node lacks inputs {sorted(missing)}")
+        return Store.key(self.KIND, self.params(), digests(inputs), self.VERSION)
+
+    def identity(self) -> str:
+        """Canonical spelling of the spec (kind, version, every field): two specs with one identity
+        and the same upstream nodes are one node."""
+        return canonical_json({"kind": self.KIND, "version": self.VERSION, **self.params(), **self.execution()})
+
+    def compute(self, store: Store, inputs: dict, out_dir: Path) -> Tensors | None:
+        raise NotImplementedError
+
+
+def _plain(v):
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 def _logger():
@@ -50,6 +96,44 @@ def _logger():
         return get_logger("pkt")
 
 
+def log(msg: str) -> None:
+    _logger().info(msg)
+
+
+@task(name="node", cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}")
+def run_node(spec: Node, inputs: dict, store_root: str, label: str, torch_threads: int | None = None):
+    """The node's ref as {kind, key, digest, status}; status is 'reused' (the run shows Cached) or
+    'computed'. A node being computed elsewhere (another branch, another process) is waited for
+    under the store's lock, never computed twice."""
+    store = Store(store_root)
+    key = spec.key(inputs)
+    hit = _lookup(store, spec.KIND, key)
+    if hit is None:
+        if torch_threads and torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)  # N workers on N cores: no oversubscription
+        with store.lock(spec.KIND, key):
+            hit = _lookup(store, spec.KIND, key)  # computed by someone else while we waited
+            if hit is None:
+                ref = _compute(store, spec, key, inputs)
+                return {**ref.as_dict(), "status": "computed"}
+    return Completed(name="Cached", message=f"{spec.KIND} {key[:12]} reused from the store",
+                     data={**hit.as_dict(), "status": "reused"})
+
+
+def _compute(store: Store, spec: Node, key: str, inputs: dict) -> Ref:
+    t0 = time.time()
+    record = {"params": spec.params(), "inputs": digests(inputs), "execution": spec.execution()}
+    with store.scratch_dir() as out:
+        result = spec.compute(store, inputs, out)
+        seconds = time.time() - t0
+        if isinstance(result, Tensors):
+            ref = store.put_tensors(spec.KIND, key, result.tensors, seconds=seconds, metadata=result.metadata, **record)
+        else:
+            ref = store.put_tree(spec.KIND, key, out, seconds=seconds, **record)
+    log(f"{spec.KIND} {key[:12]} computed in {seconds:.1f}s on {os.uname().nodename}")
+    return ref
+
+
 def _lookup(store: Store, kind: str, key: str) -> Ref | None:
     """store.lookup, saying in the run's log why a stored entry could not be used."""
     hit = store.lookup(kind, key)
@@ -57,48 +141,3 @@ def _lookup(store: Store, kind: str, key: str) -> Ref | None:
         _logger().warning(note)
     store.misses.clear()
     return hit
-
-
-Compute = Callable[[Store, str, dict, dict], Ref]
-
-
-def artifact_task(kind: str, compute: Compute, run_name: str):
-    """A Prefect task that returns the ref of kind's artifact for (params, inputs), computing it
-    (under a store lock, so concurrent runs compute it once) only when the store lacks it."""
-
-    def body(store_root: str, params: dict, inputs: dict[str, dict], label: str = "") -> dict:
-        store = Store(store_root)
-        key = node_key(kind, params, inputs)
-        with store.lock(kind, key):
-            hit = _lookup(store, kind, key)
-            if hit is not None:
-                return hit.as_dict()
-            t0 = time.time()
-            ref = compute(store, key, params, inputs)
-            _logger().info(f"{kind} {key[:12]} computed in {time.time() - t0:.1f}s")
-            return ref.as_dict()
-
-    body.__name__ = f"{kind}_task"
-    return task(body, name=kind, cache_policy=ArtifactKeyPolicy(kind=kind), persist_result=True,
-                result_serializer="json", task_run_name=run_name)
-
-
-@dataclass
-class NodeResult:
-    ref: dict
-    status: str  # "computed" or "reused"
-    kind: str
-
-    @property
-    def key(self) -> str:
-        return self.ref["key"]
-
-
-def run_node(node_task, store: Store, params: dict, inputs: dict[str, dict], label: str) -> NodeResult:
-    kind = node_task.name
-    hit = _lookup(store, kind, node_key(kind, params, inputs))
-    ref = node_task.with_options(refresh_cache=hit is None)(
-        store_root=str(store.root), params=params, inputs=inputs, label=label)
-    if hit is not None:  # the store answers: Prefect's record may predate a rebuilt or copied store
-        ref = hit.as_dict()
-    return NodeResult(ref, "reused" if hit else "computed", kind)

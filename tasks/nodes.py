@@ -1,15 +1,15 @@
-"""One Prefect task per artifact kind: read inputs from the store, call pkt_core, store the result.
+"""The node specs, one per artifact kind: parameters as typed fields, named inputs, kind version,
+and the computation that calls into pkt_core. tasks/node.py runs, stores and records them.
 
-Inputs are refs: store artifacts {kind, key, digest} or sources {kind: model|file|dir, key: path,
-digest}. Only digests enter the artifact key, so moving a model directory reuses everything.
+Inputs are refs: store artifacts {kind, key, digest} or sources {kind: model|file|dir|table,
+key: path or name, digest}. Only digests enter a key, so moving a model directory reuses everything.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -22,10 +22,10 @@ from pkt.artifacts.store import Ref, Store
 from pkt.core import align, arch, data, evaluate, finetune, lora_init, models, report, sensitivity
 from pkt.core.mini import family
 
-from .node import artifact_task, digests
+from .node import Node, Tensors, execution, log
 
 
-# ---- sources ---------------------------------------------------------------------------------
+# ---- sources: inputs that are not nodes ----------------------------------------------------------
 def model_source(path: str, store: Store) -> dict:
     return {"kind": "model", "key": str(path), "digest": model_digest(path, memo_dir=store.root / "memo")}
 
@@ -55,50 +55,76 @@ def table_source(store: Store, table: pd.DataFrame, name: str) -> dict:
     return {"kind": "table", "key": name, "digest": store.put_bytes(table.to_csv(index=False).encode())}
 
 
-# ---- computations ---------------------------------------------------------------------------
-def compute_family(store: Store, key: str, params: dict, inputs: dict) -> Ref:
-    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
-        t0 = time.time()
-        stats = family.build_family(tmp, params["size"], log=_log, seed=params.get("seed"))
-        Path(tmp, "family_stats.json").write_text(json.dumps(stats, indent=1))
-        return store.put_tree("family", key, tmp, params=params, inputs={}, seconds=time.time() - t0)
+def model_path(store: Store, ref: dict) -> str:
+    """Where a model input's files are: its own directory, or the tree of a model the store built."""
+    return ref["key"] if ref["kind"] == "model" else str(store.tree(Ref.of(ref)))
 
 
-def compute_random_model(store: Store, key: str, params: dict, inputs: dict) -> Ref:
+# ---- the nodes -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family(Node):
+    """The miniature teacher/student family, pretrained (a tree: teacher/, student/, tasks/, stats)."""
+
+    KIND = "family"
+    size: str = "demo"
+    recipe: dict | None = None  # family.recipe_params(size): a changed recipe is a new family
+
+    def compute(self, store, inputs, out):
+        stats = family.build_family(out, self.size, log=log, seed=(self.recipe or {}).get("seed"))
+        Path(out, "family_stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
+
+
+@dataclass(frozen=True)
+class RandomModel(Node):
     """A randomly initialized model with the config (and tokenizer) of another: the untrained-teacher control."""
-    from transformers import AutoModelForCausalLM
 
-    src = inputs["like"]["key"]
-    torch.manual_seed(params["seed"])
-    model = AutoModelForCausalLM.from_config(models.load_config(src), dtype=torch.float32)
-    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        models.load_tokenizer(src).save_pretrained(tmp)
-        return store.put_tree("random_model", key, tmp, params=params, inputs=digests(inputs))
+    KIND = "random_model"
+    INPUTS = ("like",)
+    seed: int = 0
+
+    def compute(self, store, inputs, out):
+        from transformers import AutoModelForCausalLM
+
+        src = model_path(store, inputs["like"])
+        torch.manual_seed(self.seed)
+        model = AutoModelForCausalLM.from_config(models.load_config(src), dtype=torch.float32)
+        model.save_pretrained(out, safe_serialization=True)
+        models.load_tokenizer(src).save_pretrained(out)
 
 
-def compute_sensitivity(store: Store, key: str, params: dict, inputs: dict) -> Ref:
-    t0 = time.time()
-    src = inputs["teacher"]["key"]
-    model = models.load_model(src, dtype=params["dtype"], device=params["device"])
-    tok = models.load_tokenizer(src)
-    samples = data.load_encoded(inputs["seeds"]["key"], tok, params["max_length"], params["k"], params["sample_seed"],
-                                params["chat_template"])
-    sens = sensitivity.compute_sensitivity(model, samples)
-    totals = sensitivity.layer_totals(sens, model.config).tolist()
-    meta = {"layer_totals": json.dumps(totals), "teacher_config": model.config.to_json_string(),
-            "n_samples": str(len(samples))}
-    if params.get("layout", "single") == "single":
-        return store.put_tensors("sensitivity", key, sens, params=params, inputs=digests(inputs),
-                                 seconds=time.time() - t0, metadata=meta)
-    # per_layer: one file per decoder layer, each moved off the device only when written, so host
-    # RAM holds one layer of the map at a time (the accumulators stay on the GPU until then)
-    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
+@dataclass(frozen=True)
+class Sensitivity(Node):
+    """S = sum over seed samples of |theta * dL/dtheta|, the loss on answer tokens only."""
+
+    KIND = "sensitivity"
+    INPUTS = ("teacher", "seeds")
+    k: int | None = None
+    sample_seed: int = 0
+    max_length: int = 2048
+    chat_template: bool = False
+    loss: str = "answer_tokens"
+    dtype: str = "float32"
+    device: str = execution(default="cpu")
+    layout: str = execution(default="single")  # "per_layer": one file per decoder layer
+
+    def compute(self, store, inputs, out):
+        src = model_path(store, inputs["teacher"])
+        model = models.load_model(src, dtype=self.dtype, device=self.device)
+        tok = models.load_tokenizer(src)
+        samples = data.load_encoded(inputs["seeds"]["key"], tok, self.max_length, self.k, self.sample_seed,
+                                    self.chat_template)
+        sens = sensitivity.compute_sensitivity(model, samples)
+        totals = sensitivity.layer_totals(sens, model.config).tolist()
+        meta = {"layer_totals": json.dumps(totals), "teacher_config": model.config.to_json_string(),
+                "n_samples": str(len(samples))}
+        if self.layout == "single":
+            return Tensors(sens, meta)
+        # one file per decoder layer, each moved off the device only when written, so host RAM
+        # holds one layer of the map at a time (the accumulators stay on the GPU until then)
         for group, names in sensitivity.layer_groups(list(sens), model.config).items():
-            save_file({n: sens.pop(n).cpu() for n in names}, f"{tmp}/{group}.safetensors",
+            save_file({n: sens.pop(n).cpu() for n in names}, f"{out}/{group}.safetensors",
                       metadata={"format": "pt", **meta})
-        Path(tmp, "layer_totals.json").write_text(json.dumps(totals))
-        return store.put_tree("sensitivity", key, tmp, params=params, inputs=digests(inputs), seconds=time.time() - t0)
+        Path(out, "layer_totals.json").write_text(json.dumps(totals))
 
 
 def sensitivity_map(store: Store, ref: dict) -> models.LazyWeights:
@@ -114,138 +140,178 @@ def sensitivity_totals(store: Store, ref: dict) -> list[float]:
     return json.loads(store.header(ref)["layer_totals"])
 
 
-def compute_layer_plan(store: Store, key: str, params: dict, inputs: dict) -> Ref:
-    totals = sensitivity_totals(store, inputs["sensitivity"])
-    layers = align.select_layers(totals, params["student_layers"], params["selector"], params["seed"])
-    meta = {"layers": json.dumps(layers), "layer_totals": json.dumps(totals)}
-    return store.put_tensors("layer_plan", key, {"layers": torch.tensor(layers)}, params=params, inputs=digests(inputs),
-                             metadata=meta)
+@dataclass(frozen=True)
+class LayerPlan(Node):
+    """The teacher layers a student of student_layers layers takes, in the teacher's order."""
+
+    KIND = "layer_plan"
+    INPUTS = ("sensitivity",)
+    student_layers: int = 0
+    selector: str = "sensitivity"
+    seed: int = 0
+
+    def compute(self, store, inputs, out):
+        totals = sensitivity_totals(store, inputs["sensitivity"])
+        layers = align.select_layers(totals, self.student_layers, self.selector, self.seed)
+        return Tensors({"layers": torch.tensor(layers)},
+                       {"layers": json.dumps(layers), "layer_totals": json.dumps(totals)})
 
 
-def compute_extraction(store: Store, key: str, params: dict, inputs: dict) -> Ref:
-    t0 = time.time()
-    teacher_cfg = models.load_config(inputs["teacher"]["key"])
-    student_cfg = arch.config_from_shape(params["student_shape"])
-    layers = json.loads(store.header(inputs["plan"])["layers"])
-    weights = models.LazyWeights.from_model_dir(inputs["teacher"]["key"])
-    sens = sensitivity_map(store, inputs["sensitivity"])
-    out = align.extract(teacher_cfg, student_cfg, weights, sens, layers, reducer=params["reducer"],
-                        modules=tuple(params["modules"]), seed=params["seed"])
-    return store.put_tensors("extraction", key, out, params=params, inputs=digests(inputs), seconds=time.time() - t0,
-                             metadata={"layers": json.dumps(layers)})
+def plan_layers(store: Store, ref: dict) -> list[int]:
+    return json.loads(store.header(ref)["layers"])
 
 
-def compute_lora_init(store: Store, key: str, params: dict, inputs: dict) -> Ref:
-    extraction = inputs["extraction"]
-    shape = store.record("extraction", extraction["key"])["params"]["student_shape"]
-    cfg = arch.config_from_shape(shape)
-    rank, alpha = params["rank"], params["alpha"]
-    state = lora_init.init_state_dict(store.tensors(extraction), cfg, rank, alpha=alpha, split=params["split"],
-                                      scale=params["scale"], method=params["svd"])
-    if params["transform"] == "spectrum-matched":
-        state = lora_init.spectrum_matched(state, params["transform_seed"])
-    elif params["transform"] == "shuffled":
-        state = lora_init.shuffled(state, params["transform_seed"])
-    meta = {"top_singular_values": json.dumps(lora_init.top_singular_values(state, alpha / rank)),
-            "scaling": lora_init.scaling_note(rank, alpha, params["split"], params["scale"]),
-            "transform_seed": str(params["transform_seed"]), "pkt_kind": "lora_init"}
-    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
-        lora_init.save_adapter(tmp, state, cfg, params["rank"], params["alpha"], params["dropout"], meta)
-        return store.put_tree("lora_init", key, tmp, params=params, inputs=digests(inputs))
+@dataclass(frozen=True)
+class Extraction(Node):
+    """Student-shaped pieces of the planned teacher layers' matrices (depends on the student's shape only)."""
+
+    KIND = "extraction"
+    INPUTS = ("teacher", "sensitivity", "plan")
+    student_shape: dict | None = None
+    reducer: str = "submatrix"
+    modules: tuple[str, ...] = arch.ALL_MODULE_TYPES
+    seed: int = 0
+
+    def compute(self, store, inputs, out):
+        src = model_path(store, inputs["teacher"])
+        layers = plan_layers(store, inputs["plan"])
+        pieces = align.extract(models.load_config(src), arch.config_from_shape(self.student_shape),
+                               models.LazyWeights.from_model_dir(src), sensitivity_map(store, inputs["sensitivity"]),
+                               layers, reducer=self.reducer, modules=tuple(self.modules), seed=self.seed)
+        return Tensors(pieces, {"layers": json.dumps(layers)})
 
 
-def compute_residual_model(store: Store, key: str, params: dict, inputs: dict) -> Ref:
-    """The student minus its init's applied delta, an HF model dir: with the init adapter on top
-    it is the student at step 0, so a user's own trainer starts where pkt's does."""
-    t0 = time.time()
-    src = inputs["student"]["key"]
-    student = models.load_model(src, dtype=params["dtype"], device="cpu")
-    residual = lora_init.residual_model(student, store.tree(Ref.of(inputs["init"])))
-    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
-        residual.save_pretrained(tmp, safe_serialization=True)
-        models.load_tokenizer(src).save_pretrained(tmp)
-        return store.put_tree("residual_model", key, tmp, params=params, inputs=digests(inputs),
-                              seconds=time.time() - t0)
+@dataclass(frozen=True)
+class LoraInit(Node):
+    """A peft adapter folder holding the rank-r SVD factors of the extracted pieces (or a control's
+    transform of them)."""
+
+    KIND = "lora_init"
+    VERSION = 2  # B stored divided by alpha/r: the applied delta is scale x the extracted piece's approximation
+    INPUTS = ("extraction",)
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.05
+    split: str = "paper"
+    scale: float = 1.0
+    svd: str = "full"
+    transform: str = "none"
+    transform_seed: int = 0
+
+    def compute(self, store, inputs, out):
+        extraction = inputs["extraction"]
+        cfg = arch.config_from_shape(store.record("extraction", extraction["key"])["params"]["student_shape"])
+        state = lora_init.init_state_dict(store.tensors(extraction), cfg, self.rank, alpha=self.alpha, split=self.split,
+                                          scale=self.scale, method=self.svd)
+        if self.transform == "spectrum-matched":
+            state = lora_init.spectrum_matched(state, self.transform_seed)
+        elif self.transform == "shuffled":
+            state = lora_init.shuffled(state, self.transform_seed)
+        meta = {"top_singular_values": json.dumps(lora_init.top_singular_values(state, self.alpha / self.rank)),
+                "scaling": lora_init.scaling_note(self.rank, self.alpha, self.split, self.scale),
+                "transform_seed": str(self.transform_seed), "pkt_kind": "lora_init"}
+        lora_init.save_adapter(out, state, cfg, self.rank, self.alpha, self.dropout, meta)
 
 
-def compute_adapter(store: Store, key: str, params: dict, inputs: dict) -> Ref:
-    """Fine-tune the student from an init (or peft's lora/pissa init) and store a stock peft adapter
-    for the *unmodified* student (the delta step folded in)."""
-    from peft import get_peft_model, get_peft_model_state_dict
+@dataclass(frozen=True)
+class ResidualModel(Node):
+    """The student minus its init's applied delta, an HF model dir: with the init adapter on top it is
+    the student at step 0, so a user's own trainer starts where pkt's does (what `pkt extract` hands out)."""
 
-    t0 = time.time()
-    tp = finetune.TrainParams.from_dict(params["train"])
-    src = inputs["student"]["key"]
-    student = models.load_model(src, dtype=params["dtype"], device=params["device"])
-    tok = models.load_tokenizer(src)
-    init_kind = params["init"]
-    if init_kind == "extracted":
-        init_dir = store.tree(Ref.of(inputs["init"]))
-        model = lora_init.trainable_from_init(student, init_dir)
-        rank, alpha = (json.loads((init_dir / "adapter_config.json").read_text())[k] for k in ("r", "lora_alpha"))
-    else:  # peft's own inits: "lora" (B = 0) or "pissa" (the student's own principal directions)
-        modules = [m for m in tp.modules if init_kind != "pissa" or m != "embed"]  # no PiSSA for embeddings
-        cfg = lora_init.lora_config(modules, tp.rank, tp.alpha, tp.dropout)
-        cfg.init_lora_weights = True if init_kind == "lora" else "pissa"
-        model = get_peft_model(student, cfg)
-        rank, alpha = tp.rank, tp.alpha
-    init_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
-    size = lora_init.init_size(model)  # at step 0, from peft's applied deltas
-    samples = data.load_encoded(inputs["train"]["key"], tok, tp.max_length)[: tp.n_train]
-    log = finetune.finetune(model, samples, tp, tok.pad_token_id)
-    trained = get_peft_model_state_dict(model, save_embedding_layers=False)
-    subtracted = init_kind != "lora"  # these inits moved the base weights: fold the init back in
-    state = lora_init.fold_init(trained, init_state) if subtracted else trained
-    factor = 2 if subtracted else 1
-    cfg = arch.config_from_shape(arch.shape_of(student.config))
-    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
-        lora_init.save_adapter(tmp, state, cfg, factor * rank, factor * alpha, tp.dropout,
-                               {"pkt_kind": "adapter", "variant": params["variant"],
-                                "init_size": json.dumps(size)})
-        Path(tmp, "pkt_train_log.json").write_text(json.dumps({"losses": log.losses, "steps": log.steps}))
-        return store.put_tree("adapter", key, tmp, params=params, inputs=digests(inputs), seconds=time.time() - t0)
+    KIND = "residual_model"
+    INPUTS = ("student", "init")
+    dtype: str = "float32"
+
+    def compute(self, store, inputs, out):
+        src = model_path(store, inputs["student"])
+        student = models.load_model(src, dtype=self.dtype, device="cpu")
+        residual = lora_init.residual_model(student, store.tree(Ref.of(inputs["init"])))
+        residual.save_pretrained(out, safe_serialization=True)
+        models.load_tokenizer(src).save_pretrained(out)
 
 
-def compute_scores(store: Store, key: str, params: dict, inputs: dict) -> Ref:
-    from peft import PeftModel
+def init_size(store: Store, adapter: dict) -> dict:
+    """An adapter's init size at step 0 (top_sv, top_sv_ratio; empty for a version-1 adapter)."""
+    from safetensors import safe_open
 
-    t0 = time.time()
-    src = inputs["student"]["key"]
-    model = models.load_model(src, dtype=params["dtype"], device=params["device"])
-    tok = models.load_tokenizer(src)
-    if "adapter" in inputs:
-        model = PeftModel.from_pretrained(model, str(store.tree(Ref.of(inputs["adapter"])))).merge_and_unload()
-    res = evaluate.evaluate(model, tok, params["benchmark"], inputs["data"]["key"], split=params["split"],
-                            num_fewshot=params["num_fewshot"], limit=params.get("limit"),
-                            judge=inputs.get("judge", {}).get("key"))
-    return store.put_tensors("scores", key, res.per_example, params=params, inputs=digests(inputs),
-                             seconds=time.time() - t0, metadata={"summary": json.dumps(res.summary)})
+    with safe_open(str(store.tree(Ref.of(adapter)) / "adapter_model.safetensors"), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("init_size", "{}"))
 
 
-def compute_report(store: Store, key: str, params: dict, inputs: dict) -> Ref:
-    """The report files (markdown, csv, chart) of a runs table: drawn once per distinct table."""
-    t0 = time.time()
-    runs = report.read_csv(io.BytesIO(store.read_bytes(inputs["runs"]["digest"])))
-    curves = report.read_csv(io.BytesIO(store.read_bytes(inputs["curves"]["digest"]))) if "curves" in inputs else None
-    with tempfile.TemporaryDirectory(dir=store.root / "tmp") as tmp:
-        report.write_report(runs, tmp, params["primary"], curves)
-        return store.put_tree("report", key, tmp, params=params, inputs=digests(inputs), seconds=time.time() - t0)
+def train_losses(store: Store, adapter: dict) -> list[float]:
+    return json.loads((store.tree(Ref.of(adapter)) / "pkt_train_log.json").read_text())["losses"]
 
 
-def _log(msg: str) -> None:
-    from .node import _logger
+@dataclass(frozen=True)
+class Adapter(Node):
+    """The student fine-tuned from an init (an extracted LoRA init, or peft's lora/pissa): a stock peft
+    folder for the *unmodified* student, with its loss curve."""
 
-    _logger().info(msg)
+    KIND = "adapter"
+    VERSION = 2  # records the init's effective size at step 0
+    INPUTS = ("student", "train")
+    variant: str = "lora"
+    init: str = "lora"  # "extracted" (then an `init` input), "lora" or "pissa"
+    train: dict | None = None  # TrainParams.as_dict()
+    dtype: str = "float32"
+    device: str = execution(default="cpu")
+
+    def compute(self, store, inputs, out):
+        tp = finetune.TrainParams.from_dict(self.train or {})
+        src = model_path(store, inputs["student"])
+        student = models.load_model(src, dtype=self.dtype, device=self.device)
+        tok = models.load_tokenizer(src)
+        init_dir = store.tree(Ref.of(inputs["init"])) if self.init == "extracted" else None
+        samples = data.load_encoded(inputs["train"]["key"], tok, tp.max_length)[: tp.n_train]
+        result = finetune.train_adapter(student, samples, tp, tok.pad_token_id, self.init, init_dir)
+        cfg = arch.config_from_shape(arch.shape_of(student.config))
+        lora_init.save_adapter(out, result.state, cfg, result.rank, result.alpha, tp.dropout,
+                               {"pkt_kind": "adapter", "variant": self.variant,
+                                "init_size": json.dumps(result.init_size, sort_keys=True)})
+        Path(out, "pkt_train_log.json").write_text(json.dumps({"losses": result.log.losses, "steps": result.log.steps}))
 
 
-# ---- the Prefect tasks (run names are what a person scanning the UI reads) --------------------
-family_task = artifact_task("family", compute_family, "family[{label}]")
-random_model_task = artifact_task("random_model", compute_random_model, "random_model[{label}]")
-sensitivity_task = artifact_task("sensitivity", compute_sensitivity, "sensitivity[{label}]")
-layer_plan_task = artifact_task("layer_plan", compute_layer_plan, "layer_plan[{label}]")
-extraction_task = artifact_task("extraction", compute_extraction, "extraction[{label}]")
-lora_init_task = artifact_task("lora_init", compute_lora_init, "lora_init[{label}]")
-residual_model_task = artifact_task("residual_model", compute_residual_model, "residual_model[{label}]")
-adapter_task = artifact_task("adapter", compute_adapter, "adapter[{label}]")
-scores_task = artifact_task("scores", compute_scores, "scores[{label}]")
-report_task = artifact_task("report", compute_report, "report[{label}]")
+@dataclass(frozen=True)
+class Scores(Node):
+    """Per-example scores of the student (+ adapter) on one benchmark split, with a summary header."""
+
+    KIND = "scores"
+    VERSION = 2
+    INPUTS = ("student", "data")
+    benchmark: str = "gsm"
+    task_definition: str = ""  # digest of the task YAML: a changed scorer is a new score
+    split: str = "test"
+    num_fewshot: int = 0
+    limit: int | None = None
+    dtype: str = "float32"
+    device: str = execution(default="cpu")
+
+    def compute(self, store, inputs, out):
+        src = model_path(store, inputs["student"])
+        model = models.load_model(src, dtype=self.dtype, device=self.device)
+        if "adapter" in inputs:
+            model = models.with_adapter(model, store.tree(Ref.of(inputs["adapter"])))
+        judge = model_path(store, inputs["judge"]) if "judge" in inputs else None
+        res = evaluate.evaluate(model, models.load_tokenizer(src), self.benchmark, inputs["data"]["key"],
+                                split=self.split, num_fewshot=self.num_fewshot, limit=self.limit, judge=judge)
+        return Tensors(res.per_example, {"summary": json.dumps(res.summary, sort_keys=True)})
+
+
+def score_summary(store: Store, ref: dict) -> dict:
+    return json.loads(store.header(ref)["summary"])
+
+
+@dataclass(frozen=True)
+class Report(Node):
+    """The report files (markdown, csv, chart) of a runs table, drawn once per distinct table; its
+    inputs also name every scores node the table was read from."""
+
+    KIND = "report"
+    VERSION = 3  # paired inference against every control, overview, knowledge vs size, training curves
+    INPUTS = ("runs", "scores")  # optional: "curves", the training losses of the runs
+    primary: str = "exact_match/strict-match"
+
+    def compute(self, store, inputs, out):
+        runs = report.read_csv(io.BytesIO(store.read_bytes(inputs["runs"]["digest"])))
+        curves = report.read_csv(io.BytesIO(store.read_bytes(inputs["curves"]["digest"]))) if "curves" in inputs else None
+        report.write_report(runs, out, self.primary, curves)

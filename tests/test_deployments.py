@@ -7,8 +7,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_deployment_points_at_a_flow_with_valid_parameters():
+def test_every_deployment_points_at_a_flow_with_valid_parameters(tmp_path, monkeypatch):
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.chdir(tmp_path)  # the sweep's typed config checks its task directory: give it one
+    for name in ("train", "seeds", "test"):
+        (tmp_path / "data/gsm").mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"data/gsm/{name}.jsonl").write_text("")
     names = {d["name"] for d in spec["deployments"]}
     assert {"demo", "extract-teacher", "sweep"} <= names
     for dep in spec["deployments"]:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pkt.flows.pipeline import extract_teacher, sweep
+from pkt.flows.extract import extract_teacher
+from pkt.flows.sweep import sweep
 from pkt.core import align, sensitivity
 
 
@@ -175,15 +176,18 @@ def test_per_layer_sensitivity_gives_the_same_extraction(prefect_env, mini_famil
     args = dict(teacher=str(mini_family / "teacher"), seeds=str(mini_family / "tasks/gsm/seeds.jsonl"),
                 students=[str(mini_family / "student")], rank=2, alpha=2.0, store=str(tmp_path / "store"))
     single = extract_teacher(**args)
-    layered = extract_teacher(**args, sensitivity_layout="per_layer")
-    store = Store(tmp_path / "store")
+    # the layout is how a map is stored, not what it is: same key, so a second store shows it
+    layered = extract_teacher(**{**args, "store": str(tmp_path / "layered")}, sensitivity_layout="per_layer")
+    assert layered["_ledger"][0][:2] == single["_ledger"][0][:2] and single["_ledger"][0][0] == "sensitivity"
+    store = Store(tmp_path / "layered")
     key = lambda out, kind: next(k for kd, k, _ in out["_ledger"] if kd == kind)
     sens_tree = store.tree(Ref.of(store.record("sensitivity", key(layered, "sensitivity"))))
     assert sorted(p.name for p in sens_tree.glob("*.safetensors")) == ["global.safetensors", "layer.0.safetensors",
                                                                        "layer.1.safetensors"]
     s = args["students"][0]
     assert single[s]["layers"] == layered[s]["layers"]
-    a = store.tensors(store.record("extraction", key(single, "extraction")))
+    first = Store(tmp_path / "store")
+    a = first.tensors(first.record("extraction", key(single, "extraction")))
     b = store.tensors(store.record("extraction", key(layered, "extraction")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

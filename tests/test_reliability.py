@@ -96,7 +96,7 @@ SWEEP = textwrap.dedent("""
         return wrapper
     sensitivity.compute_sensitivity = counting("sensitivity", sensitivity.compute_sensitivity)
     finetune.finetune = counting("finetune", finetune.finetune)
-    from pkt.flows.pipeline import sweep
+    from pkt.flows.sweep import sweep
     out = sweep(json.loads(sys.argv[1]))
     print("RESULT", out["computed"], len(out["nodes"]))
 """)

@@ -1,0 +1,85 @@
+"""The miniature family and the demo: the main job on the embedded defaults."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow
+
+from pkt.artifacts.store import Ref, Store
+from pkt.core.mini import family
+from pkt.tasks import nodes
+
+from .config import parse_config
+from .graph import Graph, task_runner, torch_threads_per_worker
+from .summary import publish
+from .sweep import run_sweep
+from .variants import VARIANTS
+
+Size = Literal["demo", "test", "study"]
+
+DEMO_TRAIN = {
+    "demo": {"rank": 8, "alpha": 8.0, "lr": 1e-2, "epochs": 6, "batch_size": 64, "micro_batch": 64, "n_train": 512,
+             "max_length": 64},
+    "test": {"rank": 2, "alpha": 2.0, "lr": 1e-2, "epochs": 1, "batch_size": 16, "micro_batch": 16, "n_train": 32,
+             "max_length": 64},
+}
+ALL_VARIANTS = list(VARIANTS)
+
+
+def family_node(graph: Graph, size: str, seed: int | None = None) -> dict:
+    """The family's ref (built, or reused from the store); another seed is an independent family."""
+    spec = nodes.Family(size=size, recipe=family.recipe_params(size, seed))
+    return graph.submit(spec, {}, f"size={size}" + ("" if seed is None else f", seed={seed}")).result()
+
+
+def family_stats(store: Store, ref: dict) -> dict:
+    return json.loads((store.tree(Ref.of(ref)) / "family_stats.json").read_text())
+
+
+def _stats_lines(stats: dict) -> list[str]:
+    return [f"{who}: {stats[who]['params']:,} params, {stats[who]['steps']} steps, held-out gsm exact match "
+            f"{stats[who]['gsm_em']:.1%}" for who in ("teacher", "student")]
+
+
+@flow(name="build-family", log_prints=True)
+def build_family(size: Size = "demo", store: str | None = None, seed: int | None = None) -> dict:
+    """Pretrain (or reuse) the miniature teacher/student family; returns paths inside the store."""
+    st = Store(store)
+    with task_runner() as runner:
+        graph = Graph(st, runner)
+        ref = family_node(graph, size, seed)
+    stats = family_stats(st, ref)
+    for line in _stats_lines(stats):
+        print(line)
+    publish(st, "build-family", [ref], tag=size, notes=_stats_lines(stats))
+    return {"root": str(st.tree(Ref.of(ref))), "status": ref["status"], "stats": stats}
+
+
+@flow(name="demo", log_prints=True)
+def demo(size: Size = "demo", seeds: list[int] = (0, 1, 2), store: str | None = None,
+         report_dir: str = "pkt-report", runner: Literal["threads", "processes", "dask"] = "threads",
+         workers: int = 1) -> dict:
+    """Build or reuse the miniature family, then sweep every variant on the GSM-like task; publishes
+    the family, the scores and the report on this run."""
+    st = Store(store)
+    with task_runner(runner, workers) as task_runner_:
+        graph = Graph(st, task_runner_, torch_threads_per_worker(runner, workers))
+        fam = family_node(graph, size)
+        root = st.tree(Ref.of(fam))
+        cfg = parse_config(demo_config(str(root), size, list(seeds), store, report_dir))
+        out = run_sweep(graph, cfg, "demo", size)
+    stats = family_stats(st, fam)
+    return out | {"family": {"root": str(root), "status": fam["status"], "stats": stats}}
+
+
+def demo_config(family_root: str, size: str, seeds: list[int], store: str | None, report_dir: str) -> dict:
+    """The demo's sweep: every variant on the GSM-like task of a built miniature family."""
+    root = Path(family_root)
+    return {"teacher": str(root / "teacher"), "students": [str(root / "student")],
+            "tasks": [{"name": "gsm", "dir": str(root / "tasks" / "gsm"), "benchmark": "gsm"}],
+            "variants": ALL_VARIANTS, "seeds": list(seeds), "early_teacher": str(root / "teacher-early"),
+            "cross_task_seeds": str(root / "tasks" / "sni" / "seeds.jsonl"), "train": DEMO_TRAIN[size],
+            "benchmarks": ["answer_nll"], "max_length": 64, "report_dir": report_dir,
+            **({"store": store} if store else {})}

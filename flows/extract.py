@@ -1,0 +1,107 @@
+"""The teacher side: sensitivity -> layer plan -> extraction -> LoRA init, per student shape.
+
+Nothing here depends on a student's weights, so every student of one shape shares the chain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow
+from prefect.futures import PrefectFuture
+
+from pkt.artifacts.store import Ref, Store
+from pkt.core import arch, models
+from pkt.tasks import nodes
+
+from .graph import Graph, task_runner
+from .summary import publish
+
+
+@dataclass(frozen=True)
+class ChainOptions:
+    """How a teacher chain is cut (the parts of the sweep config it reads)."""
+
+    k: int | None = None
+    sample_seed: int = 0
+    selector: str = "sensitivity"
+    reducer: str = "submatrix"
+    max_length: int = 2048
+    dtype: str = "float32"
+    device: str = "cpu"
+    modules: tuple[str, ...] = arch.ALL_MODULE_TYPES
+    layout: str = "single"
+    draw_seed: int = 0  # seed of a random layer selector or reducer
+
+
+def source_name(path: str) -> str:
+    """A short, telling name for a file or model: 'gsm/seeds.jsonl', 'teacher'."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.suffix else (p.name or str(path))
+
+
+def extraction_chain(graph: Graph, teacher, seeds: dict, shape: dict, opts: ChainOptions,
+                     teacher_name: str) -> dict[str, PrefectFuture]:
+    """Futures of the sensitivity, layer plan and extraction nodes for one teacher, seed file and
+    student shape. teacher is a source or the future of a model the store builds."""
+    tag = f"teacher={teacher_name}, seeds={source_name(seeds['key'])}"
+    sens = graph.submit(nodes.Sensitivity(k=opts.k, sample_seed=opts.sample_seed, max_length=opts.max_length,
+                                          dtype=opts.dtype, device=opts.device, layout=opts.layout),
+                        {"teacher": teacher, "seeds": seeds}, f"{tag}, k={opts.k or 'all'}")
+    layers = shape["num_hidden_layers"]
+    drawn = f" seed={opts.draw_seed}" if opts.selector == "random" else ""
+    plan = graph.submit(nodes.LayerPlan(student_layers=layers, selector=opts.selector,
+                                        seed=opts.draw_seed if opts.selector == "random" else 0),
+                        {"sensitivity": sens}, f"{tag}, {opts.selector}{drawn}, layers={layers}")
+    drawn += f" seed={opts.draw_seed}" if opts.reducer == "random" else ""
+    ext = graph.submit(nodes.Extraction(student_shape=shape, reducer=opts.reducer, modules=tuple(opts.modules),
+                                        seed=opts.draw_seed if opts.reducer == "random" else 0),
+                       {"teacher": teacher, "sensitivity": sens, "plan": plan},
+                       f"{tag}, {opts.selector}, {opts.reducer}{drawn}, hidden={shape['hidden_size']}")
+    return {"sensitivity": sens, "plan": plan, "extraction": ext, "tag": f"{tag}, {opts.selector}, {opts.reducer}{drawn}"}
+
+
+def init_node(graph: Graph, chain: dict, *, rank: int, alpha: float, dropout: float = 0.05, split: str = "paper",
+              scale: float = 1.0, transform: str = "none", transform_seed: int = 0) -> PrefectFuture:
+    how = "" if transform == "none" else f", {transform} seed={transform_seed}"
+    return graph.submit(nodes.LoraInit(rank=rank, alpha=alpha, dropout=dropout, split=split, scale=scale,
+                                       transform=transform, transform_seed=transform_seed),
+                        {"extraction": chain["extraction"]}, f"{chain['tag']}, rank={rank}, scale={scale}{how}")
+
+
+@flow(name="extract-teacher", log_prints=True)
+def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 16, alpha: float = 16.0,
+                    k: int | None = None, selector: str = "sensitivity", reducer: str = "submatrix",
+                    store: str | None = None, dtype: str = "float32", device: str = "cpu",
+                    sensitivity_layout: str = "single") -> dict:
+    """Sensitivity, layer plans, extractions and LoRA inits for each student shape (computed once),
+    and for each student the residual base (its weights minus the init's delta) that the init
+    adapter trains on: that pair, loaded with stock peft, is the student at step 0.
+
+    sensitivity_layout='per_layer' writes the map one decoder layer at a time (host RAM holds one
+    layer of it; with device='cuda' the accumulators stay on the GPU)."""
+    st = Store(store)
+    t_src, s_src = nodes.model_source(teacher, st), nodes.file_source(seeds)
+    opts = ChainOptions(k=k, selector=selector, reducer=reducer, dtype=dtype, device=device, layout=sensitivity_layout)
+    with task_runner() as runner:
+        graph = Graph(st, runner)
+        chains = {}
+        for student in students:
+            shape = arch.shape_of(models.load_config(student))
+            chain = extraction_chain(graph, t_src, s_src, shape, opts, source_name(teacher))
+            init = init_node(graph, chain, rank=rank, alpha=alpha)
+            residual = graph.submit(nodes.ResidualModel(dtype=dtype), {"student": nodes.model_source(student, st),
+                                                                       "init": init},
+                                    f"student={source_name(student)}, rank={rank}, alpha={alpha}")
+            chains[student] = {**chain, "lora_init": init, "residual_model": residual}
+        results = graph.results()
+    out = {}
+    for student, chain in chains.items():
+        refs = {name: chain[name].result()
+                for name in ("sensitivity", "plan", "extraction", "lora_init", "residual_model")}
+        out[student] = {**refs, "layers": nodes.plan_layers(st, refs["plan"]),
+                        "init_path": str(st.tree(Ref.of(refs["lora_init"]))),
+                        "base_path": str(st.tree(Ref.of(refs["residual_model"])))}
+    publish(st, "extract-teacher", results, plans={s: v["layers"] for s, v in out.items()})
+    out["_ledger"] = [(r["kind"], r["key"], r["status"]) for r in results]
+    return out

@@ -1,0 +1,95 @@
+"""The DAG a flow builds: node specs submitted as Prefect futures to a task runner.
+
+Each upstream future is handed to its downstream nodes, so Prefect records the true edges and the
+task runner (threads, processes, or a Dask cluster) runs independent branches at once. A node
+this flow already submitted (one teacher chain feeds many runs) is answered with the same future.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from prefect.futures import PrefectFuture, wait
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+
+from pkt.artifacts.keys import canonical_json
+from pkt.artifacts.store import Store
+from pkt.tasks.node import Node, run_node
+
+RUNNERS = ("threads", "processes", "dask")
+
+
+def task_runner(kind: str = "threads", workers: int = 1, address: str | None = None) -> TaskRunner:
+    """threads: in this process (one worker keeps torch's global RNG to one branch at a time, so
+    results are reproducible bit for bit); processes: a local process pool; dask: prefect-dask's
+    DaskTaskRunner on the scheduler at `address`, or on a LocalCluster of `workers` processes."""
+    if kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if kind == "processes":
+        return ProcessPoolTaskRunner(max_workers=workers)
+    if kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise ValueError("runner dask needs prefect-dask: pip install 'pkt[dask]'") from None
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
+    raise ValueError(f"unknown runner {kind!r}; choose one of {', '.join(RUNNERS)}")
+
+
+def torch_threads_per_worker(kind: str, workers: int) -> int | None:
+    """Torch threads each worker uses so that N workers on N cores do not oversubscribe them (None:
+    leave torch's default, as one in-process worker has the machine to itself)."""
+    if kind == "threads" and workers == 1:
+        return None
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+@dataclass
+class Graph:
+    store: Store
+    runner: TaskRunner
+    torch_threads: int | None = None
+    futures: dict[str, PrefectFuture] = field(default_factory=dict)  # node identity -> its future
+    kinds: dict[str, str] = field(default_factory=dict)  # node identity -> kind
+    _identity_of: dict[int, str] = field(default_factory=dict)  # id(future) -> node identity
+    _labels: set[str] = field(default_factory=set)
+
+    def submit(self, spec: Node, inputs: dict, label: str) -> PrefectFuture:
+        """The future of spec's ref, submitting it once per (spec, upstream nodes/sources)."""
+        identity = canonical_json({"spec": spec.identity(), "inputs": self._input_identity(inputs)})
+        if identity not in self.futures:
+            future = self.runner.submit(run_node, parameters={
+                "spec": spec, "inputs": inputs, "store_root": str(self.store.root),
+                "label": self._unique(f"{spec.KIND}[{label}]"), "torch_threads": self.torch_threads})
+            self.futures[identity], self.kinds[identity] = future, spec.KIND
+            self._identity_of[id(future)] = identity
+        return self.futures[identity]
+
+    def _input_identity(self, inputs):
+        if isinstance(inputs, PrefectFuture):
+            return self._identity_of[id(inputs)]
+        if isinstance(inputs, list):
+            return [self._input_identity(x) for x in inputs]
+        if isinstance(inputs, dict) and "digest" in inputs:  # a source
+            return inputs["digest"]
+        return {name: self._input_identity(x) for name, x in sorted(inputs.items())}
+
+    def _unique(self, label: str) -> str:
+        """Run names a person can tell apart: a second node with the same description gets a number."""
+        name, n = label, 1
+        while name in self._labels:
+            n += 1
+            name = f"{label} #{n}"
+        self._labels.add(name)
+        return name
+
+    def results(self) -> list[dict]:
+        """Every node's ref and status, once all have finished; the first failure is raised."""
+        wait(list(self.futures.values()))
+        return [f.result() for f in self.futures.values()]
+
+    def computed(self) -> int:
+        return sum(r["status"] == "computed" for r in self.results())

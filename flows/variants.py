@@ -1,0 +1,50 @@
+"""The variants a sweep compares, as data: where each one's init comes from.
+
+A control differs from `transfer` in exactly one field. Its random draw (which rows, which
+layers, which directions, which untrained weights) follows the training seed, so seeds differ
+in the draw as well as in training, and rerunning a seed reproduces it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    init: str = "extracted"  # "none" (no training), "lora", "pissa" (peft's inits) or "extracted"
+    teacher: str = "teacher"  # "teacher", "untrained" (random weights, teacher's config) or "early"
+    seeds: str = "task"  # "task": the task's own seeds.jsonl; "cross-task": another task's
+    selector: str | None = None  # layer selector; None: the config's
+    reducer: str | None = None  # dimension reducer; None: the config's
+    transform: str = "none"  # applied to the LoRA init: "spectrum-matched" or "shuffled"
+    drawn: bool = False  # a random control: its draw is seeded from the training seed
+    what: str = ""
+
+    @property
+    def trains(self) -> bool:
+        return self.init != "none"
+
+    @property
+    def extracted(self) -> bool:
+        return self.init == "extracted"
+
+
+VARIANTS = {v.name: v for v in [
+    Variant("vanilla", init="none", what="the student, untrained"),
+    Variant("lora", init="lora", what="peft's standard LoRA init (B = 0): every difference is paired against it"),
+    Variant("transfer", what="the paper: sensitivity -> layer selection -> max-sensitivity submatrix -> rank-r SVD"),
+    Variant("pissa", init="pissa", what="peft's PiSSA init on the student's own weights (no teacher)"),
+    Variant("random-submatrix", reducer="random", drawn=True,
+            what="the sensitive teacher layers, but random rows/columns instead of the sensitive window"),
+    Variant("random-layers", selector="random", drawn=True,
+            what="random teacher layers, with the sensitive windows inside them"),
+    Variant("cross-task", seeds="cross-task", what="sensitivity from another task's seed samples"),
+    Variant("untrained-teacher", teacher="untrained", drawn=True,
+            what="a randomly initialized model of the teacher's config through the same extraction"),
+    Variant("spectrum-matched", transform="spectrum-matched", drawn=True,
+            what="the transfer init's singular values with random orthonormal directions"),
+    Variant("shuffled", transform="shuffled", drawn=True,
+            what="the transfer init with rows and columns permuted (embed/lm_head along the vocabulary)"),
+    Variant("early-teacher", teacher="early", what="an earlier, weaker teacher checkpoint through the same extraction"),
+]}

@@ -82,15 +82,13 @@ def test_sensitivity_training_and_evaluation_see_the_same_tokens(setup, monkeypa
     store = Store(tmp_path / "store")
     model_ref = {"kind": "model", "key": str(model_dir), "digest": "m"}
     sens = _captured(monkeypatch, sensitivity, "compute_sensitivity", 1)
-    with pytest.raises(_Stop):
-        nodes.compute_sensitivity(store, "k", {"k": None, "sample_seed": 0, "max_length": 512, "chat_template": False,
-                                               "dtype": "float32", "device": "cpu"},
-                                  {"teacher": model_ref, "seeds": {"key": str(task / "seeds.jsonl"), "digest": "s"}})
+    with pytest.raises(_Stop):  # the sensitivity node, as a sweep runs it
+        nodes.Sensitivity(max_length=512).compute(
+            store, {"teacher": model_ref, "seeds": {"key": str(task / "seeds.jsonl"), "digest": "s"}}, tmp_path)
     train = _captured(monkeypatch, finetune, "finetune", 1)
-    with pytest.raises(_Stop):
-        nodes.compute_adapter(store, "k", {"train": {"rank": 2, "alpha": 2, "max_length": 512, "modules": ["q"]},
-                                           "init": "lora", "variant": "lora", "dtype": "float32", "device": "cpu"},
-                              {"student": model_ref, "train": {"key": str(task / "train.jsonl"), "digest": "t"}})
+    with pytest.raises(_Stop):  # the adapter node
+        nodes.Adapter(train={"rank": 2, "alpha": 2, "max_length": 512, "modules": ["q"]}).compute(
+            store, {"student": model_ref, "train": {"key": str(task / "train.jsonl"), "digest": "t"}}, tmp_path)
     s_ids, t_ids = sens[0][0]["input_ids"][0].tolist(), train[0][0]["input_ids"][0].tolist()
     assert s_ids == t_ids
     assert torch.equal(sens[0][0]["labels"], train[0][0]["labels"])

@@ -138,6 +138,7 @@ BUILD_CHAIN = textwrap.dedent("""
     from pkt.core import arch, finetune, models
     from pkt.tasks import nodes
     from pkt.tasks.node import build
+    import torch
     fam, store = sys.argv[1], Store(sys.argv[2])
     teacher, student = nodes.model_source(fam + "/teacher", store), nodes.model_source(fam + "/student", store)
     shape = arch.shape_of(models.load_config(fam + "/student"))
@@ -146,9 +147,12 @@ BUILD_CHAIN = textwrap.dedent("""
     plan = build(nodes.LayerPlan(student_layers=shape["num_hidden_layers"]), {"sensitivity": sens}, store)
     ext = build(nodes.Extraction(student_shape=shape), {"teacher": teacher, "sensitivity": sens, "plan": plan}, store)
     init = build(nodes.LoraInit(rank=2, alpha=2.0), {"extraction": ext}, store)
+    torch.rand(int(sys.argv[3]))  # what else this process drew before: a worker that ran other nodes
     tp = finetune.TrainParams(rank=2, alpha=2.0, epochs=1, batch_size=4, micro_batch=4, n_train=8, max_length=64)
+    train = nodes.file_source(fam + "/tasks/gsm/train.jsonl")
+    build(nodes.Adapter(variant="lora", init="lora", train=tp.as_dict()), {"student": student, "train": train}, store)
     build(nodes.Adapter(variant="transfer", init="extracted", train=tp.as_dict()),
-          {"student": student, "train": nodes.file_source(fam + "/tasks/gsm/train.jsonl"), "init": init}, store)
+          {"student": student, "train": train, "init": init}, store)
     runs = pd.DataFrame([{"student": "s", "task": "gsm", "benchmark": "gsm", "metric": "exact_match/strict-match",
                           "variant": v, "seed": s, "setting": "{}", "value": 0.1 * s + (v == "transfer") * 0.05,
                           "top_sv": None} for v in ("lora", "transfer") for s in range(3)])
@@ -158,13 +162,14 @@ BUILD_CHAIN = textwrap.dedent("""
 
 
 def test_every_node_has_the_same_bytes_when_built_in_another_process(mini_family, tmp_path):
-    """Safetensors metadata, adapter_config.json's module sets, the report: two interpreters with
-    different string hash seeds build the same nodes, byte for byte."""
+    """Safetensors metadata, adapter_config.json's module sets, peft's random lora_A, the report: two
+    interpreters with different string hash seeds, and different random draws made before, build
+    the same nodes, byte for byte."""
     cwd = os.path.dirname(os.path.dirname(__file__))
     stores = [Store(tmp_path / f"store{seed}") for seed in ("1", "2")]
-    procs = [subprocess.Popen([sys.executable, "-c", BUILD_CHAIN, str(mini_family), str(store.root)], cwd=cwd,
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_CHAIN, str(mini_family), str(store.root), draws], cwd=cwd,
                               env={**os.environ, "PYTHONHASHSEED": seed}, stderr=subprocess.PIPE, text=True)
-             for seed, store in zip(("1", "2"), stores)]
+             for seed, draws, store in zip(("1", "2"), ("0", "1000"), stores)]
     for p in procs:
         err = p.communicate(timeout=300)[1]
         assert p.returncode == 0, err[-3000:]

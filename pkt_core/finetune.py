@@ -168,6 +168,7 @@ def train_adapter(student, samples: list[dict[str, torch.Tensor]], params: Train
         modules = [m for m in params.modules if init != "pissa" or m != "embed"]  # no PiSSA for embeddings
         cfg = lora_init.lora_config(modules, params.rank, params.alpha, params.dropout)
         cfg.init_lora_weights = True if init == "lora" else "pissa"
+        torch.manual_seed(params.seed)  # peft draws lora_A here: from the run's seed, not the process's history
         model = get_peft_model(student, cfg)
         rank, alpha = params.rank, params.alpha
     else:

@@ -245,6 +245,8 @@ class Store:
             area = _AREAS.get(root)
             if area and area[0].is_dir():
                 return area[0]
+            if area:  # someone removed our area: start a new one
+                os.close(area[1])
             with self._lease():  # gc cannot judge the area between its lock file and its directory
                 name = f"proc-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
                 fd = os.open(self.root / "tmp" / f"{name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
@@ -282,8 +284,9 @@ class Store:
 
     def put_bytes(self, data: bytes) -> str:
         """A blob no record names: gc may remove it once this returns. Artifacts use put_blob."""
-        if self._blob_ok(hashlib.sha256(data).hexdigest()):
-            return hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256(data).hexdigest()
+        if self._blob_ok(digest):  # nothing to write (a read-only store holding it answers too)
+            return digest
         with self._lease():
             return self._write_blob(data)
 

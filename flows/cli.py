@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -51,10 +52,14 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build or reuse the miniature family and run the demo sweep")
     p.add_argument("--size", default="demo", help="family size: demo (default) or test (builds in seconds)")
     p.add_argument("--seeds", default="3", help="training seeds per variant (default 3)")
-    p.add_argument("--report-dir", default="pkt-report")
+    p.add_argument("--report-dir", default=None, help="default: pkt-report (pkt-study with --study)")
     p.add_argument("--runner", default="threads", help="task runner: threads (default, one worker), processes, "
                    "or dask (a LocalCluster)")
     p.add_argument("--workers", default="1", help="parallel workers for processes or dask (default 1)")
+    p.add_argument("--study", action="store_true",
+                   help="the study instead of the smoke-size demo: every variant x 5 seeds x 2 lr x 3 init "
+                        "scales, two independently built families, GSM-like and MMLU-like tasks")
+    p.add_argument("--families", default="0,1", help="with --study: the family seeds to build and sweep")
     _store_arg(p)
 
     p = sub.add_parser("extract", help="teacher sensitivity, layer plan and LoRA init for a student's shape")
@@ -222,19 +227,32 @@ def transfer_config(args):
 
 # ---- commands ----------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
-    from .config import DemoConfig, validate
-
-    cfg = validate(DemoConfig, {"size": args.size, "seeds": args.seeds, "report_dir": args.report_dir,
-                                "store": args.store, "runner": args.runner, "workers": args.workers}, "",
-                   {"size": "--size", "seeds": "--seeds", "runner": "--runner", "workers": "--workers"})
     from .server import prefect_api
 
+    if args.study:
+        started = time.time()
+        with prefect_api():
+            from .study import study
+
+            out = study(store=args.store, report_dir=args.report_dir or "pkt-study",
+                        family_seeds=[int(s) for s in args.families.split(",")])
+        _print_result(out)
+        print(f"study wall time {time.time() - started:.0f} s")
+        return 0
+    from .config import DemoConfig, validate
+
+    cfg = validate(DemoConfig, {"size": args.size, "seeds": args.seeds, "report_dir": args.report_dir or "pkt-report",
+                                "store": args.store, "runner": args.runner, "workers": args.workers}, "",
+                   {"size": "--size", "seeds": "--seeds", "runner": "--runner", "workers": "--workers"})
     with prefect_api():
         from .demo import demo
 
         out = demo(size=cfg.size, seeds=list(range(cfg.seeds)), store=cfg.store, report_dir=cfg.report_dir,
                    runner=cfg.runner, workers=cfg.workers)
     _print_result(out)
+    print("\nThis is a smoke-size study (one small family, one task, one learning rate and init scale, "
+          f"{cfg.seeds} seeds): it shows the pipeline works, not whether transfer helps. For that, run "
+          "`pkt demo --study`.")
     return 0
 
 
@@ -252,7 +270,11 @@ def cmd_extract(args) -> int:
         print(f"{kind:12s} {key}  {status}")
     for student, v in out.items():
         print(f"layer plan for {student}: teacher layers {v['layers']}")
-        print(f"LoRA init for {student}: {v['init_path']}")
+        print(f"fine-tune {student} from these two together (step 0 computes the student; README: "
+              "'Fine-tuning from pkt extract'):")
+        print(f"  base model: {v['base_path']}")
+        print(f"  LoRA init:  {v['init_path']}")
+        print("  (the LoRA init alone on the original student is NOT the student: its base must be the one above)")
     return 0
 
 
@@ -293,17 +315,24 @@ def _print_result(out: dict) -> None:
     import pandas as pd
 
     table = pd.DataFrame(out["table"])
-    cols = [c for c in ["task", "metric", "variant", "mean", "std", "n", "diff", "ci_low", "ci_high", "verdict",
-                        "top_sv"] if c in table]
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
-        print(table[cols].to_string(index=False))
+    views = [["task", "metric", "variant", "mean", "std", "n", "top_sv", "top_sv_ratio", "diff", "ci_low", "ci_high",
+              "p_perm", "verdict"],
+             ["task", "metric", "variant", "transfer_diff", "transfer_ci_low", "transfer_ci_high", "transfer_p_perm",
+              "transfer_verdict"]]
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 70,
+                           "display.float_format", "{:.4f}".format):
+        for cols in views:  # variant - lora, then transfer - variant
+            print(table[[c for c in cols if c in table]].to_string(index=False))
+            print()
     print()
     for line in out["headline"]:
         print(line)
     print(f"\n{out['computed']} nodes computed, {len(out['nodes']) - out['computed']} reused.")
     for name, path in out["report"].items():
         print(f"{name:9s} {Path(path).resolve()}")
-    print("Runs, scores and reports are in the Prefect UI: run `pkt ui`, then open http://127.0.0.1:4200")
+    api = os.environ.get("PREFECT_API_URL", "")
+    where = f"open {api.removesuffix('/api')}" if api else "run `pkt ui`, then open http://127.0.0.1:4200"
+    print(f"Runs, scores and reports are in the Prefect UI: {where}")
 
 
 def cmd_report(args) -> int:
@@ -412,7 +441,10 @@ def ui_command(port: int) -> list[str]:
 def cmd_ui(args) -> int:
     print(f"Prefect UI on http://127.0.0.1:{args.port} (bound to 127.0.0.1 only; see README before exposing it)")
     print(f"point runs at it with: export PREFECT_API_URL=http://127.0.0.1:{args.port}/api", flush=True)
-    server = subprocess.Popen(ui_command(args.port))
+    # the UI's browser code calls the API at PREFECT_UI_API_URL, which defaults to port 4200
+    env = {**os.environ, "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL")
+           or f"http://127.0.0.1:{args.port}/api"}
+    server = subprocess.Popen(ui_command(args.port), env=env)
     try:
         return server.wait()
     finally:

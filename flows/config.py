@@ -143,7 +143,10 @@ class SweepConfig(BaseModel):
     max_length: int = Field(2048, ge=1)
     train: TrainSpec = Field(default_factory=TrainSpec, description="training parameters (rank, alpha, lr, epochs, ...)")
     train_grid: Annotated[dict[str, list], AfterValidator(_train_grid)] = Field(
-        default_factory=dict, description="e.g. {lr: [1e-3, 1e-2]}: each variant at its best on val")
+        default_factory=dict, description="e.g. {lr: [1e-3, 1e-2], init_scale: [0.5, 1, 2]}: each variant at its "
+        "best setting on val")
+    select_on: str | None = Field(None, description="val metric that picks each variant's setting; default: the "
+                                  "first task's primary metric (answer_nll is steadier at small scale)")
     benchmarks: list[str] = Field(default_factory=lambda: ["answer_nll"], description="extra benchmarks per task")
     judge: str | None = Field(None, description="local judge model for the optional 'winrate' benchmark")
     num_fewshot: int = Field(0, ge=0)

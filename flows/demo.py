@@ -17,7 +17,7 @@ from .summary import publish
 from .sweep import run_sweep
 from .variants import VARIANTS
 
-Size = Literal["demo", "test"]
+Size = Literal["demo", "test", "study"]
 
 DEMO_TRAIN = {
     "demo": {"rank": 8, "alpha": 8.0, "lr": 1e-2, "epochs": 6, "batch_size": 64, "micro_batch": 64, "n_train": 512,
@@ -28,10 +28,10 @@ DEMO_TRAIN = {
 ALL_VARIANTS = list(VARIANTS)
 
 
-def family_node(graph: Graph, size: str) -> dict:
-    """The family's ref (built, or reused from the store)."""
-    spec = nodes.Family(size=size, recipe=family.recipe_params(size))
-    return graph.submit(spec, {}, f"size={size}").result()
+def family_node(graph: Graph, size: str, seed: int | None = None) -> dict:
+    """The family's ref (built, or reused from the store); another seed is an independent family."""
+    spec = nodes.Family(size=size, recipe=family.recipe_params(size, seed))
+    return graph.submit(spec, {}, f"size={size}" + ("" if seed is None else f", seed={seed}")).result()
 
 
 def family_stats(store: Store, ref: dict) -> dict:
@@ -44,12 +44,12 @@ def _stats_lines(stats: dict) -> list[str]:
 
 
 @flow(name="build-family", log_prints=True)
-def build_family(size: Size = "demo", store: str | None = None) -> dict:
+def build_family(size: Size = "demo", store: str | None = None, seed: int | None = None) -> dict:
     """Pretrain (or reuse) the miniature teacher/student family; returns paths inside the store."""
     st = Store(store)
     with task_runner() as runner:
         graph = Graph(st, runner)
-        ref = family_node(graph, size)
+        ref = family_node(graph, size, seed)
     stats = family_stats(st, ref)
     for line in _stats_lines(stats):
         print(line)

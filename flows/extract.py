@@ -67,7 +67,9 @@ def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 1
                     k: int | None = None, selector: str = "sensitivity", reducer: str = "submatrix",
                     store: str | None = None, dtype: str = "float32", device: str = "cpu",
                     sensitivity_layout: str = "single", svd: str = "auto") -> dict:
-    """Sensitivity, layer plans, extractions and LoRA inits for each student shape (computed once).
+    """Sensitivity, layer plans, extractions and LoRA inits for each student shape (computed once),
+    and for each student the residual base (its weights minus the init's delta) that the init
+    adapter trains on: that pair, loaded with stock peft, is the student at step 0.
 
     sensitivity_layout='per_layer' writes the map one decoder layer at a time (host RAM holds one
     layer of it; with device='cuda' the accumulators stay on the GPU). svd: the LoRA init's SVD,
@@ -81,13 +83,19 @@ def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 1
         for student in students:
             shape = arch.shape_of(models.load_config(student))
             chain = extraction_chain(graph, t_src, seeds, shape, opts, source_name(teacher))
-            chains[student] = {**chain, "lora_init": init_node(graph, chain, rank=rank, alpha=alpha, svd=svd)}
+            init = init_node(graph, chain, rank=rank, alpha=alpha, svd=svd)
+            residual = graph.submit(nodes.ResidualModel(dtype=dtype), {"student": graph.source("model", student),
+                                                                       "init": init},
+                                    f"student={source_name(student)}, rank={rank}, alpha={alpha}")
+            chains[student] = {**chain, "lora_init": init, "residual_model": residual}
         results = graph.results()
     out = {}
     for student, chain in chains.items():
-        refs = {name: chain[name].result() for name in ("sensitivity", "plan", "extraction", "lora_init")}
+        refs = {name: chain[name].result()
+                for name in ("sensitivity", "plan", "extraction", "lora_init", "residual_model")}
         out[student] = {**refs, "layers": nodes.plan_layers(st, refs["plan"]),
-                        "init_path": str(st.tree(Ref.of(refs["lora_init"])))}
+                        "init_path": str(st.tree(Ref.of(refs["lora_init"]))),
+                        "base_path": str(st.tree(Ref.of(refs["residual_model"])))}
     publish(st, "extract-teacher", results, plans={s: v["layers"] for s, v in out.items()})
     out["_ledger"] = [(r["kind"], r["key"], r["status"]) for r in results]
     return out

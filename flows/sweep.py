@@ -59,46 +59,75 @@ def grid(cfg: SweepConfig) -> list[dict]:
 
 
 def runs(cfg: SweepConfig, points: list[dict]):
-    """(variant, training setting, seed) of every run; vanilla trains nothing, so it runs once."""
+    """(variant, training setting, seed) of every run; vanilla trains nothing, so it runs once (n=1).
+    init_scale only varies the inits from a teacher."""
     for name in cfg.variants:
-        if VARIANTS[name].trains:
-            yield from ((VARIANTS[name], setting, seed) for setting, seed in itertools.product(points, cfg.seeds))
-        else:
-            yield VARIANTS[name], {}, cfg.seeds[0]
+        v = VARIANTS[name]
+        if not v.trains:
+            yield v, {}, cfg.seeds[0]
+            continue
+        settings = points if v.extracted else _unique([{k: x for k, x in p.items() if k not in SETTING_FIELDS}
+                                                      for p in points])
+        yield from ((v, setting, seed) for setting, seed in itertools.product(settings, cfg.seeds))
+
+
+def _unique(settings: list[dict]) -> list[dict]:
+    seen: dict[str, dict] = {}
+    for setting in settings:
+        seen.setdefault(json.dumps(setting, sort_keys=True), setting)
+    return list(seen.values())
 
 
 def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
-    """Submit every node of the sweep, wait, write the report; publishes on the current flow run."""
+    """Submit every node of the sweep, wait, write the report; publishes on the current flow run.
+
+    With a grid, every run is first scored on val (the selection metric only), each variant keeps
+    its best setting, and only those runs are scored on test; the size controls are also scored at
+    transfer's setting (the same lr and scale: matched effective size)."""
     store = graph.store
     teacher = graph.source("model", cfg.teacher)
     points = grid(cfg)
-    splits = ["test"] + (["val"] if len(points) > 1 else [])
-    scored = []  # (row fields, scores future, init future or None)
+    scored = []  # (row fields, scores future, adapter future or None)
     for student_path in cfg.students:
         student = graph.source("model", student_path)
         shape = arch.shape_of(models.load_config(student_path))
         for task in cfg.tasks:
             train = graph.source("file", str(Path(task.dir) / "train.jsonl"))
-            benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
+            trained = {}  # (variant, setting json, seed) -> (adapter future or None, label)
             for v, setting, seed in runs(cfg, points):
                 label = f"{source_name(student_path)}, {task.name}, {v.name}, seed={seed}" + (
                     f", {json.dumps(setting, sort_keys=True)}" if setting else "")
-                adapter, init = _train(graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
-                for split, bench in itertools.product(splits, benchmarks):
-                    future = _score(graph, cfg, student, adapter, task, bench, split, label)
-                    scored.append(({"student": student_path, "task": task.name, "benchmark": bench, "variant": v.name,
-                                    "seed": seed, "setting": json.dumps(setting, sort_keys=True), "split": split},
-                                   future, init))
+                adapter = _train(graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+                trained[v.name, json.dumps(setting, sort_keys=True), seed] = (adapter, label)
+            chosen = _choose(graph, cfg, student, task, trained) if len(points) > 1 else None
+            benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
+            for (variant, setting, seed), as_variant in tested(trained, chosen):
+                adapter, label = trained[variant, setting, seed]
+                for bench in benchmarks:
+                    future = _score(graph, cfg, student, adapter, task, bench, "test", label)
+                    scored.append(({"student": student_path, "task": task.name, "benchmark": bench,
+                                    "variant": as_variant, "seed": seed, "setting": setting}, future, adapter))
     graph.results()  # every node finished (the first failure is raised here)
-    rows = [{**fields, "metric": metric, "value": value, "top_sv": _top_sv(store, init)}
-            for fields, future, init in scored
-            for metric, value in nodes.score_summary(store, future.result()).items()]
-    primary_of = {t.name: evaluate.primary_metric(t.benchmark) for t in cfg.tasks}
-    table = report.choose_settings(pd.DataFrame(rows), primary_of)
-    primary = primary_of[cfg.tasks[0].name]
-    rep = graph.submit(nodes.Report(primary=primary),
-                       {"runs": nodes.table_source(store, table, "runs.csv"), "scores": [f for _, f, _ in scored]},
-                       f"{tag}, {len(table)} rows, {primary}")
+    rows, curves, seen = [], [], set()
+    for fields, future, adapter in scored:
+        size = nodes.init_size(store, adapter.result()) if adapter is not None else {}
+        rows += [{**fields, "metric": metric, "value": value, "top_sv": size.get("top_sv"),
+                  "top_sv_ratio": size.get("top_sv_ratio")}
+                 for metric, value in nodes.score_summary(store, future.result()).items()]
+        run = tuple(fields[k] for k in ("student", "task", "variant", "seed", "setting"))
+        if adapter is not None and run not in seen:
+            seen.add(run)
+            base = {k: fields[k] for k in ("student", "task", "variant", "seed", "setting")}
+            curves += [{**base, "step": i + 1, "loss": loss}
+                       for i, loss in enumerate(nodes.train_losses(store, adapter.result()))]
+    table = pd.DataFrame(rows)
+    primary = evaluate.primary_metric(cfg.tasks[0].benchmark)
+    # every score the sweep computed, val ones included: they chose the settings the table shows
+    all_scores = [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]
+    inputs = {"runs": nodes.table_source(store, table, "runs.csv"), "scores": all_scores}
+    if curves:
+        inputs["curves"] = nodes.table_source(store, pd.DataFrame(curves), "curves.csv")
+    rep = graph.submit(nodes.Report(primary=primary), inputs, f"{tag}, {len(table)} rows, {primary}")
     paths = copy_report(store, rep.result(), cfg.report_dir)
     summary = report.read_csv(paths["csv"])
     lines = report.headlines(summary, primary)
@@ -110,20 +139,43 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
             "table": summary.to_dict(orient="records"), "headline": lines}
 
 
+def _choose(graph: Graph, cfg: SweepConfig, student: PrefectFuture, task: TaskSpec, trained: dict) -> dict[str, str]:
+    """Each variant's training setting with the best mean val score over seeds (cfg.select_on,
+    default the task's primary metric)."""
+    metric = cfg.select_on or evaluate.primary_metric(task.benchmark)
+    bench = "answer_nll" if metric == "answer_nll" else task.benchmark
+    futures = {run: _score(graph, cfg, student, adapter, task, bench, "val", label)
+               for run, (adapter, label) in trained.items()}
+    val = [{"variant": variant, "setting": setting, "seed": seed,
+            "value": nodes.score_summary(graph.store, f.result())[metric]}
+           for (variant, setting, seed), f in futures.items()]
+    return report.select_settings(pd.DataFrame(val), metric)
+
+
+def tested(trained: dict, chosen: dict[str, str] | None):
+    """((variant, setting, seed), name in the report) of every run scored on test: each variant at
+    its chosen setting, and the size controls also at transfer's (named 'X@transfer-setting')."""
+    for run in trained:
+        variant, setting, _ = run
+        if chosen is None or chosen[variant] == setting:
+            yield run, variant
+        elif variant in report.SIZE_CONTROLS and chosen.get(report.SUBJECT) == setting:
+            yield run, variant + report.AT_SUBJECT
+
+
 def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, student: PrefectFuture,
            train: PrefectFuture, task: TaskSpec, shape: dict, seed: int, setting: dict,
-           label: str) -> tuple[PrefectFuture | None, PrefectFuture | None]:
-    """Futures of one run's adapter and of the LoRA init it trains from (None where there is none)."""
+           label: str) -> PrefectFuture | None:
+    """The future of one run's adapter (None for a variant that trains nothing)."""
     if not v.trains:
-        return None, None
+        return None
     tp = cfg.train_params(seed, {k: x for k, x in setting.items() if k not in SETTING_FIELDS})
     init = None
     if v.extracted:
         init = variant_init(graph, cfg, v, teacher, task, shape, tp, setting.get("init_scale", cfg.init_scale))
     inputs = {"student": student, "train": train, **({"init": init} if init else {})}
-    adapter = graph.submit(nodes.Adapter(variant=v.name, init=v.init, train=tp.as_dict(), dtype=cfg.dtype,
-                                         device=cfg.device), inputs, label)
-    return adapter, init
+    return graph.submit(nodes.Adapter(variant=v.name, init=v.init, train=tp.as_dict(), dtype=cfg.dtype,
+                                      device=cfg.device), inputs, label)
 
 
 def _score(graph: Graph, cfg: SweepConfig, student: PrefectFuture, adapter, task: TaskSpec, benchmark: str, split: str,
@@ -138,23 +190,11 @@ def _score(graph: Graph, cfg: SweepConfig, student: PrefectFuture, adapter, task
     return graph.submit(spec, inputs, f"{label}, {benchmark}, {split}")
 
 
-def _top_sv(store: Store, init: PrefectFuture | None) -> float | None:
-    """The init's top singular value (None without a teacher init)."""
-    if init is None:
-        return None
-    from safetensors import safe_open
-
-    tree = store.tree(Ref.of(init.result()))
-    with safe_open(str(tree / "adapter_model.safetensors"), framework="pt") as f:
-        values = json.loads((f.metadata() or {}).get("top_singular_values", "[]"))
-    return values[0] if values else None
-
-
 def copy_report(store: Store, ref: dict, out_dir: str) -> dict[str, Path]:
     """The report node's files, copied into out_dir (each replaced atomically: a reader never sees
     half a report file)."""
     tree = store.tree(Ref.of(ref))
-    paths = {name: Path(out_dir) / f for name, f in report.REPORT_FILES.items()}
+    paths = {name: Path(out_dir) / f for name, f in report.REPORT_FILES.items() if (tree / f).exists()}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for dest in paths.values():
         tmp = dest.with_name(f".{dest.name}.tmp")

@@ -92,7 +92,8 @@ def validate_sample(row, where: str) -> None:
 
 
 def format_prompt(messages: list[dict], tokenizer=None, chat_template: bool = False) -> str:
-    """The text before the answer: the paper's <|user|>/<|assistant|> tags, or the chat template."""
+    """The text before the answer: every turn before it (system and earlier turns included) in
+    the paper's <|role|> tags, or the chat template. lm-eval's task YAMLs call this too."""
     history = messages[:-1]
     if chat_template:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -108,15 +109,27 @@ def to_samples(rows: list[dict], tokenizer=None, chat_template: bool = False) ->
     return [Sample(format_prompt(r["messages"], tokenizer, chat_template), r["messages"][-1]["content"], r) for r in rows]
 
 
+def tokenize(tokenizer, text: str) -> list[int]:
+    """Token ids as lm-eval's HFLM makes them for a causal LM: the tokenizer's own default
+    special-token handling (a BOS added by add_bos_token or by a post-processor alike), except for
+    a text that already starts with the BOS text (a chat template's), which gets no second one."""
+    bos = getattr(tokenizer, "bos_token", None)
+    special = not (bos and text.startswith(bos))
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
 def encode(sample: Sample, tokenizer, max_length: int = 2048, where: str = "sample") -> dict[str, torch.Tensor]:
     """input_ids/labels, each 1 x T; labels are IGNORE outside the answer (+ eos).
 
+    The one formatting path of sensitivity, training and evaluation: the prompt's ids are the
+    context lm-eval scores or generates from, and the answer's are the whole text's ids after the
+    prompt's (lm-eval splits a context/continuation pair the same way).
     Truncation keeps the start; an answer cut away entirely is an error, not a silent zero loss.
     """
-    prompt_ids = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if getattr(tokenizer, "bos_token_id", None) is not None and getattr(tokenizer, "add_bos_token", False):
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    prompt_ids = tokenize(tokenizer, sample.prompt)
+    answer_ids = tokenize(tokenizer, sample.prompt + sample.answer)[len(prompt_ids):]
+    if not answer_ids or answer_ids[-1] != tokenizer.eos_token_id:
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
     ids = (prompt_ids + answer_ids)[:max_length]
     if len(prompt_ids) >= max_length:
         raise DataError(

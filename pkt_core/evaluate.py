@@ -124,7 +124,7 @@ def instruction_win_rate(model, tokenizer, data_dir, judge: str | Path | None, *
         raise ValueError("benchmark 'winrate' needs a judge model: set judge: PATH in the sweep config "
                          "(a local causal LM that reads the same chat format)")
     gen = evaluate(model, tokenizer, "sni", data_dir, split=split, limit=limit, batch_size=batch_size)
-    questions = [d["messages"][0]["content"] for d in gen.docs]
+    questions = [next(m["content"] for m in d["messages"] if m["role"] == "user") for d in gen.docs]
     references = [d["messages"][-1]["content"] for d in gen.docs]
     wins = judging.win_rates(load_model(judge), load_tokenizer(judge), questions, list(gen.outputs), references)
     return EvalResult({"winrate": float(wins.mean())}, {"winrate": wins, "doc_id": gen.per_example["doc_id"]},
@@ -142,7 +142,9 @@ def task_digest(benchmark: str) -> str:
 
         return f"lm-eval=={lm_eval.__version__}:{benchmark}"
     h = hashlib.sha256()
-    for f in (TASK_DIR / f"{BENCHMARKS[benchmark][0]}.yaml", TASK_DIR / "pkt_metrics.py"):
+    # the YAML, its functions, and data.py, whose format_prompt builds every prompt
+    for f in (TASK_DIR / f"{BENCHMARKS[benchmark][0]}.yaml", TASK_DIR / "pkt_metrics.py",
+              Path(__file__).parent / "data.py"):
         h.update(f.read_bytes())
     return h.hexdigest()
 

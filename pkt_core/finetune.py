@@ -144,6 +144,7 @@ class TrainedAdapter:
     rank: int
     alpha: float
     log: TrainLog
+    init_size: dict = field(default_factory=dict)  # lora_init.init_size at step 0: top_sv, top_sv_ratio
 
 
 def train_adapter(student, samples: list[dict[str, torch.Tensor]], params: TrainParams, pad_id: int,
@@ -174,8 +175,9 @@ def train_adapter(student, samples: list[dict[str, torch.Tensor]], params: Train
     else:
         raise ValueError(f"unknown init {init!r}; choose lora, pissa or extracted")
     init_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    size = lora_init.init_size(model)  # at step 0, from peft's applied deltas
     log = finetune(model, samples, params, pad_id, progress=progress)
     trained = get_peft_model_state_dict(model, save_embedding_layers=False)
     if init == "lora":
-        return TrainedAdapter(trained, rank, alpha, log)
-    return TrainedAdapter(lora_init.fold_init(trained, init_state), 2 * rank, 2 * alpha, log)
+        return TrainedAdapter(trained, rank, alpha, log, size)
+    return TrainedAdapter(lora_init.fold_init(trained, init_state), 2 * rank, 2 * alpha, log, size)

@@ -1,9 +1,11 @@
 """LoRA initialization from extracted teacher tensors, as a stock peft adapter folder.
 
-B = U_r diag(S_r), A = V_r^T (paper), so scale * B @ A is the best rank-r approximation of
-the extracted matrix (Eckart-Young) times peft's scaling. The delta step subtracts that
-product from the student's base weights, so training starts from the student's own function
-(the move peft's PiSSA/OLoRA inits make too).
+B = U_r diag(S_r), A = V_r^T (paper), with B divided by peft's scaling alpha/r (as peft's own
+PiSSA init divides by it), so the *applied* delta (alpha/r) * B @ A is exactly `scale` times the
+best rank-r approximation of the extracted matrix (Eckart-Young) for every (rank, alpha); the
+paper has alpha = r, where nothing is divided. The delta step subtracts that product from the
+student's base weights, so training starts from the student's own function (the move peft's
+PiSSA/OLoRA inits make too).
 """
 from __future__ import annotations
 
@@ -107,13 +109,18 @@ def peft_orientation(module: str, weight: torch.Tensor) -> torch.Tensor:
     return weight.T if module == "embed" else weight
 
 
-def init_state_dict(extracted: dict[str, torch.Tensor], student_config, rank: int,
+def init_state_dict(extracted: dict[str, torch.Tensor], student_config, rank: int, *, alpha: float,
                     split: str = "paper", scale: float = 1.0, method: str = "full",
                     errors: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
-    """peft adapter tensors for every extracted weight. scale multiplies B (the init's size).
-    errors, if given, receives each piece's relative reconstruction error ||W - B A||_F / ||W||_F
-    (before scale), keyed by the weight name."""
+    """peft adapter tensors for every extracted weight, stored so that the delta peft applies,
+    (alpha/rank) * B @ A, equals scale * (the rank-r approximation of the extracted matrix).
+
+    split='paper' divides B by alpha/rank (A keeps orthonormal rows); split='sqrt' divides each
+    factor by sqrt(alpha/rank), as peft's PiSSA does. errors, if given, receives each piece's
+    relative reconstruction error ||W - B A||_F / ||W||_F (before scaling), keyed by weight name."""
     names = arch.transferable_weights(student_config)
+    scaling = alpha / rank
+    b_div, a_div = (scaling, 1.0) if split == "paper" else (scaling ** 0.5, scaling ** 0.5)
     out = {}
     for name, weight in track(extracted.items(), "lora init (SVD)", "piece", total=len(extracted)):
         module, layer = names[name]
@@ -122,8 +129,15 @@ def init_state_dict(extracted: dict[str, torch.Tensor], student_config, rank: in
         if errors is not None:
             errors[name] = relative_error(w, b, a)
         key_a, key_b = peft_keys(student_config, module, layer)
-        out[key_a], out[key_b] = a, b * scale
+        out[key_a], out[key_b] = a / a_div, b * (scale / b_div)
     return out
+
+
+def scaling_note(rank: int, alpha: float, split: str, scale: float) -> str:
+    """How an init was sized, for its header: a reader of the file knows what B @ A stands for."""
+    how = "B divided by alpha/r" if split == "paper" else "B and A each divided by sqrt(alpha/r)"
+    return (f"applied delta (alpha/r) * B @ A = {scale:g} x the rank-{rank} SVD approximation of the extracted "
+            f"matrix; alpha/r = {alpha:g}/{rank} = {alpha / rank:g}; stored with {how}")
 
 
 def lora_config(modules, rank: int, alpha: float, dropout: float = 0.05, base_model: str | None = None):
@@ -204,6 +218,14 @@ def trainable_from_init(student, init_dir: str | Path, subtract: bool = True):
     return model
 
 
+def residual_model(student, init_dir: str | Path):
+    """The student with each init module's applied delta subtracted (W - (alpha/r) B @ A), as a
+    plain transformers model: the base that the init adapter at init_dir trains on. Loaded as
+    PeftModel.from_pretrained(residual, init_dir), it computes the student's function at step 0
+    (peft's PiSSA path writes the same residual base). Modifies student in place."""
+    return trainable_from_init(student, init_dir).unload()
+
+
 def fold_init(trained: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A rank-2r adapter equal to (trained - init) for use on the *unmodified* student.
 
@@ -238,13 +260,39 @@ def factor_singular_values(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(rb @ ra.T)
 
 
-def top_singular_values(state: dict[str, torch.Tensor], k: int = 3) -> list[float]:
-    """Mean over modules of the init's top-k singular values of B @ A: the init's size."""
+def top_singular_values(state: dict[str, torch.Tensor], scaling: float, k: int = 3) -> list[float]:
+    """Mean over modules of the top-k singular values of the applied delta scaling * B @ A
+    (scaling = alpha/r): the init's effective size."""
     tops = []
     for key_a, key_b in factor_pairs(state):
-        s = factor_singular_values(state[key_b], state[key_a])[:k]
+        s = scaling * factor_singular_values(state[key_b], state[key_a])[:k]
         tops.append(torch.nn.functional.pad(s, (0, k - s.numel())))
     return torch.stack(tops).mean(0).tolist() if tops else []
+
+
+def init_size(peft_model, adapter_name: str = "default") -> dict[str, float]:
+    """The step-0 init's effective size, from peft's own applied deltas (alpha/r included):
+    top_sv, the mean over LoRA modules of the delta's top singular value, and top_sv_ratio, the
+    mean of its ratio to the top singular value of the student's own weight for that module.
+
+    Call it at step 0 (before training): the model then computes the student's function, so the
+    student's weight is base + delta for every init (lora: delta 0; PiSSA and the delta step:
+    base = W - delta)."""
+    from peft.tuners.lora import LoraLayer
+
+    tops, ratios = [], []
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.scaling:
+                delta = module.get_delta_weight(adapter_name).float()
+                base = module.get_base_layer().weight.float()
+                student = base + delta.reshape(base.shape)
+                top = float(torch.linalg.matrix_norm(delta, ord=2))
+                tops.append(top)
+                ratios.append(top / max(float(torch.linalg.matrix_norm(student, ord=2)), 1e-30))
+    if not tops:
+        return {}
+    return {"top_sv": sum(tops) / len(tops), "top_sv_ratio": sum(ratios) / len(ratios)}
 
 
 def _orthonormal(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:

@@ -30,6 +30,43 @@ from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Ref, Store
 
 
+class NodeRef:
+    """What a pkt task returns: {kind, key, digest, status} read like a dict. Deliberately not a dict
+    or dataclass: Prefect links a returned collection's *items* by id() to later task arguments,
+    and interned strings such as "file" or "extraction" would draw edges that do not exist."""
+
+    __slots__ = ("kind", "key", "digest", "status")
+
+    def __init__(self, kind: str, key: str, digest: str, status: str = ""):
+        self.kind, self.key, self.digest, self.status = kind, key, digest, status
+
+    def __getitem__(self, name: str) -> str:
+        return getattr(self, name)
+
+    def get(self, name: str, default=None):
+        return getattr(self, name, default)
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __getstate__(self):  # Dask ships refs between processes
+        return self.as_dict()
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, NodeRef) and self.as_dict() == other.as_dict()
+
+    def __repr__(self) -> str:
+        return f"NodeRef({self.kind}, {self.key[:12]}, {self.status or 'source'})"
+
+
+def opaque(ref: dict) -> NodeRef:
+    return NodeRef(ref["kind"], ref["key"], ref["digest"], ref.get("status", ""))
+
+
 def digests(inputs: dict) -> dict:
     """name -> digest (or list of digests) of resolved input refs: all a key sees of its inputs."""
     return {name: [r["digest"] for r in ref] if isinstance(ref, list) else ref["digest"]
@@ -101,7 +138,7 @@ def log(msg: str) -> None:
     _logger().info(msg)
 
 
-def build(spec: Node, inputs: dict, store: Store) -> dict:
+def build(spec: Node, inputs: dict, store: Store) -> NodeRef:
     """The node's ref as {kind, key, digest, status}: 'reused' when the store holds it, else
     'computed'. A node being computed elsewhere (another branch, another process) is waited for
     under the store's lock, never computed twice. Plain Python: no Prefect run needed."""
@@ -112,8 +149,8 @@ def build(spec: Node, inputs: dict, store: Store) -> dict:
         with store.lock(spec.KIND, key):
             hit = _lookup(store, spec.KIND, key)  # computed by someone else while we waited
             if hit is None:
-                return {**_compute(store, spec, key, inputs).as_dict(), "status": "computed"}
-    return {**hit.as_dict(), "status": "reused"}
+                return opaque({**_compute(store, spec, key, inputs).as_dict(), "status": "computed"})
+    return opaque({**hit.as_dict(), "status": "reused"})
 
 
 @task(name="node", cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}")

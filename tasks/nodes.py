@@ -24,7 +24,7 @@ from pkt.artifacts.store import Ref, Store
 from pkt.core import align, arch, data, evaluate, finetune, lora_init, models, report, sensitivity
 from pkt.core.mini import family
 
-from .node import Node, Tensors, execution, log
+from .node import Node, Tensors, execution, log, opaque
 
 
 # ---- sources: inputs that are not nodes ----------------------------------------------------------
@@ -65,11 +65,11 @@ def source(kind: str, path: str, store_root: str, label: str, names: list[str] |
     ("file") or the named files of a task directory ("dir"). A task of its own, so the graph shows
     which model and which data each node read."""
     if kind == "model":
-        return model_source(path, Store(store_root))
+        return opaque(model_source(path, Store(store_root)))
     if kind == "file":
-        return file_source(path)
+        return opaque(file_source(path))
     if kind == "dir":
-        return dir_source(path, names)
+        return opaque(dir_source(path, names))
     raise ValueError(f"unknown source kind {kind!r}")
 
 
@@ -88,7 +88,7 @@ class Family(Node):
     recipe: dict | None = None  # family.recipe_params(size): a changed recipe is a new family
 
     def compute(self, store, inputs, out):
-        stats = family.build_family(out, self.size, log=log)
+        stats = family.build_family(out, self.size, log=log, seed=(self.recipe or {}).get("seed"))
         # the artifact's bytes are a function of its key: the build's duration goes in the record only
         stats = {who: {k: v for k, v in s.items() if k != "seconds"} for who, s in stats.items()}
         Path(out, "family_stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
@@ -209,7 +209,9 @@ class LoraInit(Node):
     transform of them)."""
 
     KIND = "lora_init"
-    VERSION = 2  # top singular values from the factors; the svd method's random sketch is seeded
+    # v2: top singular values from the factors, the svd method's random sketch seeded, and B stored
+    # divided by alpha/r so that the applied delta is scale x the extracted piece's approximation
+    VERSION = 2
     INPUTS = ("extraction",)
     rank: int = 16
     alpha: float = 16.0
@@ -224,8 +226,8 @@ class LoraInit(Node):
         extraction = inputs["extraction"]
         cfg = arch.config_from_shape(store.record("extraction", extraction["key"])["params"]["student_shape"])
         errors: dict[str, float] = {}
-        state = lora_init.init_state_dict(store.tensors(extraction), cfg, self.rank, self.split, self.scale, self.svd,
-                                          errors)
+        state = lora_init.init_state_dict(store.tensors(extraction), cfg, self.rank, alpha=self.alpha, split=self.split,
+                                          scale=self.scale, method=self.svd, errors=errors)
         if errors:
             log(f"SVD ({self.svd}) relative reconstruction error ||W - BA||/||W||: max {max(errors.values()):.4f}, "
                 f"mean {sum(errors.values()) / len(errors):.4f} over {len(errors)} pieces")
@@ -233,9 +235,40 @@ class LoraInit(Node):
             state = lora_init.spectrum_matched(state, self.transform_seed)
         elif self.transform == "shuffled":
             state = lora_init.shuffled(state, self.transform_seed)
-        meta = {"top_singular_values": json.dumps(lora_init.top_singular_values(state)), "pkt_kind": "lora_init",
+        meta = {"top_singular_values": json.dumps(lora_init.top_singular_values(state, self.alpha / self.rank)),
+                "scaling": lora_init.scaling_note(self.rank, self.alpha, self.split, self.scale),
+                "transform_seed": str(self.transform_seed), "pkt_kind": "lora_init",
                 "svd_relative_errors": json.dumps(errors, sort_keys=True)}
         lora_init.save_adapter(out, state, cfg, self.rank, self.alpha, self.dropout, meta)
+
+
+@dataclass(frozen=True)
+class ResidualModel(Node):
+    """The student minus its init's applied delta, an HF model dir: with the init adapter on top it is
+    the student at step 0, so a user's own trainer starts where pkt's does (what `pkt extract` hands out)."""
+
+    KIND = "residual_model"
+    INPUTS = ("student", "init")
+    dtype: str = "float32"
+
+    def compute(self, store, inputs, out):
+        src = model_path(store, inputs["student"])
+        student = models.load_model(src, dtype=self.dtype, device="cpu")
+        residual = lora_init.residual_model(student, store.tree(Ref.of(inputs["init"])))
+        residual.save_pretrained(out, safe_serialization=True)
+        models.load_tokenizer(src).save_pretrained(out)
+
+
+def init_size(store: Store, adapter: dict) -> dict:
+    """An adapter's init size at step 0 (top_sv, top_sv_ratio; empty for a version-1 adapter)."""
+    from safetensors import safe_open
+
+    with safe_open(str(store.tree(Ref.of(adapter)) / "adapter_model.safetensors"), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("init_size", "{}"))
+
+
+def train_losses(store: Store, adapter: dict) -> list[float]:
+    return json.loads((store.tree(Ref.of(adapter)) / "pkt_train_log.json").read_text())["losses"]
 
 
 @dataclass(frozen=True)
@@ -244,6 +277,7 @@ class Adapter(Node):
     folder for the *unmodified* student, with its loss curve."""
 
     KIND = "adapter"
+    VERSION = 2  # records the init's effective size at step 0
     INPUTS = ("student", "train")
     variant: str = "lora"
     init: str = "lora"  # "extracted" (then an `init` input), "lora" or "pissa"
@@ -261,7 +295,8 @@ class Adapter(Node):
         result = finetune.train_adapter(student, samples, tp, tok.pad_token_id, self.init, init_dir)
         cfg = arch.config_from_shape(arch.shape_of(student.config))
         lora_init.save_adapter(out, result.state, cfg, result.rank, result.alpha, tp.dropout,
-                               {"pkt_kind": "adapter", "variant": self.variant})
+                               {"pkt_kind": "adapter", "variant": self.variant,
+                                "init_size": json.dumps(result.init_size, sort_keys=True)})
         Path(out, "pkt_train_log.json").write_text(json.dumps({"losses": result.log.losses, "steps": result.log.steps}))
 
 
@@ -301,10 +336,11 @@ class Report(Node):
     inputs also name every scores node the table was read from."""
 
     KIND = "report"
-    VERSION = 2
-    INPUTS = ("runs", "scores")
+    VERSION = 3  # paired inference against every control, overview, knowledge vs size, training curves
+    INPUTS = ("runs", "scores")  # optional: "curves", the training losses of the runs
     primary: str = "exact_match/strict-match"
 
     def compute(self, store, inputs, out):
         runs = report.read_csv(io.BytesIO(store.read_bytes(inputs["runs"]["digest"])))
-        report.write_report(runs, out, self.primary)
+        curves = report.read_csv(io.BytesIO(store.read_bytes(inputs["curves"]["digest"]))) if "curves" in inputs else None
+        report.write_report(runs, out, self.primary, curves)

@@ -83,7 +83,7 @@ def test_extract_transfer_and_export_from_the_command_line(prefect_env, mini_fam
                  "--student", str(fam / "student"), "--rank", "2", "--store", store]) == 0
     out = capsys.readouterr().out
     assert "sensitivity" in out and "computed" in out
-    init_dir = out.strip().splitlines()[-1].split(": ", 1)[1]
+    init_dir = _printed(out, "LoRA init:")
     assert (Path(init_dir) / "adapter_config.json").exists()
     from safetensors import safe_open
 
@@ -103,3 +103,52 @@ def test_extract_transfer_and_export_from_the_command_line(prefect_env, mini_fam
     stock = PeftModel.from_pretrained(load_model(fam / "student"), str(Store(store).tree(Ref.of(adapter)))).eval()
     ids = torch.tensor([[5, 12, 7, 36, 35, 24]])
     assert torch.allclose(merged(ids).logits, stock(ids).logits, atol=1e-4)
+
+
+def _printed(out: str, label: str) -> str:
+    return next(line.split(label, 1)[1].strip() for line in out.splitlines() if line.strip().startswith(label))
+
+
+def _readme_snippet() -> str:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Fine-tuning from `pkt extract`", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_what_extract_prints_is_the_student_at_step_0_used_as_the_readme_says(prefect_env, mini_family, tmp_path,
+                                                                               capsys):
+    """Run the README's fine-tuning snippet on exactly the folders `pkt extract` printed (with
+    rank != alpha): its model computes the student's logits before training, and trains."""
+    import torch
+
+    from pkt.core.models import load_model
+
+    fam = mini_family
+    assert main(["extract", "--teacher", str(fam / "teacher"), "--seeds", str(fam / "tasks/gsm/seeds.jsonl"),
+                 "--student", str(fam / "student"), "--rank", "2", "--alpha", "8",
+                 "--store", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    base, init = _printed(out, "base model:"), _printed(out, "LoRA init:")
+    code = _readme_snippet().replace('"BASE"', repr(base)).replace('"INIT"', repr(init))
+    load, train = code.split("opt = ", 1)
+    ns: dict = {}
+    exec(load, ns)  # the README's loading lines, as written
+    ids = torch.tensor([[5, 12, 7, 36, 35, 24, 40, 41]])
+    student = load_model(fam / "student").eval()
+    model = ns["model"].eval()
+    with torch.no_grad():
+        want, got = student(ids).logits, model(ids).logits
+        assert (got - want).abs().max() < 1e-4
+        # the base alone is not the student: the init really carries the difference
+        assert not torch.allclose(load_model(base)(ids).logits, want, atol=1e-3)
+    # the raw init on the *original* student is not the student: the warning printed is true
+    from peft import PeftModel
+
+    with torch.no_grad():
+        raw = PeftModel.from_pretrained(load_model(fam / "student"), init).eval()(ids).logits
+    assert not torch.allclose(raw, want, atol=1e-3)
+    assert "NOT the student" in out
+    exec("opt = " + train, ns)  # and the README's training lines run
+    assert isinstance(ns["finetuned"], torch.nn.Module)

@@ -140,7 +140,7 @@ def test_incompatible_pairs_are_clear_errors(teacher_kw, student_kw, match):
 
 def _init_dir(tmp_path, teacher, student, rank=4, alpha=8):
     extracted = _extract(teacher, student)
-    state = lora_init.init_state_dict(extracted, student.config, rank)
+    state = lora_init.init_state_dict(extracted, student.config, rank, alpha=alpha)
     return lora_init.save_adapter(tmp_path / "init", state, student.config, rank, alpha), extracted
 
 
@@ -178,7 +178,7 @@ def test_init_adapter_loads_in_stock_peft_with_all_keys(tmp_path):
     emb = model.base_model.model.model.embed_tokens
     delta = emb.get_delta_weight("default")
     best = lora_init.svd_factors(extracted["model.embed_tokens.weight"], 4)
-    assert torch.allclose(delta, emb.scaling["default"] * best[0] @ best[1], atol=1e-4)
+    assert torch.allclose(delta, best[0] @ best[1], atol=1e-4)  # alpha/r = 2 is divided out
 
 
 def test_fold_init_gives_trained_function_on_unmodified_student(tmp_path):
@@ -214,3 +214,88 @@ def test_lowrank_svd_recovers_a_low_rank_matrix():
     b_low, a_low = lora_init.svd_factors(w, 6, method="lowrank")
     assert torch.allclose(b_low @ a_low, w, atol=1e-3) and torch.allclose(b_full @ a_full, w, atol=1e-3)
     assert lora_init.truncated_svd(w, 4, "auto")[0].shape == (200, 4)
+
+
+def _rank_r(w: torch.Tensor, r: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vh[:r]
+
+
+@pytest.mark.parametrize("rank,alpha,split,scale", [(4, 16, "paper", 1.0), (4, 16, "sqrt", 2.0), (8, 2, "paper", 0.5),
+                                                   (2, 2, "paper", 1.0)])
+def test_applied_step0_delta_is_scale_times_the_extracted_piece(tmp_path, rank, alpha, split, scale):
+    """For every (rank, alpha) the delta stock peft applies, (alpha/r) B @ A, equals scale x the
+    extracted teacher piece's rank-r approximation, module by module (embeddings included)."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    teacher, student = _pair()
+    extracted = _extract(teacher, student)
+    state = lora_init.init_state_dict(extracted, student.config, rank, alpha=alpha, split=split, scale=scale)
+    for key_a, key_b in lora_init.factor_pairs(state):  # the factor product alone, times alpha/r
+        name = key_a.removeprefix(lora_init.PEFT_PREFIX).rsplit(".lora_", 1)[0] + ".weight"
+        product = (alpha / rank) * state[key_b].double() @ state[key_a].double()
+        if "embed_tokens" in key_a:
+            product = product.T
+        assert torch.allclose(product, scale * _rank_r(extracted[name], rank), atol=1e-4), name
+    init = lora_init.save_adapter(tmp_path / "init", state, student.config, rank, alpha)
+    model = PeftModel.from_pretrained(student, str(init))
+    checked = 0
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, LoraLayer):
+            expected = scale * _rank_r(extracted[name + ".weight"], rank)
+            assert torch.allclose(module.get_delta_weight("default").double(), expected, atol=1e-4), name
+            checked += 1
+    assert checked == len(extracted)
+
+
+def test_init_size_is_the_effective_top_singular_value_and_its_ratio(tmp_path):
+    """init_size against direct SVDs: the transfer init's top sigma is scale x the extracted
+    piece's (alpha/r divided out), its ratio is over the student's own weight; PiSSA's ratio is 1
+    (its delta is the top of the weight itself) and standard LoRA's init is 0."""
+    from peft import get_peft_model
+
+    teacher, student = _pair()
+    weights = {n: p.detach().clone() for n, p in student.named_parameters()}
+    extracted = _extract(teacher, student)
+    state = lora_init.init_state_dict(extracted, student.config, 4, alpha=16, scale=2.0)
+    init = lora_init.save_adapter(tmp_path / "init", state, student.config, 4, 16)
+    model = lora_init.trainable_from_init(student, init)
+    size = lora_init.init_size(model)
+    tops = {n: 2.0 * float(torch.linalg.svdvals(w.double())[0]) for n, w in extracted.items()}
+    ratios = [tops[n] / float(torch.linalg.svdvals(weights[n].double())[0]) for n in extracted]
+    assert size["top_sv"] == pytest.approx(sum(tops.values()) / len(tops), rel=1e-4)
+    assert size["top_sv_ratio"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-4)
+    assert lora_init.top_singular_values(state, 16 / 4, k=1)[0] == pytest.approx(size["top_sv"], rel=1e-4)
+
+    for init_kind, expect in (("pissa", 1.0), (True, 0.0)):
+        fresh = tiny_model(seed=2, layers=2, hidden=32, intermediate=48, heads=4)
+        cfg = lora_init.lora_config(["q", "v", "down"], 4, 16)
+        cfg.init_lora_weights = init_kind
+        got = lora_init.init_size(get_peft_model(fresh, cfg))
+        assert got["top_sv_ratio"] == pytest.approx(expect, abs=1e-4), init_kind
+
+
+def test_control_draws_follow_their_seed():
+    """The same seed reproduces a control's draw, another seed draws differently (the sweep passes
+    the training seed); the spectrum-matched and shuffled controls keep the init's spectrum."""
+    teacher, student = _pair()
+    extracted = {k: v.detach() for k, v in _extract(teacher, student).items()}
+    state = lora_init.init_state_dict(extracted, student.config, 4, alpha=8)
+    sens = sensitivity.compute_sensitivity(teacher, random_samples(2), progress=False)
+    totals = sensitivity.layer_totals(sens, teacher.config)
+    draws = {
+        "spectrum-matched": lambda seed: lora_init.spectrum_matched(state, seed),
+        "shuffled": lambda seed: lora_init.shuffled(state, seed),
+        "random-submatrix": lambda seed: align.extract(teacher.config, student.config, dict(teacher.named_parameters()),
+                                                       sens, [1, 3], reducer="random", seed=seed),
+    }
+    for name, draw in draws.items():
+        a, again, other = draw(0), draw(0), draw(1)
+        assert all(torch.equal(a[k], again[k]) for k in a), name
+        assert any(not torch.equal(a[k], other[k]) for k in a), name
+    plans = {tuple(align.select_layers(totals, 2, "random", seed)) for seed in range(8)}
+    assert len(plans) > 1 and align.select_layers(totals, 2, "random", 3) == align.select_layers(totals, 2, "random", 3)
+    for control in (lora_init.spectrum_matched(state, 1), lora_init.shuffled(state, 1)):
+        assert lora_init.top_singular_values(control, 2.0) == pytest.approx(lora_init.top_singular_values(state, 2.0),
+                                                                            rel=1e-4)

@@ -145,7 +145,7 @@ def test_init_records_each_pieces_reconstruction_error():
                                 .manual_seed(i)) for i, (n, (m, _)) in
                  enumerate(arch.transferable_weights(student.config).items())}
     errors = {}
-    state = lora_init.init_state_dict(extracted, student.config, 4, errors=errors)
+    state = lora_init.init_state_dict(extracted, student.config, 4, alpha=4, errors=errors)  # alpha = r: B A is the piece
     assert set(errors) == set(extracted)
     names = arch.transferable_weights(student.config)
     for name, w in extracted.items():

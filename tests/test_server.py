@@ -162,7 +162,11 @@ def test_pkt_ui_runs_the_prefect_of_its_own_interpreter_off_path(tmp_path):
                 time.sleep(0.5)
         assert ui.poll() is None, ui.communicate()[1]
         children = psutil.Process(ui.pid).children(recursive=True)
-        assert children and children[0].cmdline()[:3] == [sys.executable, "-m", "prefect"]
+        # the browser code calls the API of this server, not the default port's
+        assert httpx.get(f"http://127.0.0.1:{port}/ui-settings", timeout=5).json()["api_url"] == \
+            f"http://127.0.0.1:{port}/api"
+        cmd = children[0].cmdline() if children else []
+        assert cmd[1:3] == ["-m", "prefect"] and os.path.realpath(cmd[0]) == os.path.realpath(sys.executable), cmd
     finally:
         ui.terminate()
         ui.wait(60)

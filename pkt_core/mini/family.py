@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -51,6 +51,14 @@ SIZES = {
                             gate_em=0.7, check_every=200, early_step=500),
         student=ModelRecipe(layers=2, hidden=64, intermediate=172, heads=4, kv_heads=4, lr=3e-3, steps=600),
     ),
+    # the study's families (two of them, built with different seeds): small enough that every variant
+    # over a grid of lr x scale x 5 seeds x 2 tasks runs in well under an hour on 2 shared cores
+    "study": FamilyRecipe(
+        teacher=ModelRecipe(layers=3, hidden=64, intermediate=160, heads=4, kv_heads=2, lr=3e-3, steps=700,
+                            gate_em=0.5, check_every=100, early_step=250),
+        student=ModelRecipe(layers=2, hidden=32, intermediate=88, heads=4, kv_heads=4, lr=3e-3, steps=300),
+        n_texts=12000,
+    ),
     # seconds, for tests: a GQA teacher so the kv-head path is exercised end to end
     "test": FamilyRecipe(
         teacher=ModelRecipe(layers=2, hidden=32, intermediate=64, heads=4, kv_heads=2, lr=3e-3, steps=40,
@@ -61,10 +69,16 @@ SIZES = {
 }
 
 
-def recipe_params(size: str) -> dict:
+def recipe(size: str, seed: int | None = None) -> FamilyRecipe:
+    """The recipe of a size; another seed builds an independent family of the same size (other
+    initial weights, data order and task samples)."""
     if size not in SIZES:
         raise ValueError(f"unknown family size {size!r}; choose one of {', '.join(SIZES)}")
-    return asdict(SIZES[size])
+    return SIZES[size] if seed is None else replace(SIZES[size], seed=seed)
+
+
+def recipe_params(size: str, seed: int | None = None) -> dict:
+    return asdict(recipe(size, seed))
 
 
 def llama_config(r: ModelRecipe):
@@ -155,14 +169,16 @@ def _save(model, tok, path: Path) -> None:
     tok.save_pretrained(str(path))
 
 
-def build_family(out: str | Path, size: str = "demo", log=print, progress: bool = True) -> dict:
+TASK_SIZES = {"demo": dict(n_train=1000, n_val=100, n_test=200), "study": dict(n_train=512, n_val=64, n_test=128),
+              "test": dict(n_train=64, n_val=16, n_test=16, n_seeds=8)}
+
+
+def build_family(out: str | Path, size: str = "demo", log=print, progress: bool = True, seed: int | None = None) -> dict:
     """Write teacher/, teacher-early/, student/ and tasks/<task>/*.jsonl under out; returns stats."""
-    recipe = SIZES[size]
+    fam = recipe(size, seed)
     out = Path(out)
-    stats = {"teacher": pretrain(recipe.teacher, recipe, out / "teacher", "teacher", log, progress),
-             "student": pretrain(recipe.student, recipe, out / "student", "student", log, progress)}
-    n = dict(n_train=1000, n_val=100, n_test=200) if size == "demo" else dict(n_train=64, n_val=16, n_test=16,
-                                                                             n_seeds=8)
+    stats = {"teacher": pretrain(fam.teacher, fam, out / "teacher", "teacher", log, progress),
+             "student": pretrain(fam.student, fam, out / "student", "student", log, progress)}
     for t in tasks.TASKS:
-        tasks.write_task(out / "tasks" / t, t, seed=recipe.seed, **n)
+        tasks.write_task(out / "tasks" / t, t, seed=fam.seed, **TASK_SIZES[size])
     return stats

@@ -4,27 +4,56 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from .keys import file_digest
 
+# The files that decide token ids: every name a transformers tokenizer class saves (the union of
+# their `vocab_files_names`, checked by tests/test_model_id.py) and the shared ones (config,
+# special tokens, added tokens, chat template). Generation defaults (generation_config.json),
+# READMEs, licences and remote code change neither the token ids nor the forward pass: not included.
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json",
+    "tokenizer.model", "spiece.model", "spm.model", "sentencepiece.model", "sentencepiece.bpe.model",
+    "vocab.json", "vocab.txt", "merges.txt", "bpe.codes", "vocab-src.json", "vocab-tgt.json",
+    "byte_maps.json", "emoji.json", "entity_vocab.json", "normalizer.json", "prophetnet.tokenizer",
+    "word_pronunciation.json", "word_shape.json",
+})
+TOKENIZER_SUFFIXES = (".tiktoken",)
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named templates, *.jinja
+SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def identity_files(path: Path) -> list[Path]:
+    """The files of a local model directory that change its token ids or its forward pass:
+    config.json, the weights, and the tokenizer files, in a fixed order."""
+    from pkt.core.models import weight_files
+
+    files = [path / "config.json", *weight_files(path)]
+    files += sorted(path.glob("*.bin"))  # pickled weights count too when allowed
+    files += sorted(p for p in path.iterdir()
+                    if p.is_file() and (p.name in TOKENIZER_FILES or p.name.endswith(TOKENIZER_SUFFIXES)))
+    files += sorted((path / CHAT_TEMPLATE_DIR).glob("*.jinja"))
+    return files
+
 
 def model_digest(source: str | Path, revision: str | None = None, memo_dir: Path | None = None) -> str:
-    """Local dir: sha256 over config.json and the weight files, each file's hash memoized by
-    (path, size, mtime) in memo_dir. Hub id: 'repo@<resolved commit>'."""
+    """Local dir: sha256 over the identity files (names and contents), each file's hash memoized
+    by (path, size, mtime) in memo_dir. Hub id: 'repo@<resolved commit>'."""
     from pkt.core.models import check_source
 
     check_source(source)
     path = Path(source)
     if path.exists():
-        from pkt.core.models import weight_files, _refuse_pickled_only
+        from pkt.core.models import check_weights_present
 
-        _refuse_pickled_only(path, allow_bin=True)
-        files = [path / "config.json", *weight_files(path)]
-        files += sorted(p for p in path.glob("*.bin"))  # pickled weights count too when allowed
+        check_weights_present(path, allow_bin=True)
         h = hashlib.sha256()
-        for f in files:
-            h.update(f.name.encode() + b"\0" + _memo_file_digest(f, memo_dir).encode() + b"\0")
+        for f in identity_files(path):
+            rel = f.relative_to(path).as_posix()
+            h.update(rel.encode() + b"\0" + _memo_file_digest(f, memo_dir).encode() + b"\0")
         return h.hexdigest()
     return f"{source}@{resolve_hub_commit(str(source), revision)}"
 
@@ -49,13 +78,16 @@ def _memo_file_digest(f: Path, memo_dir: Path | None) -> str:
     memo = memo_dir / (hashlib.sha256(stamp["path"].encode()).hexdigest() + ".json")
     try:
         saved = json.loads(memo.read_text())
-        if {k: saved.get(k) for k in stamp} == stamp:
+        if {k: saved.get(k) for k in stamp} == stamp and SHA256.match(saved["digest"]):
             return saved["digest"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     digest = file_digest(f)
-    memo_dir.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**stamp, "digest": digest}))
-    os.replace(tmp, memo)
+    try:
+        memo_dir.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**stamp, "digest": digest}))
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only store: the memo only saves time
     return digest

@@ -7,10 +7,14 @@ Prints, measured in one run on a fresh store:
   - the demo's sweep over the miniature family (every variant, its seeds), first vs repeated
     (target: repeated <= 5% of first); the family is built before the clock starts
   - adding a second student of the same shape: seconds of teacher work (target: 0)
+  - (--part nodes) seconds of each extraction node on a synthetic teacher/student pair with a
+    128k-token vocabulary (real models' size of embed and lm_head), the LoRA init with the default
+    SVD (randomized for large pieces) and with --svd full side by side
 
-    python bench/pipeline.py [--size demo|test] [--teacher-hidden 1024 --teacher-layers 12]
+    python bench/pipeline.py [--part all|cache|nodes] [--size demo|test] [--teacher-hidden 1024 --teacher-layers 12]
+                             [--vocab 128000 --vocab-hidden 1024 --vocab-layers 4]
 
---size demo (the default) takes about 12 minutes on 2 CPU cores; --size test about 3.
+--size demo (the default) takes about 12 minutes on 2 CPU cores; --size test about 3; --part nodes about 5.
 """
 from __future__ import annotations
 
@@ -44,7 +48,48 @@ def main() -> None:
     ap.add_argument("--size", default="demo", choices=["demo", "test"], help="miniature family for the sweep")
     ap.add_argument("--teacher-hidden", type=int, default=1024)
     ap.add_argument("--teacher-layers", type=int, default=12)
+    ap.add_argument("--part", default="all", choices=["all", "cache", "nodes"])
+    ap.add_argument("--vocab", type=int, default=128_000)
+    ap.add_argument("--vocab-hidden", type=int, default=1024)
+    ap.add_argument("--vocab-layers", type=int, default=4)
+    ap.add_argument("--seeds-k", type=int, default=8, help="seed samples in the node timing (paper: 32)")
     args = ap.parse_args()
+    if args.part in ("all", "nodes"):
+        node_seconds(args)
+    if args.part in ("all", "cache"):
+        caching(args)
+
+
+def node_seconds(args) -> None:
+    """Seconds of each node of `pkt extract` on a vocabulary-sized pair, from the store's records."""
+    from pkt.artifacts.store import Store
+    from pkt.core.mini.tasks import write_task
+    from pkt.flows.extract import extract_teacher
+
+    work = Path(tempfile.mkdtemp(prefix="pkt-bench-nodes-"))
+    teacher = synthetic_llama(work / "teacher", args.vocab_hidden, args.vocab_layers, args.vocab)
+    student = synthetic_llama(work / "student", args.vocab_hidden // 2, args.vocab_layers // 2, args.vocab)
+    write_task(work / "gsm", "gsm", n_train=64, n_val=0, n_test=0, n_seeds=32)
+    store = Store(work / "store")
+    seconds = {}
+    for svd in ("auto", "full"):  # the second run recomputes the LoRA init only (svd is its parameter)
+        out = extract_teacher(teacher=str(teacher), seeds=str(work / "gsm/seeds.jsonl"), students=[str(student)],
+                              rank=16, alpha=16.0, k=args.seeds_k, store=str(store.root), svd=svd)
+        for kind, key, status in out["_ledger"]:
+            if status == "computed":
+                seconds[(kind, svd)] = store.record(kind, key)["seconds"]
+    print(f"nodes of `pkt extract`, teacher {args.vocab_hidden}x{args.vocab_layers} and student "
+          f"{args.vocab_hidden // 2}x{args.vocab_layers // 2}, vocabulary {args.vocab:,}, {args.seeds_k} seed "
+          f"samples, rank 16:")
+    for kind in ("sensitivity", "layer_plan", "extraction", "lora_init"):
+        full = f", --svd full {seconds[(kind, 'full')]:.1f}s" if (kind, "full") in seconds else ""
+        print(f"  {kind:12s} {seconds[(kind, 'auto')]:7.1f}s{full}")
+    print(f"  lora_init --svd full / default: {seconds[('lora_init', 'full')] / seconds[('lora_init', 'auto')]:.1f}x",
+          flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def caching(args) -> None:
 
     from pkt.artifacts.store import Store
     from pkt.flows.demo import build_family, demo_config
@@ -87,20 +132,42 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def synthetic_llama(path: Path, hidden: int, layers: int) -> Path:
-    """A random Llama with the miniature tokenizer, saved as an HF model dir."""
+def synthetic_llama(path: Path, hidden: int, layers: int, vocab: int | None = None) -> Path:
+    """A random Llama with the miniature tokenizer (its vocabulary padded to `vocab` tokens), saved as
+    an HF model dir."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pkt.core.mini.tokenizer import build_tokenizer, vocab_size
-
+    tok = padded_tokenizer(vocab)
     torch.manual_seed(hidden + layers)
-    cfg = LlamaConfig(vocab_size=vocab_size(), hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
                       num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
                       num_key_value_heads=max(1, hidden // 128), max_position_embeddings=256)
     LlamaForCausalLM(cfg).save_pretrained(str(path), safe_serialization=True)
-    build_tokenizer().save_pretrained(str(path))
+    tok.save_pretrained(str(path))
     return path
+
+
+def padded_tokenizer(vocab: int | None):
+    """The miniature tokenizer; with vocab, its word-level vocabulary padded with unused tokens to that
+    size (a real model's embedding and lm_head size, same ids for the text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pkt.core.mini.tokenizer import build_tokenizer
+
+    base = build_tokenizer()
+    if vocab is None or vocab <= len(base):
+        return base
+    ids = dict(base.get_vocab())
+    ids.update({f"<unused{i}>": i for i in range(len(ids), vocab)})
+    core = Tokenizer(models.WordLevel(vocab=ids, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(base.all_special_tokens)
+    core.add_tokens([t for t in base.get_added_vocab() if t not in base.all_special_tokens])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", padding_side="left")
 
 
 def _perturb(model_dir: Path) -> None:

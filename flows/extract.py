@@ -5,8 +5,6 @@ Nothing here depends on a student's weights, so every student of one shape share
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 from prefect import flow
 from prefect.futures import PrefectFuture
 
@@ -14,7 +12,7 @@ from pkt.artifacts.store import Ref, Store
 from pkt.core import arch, models
 from pkt.tasks import nodes
 
-from .graph import Graph, task_runner
+from .graph import Graph, source_name, task_runner
 from .summary import publish
 
 
@@ -34,17 +32,12 @@ class ChainOptions:
     draw_seed: int = 0  # seed of a random layer selector or reducer
 
 
-def source_name(path: str) -> str:
-    """A short, telling name for a file or model: 'gsm/seeds.jsonl', 'teacher'."""
-    p = Path(path)
-    return f"{p.parent.name}/{p.name}" if p.suffix else (p.name or str(path))
-
-
-def extraction_chain(graph: Graph, teacher, seeds: dict, shape: dict, opts: ChainOptions,
+def extraction_chain(graph: Graph, teacher: PrefectFuture, seeds: str, shape: dict, opts: ChainOptions,
                      teacher_name: str) -> dict[str, PrefectFuture]:
-    """Futures of the sensitivity, layer plan and extraction nodes for one teacher, seed file and
-    student shape. teacher is a source or the future of a model the store builds."""
-    tag = f"teacher={teacher_name}, seeds={source_name(seeds['key'])}"
+    """Futures of the sensitivity, layer plan and extraction nodes for one teacher (a model source,
+    or a model the store builds), seed file and student shape."""
+    tag = f"teacher={teacher_name}, seeds={source_name(seeds)}"
+    seeds = graph.source("file", seeds)
     sens = graph.submit(nodes.Sensitivity(k=opts.k, sample_seed=opts.sample_seed, max_length=opts.max_length,
                                           dtype=opts.dtype, device=opts.device, layout=opts.layout),
                         {"teacher": teacher, "seeds": seeds}, f"{tag}, k={opts.k or 'all'}")
@@ -62,9 +55,9 @@ def extraction_chain(graph: Graph, teacher, seeds: dict, shape: dict, opts: Chai
 
 
 def init_node(graph: Graph, chain: dict, *, rank: int, alpha: float, dropout: float = 0.05, split: str = "paper",
-              scale: float = 1.0, transform: str = "none", transform_seed: int = 0) -> PrefectFuture:
+              scale: float = 1.0, svd: str = "auto", transform: str = "none", transform_seed: int = 0) -> PrefectFuture:
     how = "" if transform == "none" else f", {transform} seed={transform_seed}"
-    return graph.submit(nodes.LoraInit(rank=rank, alpha=alpha, dropout=dropout, split=split, scale=scale,
+    return graph.submit(nodes.LoraInit(rank=rank, alpha=alpha, dropout=dropout, split=split, scale=scale, svd=svd,
                                        transform=transform, transform_seed=transform_seed),
                         {"extraction": chain["extraction"]}, f"{chain['tag']}, rank={rank}, scale={scale}{how}")
 
@@ -73,24 +66,25 @@ def init_node(graph: Graph, chain: dict, *, rank: int, alpha: float, dropout: fl
 def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 16, alpha: float = 16.0,
                     k: int | None = None, selector: str = "sensitivity", reducer: str = "submatrix",
                     store: str | None = None, dtype: str = "float32", device: str = "cpu",
-                    sensitivity_layout: str = "single") -> dict:
+                    sensitivity_layout: str = "single", svd: str = "auto") -> dict:
     """Sensitivity, layer plans, extractions and LoRA inits for each student shape (computed once),
     and for each student the residual base (its weights minus the init's delta) that the init
     adapter trains on: that pair, loaded with stock peft, is the student at step 0.
 
     sensitivity_layout='per_layer' writes the map one decoder layer at a time (host RAM holds one
-    layer of it; with device='cuda' the accumulators stay on the GPU)."""
+    layer of it; with device='cuda' the accumulators stay on the GPU). svd: the LoRA init's SVD,
+    'auto' (randomized torch.svd_lowrank for large pieces), 'full' or 'lowrank'."""
     st = Store(store)
-    t_src, s_src = nodes.model_source(teacher, st), nodes.file_source(seeds)
     opts = ChainOptions(k=k, selector=selector, reducer=reducer, dtype=dtype, device=device, layout=sensitivity_layout)
     with task_runner() as runner:
         graph = Graph(st, runner)
+        t_src = graph.source("model", teacher)
         chains = {}
         for student in students:
             shape = arch.shape_of(models.load_config(student))
-            chain = extraction_chain(graph, t_src, s_src, shape, opts, source_name(teacher))
-            init = init_node(graph, chain, rank=rank, alpha=alpha)
-            residual = graph.submit(nodes.ResidualModel(dtype=dtype), {"student": nodes.model_source(student, st),
+            chain = extraction_chain(graph, t_src, seeds, shape, opts, source_name(teacher))
+            init = init_node(graph, chain, rank=rank, alpha=alpha, svd=svd)
+            residual = graph.submit(nodes.ResidualModel(dtype=dtype), {"student": graph.source("model", student),
                                                                        "init": init},
                                     f"student={source_name(student)}, rank={rank}, alpha={alpha}")
             chains[student] = {**chain, "lora_init": init, "residual_model": residual}

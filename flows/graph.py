@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
@@ -15,6 +16,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Store
 from pkt.tasks.node import Node, run_node
+from pkt.tasks.nodes import source
 
 RUNNERS = ("threads", "processes", "dask")
 
@@ -47,6 +49,12 @@ def torch_threads_per_worker(kind: str, workers: int) -> int | None:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+def source_name(path: str) -> str:
+    """A short, telling name for a file or model: 'gsm/seeds.jsonl', 'teacher'."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.suffix else (p.name or str(path))
+
+
 @dataclass
 class Graph:
     store: Store
@@ -54,8 +62,22 @@ class Graph:
     torch_threads: int | None = None
     futures: dict[str, PrefectFuture] = field(default_factory=dict)  # node identity -> its future
     kinds: dict[str, str] = field(default_factory=dict)  # node identity -> kind
-    _identity_of: dict[int, str] = field(default_factory=dict)  # id(future) -> node identity
+    sources: dict[str, PrefectFuture] = field(default_factory=dict)
+    _identity_of: dict[int, str] = field(default_factory=dict)  # id(future) -> node or source identity
     _labels: set[str] = field(default_factory=set)
+
+    def source(self, kind: str, path: str, names: list[str] | None = None) -> PrefectFuture:
+        """The future of an input that is not a node: a model ("model"), a data file ("file") or the
+        named files of a task directory ("dir")."""
+        identity = canonical_json({"source": kind, "path": str(path), "names": names})
+        if identity not in self.sources:
+            label = f"{kind}[{source_name(path)}" + (f": {', '.join(names)}]" if names else "]")
+            future = self.runner.submit(source, parameters={
+                "kind": kind, "path": str(path), "store_root": str(self.store.root), "label": self._unique(label),
+                "names": names})
+            self.sources[identity] = future
+            self._identity_of[id(future)] = identity
+        return self.sources[identity]
 
     def submit(self, spec: Node, inputs: dict, label: str) -> PrefectFuture:
         """The future of spec's ref, submitting it once per (spec, upstream nodes/sources)."""

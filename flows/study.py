@@ -61,7 +61,7 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
             families[fseed] = family_stats(st, fam)
         table = pd.concat(runs, ignore_index=True)
         inputs = {"runs": nodes.table_source(st, table, "runs.csv"),
-                  "scores": [r for r in graph.results() if r["kind"] == "scores"]}
+                  "scores": [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]}
         if curves:
             inputs["curves"] = nodes.table_source(st, pd.concat(curves, ignore_index=True), "curves.csv")
         rep = graph.submit(nodes.Report(primary=PRIMARY), inputs, f"study, {len(table)} rows")

@@ -19,8 +19,8 @@ from pkt.core import arch, evaluate, models, report
 from pkt.tasks import nodes
 
 from .config import SweepConfig, TaskSpec, parse_config
-from .extract import ChainOptions, extraction_chain, init_node, source_name
-from .graph import Graph, task_runner, torch_threads_per_worker
+from .extract import ChainOptions, extraction_chain, init_node
+from .graph import Graph, source_name, task_runner, torch_threads_per_worker
 from .summary import publish
 from .variants import VARIANTS, Variant
 
@@ -32,23 +32,23 @@ def config_tag(cfg: SweepConfig) -> str:
     return cfg.name or hashlib.sha256(canonical_json(cfg.model_dump(mode="json")).encode()).hexdigest()[:8]
 
 
-def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: dict, task: TaskSpec, shape: dict, tp,
+def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, task: TaskSpec, shape: dict, tp,
                  scale: float) -> PrefectFuture:
     """The future of the LoRA init a variant with a teacher trains from."""
     draw = tp.seed if v.drawn else 0
-    seeds = nodes.file_source(cfg.cross_task_seeds if v.seeds == "cross-task" else str(Path(task.dir) / "seeds.jsonl"))
+    seeds = cfg.cross_task_seeds if v.seeds == "cross-task" else str(Path(task.dir) / "seeds.jsonl")
     name = source_name(cfg.teacher)
     if v.teacher == "untrained":
         teacher = graph.submit(nodes.RandomModel(seed=draw), {"like": teacher}, f"like={name}, seed={draw}")
         name = f"untrained {name} seed={draw}"
     elif v.teacher == "early":
-        teacher, name = nodes.model_source(cfg.early_teacher, graph.store), source_name(cfg.early_teacher)
+        teacher, name = graph.source("model", cfg.early_teacher), source_name(cfg.early_teacher)
     opts = ChainOptions(k=cfg.k, sample_seed=cfg.sample_seed, selector=v.selector or cfg.selector,
                         reducer=v.reducer or cfg.reducer, max_length=cfg.max_length, dtype=cfg.dtype,
                         device=cfg.device, modules=tp.modules, draw_seed=draw)
     chain = extraction_chain(graph, teacher, seeds, shape, opts, name)
     return init_node(graph, chain, rank=tp.rank, alpha=tp.alpha, dropout=tp.dropout, split=cfg.split, scale=scale,
-                     transform=v.transform, transform_seed=draw)
+                     svd=cfg.svd, transform=v.transform, transform_seed=draw)
 
 
 def grid(cfg: SweepConfig) -> list[dict]:
@@ -85,14 +85,14 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
     its best setting, and only those runs are scored on test; the size controls are also scored at
     transfer's setting (the same lr and scale: matched effective size)."""
     store = graph.store
-    teacher = nodes.model_source(cfg.teacher, store)
+    teacher = graph.source("model", cfg.teacher)
     points = grid(cfg)
     scored = []  # (row fields, scores future, adapter future or None)
     for student_path in cfg.students:
-        student = nodes.model_source(student_path, store)
+        student = graph.source("model", student_path)
         shape = arch.shape_of(models.load_config(student_path))
         for task in cfg.tasks:
-            train = nodes.file_source(str(Path(task.dir) / "train.jsonl"))
+            train = graph.source("file", str(Path(task.dir) / "train.jsonl"))
             trained = {}  # (variant, setting json, seed) -> (adapter future or None, label)
             for v, setting, seed in runs(cfg, points):
                 label = f"{source_name(student_path)}, {task.name}, {v.name}, seed={seed}" + (
@@ -122,7 +122,9 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
                        for i, loss in enumerate(nodes.train_losses(store, adapter.result()))]
     table = pd.DataFrame(rows)
     primary = evaluate.primary_metric(cfg.tasks[0].benchmark)
-    inputs = {"runs": nodes.table_source(store, table, "runs.csv"), "scores": [f for _, f, _ in scored]}
+    # every score the sweep computed, val ones included: they chose the settings the table shows
+    all_scores = [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]
+    inputs = {"runs": nodes.table_source(store, table, "runs.csv"), "scores": all_scores}
     if curves:
         inputs["curves"] = nodes.table_source(store, pd.DataFrame(curves), "curves.csv")
     rep = graph.submit(nodes.Report(primary=primary), inputs, f"{tag}, {len(table)} rows, {primary}")
@@ -137,7 +139,7 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
             "table": summary.to_dict(orient="records"), "headline": lines}
 
 
-def _choose(graph: Graph, cfg: SweepConfig, student: dict, task: TaskSpec, trained: dict) -> dict[str, str]:
+def _choose(graph: Graph, cfg: SweepConfig, student: PrefectFuture, task: TaskSpec, trained: dict) -> dict[str, str]:
     """Each variant's training setting with the best mean val score over seeds (cfg.select_on,
     default the task's primary metric)."""
     metric = cfg.select_on or evaluate.primary_metric(task.benchmark)
@@ -161,8 +163,9 @@ def tested(trained: dict, chosen: dict[str, str] | None):
             yield run, variant + report.AT_SUBJECT
 
 
-def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: dict, student: dict, train: dict, task: TaskSpec,
-           shape: dict, seed: int, setting: dict, label: str) -> PrefectFuture | None:
+def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, student: PrefectFuture,
+           train: PrefectFuture, task: TaskSpec, shape: dict, seed: int, setting: dict,
+           label: str) -> PrefectFuture | None:
     """The future of one run's adapter (None for a variant that trains nothing)."""
     if not v.trains:
         return None
@@ -175,13 +178,13 @@ def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: dict, student: d
                                       device=cfg.device), inputs, label)
 
 
-def _score(graph: Graph, cfg: SweepConfig, student: dict, adapter, task: TaskSpec, benchmark: str, split: str,
+def _score(graph: Graph, cfg: SweepConfig, student: PrefectFuture, adapter, task: TaskSpec, benchmark: str, split: str,
            label: str) -> PrefectFuture:
-    inputs = {"student": student, "data": nodes.dir_source(task.dir, [f"{split}.jsonl", "train.jsonl"])}
+    inputs = {"student": student, "data": graph.source("dir", task.dir, [f"{split}.jsonl", "train.jsonl"])}
     if adapter is not None:
         inputs["adapter"] = adapter
     if benchmark == "winrate":
-        inputs["judge"] = nodes.model_source(cfg.judge, graph.store)
+        inputs["judge"] = graph.source("model", cfg.judge)
     spec = nodes.Scores(benchmark=benchmark, task_definition=evaluate.task_digest(benchmark), split=split,
                         num_fewshot=cfg.num_fewshot, limit=cfg.eval_limit, dtype=cfg.dtype, device=cfg.device)
     return graph.submit(spec, inputs, f"{label}, {benchmark}, {split}")

@@ -12,12 +12,14 @@ from typing import Mapping
 import torch
 
 from . import arch
+from .errors import UserError
+from .progress import track
 
 LAYER_SELECTORS = ("sensitivity", "first", "last", "random")
 REDUCERS = ("submatrix", "rowcol", "random")
 
 
-class ShapeMismatch(ValueError):
+class ShapeMismatch(UserError, ValueError):
     pass
 
 
@@ -132,7 +134,8 @@ def extract(
     if len(layers) != s.layers:
         raise ShapeMismatch(f"layer plan has {len(layers)} layers but the student has {s.layers}")
     out = {}
-    for name, (module, s_layer) in arch.transferable_weights(student_config, modules).items():
+    pieces = arch.transferable_weights(student_config, modules)
+    for name, (module, s_layer) in track(pieces.items(), "extraction", "piece", total=len(pieces)):
         t_layer = None if s_layer is None else layers[s_layer]
         w = _teacher_tensor(teacher_weights, teacher_config, module, t_layer).float()
         sv = _teacher_tensor(sens, teacher_config, module, t_layer).float()
@@ -154,8 +157,9 @@ def check_compatible(t: arch.Dims, s: arch.Dims, modules: tuple[str, ...] = arch
         raise ShapeMismatch(f"the teacher has {t.layers} layers, fewer than the student's {s.layers}; "
                             "the teacher must be at least as deep")
     if any(m in modules for m in ("embed", "lm_head")) and t.vocab != s.vocab:
-        raise ShapeMismatch(f"vocabularies differ (teacher {t.vocab}, student {s.vocab}); embed/lm_head need "
-                            "one shared tokenizer: use models of one family, or drop embed and lm_head from modules")
+        raise ShapeMismatch(f"the embedding tables differ in size (teacher {t.vocab} rows, student {s.vocab}); "
+                            "transferring embed and lm_head needs one shared vocabulary: use a teacher and student "
+                            "of one family")
     for dim in ("hidden", "intermediate", "q_width"):
         if getattr(t, dim) < getattr(s, dim):
             raise ShapeMismatch(f"the teacher is narrower than the student in {dim} ({getattr(t, dim)} < "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import UserError
+
 # module type -> path inside a decoder layer
 LAYER_MODULES: dict[str, str] = {
     "q": "self_attn.q_proj",
@@ -36,7 +38,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(UserError, ValueError):
     pass
 
 

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     pass
 
 
@@ -28,24 +30,45 @@ class Sample:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Parse and validate a chat jsonl file; errors name the file, line, field and fix."""
+    """Parse and validate a chat jsonl file (UTF-8, a leading byte-order mark allowed); errors name
+    the file, line, field and fix."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file; give a .jsonl file with one chat sample per line")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; give the .jsonl file itself (e.g. {path / 'seeds.jsonl'})")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            validate_sample(row, f"{path} line {n}")
-            rows.append(row)
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = _decode(raw[3:] if n == 1 and raw.startswith(BOM) else raw, path, n)
+            if line.strip():
+                row = _parse(line, path, n)
+                validate_sample(row, f"{path} line {n}")
+                rows.append(row)
     if not rows:
         raise DataError(f"{path}: no samples; the file is empty. Add one JSON chat sample per line")
     return rows
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _decode(raw: bytes, path: Path, n: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "save the file as UTF-8") from None
+
+
+def _parse(line: str, path: Path, n: int):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    except RecursionError:
+        raise DataError(f"{path} line {n}: JSON nested too deeply to read; a sample is "
+                        '{"messages": [{"role": ..., "content": ...}, ...]}') from None
 
 
 def validate_sample(row, where: str) -> None:
@@ -61,6 +84,9 @@ def validate_sample(row, where: str) -> None:
             )
     if msgs[-1]["role"] != "assistant":
         raise DataError(f"{where}: \"messages\" has no assistant turn at the end; each sample needs one answer")
+    if not msgs[-1]["content"].strip():
+        raise DataError(f"{where}: the assistant answer is empty, so the sample would train on the end-of-text token "
+                        "alone; give every sample a non-empty answer or drop it")
     if not any(m["role"] == "user" for m in msgs):
         raise DataError(f"{where}: \"messages\" has no user turn; each sample needs a question")
 
@@ -107,8 +133,8 @@ def encode(sample: Sample, tokenizer, max_length: int = 2048, where: str = "samp
     ids = (prompt_ids + answer_ids)[:max_length]
     if len(prompt_ids) >= max_length:
         raise DataError(
-            f"{where}: the prompt alone is {len(prompt_ids)} tokens, so the cutoff of {max_length} removes the "
-            "whole answer; raise max_length (--cutoff) or shorten the prompt"
+            f"{where}: the prompt alone is {len(prompt_ids)} tokens, so the cutoff of {max_length} tokens removes the "
+            "whole answer; shorten the prompt, or raise max_length (a sweep config field)"
         )
     labels = [IGNORE] * len(prompt_ids) + ids[len(prompt_ids):]
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
@@ -117,13 +143,15 @@ def encode(sample: Sample, tokenizer, max_length: int = 2048, where: str = "samp
 def load_encoded(path: str | Path, tokenizer, max_length: int = 2048, k: int | None = None, seed: int = 0,
                  chat_template: bool = False) -> list[dict[str, torch.Tensor]]:
     rows = read_jsonl(path)
-    idx = choose_seeds(len(rows), k, seed) if k else list(range(len(rows)))
+    idx = list(range(len(rows))) if k is None else choose_seeds(len(rows), k, seed)
     samples = to_samples([rows[i] for i in idx], tokenizer, chat_template)
     return [encode(s, tokenizer, max_length, f"{path} line {i + 1}") for s, i in zip(samples, idx)]
 
 
 def choose_seeds(n: int, k: int, seed: int = 0) -> list[int]:
     """k distinct indices out of n, the same for the same (n, k, seed) on any machine."""
+    if k < 1:
+        raise DataError(f"k={k} seed samples: k must be at least 1 (leave it unset to use every sample)")
     if k > n:
         raise DataError(f"asked for {k} seed samples but the file has only {n}; lower k or add samples")
     return sorted(random.Random(seed).sample(range(n), k))

@@ -10,9 +10,9 @@ import random
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from .data import IGNORE
+from .progress import Progress
 
 @dataclass(frozen=True)
 class TrainParams:
@@ -83,7 +83,7 @@ def finetune(model, samples: list[dict[str, torch.Tensor]], params: TrainParams,
     log = TrainLog()
     model.train()
     order: list[int] = []
-    bar = tqdm(total=total, desc="finetune", unit="step", disable=None if progress else True)
+    bar = Progress(total, "finetune", "step", enabled=progress)
     for _ in range(total):
         if len(order) < params.batch_size:
             fresh = list(range(len(samples)))

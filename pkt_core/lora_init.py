@@ -16,13 +16,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import arch
+from .errors import UserError
+from .progress import track
 
 PEFT_PREFIX = "base_model.model."
 SPLITS = ("paper", "sqrt")
 
 
-class RankTooLarge(ValueError):
+class RankTooLarge(UserError, ValueError):
     pass
+
+
+SVD_METHODS = ("auto", "full", "lowrank")
+OVERSAMPLE = 10  # extra directions torch.svd_lowrank samples beyond the rank
+POWER_ITERS = 4  # its subspace iterations: enough for the decaying spectra of trained weights
+LOWRANK_SEED = 0  # its random sketch is seeded: an init's bytes depend on its inputs only
 
 
 def svd_factors(weight: torch.Tensor, rank: int, split: str = "paper",
@@ -31,11 +39,13 @@ def svd_factors(weight: torch.Tensor, rank: int, split: str = "paper",
 
     split='paper': B = U S, A = V^T; split='sqrt': B = U sqrt(S), A = sqrt(S) V^T.
     method='lowrank' uses torch.svd_lowrank (randomized, much faster when rank << size; its error
-    against the full SVD is measured by bench/svd_lowrank.py); 'auto' picks it when rank <= size/8.
+    against the full SVD is measured by bench/svd_lowrank.py); 'auto' picks it for large pieces.
     """
-    if rank < 1 or rank > min(weight.shape):
-        raise RankTooLarge(f"rank {rank} is outside 1..{min(weight.shape)} for a {tuple(weight.shape)} matrix; "
-                           "lower --rank")
+    if rank < 1:
+        raise RankTooLarge(f"rank {rank}: a LoRA rank must be at least 1")
+    if rank > min(weight.shape):
+        raise RankTooLarge(f"rank {rank} is above {min(weight.shape)}, the short side of a {tuple(weight.shape)} "
+                           f"matrix; choose a rank of at most {min(weight.shape)}")
     u, s, vh = truncated_svd(weight.float(), rank, method)
     if split == "paper":
         return (u * s).contiguous(), vh.contiguous()
@@ -45,16 +55,39 @@ def svd_factors(weight: torch.Tensor, rank: int, split: str = "paper",
     raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
 
 
-def truncated_svd(w: torch.Tensor, rank: int, method: str = "full"):
+def svd_method(shape, rank: int, method: str = "auto") -> str:
+    """'auto': the randomized SVD when the matrix's short side is at least 8x its sketch (rank +
+    oversampling), where it is many times faster than the full SVD; the full SVD otherwise."""
     if method == "auto":
-        method = "lowrank" if rank * 8 <= min(w.shape) else "full"
+        return "lowrank" if 8 * (rank + OVERSAMPLE) <= min(shape) else "full"
+    if method not in SVD_METHODS:
+        raise ValueError(f"unknown SVD method {method!r}; choose one of {', '.join(SVD_METHODS)}")
+    return method
+
+
+def truncated_svd(w: torch.Tensor, rank: int, method: str = "full"):
+    method = svd_method(w.shape, rank, method)
     if method == "full":
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]
-    if method == "lowrank":
-        u, s, v = torch.svd_lowrank(w, q=min(rank + 10, min(w.shape)), niter=4)
-        return u[:, :rank], s[:rank], v[:, :rank].T
-    raise ValueError(f"unknown SVD method {method!r}; choose full, lowrank or auto")
+    devices = [w.device] if w.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(LOWRANK_SEED)
+        u, s, v = torch.svd_lowrank(w, q=min(rank + OVERSAMPLE, min(w.shape)), niter=POWER_ITERS)
+    return u[:, :rank], s[:rank], v[:, :rank].T
+
+
+def relative_error(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
+    """||W - B A||_F / ||W||_F without forming B A (a vocabulary-sized piece would need a second copy):
+    with B A = U S V^T (U, V orthonormal), ||W - B A||^2 = ||W||^2 - 2 sum_i s_i u_i^T W v_i + sum_i s_i^2."""
+    w = w.float()
+    qb, rb = torch.linalg.qr(b.float())
+    qa, ra = torch.linalg.qr(a.float().T)
+    core = rb @ ra.T  # B A = qb core qa^T
+    cross = (qb.T @ (w @ qa) * core).sum()  # <W, B A>
+    total = w.pow(2).sum()
+    err2 = total - 2 * cross + core.pow(2).sum()
+    return float(err2.clamp(min=0).sqrt() / total.sqrt()) if total > 0 else 0.0
 
 
 def leaf(module: str) -> str:
@@ -77,19 +110,24 @@ def peft_orientation(module: str, weight: torch.Tensor) -> torch.Tensor:
 
 
 def init_state_dict(extracted: dict[str, torch.Tensor], student_config, rank: int, *, alpha: float,
-                    split: str = "paper", scale: float = 1.0, method: str = "full") -> dict[str, torch.Tensor]:
+                    split: str = "paper", scale: float = 1.0, method: str = "full",
+                    errors: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """peft adapter tensors for every extracted weight, stored so that the delta peft applies,
     (alpha/rank) * B @ A, equals scale * (the rank-r approximation of the extracted matrix).
 
     split='paper' divides B by alpha/rank (A keeps orthonormal rows); split='sqrt' divides each
-    factor by sqrt(alpha/rank), as peft's PiSSA does."""
+    factor by sqrt(alpha/rank), as peft's PiSSA does. errors, if given, receives each piece's
+    relative reconstruction error ||W - B A||_F / ||W||_F (before scaling), keyed by weight name."""
     names = arch.transferable_weights(student_config)
     scaling = alpha / rank
     b_div, a_div = (scaling, 1.0) if split == "paper" else (scaling ** 0.5, scaling ** 0.5)
     out = {}
-    for name, weight in extracted.items():
+    for name, weight in track(extracted.items(), "lora init (SVD)", "piece", total=len(extracted)):
         module, layer = names[name]
-        b, a = svd_factors(peft_orientation(module, weight), rank, split, method)
+        w = peft_orientation(module, weight)
+        b, a = svd_factors(w, rank, split, method)
+        if errors is not None:
+            errors[name] = relative_error(w, b, a)
         key_a, key_b = peft_keys(student_config, module, layer)
         out[key_a], out[key_b] = a / a_div, b * (scale / b_div)
     return out
@@ -133,9 +171,21 @@ def save_adapter(directory: str | Path, state: dict[str, torch.Tensor], config, 
     directory.mkdir(parents=True, exist_ok=True)
     cfg = lora_config(modules_in(state, config), rank, alpha, dropout, getattr(config, "_name_or_path", None))
     cfg.save_pretrained(str(directory))
+    _sort_sets(cfg, directory / "adapter_config.json")
     meta = {"format": "pt", **(metadata or {})}
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "adapter_model.safetensors"), metadata=meta)
     return directory
+
+
+def _sort_sets(cfg, path: Path) -> None:
+    """peft keeps target_modules (and other module lists) as sets and writes them in set order,
+    which changes between processes with the string hash seed: sort them, so one adapter has one
+    set of bytes (the store's digest, and every key downstream, depend on them)."""
+    saved = json.loads(path.read_text())
+    for name, value in vars(cfg).items():
+        if isinstance(value, (set, frozenset)) and isinstance(saved.get(name), list):
+            saved[name] = sorted(saved[name])
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -202,12 +252,20 @@ def factor_pairs(state: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
             for k in state if k.endswith(A_SUFFIXES)]
 
 
+def factor_singular_values(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Singular values of B @ A from the factors alone: with B = Q_b R_b and A^T = Q_a R_a, B A and
+    the r x r matrix R_b R_a^T have the same singular values (no SVD of the full-size product)."""
+    _, rb = torch.linalg.qr(b.float())
+    _, ra = torch.linalg.qr(a.float().T)
+    return torch.linalg.svdvals(rb @ ra.T)
+
+
 def top_singular_values(state: dict[str, torch.Tensor], scaling: float, k: int = 3) -> list[float]:
     """Mean over modules of the top-k singular values of the applied delta scaling * B @ A
     (scaling = alpha/r): the init's effective size."""
     tops = []
     for key_a, key_b in factor_pairs(state):
-        s = scaling * torch.linalg.svdvals(state[key_b].float() @ state[key_a].float())[:k]
+        s = scaling * factor_singular_values(state[key_b], state[key_a])[:k]
         tops.append(torch.nn.functional.pad(s, (0, k - s.numel())))
     return torch.stack(tops).mean(0).tolist() if tops else []
 
@@ -248,7 +306,7 @@ def spectrum_matched(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str,
     out = dict(state)
     for key_a, key_b in factor_pairs(state):
         b, a = state[key_b].float(), state[key_a].float()
-        s = torch.linalg.svdvals(b @ a)[: a.shape[0]]
+        s = factor_singular_values(b, a)
         out[key_b] = _orthonormal(b.shape[0], a.shape[0], g) * s
         out[key_a] = _orthonormal(a.shape[1], a.shape[0], g).T.contiguous()
     return out

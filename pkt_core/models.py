@@ -8,8 +8,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .errors import UserError
 
-class ModelNotFound(FileNotFoundError):
+
+class ModelNotFound(UserError, FileNotFoundError):
+    pass
+
+
+class PickledWeights(UserError, ValueError):
     pass
 
 
@@ -65,7 +71,7 @@ def load_model(
 
     check_source(source)
     if is_local(source):
-        _refuse_pickled_only(Path(source), allow_bin)
+        check_weights_present(Path(source), allow_bin)
     kwargs = dict(
         revision=revision,
         dtype=resolve_dtype(dtype, device),
@@ -97,15 +103,23 @@ def load_config(source: str | Path, *, revision: str | None = None, trust_remote
     return AutoConfig.from_pretrained(str(source), revision=revision, trust_remote_code=trust_remote_code)
 
 
-def _refuse_pickled_only(path: Path, allow_bin: bool) -> None:
+def check_weights_present(path: Path, allow_bin: bool | None = None) -> None:
+    """A local model directory has config.json and weights pkt may load: *.safetensors, or pickled
+    *.bin/*.pt only when allowed (--allow-bin)."""
+    if allow_bin is None:
+        allow_bin = os.environ.get("PKT_ALLOW_BIN") == "1"
     if not (path / "config.json").exists():
         raise ModelNotFound(f"{path}: no config.json; a model directory needs config.json and *.safetensors")
-    if not list(path.glob("*.safetensors")) and not allow_bin:
-        found = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        raise ValueError(
-            f"{path}: no *.safetensors weights (found {found or 'none'}). Pickled checkpoints can run code "
-            "when loaded; convert them to safetensors, or pass --allow-bin to load them with weights_only=True"
-        )
+    if list(path.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in (*path.glob("*.bin"), *path.glob("*.pt")))
+    if not pickled:
+        raise ModelNotFound(f"{path}: no weights (no *.safetensors file); give a model directory holding config.json "
+                            "and its *.safetensors weights")
+    if not allow_bin:
+        raise PickledWeights(f"{path}: no *.safetensors weights, only pickled ones ({', '.join(pickled)}), which can run "
+                             "code when loaded; convert them to safetensors, or pass --allow-bin to load them with "
+                             "weights_only=True")
 
 
 def weight_files(path: str | Path) -> list[Path]:

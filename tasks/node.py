@@ -22,11 +22,49 @@ from typing import ClassVar
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import StateDetails
 from prefect.logging import get_logger
 from prefect.states import Completed
 
 from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Ref, Store
+
+
+class NodeRef:
+    """What a pkt task returns: {kind, key, digest, status} read like a dict. Deliberately not a dict
+    or dataclass: Prefect links a returned collection's *items* by id() to later task arguments,
+    and interned strings such as "file" or "extraction" would draw edges that do not exist."""
+
+    __slots__ = ("kind", "key", "digest", "status")
+
+    def __init__(self, kind: str, key: str, digest: str, status: str = ""):
+        self.kind, self.key, self.digest, self.status = kind, key, digest, status
+
+    def __getitem__(self, name: str) -> str:
+        return getattr(self, name)
+
+    def get(self, name: str, default=None):
+        return getattr(self, name, default)
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __getstate__(self):  # Dask ships refs between processes
+        return self.as_dict()
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, NodeRef) and self.as_dict() == other.as_dict()
+
+    def __repr__(self) -> str:
+        return f"NodeRef({self.kind}, {self.key[:12]}, {self.status or 'source'})"
+
+
+def opaque(ref: dict) -> NodeRef:
+    return NodeRef(ref["kind"], ref["key"], ref["digest"], ref.get("status", ""))
 
 
 def digests(inputs: dict) -> dict:
@@ -100,24 +138,32 @@ def log(msg: str) -> None:
     _logger().info(msg)
 
 
-@task(name="node", cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}")
-def run_node(spec: Node, inputs: dict, store_root: str, label: str, torch_threads: int | None = None):
-    """The node's ref as {kind, key, digest, status}; status is 'reused' (the run shows Cached) or
+def build(spec: Node, inputs: dict, store: Store) -> NodeRef:
+    """The node's ref as {kind, key, digest, status}: 'reused' when the store holds it, else
     'computed'. A node being computed elsewhere (another branch, another process) is waited for
-    under the store's lock, never computed twice."""
-    store = Store(store_root)
+    under the store's lock, never computed twice. Plain Python: no Prefect run needed."""
     key = spec.key(inputs)
-    hit = _lookup(store, spec.KIND, key)
+    hit = store.lookup(spec.KIND, key)  # a stored node needs no lock (nor a writable store)
+    store.misses.clear()  # a miss is looked up (and reported) again under the lock
     if hit is None:
-        if torch_threads and torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)  # N workers on N cores: no oversubscription
         with store.lock(spec.KIND, key):
             hit = _lookup(store, spec.KIND, key)  # computed by someone else while we waited
             if hit is None:
-                ref = _compute(store, spec, key, inputs)
-                return {**ref.as_dict(), "status": "computed"}
-    return Completed(name="Cached", message=f"{spec.KIND} {key[:12]} reused from the store",
-                     data={**hit.as_dict(), "status": "reused"})
+                return opaque({**_compute(store, spec, key, inputs).as_dict(), "status": "computed"})
+    return opaque({**hit.as_dict(), "status": "reused"})
+
+
+@task(name="node", cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}")
+def run_node(spec: Node, inputs: dict, store_root: str, label: str, torch_threads: int | None = None):
+    """build() as a Prefect task: a node the store holds finishes in a state named Cached."""
+    if torch_threads and torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)  # N workers on N cores: no oversubscription
+    ref = build(spec, inputs, Store(store_root))
+    if ref["status"] == "computed":
+        return ref
+    # the artifact key shows as the state's cache key; Prefect itself looks nothing up by it
+    return Completed(name="Cached", message=f"{spec.KIND} {ref['key'][:12]} reused from the store", data=ref,
+                     state_details=StateDetails(cache_key=f"pkt-{spec.KIND}-{ref['key']}"))
 
 
 def _compute(store: Store, spec: Node, key: str, inputs: dict) -> Ref:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
 
 from pkt.artifacts.keys import file_digest
@@ -22,7 +24,7 @@ from pkt.artifacts.store import Ref, Store
 from pkt.core import align, arch, data, evaluate, finetune, lora_init, models, report, sensitivity
 from pkt.core.mini import family
 
-from .node import Node, Tensors, execution, log
+from .node import Node, Tensors, execution, log, opaque
 
 
 # ---- sources: inputs that are not nodes ----------------------------------------------------------
@@ -50,9 +52,25 @@ def dir_source(path: str, names: list[str] | None = None) -> dict:
 
 
 def table_source(store: Store, table: pd.DataFrame, name: str) -> dict:
-    """A table the flow assembled (the sweep's runs), stored as a CSV blob so that a node can
-    depend on its content."""
-    return {"kind": "table", "key": name, "digest": store.put_bytes(table.to_csv(index=False).encode())}
+    """A table the flow assembled (the sweep's runs), stored as a CSV artifact (a record, so gc keeps
+    it until the node that reads it has run) so that a node can depend on its content."""
+    data = table.to_csv(index=False).encode()
+    params, inputs = {"name": name}, {"csv": hashlib.sha256(data).hexdigest()}
+    return store.put_blob("table", store.key("table", params, inputs), data, params=params, inputs=inputs).as_dict()
+
+
+@task(name="source", cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}")
+def source(kind: str, path: str, store_root: str, label: str, names: list[str] | None = None) -> dict:
+    """An input that is not a node, as a ref named by its content: a model ("model"), a data file
+    ("file") or the named files of a task directory ("dir"). A task of its own, so the graph shows
+    which model and which data each node read."""
+    if kind == "model":
+        return opaque(model_source(path, Store(store_root)))
+    if kind == "file":
+        return opaque(file_source(path))
+    if kind == "dir":
+        return opaque(dir_source(path, names))
+    raise ValueError(f"unknown source kind {kind!r}")
 
 
 def model_path(store: Store, ref: dict) -> str:
@@ -71,6 +89,8 @@ class Family(Node):
 
     def compute(self, store, inputs, out):
         stats = family.build_family(out, self.size, log=log, seed=(self.recipe or {}).get("seed"))
+        # the artifact's bytes are a function of its key: the build's duration goes in the record only
+        stats = {who: {k: v for k, v in s.items() if k != "seconds"} for who, s in stats.items()}
         Path(out, "family_stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
 
 
@@ -97,6 +117,7 @@ class Sensitivity(Node):
     """S = sum over seed samples of |theta * dL/dtheta|, the loss on answer tokens only."""
 
     KIND = "sensitivity"
+    VERSION = 2  # stored in bfloat16
     INPUTS = ("teacher", "seeds")
     k: int | None = None
     sample_seed: int = 0
@@ -114,7 +135,8 @@ class Sensitivity(Node):
         samples = data.load_encoded(inputs["seeds"]["key"], tok, self.max_length, self.k, self.sample_seed,
                                     self.chat_template)
         sens = sensitivity.compute_sensitivity(model, samples)
-        totals = sensitivity.layer_totals(sens, model.config).tolist()
+        totals = sensitivity.layer_totals(sens, model.config).tolist()  # from the fp32 sums, before rounding
+        sensitivity.to_storage_dtype(sens)
         meta = {"layer_totals": json.dumps(totals), "teacher_config": model.config.to_json_string(),
                 "n_samples": str(len(samples))}
         if self.layout == "single":
@@ -187,29 +209,36 @@ class LoraInit(Node):
     transform of them)."""
 
     KIND = "lora_init"
-    VERSION = 2  # B stored divided by alpha/r: the applied delta is scale x the extracted piece's approximation
+    # v2: top singular values from the factors, the svd method's random sketch seeded, and B stored
+    # divided by alpha/r so that the applied delta is scale x the extracted piece's approximation
+    VERSION = 2
     INPUTS = ("extraction",)
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.05
     split: str = "paper"
     scale: float = 1.0
-    svd: str = "full"
+    svd: str = "auto"  # lora_init.SVD_METHODS: auto uses torch.svd_lowrank for large pieces
     transform: str = "none"
     transform_seed: int = 0
 
     def compute(self, store, inputs, out):
         extraction = inputs["extraction"]
         cfg = arch.config_from_shape(store.record("extraction", extraction["key"])["params"]["student_shape"])
+        errors: dict[str, float] = {}
         state = lora_init.init_state_dict(store.tensors(extraction), cfg, self.rank, alpha=self.alpha, split=self.split,
-                                          scale=self.scale, method=self.svd)
+                                          scale=self.scale, method=self.svd, errors=errors)
+        if errors:
+            log(f"SVD ({self.svd}) relative reconstruction error ||W - BA||/||W||: max {max(errors.values()):.4f}, "
+                f"mean {sum(errors.values()) / len(errors):.4f} over {len(errors)} pieces")
         if self.transform == "spectrum-matched":
             state = lora_init.spectrum_matched(state, self.transform_seed)
         elif self.transform == "shuffled":
             state = lora_init.shuffled(state, self.transform_seed)
         meta = {"top_singular_values": json.dumps(lora_init.top_singular_values(state, self.alpha / self.rank)),
                 "scaling": lora_init.scaling_note(self.rank, self.alpha, self.split, self.scale),
-                "transform_seed": str(self.transform_seed), "pkt_kind": "lora_init"}
+                "transform_seed": str(self.transform_seed), "pkt_kind": "lora_init",
+                "svd_relative_errors": json.dumps(errors, sort_keys=True)}
         lora_init.save_adapter(out, state, cfg, self.rank, self.alpha, self.dropout, meta)
 
 

@@ -85,6 +85,11 @@ def test_extract_transfer_and_export_from_the_command_line(prefect_env, mini_fam
     assert "sensitivity" in out and "computed" in out
     init_dir = _printed(out, "LoRA init:")
     assert (Path(init_dir) / "adapter_config.json").exists()
+    from safetensors import safe_open
+
+    with safe_open(str(Path(init_dir) / "adapter_model.safetensors"), framework="pt") as f:
+        errors = json.loads(f.metadata()["svd_relative_errors"])  # each piece's ||W - BA|| / ||W||
+    assert errors and all(0 <= e < 1 for e in errors.values())
 
     train = json.dumps({"rank": 2, "alpha": 2.0, "epochs": 1, "batch_size": 8, "micro_batch": 8, "n_train": 8})
     assert main(["transfer", "--teacher", str(fam / "teacher"), "--student", str(fam / "student"), "--task-dir",

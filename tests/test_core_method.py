@@ -68,7 +68,7 @@ def test_svd_factors_eckart_young(shape, rank):
 
 
 def test_rank_above_matrix_size_is_an_error():
-    with pytest.raises(lora_init.RankTooLarge, match="lower --rank"):
+    with pytest.raises(lora_init.RankTooLarge, match="choose a rank of at most 4"):
         lora_init.svd_factors(torch.randn(4, 6), 5)
 
 
@@ -129,7 +129,7 @@ def test_gqa_teacher_to_mha_student_repeats_kv_heads():
 @pytest.mark.parametrize("teacher_kw,student_kw,match", [
     ({"layers": 1}, {}, "at least as deep"),
     ({"hidden": 24}, {}, "narrower"),
-    ({"vocab": 80}, {}, "vocabularies differ"),
+    ({"vocab": 80}, {}, "embedding tables differ in size"),
 ])
 def test_incompatible_pairs_are_clear_errors(teacher_kw, student_kw, match):
     teacher, student = _pair(teacher_kw, student_kw)

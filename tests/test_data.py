@@ -75,7 +75,7 @@ turn = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "sys
 
 
 @settings(max_examples=60, deadline=None)
-@given(samples=st.lists(st.tuples(text, text), min_size=1, max_size=5))
+@given(samples=st.lists(st.tuples(text, text.filter(str.strip)), min_size=1, max_size=5))
 def test_valid_samples_round_trip(tmp_path_factory, samples):
     p = tmp_path_factory.mktemp("h") / "d.jsonl"
     p.write_text("\n".join(json.dumps(chat(q, a)) for q, a in samples) + "\n")

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from pkt.flows.extract import extract_teacher
 from pkt.flows.sweep import sweep
 from pkt.core import align, sensitivity
+from prefect_api import task_graph
 
 
 @pytest.fixture
@@ -29,12 +30,9 @@ def calls(monkeypatch):
 
 
 def task_states(flow_state):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_state.state_details.flow_run_id]}))
-    return {r.name: r.state.name for r in runs}
+    """State of every node task run (sources, which only name their input's digest, left out)."""
+    return {name: state for name, (state, _) in task_graph(flow_state).items()
+            if not name.startswith(("model[", "file[", "dir["))}
 
 
 def twin_student(src, dst, seed=5):
@@ -201,6 +199,49 @@ def test_sweep_scores_instruction_following_with_a_judge(prefect_env, mini_famil
     metrics = {r["metric"] for r in out["table"]}
     assert {"exact_match", "rougeL", "winrate"} <= metrics
     assert [k for k, _, _ in out["nodes"]].count("scores") == 2
+
+
+def _forged_result(marker) -> bytes:
+    """A Prefect result record whose pickled payload, if ever deserialized, creates `marker`."""
+    import base64
+    import json
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    data = base64.b64encode(pickle.dumps(Payload())).decode()
+    return json.dumps({"metadata": {"storage_key": "x", "expiration": None, "serializer": {"type": "pickle"},
+                                    "prefect_version": "3.9.1", "storage_block_id": None}, "result": data}).encode()
+
+
+def test_no_prefect_result_file_is_written_or_read(prefect_env, mini_family, tmp_path):
+    """The store is the only cache: pkt's tasks keep no Prefect result files, so a file planted in the
+    results directory (here a pickle that would run code) is never deserialized."""
+    from pkt.artifacts.store import Store
+    from pkt.tasks.node import run_node
+    from pkt.tasks.nodes import source
+
+    for t in (run_node, source):
+        assert t.persist_result is False and t.cache_policy.__class__.__name__ == "_None"
+    results = prefect_env / "results"
+    results.mkdir(exist_ok=True)
+    before = set(results.rglob("*"))
+    args = dict(teacher=str(mini_family / "teacher"), seeds=str(mini_family / "tasks/gsm/seeds.jsonl"),
+                students=[str(mini_family / "student")], rank=2, alpha=2.0, store=str(tmp_path / "store"))
+    out = extract_teacher(**args)
+    assert set(results.rglob("*")) == before
+    # plant a forged record under every name a cache of these nodes could use: key, kind-key, and
+    # the names pkt used before (pkt-<kind>-<key>-<store>)
+    store_tag = __import__("hashlib").sha256(str(Store(args["store"]).root.resolve()).encode()).hexdigest()[:12]
+    marker = tmp_path / "pwned"
+    for kind, key, _ in out["_ledger"]:
+        for name in (key, f"{kind}-{key}", f"pkt-{kind}-{key}-{store_tag}"):
+            (results / name).write_bytes(_forged_result(marker))
+    again = extract_teacher(**args)
+    assert {s for _, _, s in again["_ledger"]} == {"reused"}
+    assert not marker.exists()
 
 
 @pytest.mark.slow  # about 4 min on 2 shared cores: a grid sweep of 8 variants x 2 seeds

@@ -129,3 +129,48 @@ def test_two_sweeps_at_once_on_one_store(mini_family, tmp_path):
     store = Store(tmp_path / "store")
     assert store.verify() == []
     assert len({(r["kind"], r["key"]) for r in store.records()}) == len(store.records())
+
+
+BUILD_CHAIN = textwrap.dedent("""
+    import sys
+    import pandas as pd
+    from pkt.artifacts.store import Store
+    from pkt.core import arch, finetune, models
+    from pkt.tasks import nodes
+    from pkt.tasks.node import build
+    fam, store = sys.argv[1], Store(sys.argv[2])
+    teacher, student = nodes.model_source(fam + "/teacher", store), nodes.model_source(fam + "/student", store)
+    shape = arch.shape_of(models.load_config(fam + "/student"))
+    sens = build(nodes.Sensitivity(max_length=64), {"teacher": teacher,
+                 "seeds": nodes.file_source(fam + "/tasks/gsm/seeds.jsonl")}, store)
+    plan = build(nodes.LayerPlan(student_layers=shape["num_hidden_layers"]), {"sensitivity": sens}, store)
+    ext = build(nodes.Extraction(student_shape=shape), {"teacher": teacher, "sensitivity": sens, "plan": plan}, store)
+    init = build(nodes.LoraInit(rank=2, alpha=2.0), {"extraction": ext}, store)
+    tp = finetune.TrainParams(rank=2, alpha=2.0, epochs=1, batch_size=4, micro_batch=4, n_train=8, max_length=64)
+    build(nodes.Adapter(variant="transfer", init="extracted", train=tp.as_dict()),
+          {"student": student, "train": nodes.file_source(fam + "/tasks/gsm/train.jsonl"), "init": init}, store)
+    runs = pd.DataFrame([{"student": "s", "task": "gsm", "benchmark": "gsm", "metric": "exact_match/strict-match",
+                          "variant": v, "seed": s, "setting": "{}", "value": 0.1 * s + (v == "transfer") * 0.05,
+                          "top_sv": None} for v in ("lora", "transfer") for s in range(3)])
+    build(nodes.Report(primary="exact_match/strict-match"),
+          {"runs": nodes.table_source(store, runs, "runs.csv"), "scores": []}, store)
+""")
+
+
+def test_every_node_has_the_same_bytes_when_built_in_another_process(mini_family, tmp_path):
+    """Safetensors metadata, adapter_config.json's module sets, the report: two interpreters with
+    different string hash seeds build the same nodes, byte for byte."""
+    cwd = os.path.dirname(os.path.dirname(__file__))
+    stores = [Store(tmp_path / f"store{seed}") for seed in ("1", "2")]
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_CHAIN, str(mini_family), str(store.root)], cwd=cwd,
+                              env={**os.environ, "PYTHONHASHSEED": seed}, stderr=subprocess.PIPE, text=True)
+             for seed, store in zip(("1", "2"), stores)]
+    for p in procs:
+        err = p.communicate(timeout=300)[1]
+        assert p.returncode == 0, err[-3000:]
+    recs = [{(r["kind"], r["key"]): r["digest"] for r in s.records()} for s in stores]
+    kinds = {kind for kind, _ in recs[0]}
+    assert kinds == {"sensitivity", "layer_plan", "extraction", "lora_init", "adapter", "table", "report"}
+    assert recs[0] == recs[1]
+    blobs = [{p.name: p.read_bytes() for p in s.root.glob("blobs/sha256/*/*")} for s in stores]
+    assert blobs[0] == blobs[1]

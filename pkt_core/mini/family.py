@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data import format_prompt
+from ..progress import Progress
 from . import tasks
 from .tokenizer import build_tokenizer, vocab_size
 
@@ -124,7 +124,7 @@ def pretrain(r: ModelRecipe, family: FamilyRecipe, out_dir: Path, name: str, log
     sched = get_cosine_schedule_with_warmup(opt, max(1, r.steps // 20), r.steps)
     g = torch.Generator().manual_seed(family.seed)
     em, step, t0 = float("nan"), 0, time.time()
-    bar = tqdm(total=r.steps, desc=f"pretrain {name}", unit="step", disable=None if progress else True)
+    bar = Progress(r.steps, f"pretrain {name}", "step", enabled=progress)
     for step in range(1, r.steps + 1):
         model.train()
         batch = blocks[torch.randint(len(blocks), (family.batch,), generator=g)]

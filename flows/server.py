@@ -1,0 +1,209 @@
+"""The Prefect API a pkt command talks to: the user's server (PREFECT_API_URL), or one temporary
+server that this process starts, owns and stops.
+
+Left alone, Prefect starts a temporary server on first use with a 20 s start-up limit (a busy
+machine misses it) and stops it at exit while its services are still writing events (tracebacks
+after a successful run). pkt instead starts one server per command, waits for it generously,
+writes its output to a log file instead of the terminal, stops it when the command ends (also on
+SIGTERM/SIGINT), and the server stops itself when its parent dies, even by SIGKILL.
+
+    python -m pkt.flows.server --parent PID --port-file FILE    (the server process itself)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from pkt.core.errors import UserError
+
+TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+DEFAULT_STARTUP_TIMEOUT = 300.0  # Prefect's own default is 20 s: too short on a loaded 2-core machine
+WATCH_INTERVAL = 0.5  # how often the server checks that its parent is alive
+STOP_GRACE = 10.0  # seconds a stopping server gets before it is killed
+UI_HINT = "start a server with `pkt ui` in another terminal and `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+
+
+class PrefectUnavailable(UserError):
+    pass
+
+
+def startup_timeout() -> float:
+    """The user's PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, else pkt's generous default."""
+    raw = os.environ.get(TIMEOUT_VAR)
+    if raw is None:
+        return DEFAULT_STARTUP_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise PrefectUnavailable(f"{TIMEOUT_VAR}={raw!r} is not a positive number of seconds; "
+                                 f"set it to e.g. {DEFAULT_STARTUP_TIMEOUT:.0f} or unset it")
+    return value
+
+
+def configured_api_url() -> str | None:
+    """The API URL the user configured (environment, Prefect profile or temporary settings), if any."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url or None
+
+
+@contextlib.contextmanager
+def prefect_api():
+    """Run the body against the user's Prefect API if one is configured (checked first), otherwise
+    against a temporary server owned by this process and stopped on the way out."""
+    url = configured_api_url()
+    if url:
+        _check_reachable(url)
+        yield url
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = TemporaryServer()
+    server.start(startup_timeout())
+    try:
+        os.environ["PREFECT_API_URL"] = server.api_url  # for anything this command starts
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            try:
+                yield server.api_url
+            finally:
+                _flush_client()
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+def _check_reachable(url: str) -> None:
+    import httpx
+
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as e:
+        raise PrefectUnavailable(f"the Prefect API at PREFECT_API_URL={url} does not answer ({e}); start that server "
+                                 f"(`pkt ui` serves http://127.0.0.1:4200/api), or unset PREFECT_API_URL so that pkt "
+                                 "starts a temporary one") from None
+
+
+def _flush_client() -> None:
+    """Send the run's last logs and events while the server is still up (Prefect would try at exit,
+    after pkt stopped it)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=10)
+        except Exception:  # best effort: a lost log line is not worth failing a finished command
+            pass
+
+
+class TemporaryServer:
+    """A Prefect API server in a child process on a free port of 127.0.0.1, logging to a file."""
+
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+        self.port: int | None = None
+        home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+        (home / "logs").mkdir(parents=True, exist_ok=True)
+        fd, log = tempfile.mkstemp(prefix="pkt-server-", suffix=".log", dir=home / "logs")
+        os.close(fd)
+        self.log = Path(log)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def command(self, port_file: Path) -> list[str]:
+        return [sys.executable, "-m", "pkt.flows.server", "--parent", str(os.getpid()), "--port-file", str(port_file)]
+
+    def start(self, timeout: float) -> None:
+        import httpx
+
+        port_file = self.log.with_suffix(".port")
+        with self.log.open("ab") as log:
+            # its own session: a Ctrl-C meant for pkt must not kill the server pkt still reports to
+            self.process = subprocess.Popen(self.command(port_file), stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise PrefectUnavailable(f"Prefect's temporary API server exited with code "
+                                             f"{self.process.returncode} while starting (its log: {self.log}); "
+                                             f"{UI_HINT}")
+                if self.port is None and port_file.exists():
+                    self.port = int(port_file.read_text())
+                if self.port is not None:
+                    with contextlib.suppress(httpx.HTTPError):
+                        if httpx.get(f"{self.api_url}/health", timeout=5).status_code == 200:
+                            return
+                time.sleep(0.2)
+            raise PrefectUnavailable(
+                f"Prefect's temporary API server did not answer within {timeout:.0f} s (a busy machine starts it "
+                f"slowly; its log: {self.log}); rerun with {TIMEOUT_VAR}={max(2 * timeout, 600):.0f}, or {UI_HINT}")
+        except BaseException:
+            self.stop(keep_log=True)
+            raise
+        finally:
+            port_file.unlink(missing_ok=True)
+
+    def stop(self, keep_log: bool = False) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if not keep_log:
+            self.log.unlink(missing_ok=True)
+
+
+# ---- the server process ----------------------------------------------------------------------
+def serve(parent: int, port_file: Path) -> None:
+    """Serve Prefect's API (no UI, the ephemeral set of services) until SIGTERM/SIGINT or until the
+    parent process is gone."""
+    import socket
+
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # the kernel picks a free port: no race with other servers
+    tmp = port_file.with_suffix(".tmp")
+    tmp.write_text(str(sock.getsockname()[1]))
+    os.replace(tmp, port_file)
+    server = uvicorn.Server(uvicorn.Config(create_app(ephemeral=True, final=True), log_level="error",
+                                           lifespan="on"))
+    threading.Thread(target=_watch_parent, args=(parent, server), daemon=True).start()
+    server.run(sockets=[sock])
+
+
+def _watch_parent(parent: int, server) -> None:
+    while os.getppid() == parent:
+        time.sleep(WATCH_INTERVAL)
+    server.should_exit = True  # the orphaned server shuts down cleanly ...
+    time.sleep(STOP_GRACE)
+    os._exit(1)  # ... or is gone anyway after the grace period
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="pkt's temporary Prefect API server (started by pkt commands)")
+    ap.add_argument("--parent", type=int, required=True, help="process id whose exit stops this server")
+    ap.add_argument("--port-file", type=Path, required=True, help="where to write the chosen port")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    serve(args.parent, args.port_file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Errors a user causes (issue 13, item 7), each replayed as the issue lists it: one sentence on
+stderr naming the input and a fix that exists, exit 2, no traceback, and no work started (the
+Prefect API is never entered). Numbers given as strings are accepted and reach the flow as numbers.
+"""
+import contextlib
+import json
+import shutil
+import struct
+
+import pytest
+
+from pkt.core import models
+from pkt.flows import cli, server
+from pkt.flows import demo as demo_flow, extract as extract_flow, sweep as sweep_flow
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Entering the Prefect API (the step before any flow) or loading weights fails the test."""
+    @contextlib.contextmanager
+    def refuse():
+        raise AssertionError("work started before the input was refused")
+        yield
+
+    monkeypatch.setattr(server, "prefect_api", refuse)
+
+    def no_weights(*a, **kw):
+        raise AssertionError("weights loaded before the input was refused")
+
+    monkeypatch.setattr(models, "load_model", no_weights)
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The flows replaced by recorders (inputs accepted: what would the flow have received?)."""
+    calls = {}
+    result = {"table": [], "headline": [], "computed": 0, "nodes": [], "report": {}}
+
+    def recorder(name):
+        def record(*args, **kwargs):
+            calls[name] = kwargs or {"config": args[0]}
+            return {"_ledger": []} if name == "extract_teacher" else result
+        return record
+
+    for module, name in ((extract_flow, "extract_teacher"), (sweep_flow, "transfer"), (sweep_flow, "sweep"),
+                         (demo_flow, "demo")):
+        monkeypatch.setattr(module, name, recorder(name))
+    monkeypatch.setattr(server, "prefect_api", contextlib.nullcontext)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def fx(mini_family, tmp_path_factory):
+    """The bad inputs of the issue, built once next to the test-size family."""
+    d = tmp_path_factory.mktemp("cases")
+    fam = mini_family
+    seeds = (fam / "tasks/gsm/seeds.jsonl").read_bytes()
+    (d / "deep.jsonl").write_text('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    shutil.copytree(fam / "tasks/gsm", d / "badtest")
+    (d / "badtest/test.jsonl").write_text(json.dumps(_chat("1+1", "2")) + "\nnot json\n")
+    (d / "runs.csv").write_text("student,task,benchmark,metric,variant,seed,value\n")
+    (d / "latin1.jsonl").write_bytes(json.dumps(_chat("café", "x"), ensure_ascii=False).encode("latin-1") + b"\n")
+    (d / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + seeds)
+    (d / "emptyans.jsonl").write_text(json.dumps(_chat("q", "")) + "\n")
+    _liar(fam / "teacher", d / "liar")
+    (d / "noweights").mkdir()
+    shutil.copy(fam / "student/config.json", d / "noweights")
+    _gpt2(fam / "teacher", d / "gpt2")
+    _other_tokenizer(fam / "student", d / "othertok")
+    base = (f"teacher: {fam}/teacher\nstudents: [{fam}/student]\n"
+            f"tasks:\n  - {{name: gsm, dir: {fam}/tasks/gsm, benchmark: gsm}}\nvariants: [lora]\n")
+    for name, extra in {"lr": "train: {lr: 3e-4}\n", "rank": 'train: {rank: "2"}\n', "seeds": "seeds: []\n",
+                        "gate": "train: {modules: gate}\n", "gat": "train: {modules: [gat]}\n"}.items():
+        (d / f"{name}.yaml").write_text(base + extra)
+    return d
+
+
+def _chat(q, a):
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+def _liar(src, dst):
+    """A safetensors file whose header claims twice the rows the bytes hold."""
+    shutil.copytree(src, dst)
+    f = dst / "model.safetensors"
+    b = f.read_bytes()
+    n = struct.unpack("<Q", b[:8])[0]
+    header = json.loads(b[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"][0] *= 2
+    text = json.dumps(header, separators=(",", ":")).encode()
+    f.write_bytes(struct.pack("<Q", len(text)) + text + b[8 + n:])
+
+
+def _gpt2(tokenizer_from, dst):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=108)).save_pretrained(dst)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(dst)
+
+
+def _other_tokenizer(src, dst):
+    """Same vocabulary size, two tokens' ids swapped: a different token -> id map."""
+    shutil.copytree(src, dst)
+    tok = json.loads((dst / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = "a", "b"
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+
+
+def refused(capsys, argv, *expected, absent=()):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith(f"pkt {argv[0]}: error: "), err
+    assert "Traceback" not in err
+    for s in expected:
+        assert s in err, (s, err)
+    for s in absent:
+        assert s not in err, (s, err)
+    return err
+
+
+def extract(fam, *extra, seeds=None):
+    return ["extract", "--teacher", str(fam / "teacher"), "--student", str(fam / "student"), "--seeds",
+            str(seeds or fam / "tasks/gsm/seeds.jsonl"), "--rank", "2", *extra]
+
+
+def transfer(fam, *extra, task=None):
+    return ["transfer", "--teacher", str(fam / "teacher"), "--student", str(fam / "student"), "--task-dir",
+            str(task or fam / "tasks/gsm"), "--variants", "lora", *extra]
+
+
+CASES = {  # name: (argv(fam, fx), substrings the sentence must hold, substrings it must not)
+    "--dtype float64": (lambda f, d: extract(f, "--dtype", "float64"), ["--dtype float64", "float32"], []),
+    "--device gpu": (lambda f, d: extract(f, "--device", "gpu"), ["--device gpu", "cpu"], []),
+    "transfer --seeds 0": (lambda f, d: transfer(f, "--seeds", "0"), ["--seeds 0", "at least 1"], []),
+    "demo --seeds 0": (lambda f, d: ["demo", "--size", "test", "--seeds", "0"], ["--seeds", "at least 1"], []),
+    "demo --size huge": (lambda f, d: ["demo", "--size", "huge"], ["--size huge", "'test'"], []),
+    "seeds: []": (lambda f, d: ["sweep", "--config", str(d / "seeds.yaml")], ["seeds.yaml", "field seeds",
+                                                                             "at least 1"], []),
+    "modules: [gat]": (lambda f, d: ["sweep", "--config", str(d / "gat.yaml")], ["train.modules", "'gat'", "gate"],
+                       []),
+    "--k -1": (lambda f, d: extract(f, "--k", "-1"), ["--k -1", "at least 1"], []),
+    "--k 0": (lambda f, d: extract(f, "--k", "0"), ["--k 0", "at least 1"], []),
+    "--k above the file": (lambda f, d: extract(f, "--k", "999"), ["--k 999", "only", "lower --k"], []),
+    "deep JSON seeds": (lambda f, d: extract(f, seeds=d / "deep.jsonl"), ["deep.jsonl line 1", "nested too deeply"],
+                        []),
+    "malformed test.jsonl": (lambda f, d: transfer(f, task=d / "badtest"), ["test.jsonl line 2", "not valid JSON"],
+                             []),
+    "report on a header-only CSV": (lambda f, d: ["report", "--runs", str(d / "runs.csv"), "--out", str(d / "r")],
+                                    ["runs.csv", "no rows"], []),
+    "lying safetensors header": (lambda f, d: ["extract", "--teacher", str(d / "liar"), "--student",
+                                               str(f / "student"), "--seeds", str(f / "tasks/gsm/seeds.jsonl")],
+                                 ["liar/model.safetensors", "re-download or re-save"], []),
+    "non-UTF-8 seeds": (lambda f, d: extract(f, seeds=d / "latin1.jsonl"), ["latin1.jsonl line 1", "UTF-8"], []),
+    "directory as a file": (lambda f, d: extract(f, seeds=f / "tasks/gsm"), ["is a directory", "seeds.jsonl"], []),
+    "empty assistant answer": (lambda f, d: extract(f, seeds=d / "emptyans.jsonl"),
+                               ["emptyans.jsonl line 1", "answer is empty"], []),
+    "--rank 0": (lambda f, d: extract(f, "--rank", "0"), ["--rank 0", "at least 1"], ["lower"]),
+    "--rank -1": (lambda f, d: extract(f, "--rank", "-1"), ["--rank -1", "at least 1"], ["lower"]),
+    "--rank above the student": (lambda f, d: extract(f, "--rank", "99"), ["--rank 99", "at most 16"], []),
+    "--rank not a number": (lambda f, d: extract(f, "--rank", "two"), ["--rank two", "whole number"], []),
+    "a directory with no weights": (lambda f, d: ["extract", "--teacher", str(f / "teacher"), "--student",
+                                                  str(d / "noweights"), "--seeds", str(f / "tasks/gsm/seeds.jsonl")],
+                                    ["noweights", "no weights"], ["--allow-bin"]),
+    "unsupported teacher architecture": (lambda f, d: ["extract", "--teacher", str(d / "gpt2"), "--student",
+                                                       str(f / "student"), "--seeds", str(f / "tasks/gsm/seeds.jsonl")],
+                                         ["gpt2", "not supported", "llama"], []),
+    "student with another tokenizer": (lambda f, d: ["extract", "--teacher", str(f / "teacher"), "--student",
+                                                     str(d / "othertok"), "--seeds", str(f / "tasks/gsm/seeds.jsonl")],
+                                       ["do not share one tokenizer", "token 'a'"], ["layers", "drop embed"]),
+    "a hub id not reachable from here": (lambda f, d: ["extract", "--teacher", "nobody/no-such-model", "--student",
+                                                       str(f / "student"), "--seeds", str(f / "tasks/gsm/seeds.jsonl")],
+                                         ["nobody/no-such-model", "cannot be read", "HF_HUB_OFFLINE"], []),
+    "--train not JSON": (lambda f, d: transfer(f, "--train", "{lr: 1}"), ["--train", "not valid JSON"], []),
+    "--train unknown field": (lambda f, d: transfer(f, "--train", '{"learning_rate": 1}'),
+                              ["--train learning_rate", "not a field pkt knows", "lr"], []),
+    "--svd magic": (lambda f, d: extract(f, "--svd", "magic"), ["--svd magic", "'full'"], []),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_errors_are_one_sentence_before_any_work(case, mini_family, fx, no_work, capsys):
+    argv, expected, absent = CASES[case]
+    refused(capsys, argv(mini_family, fx), *expected, absent=absent)
+
+
+def test_numbers_given_as_strings_reach_the_flows_as_numbers(mini_family, fx, captured, capsys):
+    fam = mini_family
+    assert cli.main(transfer(fam, "--train", '{"lr": "1e-3", "rank": "2"}')) == 0
+    assert captured["transfer"]["train"]["lr"] == 1e-3 and captured["transfer"]["train"]["rank"] == 2
+    assert cli.main(["sweep", "--config", str(fx / "lr.yaml")]) == 0  # YAML reads 3e-4 as a string
+    assert captured["sweep"]["config"]["train"]["lr"] == 3e-4
+    assert cli.main(["sweep", "--config", str(fx / "rank.yaml")]) == 0
+    assert captured["sweep"]["config"]["train"]["rank"] == 2
+    assert cli.main(["sweep", "--config", str(fx / "gate.yaml")]) == 0  # a single module type
+    assert captured["sweep"]["config"]["train"]["modules"] == ["gate"]
+    assert cli.main(extract(fam, "--alpha", "8", "--k", "3")) == 0
+    assert captured["extract_teacher"]["alpha"] == 8.0 and captured["extract_teacher"]["k"] == 3
+
+
+def test_a_utf8_file_with_a_byte_order_mark_is_accepted(mini_family, fx, captured):
+    from pkt.core.data import read_jsonl
+
+    assert read_jsonl(fx / "bom.jsonl") == read_jsonl(mini_family / "tasks/gsm/seeds.jsonl")
+    assert cli.main(extract(mini_family, seeds=fx / "bom.jsonl")) == 0
+    assert captured["extract_teacher"]["seeds"] == str(fx / "bom.jsonl")
+
+
+def test_no_message_suggests_a_fix_that_does_not_exist():
+    """Every flag a pkt error message names is a flag of some pkt command."""
+    import re
+    from pathlib import Path
+
+    root = Path(cli.__file__).resolve().parents[1]
+    flags = set(re.findall(r"add_argument\(\"(--[a-z-]+)\"", (root / "flows/cli.py").read_text()))
+    for path in [*root.glob("pkt_core/*.py"), *root.glob("flows/*.py"), *root.glob("artifacts/*.py"),
+                 *root.glob("tasks/*.py")]:
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", path.read_text()):
+            assert flag in flags | {"--help", "--no-prompt", "--all", "--pool", "--name", "--port-file", "--parent",
+                                    "--host", "--port", "--checkout"}, (path.name, flag)
+
+
+def test_a_pkt_error_inside_a_flow_prints_its_sentence_without_tracebacks(prefect_env, mini_family, tmp_path,
+                                                                          monkeypatch, capfd):
+    """An input problem only a node can see (here: raised from inside the sensitivity pass) reaches
+    the user as pkt's one sentence; Prefect's log lines for it carry no traceback."""
+    from pkt.core import sensitivity
+    from pkt.core.data import DataError
+
+    def fails(*a, **kw):
+        raise DataError("seeds.jsonl line 3: the answer is cut away; shorten the prompt")
+
+    monkeypatch.setattr(sensitivity, "compute_sensitivity", fails)
+    code = cli.main(extract(mini_family, "--store", str(tmp_path / "store")))
+    out, err = capfd.readouterr()
+    assert code == 2
+    assert "Traceback" not in out + err, err
+    assert err.strip().splitlines()[-1] == ("pkt extract: error: seeds.jsonl line 3: the answer is cut away; "
+                                            "shorten the prompt")

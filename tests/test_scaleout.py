@@ -1,0 +1,54 @@
+"""Scale-out on an existing engine: a sweep's nodes run on the workers of a real Dask cluster,
+give the serial run's bytes, and a second run is all Cached."""
+import pytest
+import torch
+
+from pkt.flows.graph import torch_threads_per_worker
+from pkt.flows.sweep import sweep
+
+from prefect_api import task_graph
+
+
+def config(family, store, report_dir):
+    return {"teacher": str(family / "teacher"), "students": [str(family / "student")],
+            "tasks": [{"name": "gsm", "dir": str(family / "tasks/gsm"), "benchmark": "gsm"}],
+            "variants": ["lora", "transfer", "spectrum-matched"], "seeds": [0, 1], "benchmarks": [], "eval_limit": 4,
+            "train": {"rank": 2, "alpha": 2.0, "epochs": 1, "batch_size": 8, "micro_batch": 8, "n_train": 8},
+            "store": str(store), "report_dir": str(report_dir)}
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_sweep_runs_on_dask_workers_and_matches_the_serial_run(prefect_env, mini_family, tmp_path):
+    pytest.importorskip("prefect_dask")
+    from distributed import Client, LocalCluster
+
+    threads = torch_threads_per_worker("dask", 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the serial run at the workers' torch thread count: equal bytes expected
+    try:
+        serial = sweep(config(mini_family, tmp_path / "serial", tmp_path / "r1"))
+    finally:
+        torch.set_num_threads(before)
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        cfg = {**config(mini_family, tmp_path / "dask", tmp_path / "r2"), "runner": "dask", "workers": 2,
+               "dask_address": cluster.scheduler_address}
+        parallel = sweep(cfg)
+        done = client.run_on_scheduler(
+            lambda dask_scheduler: [(str(t[0]), t[2]) for t in dask_scheduler.transition_log])
+        state = sweep(cfg, return_state=True)
+
+    # the scheduler ran every node (Dask names a task after its function: run_node-<token>)
+    ran = {key for key, finish in done if finish == "memory"}
+    assert sum(k.startswith("run_node-") for k in ran) == len(parallel["nodes"]), sorted(ran)[:5]
+    # same keys, same bytes: each node's content digest equals the serial run's
+    from pkt.artifacts.store import Store
+
+    digests = lambda out, root: {(kind, key, Store(root).record(kind, key)["digest"]) for kind, key, _ in out["nodes"]}
+    assert digests(parallel, tmp_path / "dask") == digests(serial, tmp_path / "serial")
+    assert parallel["computed"] == len(parallel["nodes"])
+    second = state.result()
+    assert second["computed"] == 0
+    assert {s for n, (s, _) in task_graph(state).items() if n.startswith(("adapter", "scores"))} == {"Cached"}

@@ -169,12 +169,8 @@ def train_adapter(student, samples: list[dict[str, torch.Tensor]], params: Train
         modules = [m for m in params.modules if init != "pissa" or m != "embed"]  # no PiSSA for embeddings
         cfg = lora_init.lora_config(modules, params.rank, params.alpha, params.dropout)
         cfg.init_lora_weights = True if init == "lora" else "pissa"
-        # peft draws lora_A from the global generator: seed it, or the adapter's bytes depend on
-        # whatever the process drew before (another node on the same worker)
-        devices = sorted({p.device.index or 0 for p in student.parameters() if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(params.seed)
-            model = get_peft_model(student, cfg)
+        torch.manual_seed(params.seed)  # peft draws lora_A here: from the run's seed, not the process's history
+        model = get_peft_model(student, cfg)
         rank, alpha = params.rank, params.alpha
     else:
         raise ValueError(f"unknown init {init!r}; choose lora, pissa or extracted")

@@ -64,6 +64,8 @@ def peak_over_baseline(mode: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two fresh processes: 16-33 s on a loaded 2-core machine
+@pytest.mark.ci
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
 def test_sensitivity_peak_memory_is_one_accumulator_not_a_gradient_copy():
     """Above the loaded model, pkt's pass needs its fp32 accumulator (one weights' worth) plus

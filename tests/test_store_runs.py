@@ -122,7 +122,7 @@ def test_a_permuted_tokenizer_reuses_no_extraction_node(prefect_env, mini_family
     permute_vocab(permuted)
     out = extract_teacher(**extract_args(mini_family, tmp_path, teacher=permuted))
     assert statuses(out) == {"sensitivity": "computed", "layer_plan": "computed", "extraction": "computed",
-                             "lora_init": "computed"}
+                             "lora_init": "computed", "residual_model": "computed"}
 
 
 def test_a_repaired_node_recomputes_alone(prefect_env, mini_family, tmp_path):
@@ -140,14 +140,14 @@ def test_a_repaired_node_recomputes_alone(prefect_env, mini_family, tmp_path):
     blob.write_bytes(bytes(data))
     again = extract_teacher(**args)
     assert statuses(again) == {"sensitivity": "computed", "layer_plan": "reused", "extraction": "reused",
-                               "lora_init": "reused"}
+                               "lora_init": "reused", "residual_model": "reused"}
     assert Store(args["store"]).record("sensitivity", keys["sensitivity"])["digest"] == sens["digest"]
     store.record_path("layer_plan", keys["layer_plan"]).unlink()
     third = extract_teacher(**args)
     assert statuses(third) == {"sensitivity": "reused", "layer_plan": "computed", "extraction": "reused",
-                               "lora_init": "reused"}
+                               "lora_init": "reused", "residual_model": "reused"}
     assert {k for _, k, _ in third["_ledger"]} == set(keys.values())
-    assert len(Store(args["store"]).records()) == 4 and Store(args["store"]).verify() == []
+    assert len(Store(args["store"]).records()) == 5 and Store(args["store"]).verify() == []
 
 
 READ_ONLY_RUN = textwrap.dedent("""

@@ -349,7 +349,12 @@ def cmd_report(args) -> int:
         raise DataError(f"{path}: missing columns {sorted(missing)}; give the runs.csv a sweep wrote")
     if runs.empty:
         raise DataError(f"{path}: no rows, only the header; give the runs.csv of a sweep that ran")
-    paths = report.write_report(runs, args.out, args.metric)
+    # the report directory's other tables and its protocol (endpoint, grids, caveat), when beside it
+    extra = {name: report.read_csv(path.with_name(f"{name}.csv")) for name in ("curves", "selection", "items")
+             if path.with_name(f"{name}.csv").is_file()}
+    protocol = json.loads(path.with_name("protocol.json").read_text()) if path.with_name("protocol.json").is_file() \
+        else None
+    paths = report.write_report(runs, args.out, args.metric, extra.pop("curves", None), protocol=protocol, **extra)
     print(Path(paths["markdown"]).read_text())
     for name, path in paths.items():
         print(f"{name:9s} {Path(path).resolve()}")

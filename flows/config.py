@@ -14,7 +14,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from pkt.core import arch, data, models, preflight
+from pkt.core import arch, data, evaluate, models, preflight
 from pkt.core.align import LAYER_SELECTORS, REDUCERS
 from pkt.core.errors import UserError
 from pkt.core.finetune import TrainParams
@@ -123,6 +123,40 @@ class TaskSpec(BaseModel):
         return v
 
 
+def _comparison(v):
+    """'transfer - shuffled' (YAML shorthand) -> {subject: transfer, control: shuffled}."""
+    if isinstance(v, str):
+        subject, sep, control = (x.strip() for x in v.partition(" - "))
+        if not sep:
+            raise ValueError(f"{v!r}: write a comparison as 'SUBJECT - CONTROL', e.g. 'transfer - shuffled'")
+        return {"subject": subject, "control": control}
+    return v
+
+
+class Comparison(BaseModel):
+    """subject minus control, paired by seed, each at its own best setting."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    subject: str = "transfer"
+    control: str
+
+    def __str__(self) -> str:
+        return f"{self.subject} - {self.control}"
+
+
+class Endpoint(BaseModel):
+    """The primary endpoint, declared before any data: the metric, the tasks it is read on and the
+    comparisons that decide the study. The report states it first, tests these comparisons with Holm's
+    correction among themselves, and every other comparison with Benjamini-Hochberg."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    metric: str = Field(description="a metric the sweep scores on test, e.g. acc, answer_nll, exact_match/strict-match")
+    tasks: list[str] | None = Field(None, description="task names it is read on; default: every task")
+    comparisons: list[Annotated[Comparison, BeforeValidator(_comparison)]] = Field(
+        min_length=1, description="e.g. ['transfer - spectrum-matched', 'transfer - shuffled']")
+    alpha: float = Field(0.05, gt=0, lt=1, description="familywise error rate of the primary comparisons")
+
+
 class SweepConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str | None = Field(None, description="names this sweep's artifacts in the UI (default: a config digest)")
@@ -145,8 +179,14 @@ class SweepConfig(BaseModel):
     train_grid: Annotated[dict[str, list], AfterValidator(_train_grid)] = Field(
         default_factory=dict, description="e.g. {lr: [1e-3, 1e-2], init_scale: [0.5, 1, 2]}: each variant at its "
         "best setting on val")
+    variant_grid: dict[str, Annotated[dict[str, list], AfterValidator(_train_grid)]] = Field(
+        default_factory=dict, description="per variant, grid axes added to (or replacing) train_grid's, e.g. "
+        "{lora: {alpha: [8, 32]}}: every trained variant needs a grid of the same size")
     select_on: str | None = Field(None, description="val metric that picks each variant's setting; default: the "
                                   "first task's primary metric (answer_nll is steadier at small scale)")
+    selection_seeds: list[int] = Field(default_factory=list, description="training seeds of the runs that choose "
+                                       "each variant's setting on val; never scored on test, disjoint from seeds")
+    endpoint: Endpoint | None = Field(None, description="the primary endpoint, declared before the data")
     benchmarks: list[str] = Field(default_factory=lambda: ["answer_nll"], description="extra benchmarks per task")
     judge: str | None = Field(None, description="local judge model for the optional 'winrate' benchmark")
     num_fewshot: int = Field(0, ge=0)
@@ -185,6 +225,41 @@ class SweepConfig(BaseModel):
             raise ValueError("add variant lora: every comparison in the report is paired against it")
         return self
 
+    @model_validator(mode="after")
+    def _protocol(self):
+        """Equal grids, selection apart from test, an endpoint the sweep can measure."""
+        sizes = {v: len(self.grid_points(v)) for v in self.variants if VARIANTS[v].trains}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"unequal grids: {', '.join(f'{v} {n}' for v, n in sizes.items())} settings; every "
+                             "trained variant needs a grid of the same size (init_scale applies only to inits "
+                             "from a teacher): give the others an axis of their own in variant_grid, e.g. "
+                             "{lora: {alpha: [8, 32]}, pissa: {alpha: [8, 32]}}")
+        unknown = [v for v in self.variant_grid if v not in self.variants]
+        if unknown:
+            raise ValueError(f"variant_grid names {unknown}, which this sweep does not run; variants: "
+                             f"{', '.join(self.variants)}")
+        if max(sizes.values(), default=1) > 1:
+            if not self.selection_seeds:
+                raise ValueError("a grid needs selection_seeds: training seeds whose val scores choose each "
+                                 "variant's setting and that are never scored on test, e.g. [100, 101]")
+            shared = sorted(set(self.selection_seeds) & set(self.seeds))
+            if shared:
+                raise ValueError(f"selection_seeds and seeds share {shared}: a setting chosen on a seed would be "
+                                 "scored on that seed's test runs; use fresh seeds for one of them")
+        if self.endpoint:
+            _check_endpoint(self.endpoint, self)
+        return self
+
+    def grid_points(self, variant: str) -> list[dict]:
+        """Every training setting of a variant: train_grid's axes that apply to it (init_scale only to
+        inits from a teacher), with its variant_grid axes added or replacing them."""
+        axes = {k: x for k, x in self.train_grid.items() if k != "init_scale" or VARIANTS[variant].extracted}
+        axes |= self.variant_grid.get(variant, {})
+        points = [{}]
+        for name, values in axes.items():
+            points = [{**p, name: x} for p in points for x in values]
+        return points
+
     def train_params(self, seed: int, overrides: dict | None = None) -> TrainParams:
         return TrainParams.from_dict({**self.train.model_dump(), **(overrides or {}), "seed": seed})
 
@@ -195,6 +270,25 @@ class SweepConfig(BaseModel):
 
     def ranks(self) -> list[int]:
         return sorted({self.train.rank, *self.train_grid.get("rank", [])})
+
+
+def _check_endpoint(e: Endpoint, cfg: SweepConfig) -> None:
+    for c in e.comparisons:
+        missing = [v for v in (c.subject, c.control) if v not in cfg.variants]
+        if missing:
+            raise ValueError(f"endpoint comparison '{c}': {missing} not among the variants; add them to variants")
+        if c.subject != "transfer" and c.control != "lora":
+            raise ValueError(f"endpoint comparison '{c}': the report pairs transfer against every variant and every "
+                             "variant against lora; write 'transfer - X' or 'X - lora'")
+    names = [t.name for t in cfg.tasks]
+    bad = [t for t in e.tasks or [] if t not in names]
+    if bad:
+        raise ValueError(f"endpoint tasks {bad} are not tasks of this sweep ({', '.join(names)})")
+    tasks = [t for t in cfg.tasks if e.tasks is None or t.name in e.tasks]
+    scored = {evaluate.primary_metric(b) for t in tasks for b in [t.benchmark, *cfg.benchmarks]}
+    if e.metric not in scored:
+        raise ValueError(f"endpoint metric {e.metric!r} is not scored on those tasks; they give "
+                         f"{', '.join(sorted(scored))}")
 
 
 class ExtractConfig(BaseModel):

@@ -26,6 +26,8 @@ DEMO_TRAIN = {
              "max_length": 64},
 }
 ALL_VARIANTS = list(VARIANTS)
+SMOKE_CAVEAT = ("This is a smoke-size run (one small family, one task, one learning rate and init scale, {seeds} "
+                "seeds): it shows the pipeline works, not whether transfer helps. For that, run `pkt demo --study`.")
 
 
 def family_node(graph: Graph, size: str, seed: int | None = None) -> dict:
@@ -69,8 +71,9 @@ def demo(size: Size = "demo", seeds: list[int] = (0, 1, 2), store: str | None = 
         fam = family_node(graph, size)
         root = st.tree(Ref.of(fam))
         cfg = parse_config(demo_config(str(root), size, list(seeds), store, report_dir))
-        out = run_sweep(graph, cfg, "demo", size)
-    stats = family_stats(st, fam)
+        stats = family_stats(st, fam)
+        out = run_sweep(graph, cfg, "demo", size, {"scale": SMOKE_CAVEAT.format(seeds=len(seeds)),
+                                                   "families": {f"{size} family": stats}})
     return out | {"family": {"root": str(root), "status": fam["status"], "stats": stats}}
 
 

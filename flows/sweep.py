@@ -3,7 +3,6 @@ submitted once as a future, then the report over every score (paired differences
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -51,83 +50,102 @@ def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFut
                      svd=cfg.svd, transform=v.transform, transform_seed=draw)
 
 
-def grid(cfg: SweepConfig) -> list[dict]:
-    points = [{}]
-    for name, values in cfg.train_grid.items():
-        points = [{**p, name: v} for p in points for v in values]
-    return points
+def selection_runs(cfg: SweepConfig):
+    """(variant, setting, seed) of every run that chooses a setting: each trained variant's grid x
+    the selection seeds, scored on val only (none when no variant has more than one setting)."""
+    trained = [VARIANTS[name] for name in cfg.variants if VARIANTS[name].trains]
+    if all(len(cfg.grid_points(v.name)) == 1 for v in trained):
+        return
+    for v in trained:
+        yield from ((v, setting, seed) for setting in cfg.grid_points(v.name) for seed in cfg.selection_seeds)
 
 
-def runs(cfg: SweepConfig, points: list[dict]):
-    """(variant, training setting, seed) of every run; vanilla trains nothing, so it runs once (n=1).
-    init_scale only varies the inits from a teacher."""
+def chosen_runs(cfg: SweepConfig, chosen: dict[str, dict]):
+    """(variant, setting, seed) of every run scored on test: each variant at its chosen setting (its only
+    one without a grid) over the test seeds, fresh ones; vanilla trains nothing, so it runs once (n=1)."""
     for name in cfg.variants:
         v = VARIANTS[name]
         if not v.trains:
             yield v, {}, cfg.seeds[0]
             continue
-        settings = points if v.extracted else _unique([{k: x for k, x in p.items() if k not in SETTING_FIELDS}
-                                                      for p in points])
-        yield from ((v, setting, seed) for setting, seed in itertools.product(settings, cfg.seeds))
+        setting = chosen.get(name, cfg.grid_points(name)[0])
+        yield from ((v, setting, seed) for seed in cfg.seeds)
 
 
-def _unique(settings: list[dict]) -> list[dict]:
-    seen: dict[str, dict] = {}
-    for setting in settings:
-        seen.setdefault(json.dumps(setting, sort_keys=True), setting)
-    return list(seen.values())
+def item_metrics(cfg: SweepConfig) -> set[str]:
+    """The metrics whose per-item scores go in items.csv (for the bootstrap): the endpoint's, or
+    without one each task's primary metric."""
+    if cfg.endpoint:
+        return {cfg.endpoint.metric}
+    return {evaluate.primary_metric(t.benchmark) for t in cfg.tasks}
 
 
-def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
+def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: dict | None = None) -> dict:
     """Submit every node of the sweep, wait, write the report; publishes on the current flow run.
 
-    With a grid, every run is first scored on val (the selection metric only), each variant keeps
-    its best setting, and only those runs are scored on test; the size controls are also scored at
-    transfer's setting (the same lr and scale: matched effective size)."""
+    With a grid, the selection runs (every setting x the selection seeds) are scored on val, each
+    variant keeps its best setting, and fresh test seeds are trained at that setting and scored on
+    test: no run that chose a setting is scored on test. protocol: what the report states beside the
+    data (scale caveat, family gates), see report.write_report."""
     store = graph.store
     teacher = graph.source("model", cfg.teacher)
-    points = grid(cfg)
-    scored = []  # (row fields, scores future, adapter future or None)
+    groups = []  # (student path, student future, shape, task, train data future)
     for student_path in cfg.students:
         student = graph.source("model", student_path)
         shape = arch.shape_of(models.load_config(student_path))
         for task in cfg.tasks:
-            train = graph.source("file", str(Path(task.dir) / "train.jsonl"))
-            trained = {}  # (variant, setting json, seed) -> (adapter future or None, label)
-            for v, setting, seed in runs(cfg, points):
-                label = f"{source_name(student_path)}, {task.name}, {v.name}, seed={seed}" + (
-                    f", {json.dumps(setting, sort_keys=True)}" if setting else "")
-                adapter = _train(graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
-                trained[v.name, json.dumps(setting, sort_keys=True), seed] = (adapter, label)
-            chosen = _choose(graph, cfg, student, task, trained) if len(points) > 1 else None
-            benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
-            for (variant, setting, seed), as_variant in tested(trained, chosen):
-                adapter, label = trained[variant, setting, seed]
-                for bench in benchmarks:
-                    future = _score(graph, cfg, student, adapter, task, bench, "test", label)
-                    scored.append(({"student": student_path, "task": task.name, "benchmark": bench,
-                                    "variant": as_variant, "seed": seed, "setting": setting}, future, adapter))
+            groups.append((student_path, student, shape, task, graph.source("file", str(Path(task.dir) / "train.jsonl"))))
+    # every group's selection runs first, so that the workers have them all before any choice waits
+    val = [_submit_selection(graph, cfg, teacher, group) for group in groups]
+    scored, selection = [], []  # (row fields, scores future, adapter future or None); val rows
+    for (path, student, shape, task, train), val_scores in zip(groups, val):
+        metric = _select_metric(cfg, task)
+        rows = [{"student": path, "task": task.name, "variant": v.name, "setting": setting, "seed": seed,
+                 "metric": metric, "value": nodes.score_summary(store, f.result())[metric]}
+                for (v, setting, seed), f in val_scores.items()]
+        selection += rows
+        chosen = {v: json.loads(x) for v, x in report.select_settings(pd.DataFrame(rows), metric).items()} if rows else {}
+        benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
+        for v, setting, seed in chosen_runs(cfg, chosen):
+            label = _label(path, task, v, setting, seed)
+            adapter = _train(graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+            for bench in benchmarks:
+                future = _score(graph, cfg, student, adapter, task, bench, "test", label)
+                scored.append(({"student": path, "task": task.name, "benchmark": bench, "variant": v.name,
+                                "seed": seed, "setting": _setting(setting)}, future, adapter))
     graph.results()  # every node finished (the first failure is raised here)
-    rows, curves, seen = [], [], set()
+    rows, curves, items, seen = [], [], [], set()
+    keep_items = item_metrics(cfg)
     for fields, future, adapter in scored:
         size = nodes.init_size(store, adapter.result()) if adapter is not None else {}
+        losses = nodes.train_losses(store, adapter.result()) if adapter is not None else []
+        per_item = store.tensors(future.result())
+        n_items = len(per_item["doc_id"])
+        summary = nodes.score_summary(store, future.result())
         rows += [{**fields, "metric": metric, "value": value, "top_sv": size.get("top_sv"),
-                  "top_sv_ratio": size.get("top_sv_ratio")}
-                 for metric, value in nodes.score_summary(store, future.result()).items()]
+                  "top_sv_ratio": size.get("top_sv_ratio"), "n_items": n_items, "steps": len(losses)}
+                 for metric, value in summary.items()]
+        for metric in keep_items & summary.keys():
+            if metric.split("/")[0] not in per_item:
+                continue
+            values = per_item[metric.split("/")[0]].tolist()
+            items += [{**fields, "metric": metric, "item": int(i), "value": x}
+                      for i, x in zip(per_item["doc_id"].tolist(), values)]
         run = tuple(fields[k] for k in ("student", "task", "variant", "seed", "setting"))
         if adapter is not None and run not in seen:
             seen.add(run)
             base = {k: fields[k] for k in ("student", "task", "variant", "seed", "setting")}
-            curves += [{**base, "step": i + 1, "loss": loss}
-                       for i, loss in enumerate(nodes.train_losses(store, adapter.result()))]
+            curves += [{**base, "step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
     table = pd.DataFrame(rows)
-    primary = evaluate.primary_metric(cfg.tasks[0].benchmark)
+    primary = cfg.endpoint.metric if cfg.endpoint else evaluate.primary_metric(cfg.tasks[0].benchmark)
     # every score the sweep computed, val ones included: they chose the settings the table shows
     all_scores = [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]
     inputs = {"runs": nodes.table_source(store, table, "runs.csv"), "scores": all_scores}
-    if curves:
-        inputs["curves"] = nodes.table_source(store, pd.DataFrame(curves), "curves.csv")
-    rep = graph.submit(nodes.Report(primary=primary), inputs, f"{tag}, {len(table)} rows, {primary}")
+    for name, extra in (("curves", curves), ("selection", selection), ("items", items)):
+        if extra:
+            inputs[name] = nodes.table_source(store, pd.DataFrame(extra), f"{name}.csv")
+    spec = nodes.Report(primary=primary, protocol=report_protocol(cfg, protocol))
+    rep = graph.submit(spec, inputs, f"{tag}, {len(table)} rows, {primary}")
     paths = copy_report(store, rep.result(), cfg.report_dir)
     summary = report.read_csv(paths["csv"])
     lines = report.headlines(summary, primary)
@@ -139,28 +157,43 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
             "table": summary.to_dict(orient="records"), "headline": lines}
 
 
-def _choose(graph: Graph, cfg: SweepConfig, student: PrefectFuture, task: TaskSpec, trained: dict) -> dict[str, str]:
-    """Each variant's training setting with the best mean val score over seeds (cfg.select_on,
-    default the task's primary metric)."""
-    metric = cfg.select_on or evaluate.primary_metric(task.benchmark)
-    bench = "answer_nll" if metric == "answer_nll" else task.benchmark
-    futures = {run: _score(graph, cfg, student, adapter, task, bench, "val", label)
-               for run, (adapter, label) in trained.items()}
-    val = [{"variant": variant, "setting": setting, "seed": seed,
-            "value": nodes.score_summary(graph.store, f.result())[metric]}
-           for (variant, setting, seed), f in futures.items()]
-    return report.select_settings(pd.DataFrame(val), metric)
+def _submit_selection(graph: Graph, cfg: SweepConfig, teacher: PrefectFuture, group: tuple) -> dict:
+    """(variant, setting, seed) -> the future of its val score on the selection metric."""
+    path, student, shape, task, train = group
+    out = {}
+    for v, setting, seed in selection_runs(cfg):
+        label = _label(path, task, v, setting, seed)
+        adapter = _train(graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+        out[v, _setting(setting), seed] = _score(graph, cfg, student, adapter, task, _selection_benchmark(cfg, task),
+                                                 "val", label)
+    return out
 
 
-def tested(trained: dict, chosen: dict[str, str] | None):
-    """((variant, setting, seed), name in the report) of every run scored on test: each variant at
-    its chosen setting, and the size controls also at transfer's (named 'X@transfer-setting')."""
-    for run in trained:
-        variant, setting, _ = run
-        if chosen is None or chosen[variant] == setting:
-            yield run, variant
-        elif variant in report.SIZE_CONTROLS and chosen.get(report.SUBJECT) == setting:
-            yield run, variant + report.AT_SUBJECT
+def report_protocol(cfg: SweepConfig, extra: dict | None = None) -> dict:
+    """What the report states about how the table was made: the endpoint, every variant's grid, the
+    selection and test seeds and the selection metric (plus the flow's caveat and family gates)."""
+    return {"endpoint": cfg.endpoint.model_dump(mode="json") if cfg.endpoint else None,
+            "grids": {v: cfg.grid_points(v) for v in cfg.variants if VARIANTS[v].trains},
+            "selection_seeds": list(cfg.selection_seeds), "test_seeds": list(cfg.seeds),
+            "select_on": cfg.select_on, **(extra or {})}
+
+
+def _setting(setting: dict) -> str:
+    return json.dumps(setting, sort_keys=True)
+
+
+def _label(student_path: str, task: TaskSpec, v: Variant, setting: dict, seed: int) -> str:
+    return f"{source_name(student_path)}, {task.name}, {v.name}, seed={seed}" + (
+        f", {_setting(setting)}" if setting else "")
+
+
+def _select_metric(cfg: SweepConfig, task: TaskSpec) -> str:
+    """The val metric that chooses the settings (cfg.select_on, default the task's primary metric)."""
+    return cfg.select_on or evaluate.primary_metric(task.benchmark)
+
+
+def _selection_benchmark(cfg: SweepConfig, task: TaskSpec) -> str:
+    return "answer_nll" if _select_metric(cfg, task) == "answer_nll" else task.benchmark
 
 
 def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, student: PrefectFuture,

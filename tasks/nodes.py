@@ -336,11 +336,15 @@ class Report(Node):
     inputs also name every scores node the table was read from."""
 
     KIND = "report"
-    VERSION = 3  # paired inference against every control, overview, knowledge vs size, training curves
-    INPUTS = ("runs", "scores")  # optional: "curves", the training losses of the runs
+    # v4: the declared endpoint first, corrected verdicts (Holm/BH), families as units, item bootstrap,
+    # power, the protocol (grids, selection apart from test) and the scale caveat in report.md
+    VERSION = 4
+    INPUTS = ("runs", "scores")  # optional: "curves" (training losses), "selection" (val runs), "items" (per item)
     primary: str = "exact_match/strict-match"
+    protocol: dict | None = None  # report.write_report's protocol: endpoint, grids, seeds, caveat, gates
 
     def compute(self, store, inputs, out):
-        runs = report.read_csv(io.BytesIO(store.read_bytes(inputs["runs"]["digest"])))
-        curves = report.read_csv(io.BytesIO(store.read_bytes(inputs["curves"]["digest"]))) if "curves" in inputs else None
-        report.write_report(runs, out, self.primary, curves)
+        tables = {name: report.read_csv(io.BytesIO(store.read_bytes(inputs[name]["digest"])))
+                  for name in ("runs", "curves", "selection", "items") if name in inputs}
+        report.write_report(tables.pop("runs"), out, self.primary, tables.get("curves"),
+                            selection=tables.get("selection"), items=tables.get("items"), protocol=self.protocol)

@@ -109,10 +109,22 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("store", help="inspect and maintain the artifact store")
     ssub = p.add_subparsers(dest="store_cmd", required=True, parser_class=Parser)
-    for name, text in [("ls", "list artifacts"), ("verify", "re-hash every blob; exit 1 on any mismatch")]:
-        _store_arg(ssub.add_parser(name, help=text))
-    sp = ssub.add_parser("show", help="show one artifact's record")
-    sp.add_argument("key", help="key or unique prefix")
+    _store_arg(ssub.add_parser("verify", help="re-hash every blob; exit 1 on any mismatch"))
+    sp = ssub.add_parser("ls", help="list artifacts with their labels (teacher, student, task, variant, seed)")
+    sp.add_argument("text", nargs="?", default=None, help="only artifacts whose kind, key, label or source paths "
+                    "hold this text")
+    sp.add_argument("--kind", default=None, help="only this kind (lora_init, adapter, scores, ...)")
+    _store_arg(sp)
+    sp = ssub.add_parser("show", help="show one artifact's record, and its lineage up to the sources and down to "
+                         "what was built from it")
+    sp.add_argument("key", help="key or digest (records cite their inputs by digest), or a unique prefix")
+    _store_arg(sp)
+    sp = ssub.add_parser("find", help="artifacts by what they are about, e.g. the LoRA init for a student from "
+                         "a teacher: find --teacher T --student S --kind lora_init")
+    for name in ("teacher", "student", "task", "variant"):
+        sp.add_argument(f"--{name}", default=None, help=f"the {name}: its path, or its folder's name")
+    sp.add_argument("--seed", default=None, help="the training seed")
+    sp.add_argument("--kind", default=None, help="only this kind (lora_init, adapter, scores, ...)")
     _store_arg(sp)
     sp = ssub.add_parser("gc", help="remove blobs that no record references")
     sp.add_argument("--dry-run", action="store_true")
@@ -383,25 +395,106 @@ def cmd_store(args) -> int:
 
     store = Store(args.store)
     store.require_store()  # a typo in --store is an error, not an empty store
-    return {"ls": _store_ls, "show": _store_show, "verify": _store_verify, "gc": _store_gc}[args.store_cmd](store, args)
+    return {"ls": _store_ls, "show": _store_show, "verify": _store_verify, "gc": _store_gc,
+            "find": _store_find}[args.store_cmd](store, args)
+
+
+def _check_kind(store, kind: str | None) -> None:
+    from pkt.artifacts.store import StoreError
+
+    kinds = sorted({r["kind"] for r in store.records()})
+    if kind is not None and kind not in kinds:
+        raise StoreError(f"--kind {kind}: no artifact of that kind in {store.root}; kinds there: "
+                         f"{', '.join(kinds) or 'none'}")
+
+
+def _ls_line(r: dict) -> str:
+    from pkt.artifacts import catalog
+
+    if "broken_record" in r:
+        return f"{r['kind']:14s} {r['key']}  UNUSABLE: record {r['problem']}"
+    return f"{r['kind']:14s} {r['key']}  {catalog.label_of(r)}  {r.get('created', '?')}  {r.get('seconds', '?')}s"
 
 
 def _store_ls(store, args) -> int:
-    for r in store.records():
-        if "broken_record" in r:
-            print(f"{r['kind']:12s} {r['key']}  UNUSABLE: record {r['problem']}")
-        else:
-            print(f"{r['kind']:12s} {r['key']}  {r.get('created', '?')}  {r.get('seconds', '?')}s")
+    from pkt.artifacts import catalog
+
+    _check_kind(store, args.kind)
+    shown = [r for r in store.records() if (args.kind is None or r["kind"] == args.kind)
+             and (args.text is None or args.text.lower() in catalog.text_of(r).lower())]
+    for r in shown:
+        print(_ls_line(r))
+    if args.text is not None or args.kind is not None:
+        print(f"{len(shown)} artifacts match")
     return 0
 
 
+def _store_find(store, args) -> int:
+    from pkt.artifacts import catalog
+
+    wanted = {name: getattr(args, name) for name in catalog.FIELDS if getattr(args, name) is not None}
+    _check_kind(store, args.kind)
+    lineage = catalog.Lineage(store.records())
+    found = [r for r in lineage.records if (args.kind is None or r["kind"] == args.kind) and lineage.matches(r, wanted)]
+    for r in found:
+        print(_ls_line(r))
+    print(f"{len(found)} artifacts match" + (f"; `pkt store show KEY` prints one's record and lineage" if found else
+                                             "; `pkt store ls` lists every artifact with its label"))
+    return 0 if found else 1
+
+
+def _print_lineage(store, rec: dict) -> None:
+    from pkt.artifacts import catalog
+
+    lineage = catalog.Lineage(store.records())
+
+    def up(r: dict, depth: int, seen: set) -> None:
+        for name, digest, made in lineage.inputs(r):
+            pad = "  " * depth
+            if made is None:
+                where = (r.get("sources") or {}).get(name) if isinstance(r.get("sources"), dict) else None
+                print(f"{pad}{name}: source {where or '(path not recorded)'}  digest {digest[:12]}")
+            else:
+                print(f"{pad}{name}: {made['kind']} {made['key'][:12]}  {catalog.label_of(made)}")
+                if made["key"] not in seen:
+                    up(made, depth + 1, seen | {made["key"]})
+
+    def down(r: dict, depth: int, seen: set) -> None:
+        for reader in sorted(lineage.readers.get(r["digest"], []), key=lambda x: (x["kind"], catalog.label_of(x))):
+            print(f"{'  ' * depth}{reader['kind']} {reader['key'][:12]}  {catalog.label_of(reader)}")
+            if reader["key"] not in seen:
+                down(reader, depth + 1, seen | {reader["key"]})
+
+    print(f"label: {catalog.label_of(rec)}")
+    about = catalog.about_of(rec)
+    if about:
+        print("about: " + ", ".join(f"{k}={v}" for k, v in about.items()))
+    print("lineage up (what it was made from):")
+    up(rec, 1, {rec["key"]})
+    print("lineage down (what was made from it):")
+    down(rec, 1, {rec["key"]})
+
+
 def _store_show(store, args) -> int:
+    from pkt.artifacts.store import StoreError
+
+    hits = store.matching(args.key)
+    if not hits:
+        print(f"no artifact whose key or digest starts with {args.key!r} in {store.root}; `pkt store ls` lists "
+              "them", file=sys.stderr)
+        return 1
+    if len({(r["kind"], r["key"]) for r in hits}) > 1 and len({r["digest"] for r in hits}) > 1:
+        raise StoreError(f"{args.key!r} starts {len(hits)} artifacts' keys or digests; give more characters")
+    for rec in hits:  # one artifact, or several records of the very same bytes
+        code = _show_one(store, rec)
+        if code:
+            return code
+    return 0
+
+
+def _show_one(store, rec: dict) -> int:
     from pkt.artifacts.store import Ref, StoreError
 
-    rec = store.find(args.key)
-    if rec is None:
-        print(f"no artifact with key prefix {args.key!r} in {store.root}", file=sys.stderr)
-        return 1
     print(json.dumps(rec, indent=1))
     if "broken_record" in rec:
         return 1
@@ -414,6 +507,7 @@ def _store_show(store, args) -> int:
     if rec["layout"] == "safetensors":
         print("header:", json.dumps(store.header(ref), indent=1)[:2000])
     print(f"path: {store.path(ref)}")
+    _print_lineage(store, rec)
     return 0
 
 

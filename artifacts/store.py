@@ -55,7 +55,7 @@ class CorruptBlob(StoreError):
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("PKT_STORE") or DEFAULT_ROOT)
+    return Path(os.environ.get("PKT_STORE") or DEFAULT_ROOT).expanduser()
 
 
 def pkt_version() -> str:
@@ -110,7 +110,7 @@ _PRIVATE_TREES: dict[tuple[str, str], Path] = {}
 
 class Store:
     def __init__(self, root: str | Path | None = None):
-        self.root = Path(root) if root is not None else default_root()
+        self.root = Path(root).expanduser() if root is not None else default_root()  # a quoted ~ is home
         self._verified = _VERIFIED.setdefault(str(self.root.absolute()), {})
         self.misses: list[str] = []  # human-readable notes of corrupt entries met (and repaired trees)
         self._writable = False  # probed on the first write, not on every one

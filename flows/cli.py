@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     quiet = _quiet_user_tracebacks()
     try:
+        if args.cmd in PREFECT_COMMANDS:
+            from .server import startup_timeout
+
+            startup_timeout()  # a bad value breaks Prefect's own settings at import: refuse it first
         return COMMANDS[args.cmd](args) or 0
     except KeyboardInterrupt:
         print(f"pkt {args.cmd}: interrupted", file=sys.stderr)
@@ -238,16 +242,44 @@ def transfer_config(args):
 
 
 # ---- commands ----------------------------------------------------------------------------------
+def _seed_list(value: str, flag: str) -> list[int]:
+    from .config import ConfigError
+
+    try:
+        seeds = [int(s) for s in value.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{flag} {value}: give distinct whole numbers separated by commas, e.g. {flag} 0,1")
+    return seeds
+
+
+def store_option(path: str | None) -> str | None:
+    """--store as the user meant it: a quoted ~ is their home; a path that is a file is refused
+    before any work starts (not after Prefect's server is up)."""
+    from pkt.artifacts.store import StoreError, default_root
+
+    if path is not None:
+        path = os.path.expanduser(path)
+    root = Path(path) if path is not None else default_root()
+    if root.exists() and not root.is_dir():
+        where = "--store" if path is not None else "PKT_STORE (or the default ./.pkt/store)"
+        raise StoreError(f"{where} {root}: is a file, not a directory; give the store's directory (it is created "
+                         "if missing)")
+    return path
+
+
 def cmd_demo(args) -> int:
     from .server import prefect_api
 
+    args.store = store_option(args.store)
     if args.study:
+        family_seeds = _seed_list(args.families, "--families")
         started = time.time()
         with prefect_api():
             from .study import study
 
-            out = study(store=args.store, report_dir=args.report_dir or "pkt-study",
-                        family_seeds=[int(s) for s in args.families.split(",")])
+            out = study(store=args.store, report_dir=args.report_dir or "pkt-study", family_seeds=family_seeds)
         _print_result(out)
         print(f"study wall time {time.time() - started:.0f} s")
         return 0
@@ -272,6 +304,7 @@ def cmd_extract(args) -> int:
     from .config import check_extract_inputs
     from .server import prefect_api
 
+    args.store = store_option(args.store)
     cfg = extract_config(args)
     check_extract_inputs(cfg)
     with prefect_api():
@@ -294,6 +327,7 @@ def cmd_transfer(args) -> int:
     from .config import check_sweep_inputs
     from .server import prefect_api
 
+    args.store = store_option(args.store)
     cfg = transfer_config(args)
     check_sweep_inputs(cfg)
     with prefect_api():
@@ -314,6 +348,7 @@ def cmd_sweep(args) -> int:
     cfg = load_config(args.config)
     if args.store:
         cfg = cfg.model_copy(update={"store": args.store})
+    cfg = cfg.model_copy(update={"store": store_option(cfg.store)})
     check_sweep_inputs(cfg)
     with prefect_api():
         from .sweep import sweep
@@ -355,7 +390,7 @@ def cmd_report(args) -> int:
     if not path.is_file():
         raise DataError(f"{path}: {'is a directory' if path.is_dir() else 'no such file'}; give the runs.csv a "
                         "sweep wrote (in its report directory)")
-    runs = report.read_csv(path)
+    runs = _read_runs(path)
     missing = {"student", "task", "benchmark", "metric", "variant", "seed", "value"} - set(runs.columns)
     if missing:
         raise DataError(f"{path}: missing columns {sorted(missing)}; give the runs.csv a sweep wrote")
@@ -368,6 +403,37 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _read_runs(path: Path):
+    """A runs.csv as a table, or one sentence naming the file (and line) that is not one: text that is
+    not UTF-8 CSV, or a value or seed cell that is empty or not a number (the statistics would pair
+    and count a missing value as if it were a run)."""
+    import pandas as pd
+
+    from pkt.core import report
+    from pkt.core.data import DataError
+
+    try:
+        runs = report.read_csv(path)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; give the runs.csv a sweep wrote") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not a readable CSV table ({first}); give the runs.csv a sweep wrote") from None
+    for col in ("value", "seed"):
+        if col not in runs:
+            continue
+        numbers = pd.to_numeric(runs[col], errors="coerce")
+        bad = numbers.isna() | (numbers.map(lambda x: not pd.isna(x) and x != round(x)) if col == "seed" else False)
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
+            cell = runs[col].iloc[i]
+            what = "is empty" if pd.isna(cell) else f"is {str(cell)[:30]!r}, not a {'whole ' if col == 'seed' else ''}number"
+            raise DataError(f"{path} line {i + 2}: {col} {what}; every run needs a numeric {col} (drop that row, "
+                            "or rerun its sweep)")
+        runs[col] = numbers.astype(int) if col == "seed" else numbers
+    return runs
+
+
 def cmd_export(args) -> int:
     from peft import PeftModel
 
@@ -376,14 +442,27 @@ def cmd_export(args) -> int:
 
     preflight.check_model_files(args.student)
     store = Store(args.store)
+    if not args.adapter.strip():
+        raise models.ModelNotFound("--adapter is empty; give an adapter key (`pkt store ls --kind adapter` lists "
+                                   "them) or an adapter folder")
     if Path(args.adapter).is_dir():
         folder = Path(args.adapter)
+        if not (folder / "adapter_config.json").is_file():
+            raise models.ModelNotFound(f"--adapter {folder}: no adapter_config.json there; give a peft adapter "
+                                       "folder or an adapter key from `pkt store ls --kind adapter`")
     else:
         rec = store.find(args.adapter)
         if rec is None or rec["kind"] != "adapter":
             raise models.ModelNotFound(f"no adapter with key {args.adapter!r} in {store.root}; see `pkt store ls`")
         folder = store.tree(Ref.of(rec))
-    model = PeftModel.from_pretrained(models.load_model(args.student), str(folder)).merge_and_unload()
+    try:
+        model = PeftModel.from_pretrained(models.load_model(args.student), str(folder)).merge_and_unload()
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        first = next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)
+        raise preflight.ShapeMismatch(f"--adapter {args.adapter} does not fit --student {args.student} ({first}); "
+                                      "give the student the adapter was trained for") from None
     model.save_pretrained(args.out, safe_serialization=True)
     models.load_tokenizer(args.student).save_pretrained(args.out)
     print(f"merged model written to {Path(args.out).resolve()}")
@@ -557,6 +636,7 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+PREFECT_COMMANDS = ("demo", "extract", "transfer", "sweep", "ui", "deploy")
 COMMANDS = {"demo": cmd_demo, "report": cmd_report, "extract": cmd_extract, "transfer": cmd_transfer, "sweep": cmd_sweep,
             "export": cmd_export, "store": cmd_store, "ui": cmd_ui, "deploy": cmd_deploy}
 

@@ -110,10 +110,22 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("store", help="inspect and maintain the artifact store")
     ssub = p.add_subparsers(dest="store_cmd", required=True, parser_class=Parser)
-    for name, text in [("ls", "list artifacts"), ("verify", "re-hash every blob; exit 1 on any mismatch")]:
-        _store_arg(ssub.add_parser(name, help=text))
-    sp = ssub.add_parser("show", help="show one artifact's record")
-    sp.add_argument("key", help="key or unique prefix")
+    _store_arg(ssub.add_parser("verify", help="re-hash every blob; exit 1 on any mismatch"))
+    sp = ssub.add_parser("ls", help="list artifacts with their labels (teacher, student, task, variant, seed)")
+    sp.add_argument("text", nargs="?", default=None, help="only artifacts whose kind, key, label or source paths "
+                    "hold this text")
+    sp.add_argument("--kind", default=None, help="only this kind (lora_init, adapter, scores, ...)")
+    _store_arg(sp)
+    sp = ssub.add_parser("show", help="show one artifact's record, and its lineage up to the sources and down to "
+                         "what was built from it")
+    sp.add_argument("key", help="key or digest (records cite their inputs by digest), or a unique prefix")
+    _store_arg(sp)
+    sp = ssub.add_parser("find", help="artifacts by what they are about, e.g. the LoRA init for a student from "
+                         "a teacher: find --teacher T --student S --kind lora_init")
+    for name in ("teacher", "student", "task", "variant"):
+        sp.add_argument(f"--{name}", default=None, help=f"the {name}: its path, or its folder's name")
+    sp.add_argument("--seed", default=None, help="the training seed")
+    sp.add_argument("--kind", default=None, help="only this kind (lora_init, adapter, scores, ...)")
     _store_arg(sp)
     sp = ssub.add_parser("gc", help="remove blobs that no record references")
     sp.add_argument("--dry-run", action="store_true")
@@ -136,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     quiet = _quiet_user_tracebacks()
     try:
+        if args.cmd in PREFECT_COMMANDS:
+            from .server import startup_timeout
+
+            startup_timeout()  # a bad value breaks Prefect's own settings at import: refuse it first
         return COMMANDS[args.cmd](args) or 0
     except KeyboardInterrupt:
         print(f"pkt {args.cmd}: interrupted", file=sys.stderr)
@@ -227,16 +243,44 @@ def transfer_config(args):
 
 
 # ---- commands ----------------------------------------------------------------------------------
+def _seed_list(value: str, flag: str) -> list[int]:
+    from .config import ConfigError
+
+    try:
+        seeds = [int(s) for s in value.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{flag} {value}: give distinct whole numbers separated by commas, e.g. {flag} 0,1")
+    return seeds
+
+
+def store_option(path: str | None) -> str | None:
+    """--store as the user meant it: a quoted ~ is their home; a path that is a file is refused
+    before any work starts (not after Prefect's server is up)."""
+    from pkt.artifacts.store import StoreError, default_root
+
+    if path is not None:
+        path = os.path.expanduser(path)
+    root = Path(path) if path is not None else default_root()
+    if root.exists() and not root.is_dir():
+        where = "--store" if path is not None else "PKT_STORE (or the default ./.pkt/store)"
+        raise StoreError(f"{where} {root}: is a file, not a directory; give the store's directory (it is created "
+                         "if missing)")
+    return path
+
+
 def cmd_demo(args) -> int:
     from .server import prefect_api
 
+    args.store = store_option(args.store)
     if args.study:
+        family_seeds = _seed_list(args.families, "--families")
         started = time.time()
         with prefect_api():
             from .study import study
 
-            out = study(store=args.store, report_dir=args.report_dir or "pkt-study",
-                        family_seeds=[int(s) for s in args.families.split(",")])
+            out = study(store=args.store, report_dir=args.report_dir or "pkt-study", family_seeds=family_seeds)
         _print_result(out)
         print(f"study wall time {time.time() - started:.0f} s")
         return 0
@@ -261,6 +305,7 @@ def cmd_extract(args) -> int:
     from .config import check_extract_inputs
     from .server import prefect_api
 
+    args.store = store_option(args.store)
     cfg = extract_config(args)
     check_extract_inputs(cfg)
     with prefect_api():
@@ -283,6 +328,7 @@ def cmd_transfer(args) -> int:
     from .config import check_sweep_inputs
     from .server import prefect_api
 
+    args.store = store_option(args.store)
     cfg = transfer_config(args)
     check_sweep_inputs(cfg)
     with prefect_api():
@@ -303,6 +349,7 @@ def cmd_sweep(args) -> int:
     cfg = load_config(args.config)
     if args.store:
         cfg = cfg.model_copy(update={"store": args.store})
+    cfg = cfg.model_copy(update={"store": store_option(cfg.store)})
     check_sweep_inputs(cfg)
     with prefect_api():
         from .sweep import sweep
@@ -344,7 +391,7 @@ def cmd_report(args) -> int:
     if not path.is_file():
         raise DataError(f"{path}: {'is a directory' if path.is_dir() else 'no such file'}; give the runs.csv a "
                         "sweep wrote (in its report directory)")
-    runs = report.read_csv(path)
+    runs = _read_runs(path)
     missing = {"student", "task", "benchmark", "metric", "variant", "seed", "value"} - set(runs.columns)
     if missing:
         raise DataError(f"{path}: missing columns {sorted(missing)}; give the runs.csv a sweep wrote")
@@ -362,6 +409,37 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _read_runs(path: Path):
+    """A runs.csv as a table, or one sentence naming the file (and line) that is not one: text that is
+    not UTF-8 CSV, or a value or seed cell that is empty or not a number (the statistics would pair
+    and count a missing value as if it were a run)."""
+    import pandas as pd
+
+    from pkt.core import report
+    from pkt.core.data import DataError
+
+    try:
+        runs = report.read_csv(path)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; give the runs.csv a sweep wrote") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not a readable CSV table ({first}); give the runs.csv a sweep wrote") from None
+    for col in ("value", "seed"):
+        if col not in runs:
+            continue
+        numbers = pd.to_numeric(runs[col], errors="coerce")
+        bad = numbers.isna() | (numbers.map(lambda x: not pd.isna(x) and x != round(x)) if col == "seed" else False)
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
+            cell = runs[col].iloc[i]
+            what = "is empty" if pd.isna(cell) else f"is {str(cell)[:30]!r}, not a {'whole ' if col == 'seed' else ''}number"
+            raise DataError(f"{path} line {i + 2}: {col} {what}; every run needs a numeric {col} (drop that row, "
+                            "or rerun its sweep)")
+        runs[col] = numbers.astype(int) if col == "seed" else numbers
+    return runs
+
+
 def cmd_export(args) -> int:
     from peft import PeftModel
 
@@ -370,14 +448,27 @@ def cmd_export(args) -> int:
 
     preflight.check_model_files(args.student)
     store = Store(args.store)
+    if not args.adapter.strip():
+        raise models.ModelNotFound("--adapter is empty; give an adapter key (`pkt store ls --kind adapter` lists "
+                                   "them) or an adapter folder")
     if Path(args.adapter).is_dir():
         folder = Path(args.adapter)
+        if not (folder / "adapter_config.json").is_file():
+            raise models.ModelNotFound(f"--adapter {folder}: no adapter_config.json there; give a peft adapter "
+                                       "folder or an adapter key from `pkt store ls --kind adapter`")
     else:
         rec = store.find(args.adapter)
         if rec is None or rec["kind"] != "adapter":
             raise models.ModelNotFound(f"no adapter with key {args.adapter!r} in {store.root}; see `pkt store ls`")
         folder = store.tree(Ref.of(rec))
-    model = PeftModel.from_pretrained(models.load_model(args.student), str(folder)).merge_and_unload()
+    try:
+        model = PeftModel.from_pretrained(models.load_model(args.student), str(folder)).merge_and_unload()
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        first = next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)
+        raise preflight.ShapeMismatch(f"--adapter {args.adapter} does not fit --student {args.student} ({first}); "
+                                      "give the student the adapter was trained for") from None
     model.save_pretrained(args.out, safe_serialization=True)
     models.load_tokenizer(args.student).save_pretrained(args.out)
     print(f"merged model written to {Path(args.out).resolve()}")
@@ -389,25 +480,106 @@ def cmd_store(args) -> int:
 
     store = Store(args.store)
     store.require_store()  # a typo in --store is an error, not an empty store
-    return {"ls": _store_ls, "show": _store_show, "verify": _store_verify, "gc": _store_gc}[args.store_cmd](store, args)
+    return {"ls": _store_ls, "show": _store_show, "verify": _store_verify, "gc": _store_gc,
+            "find": _store_find}[args.store_cmd](store, args)
+
+
+def _check_kind(store, kind: str | None) -> None:
+    from pkt.artifacts.store import StoreError
+
+    kinds = sorted({r["kind"] for r in store.records()})
+    if kind is not None and kind not in kinds:
+        raise StoreError(f"--kind {kind}: no artifact of that kind in {store.root}; kinds there: "
+                         f"{', '.join(kinds) or 'none'}")
+
+
+def _ls_line(r: dict) -> str:
+    from pkt.artifacts import catalog
+
+    if "broken_record" in r:
+        return f"{r['kind']:14s} {r['key']}  UNUSABLE: record {r['problem']}"
+    return f"{r['kind']:14s} {r['key']}  {catalog.label_of(r)}  {r.get('created', '?')}  {r.get('seconds', '?')}s"
 
 
 def _store_ls(store, args) -> int:
-    for r in store.records():
-        if "broken_record" in r:
-            print(f"{r['kind']:12s} {r['key']}  UNUSABLE: record {r['problem']}")
-        else:
-            print(f"{r['kind']:12s} {r['key']}  {r.get('created', '?')}  {r.get('seconds', '?')}s")
+    from pkt.artifacts import catalog
+
+    _check_kind(store, args.kind)
+    shown = [r for r in store.records() if (args.kind is None or r["kind"] == args.kind)
+             and (args.text is None or args.text.lower() in catalog.text_of(r).lower())]
+    for r in shown:
+        print(_ls_line(r))
+    if args.text is not None or args.kind is not None:
+        print(f"{len(shown)} artifacts match")
     return 0
 
 
+def _store_find(store, args) -> int:
+    from pkt.artifacts import catalog
+
+    wanted = {name: getattr(args, name) for name in catalog.FIELDS if getattr(args, name) is not None}
+    _check_kind(store, args.kind)
+    lineage = catalog.Lineage(store.records())
+    found = [r for r in lineage.records if (args.kind is None or r["kind"] == args.kind) and lineage.matches(r, wanted)]
+    for r in found:
+        print(_ls_line(r))
+    print(f"{len(found)} artifacts match" + (f"; `pkt store show KEY` prints one's record and lineage" if found else
+                                             "; `pkt store ls` lists every artifact with its label"))
+    return 0 if found else 1
+
+
+def _print_lineage(store, rec: dict) -> None:
+    from pkt.artifacts import catalog
+
+    lineage = catalog.Lineage(store.records())
+
+    def up(r: dict, depth: int, seen: set) -> None:
+        for name, digest, made in lineage.inputs(r):
+            pad = "  " * depth
+            if made is None:
+                where = (r.get("sources") or {}).get(name) if isinstance(r.get("sources"), dict) else None
+                print(f"{pad}{name}: source {where or '(path not recorded)'}  digest {digest[:12]}")
+            else:
+                print(f"{pad}{name}: {made['kind']} {made['key'][:12]}  {catalog.label_of(made)}")
+                if made["key"] not in seen:
+                    up(made, depth + 1, seen | {made["key"]})
+
+    def down(r: dict, depth: int, seen: set) -> None:
+        for reader in sorted(lineage.readers.get(r["digest"], []), key=lambda x: (x["kind"], catalog.label_of(x))):
+            print(f"{'  ' * depth}{reader['kind']} {reader['key'][:12]}  {catalog.label_of(reader)}")
+            if reader["key"] not in seen:
+                down(reader, depth + 1, seen | {reader["key"]})
+
+    print(f"label: {catalog.label_of(rec)}")
+    about = catalog.about_of(rec)
+    if about:
+        print("about: " + ", ".join(f"{k}={v}" for k, v in about.items()))
+    print("lineage up (what it was made from):")
+    up(rec, 1, {rec["key"]})
+    print("lineage down (what was made from it):")
+    down(rec, 1, {rec["key"]})
+
+
 def _store_show(store, args) -> int:
+    from pkt.artifacts.store import StoreError
+
+    hits = store.matching(args.key)
+    if not hits:
+        print(f"no artifact whose key or digest starts with {args.key!r} in {store.root}; `pkt store ls` lists "
+              "them", file=sys.stderr)
+        return 1
+    if len({(r["kind"], r["key"]) for r in hits}) > 1 and len({r["digest"] for r in hits}) > 1:
+        raise StoreError(f"{args.key!r} starts {len(hits)} artifacts' keys or digests; give more characters")
+    for rec in hits:  # one artifact, or several records of the very same bytes
+        code = _show_one(store, rec)
+        if code:
+            return code
+    return 0
+
+
+def _show_one(store, rec: dict) -> int:
     from pkt.artifacts.store import Ref, StoreError
 
-    rec = store.find(args.key)
-    if rec is None:
-        print(f"no artifact with key prefix {args.key!r} in {store.root}", file=sys.stderr)
-        return 1
     print(json.dumps(rec, indent=1))
     if "broken_record" in rec:
         return 1
@@ -420,6 +592,7 @@ def _store_show(store, args) -> int:
     if rec["layout"] == "safetensors":
         print("header:", json.dumps(store.header(ref), indent=1)[:2000])
     print(f"path: {store.path(ref)}")
+    _print_lineage(store, rec)
     return 0
 
 
@@ -469,6 +642,7 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+PREFECT_COMMANDS = ("demo", "extract", "transfer", "sweep", "ui", "deploy")
 COMMANDS = {"demo": cmd_demo, "report": cmd_report, "extract": cmd_extract, "transfer": cmd_transfer, "sweep": cmd_sweep,
             "export": cmd_export, "store": cmd_store, "ui": cmd_ui, "deploy": cmd_deploy}
 

@@ -63,7 +63,7 @@ SvdMethod = Literal[SVD_METHODS]  # type: ignore[valid-type]
 class TrainSpec(BaseModel):
     """TrainParams as a validated model: the fields, defaults and meaning of pkt.core.finetune.TrainParams."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     rank: int = Field(TrainParams.rank, ge=1)
     alpha: float = Field(TrainParams.alpha, gt=0)
     dropout: float = Field(TrainParams.dropout, ge=0, lt=1)
@@ -107,7 +107,7 @@ def _plain(x):
 
 
 class TaskSpec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     name: str
     dir: str = Field(description="directory with train.jsonl, seeds.jsonl, val.jsonl, test.jsonl")
     benchmark: str = Field("gsm", description="gsm | mmlu | sni, or any lm-eval task name")
@@ -158,7 +158,7 @@ class Endpoint(BaseModel):
 
 
 class SweepConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     name: str | None = Field(None, description="names this sweep's artifacts in the UI (default: a config digest)")
     teacher: str
     students: list[str] = Field(min_length=1)
@@ -294,7 +294,7 @@ def _check_endpoint(e: Endpoint, cfg: SweepConfig) -> None:
 class ExtractConfig(BaseModel):
     """The options of `pkt extract` (and of the extract-teacher flow)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     teacher: str
     seeds: str
     students: list[str] = Field(min_length=1)
@@ -317,7 +317,7 @@ def _check_runner(runner: str, workers: int) -> None:
 
 
 class DemoConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     size: Literal["demo", "test"] = "demo"
     seeds: int = Field(3, ge=1, description="training seeds per variant")
     report_dir: str = "pkt-report"
@@ -367,6 +367,7 @@ MESSAGES = {  # pydantic error type -> what to give instead
     "too_short": "give at least {min_length} item", "int_parsing": "must be a whole number",
     "int_from_float": "must be a whole number", "float_parsing": "must be a number",
     "literal_error": "choose one of {expected}", "missing": "is required",
+    "finite_number": "must be a finite number",
 }
 
 

@@ -33,7 +33,10 @@ SMOKE_CAVEAT = ("This is a smoke-size run (one small family, one task, one learn
 def family_node(graph: Graph, size: str, seed: int | None = None) -> dict:
     """The family's ref (built, or reused from the store); another seed is an independent family."""
     spec = nodes.Family(size=size, recipe=family.recipe_params(size, seed))
-    return graph.submit(spec, {}, f"size={size}" + ("" if seed is None else f", seed={seed}")).result()
+    future = graph.submit(spec, {}, f"size={size}" + ("" if seed is None else f", seed={seed}"))
+    ref = future.result()
+    graph.provides(graph.store.tree(Ref.of(ref)), future)  # its models and task files link to it in the graph
+    return ref
 
 
 def family_stats(store: Store, ref: dict) -> dict:

@@ -6,6 +6,7 @@ this flow already submitted (one teacher chain feeds many runs) is answered with
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Store
-from pkt.tasks.node import Node, run_node
+from pkt.tasks.node import Node, node_task
 from pkt.tasks.nodes import source
 
 RUNNERS = ("threads", "processes", "dask")
@@ -49,6 +50,14 @@ def torch_threads_per_worker(kind: str, workers: int) -> int | None:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+@functools.lru_cache(maxsize=None)
+def source_task(kind: str):
+    """The source task under the source kind's own task name (model, file, dir)."""
+    kind_task = source.with_options(name=kind)
+    kind_task.task_key = f"pkt-source-{kind}"
+    return kind_task
+
+
 def source_name(path: str) -> str:
     """A short, telling name for a file or model: 'gsm/seeds.jsonl', 'teacher'."""
     p = Path(path)
@@ -65,6 +74,16 @@ class Graph:
     sources: dict[str, PrefectFuture] = field(default_factory=dict)
     _identity_of: dict[int, str] = field(default_factory=dict)  # id(future) -> node or source identity
     _labels: set[str] = field(default_factory=set)
+    origins: dict[Path, PrefectFuture] = field(default_factory=dict)  # folder -> the node that made it
+
+    def provides(self, folder: str | Path, future: PrefectFuture) -> None:
+        """Sources read from inside folder (a family's teacher, student and task files) were taken
+        from the node of `future`: the graph draws that edge."""
+        self.origins[Path(folder).resolve()] = future
+
+    def _origin(self, path: str) -> list[PrefectFuture]:
+        p = Path(path).resolve()
+        return [f for folder, f in self.origins.items() if p == folder or folder in p.parents]
 
     def source(self, kind: str, path: str, names: list[str] | None = None) -> PrefectFuture:
         """The future of an input that is not a node: a model ("model"), a data file ("file") or the
@@ -72,9 +91,9 @@ class Graph:
         identity = canonical_json({"source": kind, "path": str(path), "names": names})
         if identity not in self.sources:
             label = f"{kind}[{source_name(path)}" + (f": {', '.join(names)}]" if names else "]")
-            future = self.runner.submit(source, parameters={
+            future = self.runner.submit(source_task(kind), parameters={
                 "kind": kind, "path": str(path), "store_root": str(self.store.root), "label": self._unique(label),
-                "names": names})
+                "names": names}, wait_for=self._origin(path) or None)
             self.sources[identity] = future
             self._identity_of[id(future)] = identity
         return self.sources[identity]
@@ -83,7 +102,7 @@ class Graph:
         """The future of spec's ref, submitting it once per (spec, upstream nodes/sources)."""
         identity = canonical_json({"spec": spec.identity(), "inputs": self._input_identity(inputs)})
         if identity not in self.futures:
-            future = self.runner.submit(run_node, parameters={
+            future = self.runner.submit(node_task(spec.KIND), parameters={
                 "spec": spec, "inputs": inputs, "store_root": str(self.store.root),
                 "label": self._unique(f"{spec.KIND}[{label}]"), "torch_threads": self.torch_threads})
             self.futures[identity], self.kinds[identity] = future, spec.KIND

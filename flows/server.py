@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -40,13 +41,13 @@ def startup_timeout() -> float:
     if raw is None:
         return DEFAULT_STARTUP_TIMEOUT
     try:
-        value = float(raw)
+        value = int(raw.strip())  # Prefect's own setting is a whole number: anything else breaks its import
     except ValueError:
-        value = -1.0
+        value = -1
     if not value > 0:
-        raise PrefectUnavailable(f"{TIMEOUT_VAR}={raw!r} is not a positive number of seconds; "
+        raise PrefectUnavailable(f"{TIMEOUT_VAR}={raw!r} is not a positive number of seconds (a whole number); "
                                  f"set it to e.g. {DEFAULT_STARTUP_TIMEOUT:.0f} or unset it")
-    return value
+    return float(value)
 
 
 def configured_api_url() -> str | None:
@@ -113,6 +114,7 @@ class TemporaryServer:
         self.port: int | None = None
         home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
         (home / "logs").mkdir(parents=True, exist_ok=True)
+        self.setup_lock = home / "pkt-server-setup.lock"
         fd, log = tempfile.mkstemp(prefix="pkt-server-", suffix=".log", dir=home / "logs")
         os.close(fd)
         self.log = Path(log)
@@ -125,6 +127,17 @@ class TemporaryServer:
         return [sys.executable, "-m", "pkt.flows.server", "--parent", str(os.getpid()), "--port-file", str(port_file)]
 
     def start(self, timeout: float) -> None:
+        """Start the server and wait until it answers. Servers of one PREFECT_HOME start one at a time:
+        each creates or migrates Prefect's database on start-up, and two at once on a fresh home
+        fail ("table block_type already exists"); the lock is released once the server answers."""
+        fd = os.open(self.setup_lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._start(timeout)
+        finally:
+            os.close(fd)
+
+    def _start(self, timeout: float) -> None:
         import httpx
 
         port_file = self.log.with_suffix(".port")
@@ -137,8 +150,8 @@ class TemporaryServer:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise PrefectUnavailable(f"Prefect's temporary API server exited with code "
-                                             f"{self.process.returncode} while starting (its log: {self.log}); "
-                                             f"{UI_HINT}")
+                                             f"{self.process.returncode} while starting; its log {self.log} says "
+                                             f"why (its last line: {_last_line(self.log)!r})")
                 if self.port is None and port_file.exists():
                     self.port = int(port_file.read_text())
                 if self.port is not None:
@@ -166,6 +179,14 @@ class TemporaryServer:
         self.process = None
         if not keep_log:
             self.log.unlink(missing_ok=True)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""
 
 
 # ---- the server process ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ every upstream ref is passed in as a future.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from prefect.client.schemas.objects import StateDetails
 from prefect.logging import get_logger
 from prefect.states import Completed
 
+from pkt.artifacts import catalog
 from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Ref, Store
 
@@ -138,7 +140,7 @@ def log(msg: str) -> None:
     _logger().info(msg)
 
 
-def build(spec: Node, inputs: dict, store: Store) -> NodeRef:
+def build(spec: Node, inputs: dict, store: Store, label: str = "") -> NodeRef:
     """The node's ref as {kind, key, digest, status}: 'reused' when the store holds it, else
     'computed'. A node being computed elsewhere (another branch, another process) is waited for
     under the store's lock, never computed twice. Plain Python: no Prefect run needed."""
@@ -149,7 +151,7 @@ def build(spec: Node, inputs: dict, store: Store) -> NodeRef:
         with store.lock(spec.KIND, key):
             hit = _lookup(store, spec.KIND, key)  # computed by someone else while we waited
             if hit is None:
-                return opaque({**_compute(store, spec, key, inputs).as_dict(), "status": "computed"})
+                return opaque({**_compute(store, spec, key, inputs, label).as_dict(), "status": "computed"})
     return opaque({**hit.as_dict(), "status": "reused"})
 
 
@@ -158,7 +160,7 @@ def run_node(spec: Node, inputs: dict, store_root: str, label: str, torch_thread
     """build() as a Prefect task: a node the store holds finishes in a state named Cached."""
     if torch_threads and torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)  # N workers on N cores: no oversubscription
-    ref = build(spec, inputs, Store(store_root))
+    ref = build(spec, inputs, Store(store_root), label)
     if ref["status"] == "computed":
         return ref
     # the artifact key shows as the state's cache key; Prefect itself looks nothing up by it
@@ -166,9 +168,20 @@ def run_node(spec: Node, inputs: dict, store_root: str, label: str, torch_thread
                      state_details=StateDetails(cache_key=f"pkt-{spec.KIND}-{ref['key']}"))
 
 
-def _compute(store: Store, spec: Node, key: str, inputs: dict) -> Ref:
+@functools.lru_cache(maxsize=None)
+def node_task(kind: str):
+    """run_node under the kind's own task name and key, so the UI's task filter tells kinds apart."""
+    kind_task = run_node.with_options(name=kind)
+    kind_task.task_key = f"pkt-{kind}"
+    return kind_task
+
+
+def _compute(store: Store, spec: Node, key: str, inputs: dict, label: str = "") -> Ref:
     t0 = time.time()
-    record = {"params": spec.params(), "inputs": digests(inputs), "execution": spec.execution()}
+    upstream = [store.record(r["kind"], r["key"]) or {} for ref in inputs.values()
+                for r in (ref if isinstance(ref, list) else [ref]) if r["kind"] not in catalog.SOURCE_KINDS]
+    record = {"params": spec.params(), "inputs": digests(inputs), "execution": spec.execution(),
+              "description": catalog.describe(label or f"{spec.KIND}[]", spec.params(), inputs, upstream)}
     with store.scratch_dir() as out:
         result = spec.compute(store, inputs, out)
         seconds = time.time() - t0

@@ -5,19 +5,21 @@ import shutil
 import pandas as pd
 
 from pkt.flows.demo import ALL_VARIANTS, demo
-from prefect_api import task_graph
+from prefect_api import task_graph, task_names
 
 
 def check_edges(graph: dict) -> None:
-    """Exactly the true dependencies, no more: teacher -> sensitivity -> plan -> extraction -> init ->
-    adapter -> scores -> report, each node with the models and data it read."""
+    """Exactly the true dependencies, no more: family -> the models and data taken from it; teacher ->
+    sensitivity -> plan -> extraction -> init -> adapter -> scores -> report, each node with the
+    models and data it read."""
     kind = lambda name: name.split("[")[0]
     for name, (_, ups) in graph.items():
         teacher = "random_model" if "untrained" in name else "model"
         expected = {"sensitivity": [teacher, "file"], "layer_plan": ["sensitivity"],
                     "extraction": [teacher, "sensitivity", "layer_plan"], "lora_init": ["extraction"],
                     "random_model": ["model"], "adapter": ["model", "file"], "scores": ["model", "dir"],
-                    "report": ["scores"] * sum(kind(n) == "scores" for n in graph)}.get(kind(name), [])
+                    "report": ["scores"] * sum(kind(n) == "scores" for n in graph),
+                    "model": ["family"], "file": ["family"], "dir": ["family"], "family": []}[kind(name)]
         if kind(name) == "adapter" and not any(f", {v}, " in name for v in ("lora", "pissa")):
             expected = expected + ["lora_init"]
         if kind(name) == "scores" and ", vanilla, " not in name:
@@ -29,6 +31,18 @@ def check_edges(graph: dict) -> None:
         assert {"model[student]", "file[gsm/train.jsonl]"} <= set(graph[name][1]), name
     (_, (_, ups)), = [(n, v) for n, v in graph.items() if kind(n) == "report"]
     assert sorted(ups) == sorted(n for n in graph if kind(n) == "scores")
+    (family, _), = [(n, v) for n, v in graph.items() if kind(n) == "family"]
+    assert {n for n, (_, ups) in graph.items() if family in ups} == {
+        n for n in graph if kind(n) in ("model", "file", "dir")}  # every model and task file came from it
+
+
+def check_task_names(state) -> None:
+    """Each node kind (and source kind) is its own Prefect task: the UI's task filter finds one kind."""
+    names = task_names(state)
+    assert {run.split("[")[0] for run in names} == set(names.values()) >= {
+        "family", "model", "file", "dir", "sensitivity", "layer_plan", "extraction", "lora_init", "adapter",
+        "scores", "report", "random_model"}
+    assert all(run.split("[")[0] == task for run, task in names.items())
 
 
 def test_demo_end_to_end_then_fully_reused(prefect_env, tmp_path):
@@ -49,6 +63,7 @@ def test_demo_end_to_end_then_fully_reused(prefect_env, tmp_path):
     assert "transfer" in text and "lora" in text
     graph = task_graph(state)
     check_edges(graph)
+    check_task_names(state)
     assert {s for n, (s, _) in graph.items() if not n.startswith(("model[", "file[", "dir["))} == {"Completed"}
 
     drawn = {f.name: f.read_bytes() for f in report_dir.iterdir()}

@@ -154,26 +154,11 @@ def train_adapter(student, samples: list[dict[str, torch.Tensor]], params: Train
 
     Inits that moved the base weights (pissa, extracted) are folded back in: the result is a
     rank-2r adapter equal to (trained - init), for the student as it was loaded."""
-    import json
-    from pathlib import Path
-
-    from peft import get_peft_model, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
 
     from . import lora_init
 
-    if init == "extracted":
-        model = lora_init.trainable_from_init(student, init_dir)
-        cfg = json.loads((Path(init_dir) / "adapter_config.json").read_text())
-        rank, alpha = cfg["r"], cfg["lora_alpha"]
-    elif init in ("lora", "pissa"):
-        modules = [m for m in params.modules if init != "pissa" or m != "embed"]  # no PiSSA for embeddings
-        cfg = lora_init.lora_config(modules, params.rank, params.alpha, params.dropout)
-        cfg.init_lora_weights = True if init == "lora" else "pissa"
-        torch.manual_seed(params.seed)  # peft draws lora_A here: from the run's seed, not the process's history
-        model = get_peft_model(student, cfg)
-        rank, alpha = params.rank, params.alpha
-    else:
-        raise ValueError(f"unknown init {init!r}; choose lora, pissa or extracted")
+    model, rank, alpha = peft_model(student, params, init, init_dir)
     init_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
     size = lora_init.init_size(model)  # at step 0, from peft's applied deltas
     log = finetune(model, samples, params, pad_id, progress=progress)
@@ -181,3 +166,26 @@ def train_adapter(student, samples: list[dict[str, torch.Tensor]], params: Train
     if init == "lora":
         return TrainedAdapter(trained, rank, alpha, log, size)
     return TrainedAdapter(lora_init.fold_init(trained, init_state), 2 * rank, 2 * alpha, log, size)
+
+
+def peft_model(student, params: TrainParams, init: str = "lora", init_dir=None):
+    """(model, rank, alpha): the student wrapped with its LoRA init, exactly as training starts from it
+    (modifies student in place). One place, so the transferability diagnostic sees the init training sees."""
+    import json
+    from pathlib import Path
+
+    from peft import get_peft_model
+
+    from . import lora_init
+
+    if init == "extracted":
+        model = lora_init.trainable_from_init(student, init_dir)
+        cfg = json.loads((Path(init_dir) / "adapter_config.json").read_text())
+        return model, cfg["r"], cfg["lora_alpha"]
+    if init in ("lora", "pissa"):
+        modules = [m for m in params.modules if init != "pissa" or m != "embed"]  # no PiSSA for embeddings
+        cfg = lora_init.lora_config(modules, params.rank, params.alpha, params.dropout)
+        cfg.init_lora_weights = True if init == "lora" else "pissa"
+        torch.manual_seed(params.seed)  # peft draws lora_A here: from the run's seed, not the process's history
+        return get_peft_model(student, cfg), params.rank, params.alpha
+    raise ValueError(f"unknown init {init!r}; choose lora, pissa or extracted")

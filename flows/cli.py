@@ -16,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from pkt.core import stop
+from pkt.core.stop import Stopped
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if getattr(args, "allow_bin", False):
         os.environ["PKT_ALLOW_BIN"] = "1"
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    stop.clear()  # a stop asked of an earlier command in this process is not asked of this one
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     quiet = _quiet_user_tracebacks()
     try:
         if args.cmd in PREFECT_COMMANDS:
@@ -153,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:
 
             startup_timeout()  # a bad value breaks Prefect's own settings at import: refuse it first
         return COMMANDS[args.cmd](args) or 0
-    except KeyboardInterrupt:
-        print(f"pkt {args.cmd}: interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, Stopped):
+        print(f"pkt {args.cmd}: interrupted; nothing half-done was stored, a rerun resumes", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"pkt {args.cmd}: stopped (SIGTERM)", file=sys.stderr)
+        print(f"pkt {args.cmd}: stopped (SIGTERM); nothing half-done was stored, a rerun resumes", file=sys.stderr)
         return 128 + signal.SIGTERM
     except Exception as e:
         from pkt.core.errors import UserError
@@ -168,11 +172,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         quiet()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+def _on_signal(signum, frame):
+    """Ctrl-C or SIGTERM: ask every running node to stop (they run in worker threads, where no
+    KeyboardInterrupt arrives, and check the flag in their loops), then unwind the main thread so
+    that the flow ends and the temporary Prefect server stops."""
+    stop.request(f"stopped by {signal.Signals(signum).name}")
+    if signum == signal.SIGTERM:
+        raise Terminated()
+    raise KeyboardInterrupt
 
 
 class _NoUserTracebacks(logging.Filter):

@@ -16,20 +16,50 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Store
+from pkt.core import stop
 from pkt.tasks.node import Node, node_task
 from pkt.tasks.nodes import source
 
 RUNNERS = ("threads", "processes", "dask")
 
 
+class _StopsOnSignal:
+    """A runner whose exit on Ctrl-C or SIGTERM (KeyboardInterrupt, or the TerminationSignal that
+    Prefect's own SIGTERM handler raises in the flow) first stops the nodes still running: the
+    runner's exit waits for them, and in a worker thread no signal ever arrives."""
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            stop.request(f"stopped ({exc_type.__name__})")
+            self._stop_workers()
+        return super().__exit__(exc_type, exc, tb)
+
+    def _stop_workers(self) -> None:
+        """Threads see the stop flag; nothing else to do."""
+
+
+class StoppableThreads(_StopsOnSignal, ThreadPoolTaskRunner):
+    pass
+
+
+class StoppableProcesses(_StopsOnSignal, ProcessPoolTaskRunner):
+    def _stop_workers(self) -> None:
+        """Pool processes never see this process's flag (nor a signal sent to it alone): end them. A
+        node killed mid-write leaves only its temp area, which gc reaps; its lock dies with it."""
+        executor = getattr(self, "_executor", None)
+        for process in list(getattr(executor, "_processes", {}).values()):  # concurrent.futures' own table
+            process.terminate()
+
+
 def task_runner(kind: str = "threads", workers: int = 1, address: str | None = None) -> TaskRunner:
     """threads: in this process (one worker keeps torch's global RNG to one branch at a time, so
     results are reproducible bit for bit); processes: a local process pool; dask: prefect-dask's
-    DaskTaskRunner on the scheduler at `address`, or on a LocalCluster of `workers` processes."""
+    DaskTaskRunner on the scheduler at `address`, or on a LocalCluster of `workers` processes (its
+    exit closes the cluster, which ends the worker processes and the nodes they run)."""
     if kind == "threads":
-        return ThreadPoolTaskRunner(max_workers=workers)
+        return StoppableThreads(max_workers=workers)
     if kind == "processes":
-        return ProcessPoolTaskRunner(max_workers=workers)
+        return StoppableProcesses(max_workers=workers)
     if kind == "dask":
         try:
             from prefect_dask import DaskTaskRunner

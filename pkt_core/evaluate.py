@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from . import stop
+
 TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
 BENCHMARKS = {  # pkt name -> lm-eval task, the per-example metric to keep, and its summary name
     "gsm": ("pkt_gsm", "exact_match", "strict-match"),
@@ -74,10 +76,11 @@ def evaluate(model, tokenizer, benchmark: str, data_dir: str | Path | None = Non
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     ours = benchmark in BENCHMARKS
     task = task_config(benchmark, data_dir, split, num_fewshot) if ours else benchmark
-    out = simple_evaluate(model=lm, tasks=[task], num_fewshot=None if ours else num_fewshot,
-                          task_manager=_task_manager(include_defaults=not ours),
-                          limit=limit, log_samples=True, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
-                          torch_random_seed=0, fewshot_random_seed=0)
+    with stop.on_every_forward(model):  # lm-eval's batch loops are not ours: stop at its next model call
+        out = simple_evaluate(model=lm, tasks=[task], num_fewshot=None if ours else num_fewshot,
+                              task_manager=_task_manager(include_defaults=not ours),
+                              limit=limit, log_samples=True, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
+                              torch_random_seed=0, fewshot_random_seed=0)
     name = next(iter(out["results"]))
     kept_filter = BENCHMARKS[benchmark][2] if ours else None
     return _collect(benchmark, out["results"][name], out["samples"][name], kept_filter)
@@ -126,7 +129,8 @@ def instruction_win_rate(model, tokenizer, data_dir, judge: str | Path | None, *
     gen = evaluate(model, tokenizer, "sni", data_dir, split=split, limit=limit, batch_size=batch_size)
     questions = [next(m["content"] for m in d["messages"] if m["role"] == "user") for d in gen.docs]
     references = [d["messages"][-1]["content"] for d in gen.docs]
-    wins = judging.win_rates(load_model(judge), load_tokenizer(judge), questions, list(gen.outputs), references)
+    with stop.on_every_forward(load_model(judge)) as judge_model:
+        wins = judging.win_rates(judge_model, load_tokenizer(judge), questions, list(gen.outputs), references)
     return EvalResult({"winrate": float(wins.mean())}, {"winrate": wins, "doc_id": gen.per_example["doc_id"]},
                       gen.outputs, gen.docs)
 

@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Iterable, Iterator, TypeVar
 
+from . import stop
+
 T = TypeVar("T")
 EVERY = 30.0  # seconds between progress lines off a terminal
 
@@ -35,6 +37,7 @@ class Progress:
             self.bar = tqdm(total=total, desc=desc, unit=unit)
 
     def update(self, n: int = 1) -> None:
+        stop.check()  # every long loop reports progress: there it also honours Ctrl-C and SIGTERM
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
@@ -72,6 +75,7 @@ def track(items: Iterable[T], desc: str, unit: str = "it", total: int | None = N
     p = Progress(total, desc, unit, enabled, every)
     try:
         for item in items:
+            stop.check()  # before each step too: a stop during the first one needs no second
             yield item
             p.update()
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import stop
 from ..data import format_prompt
 from ..progress import Progress
 from . import tasks
@@ -101,7 +102,7 @@ def exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int = 24, ba
         chunk = rows[i:i + batch]
         prompts = [format_prompt(r["messages"]) for r in chunk]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
+        with torch.no_grad(), stop.on_every_forward(model):  # generation's token loop is transformers'
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,51 @@
+"""A stop request that long loops honour.
+
+Nodes run in worker threads (Prefect's task runner), where Ctrl-C's KeyboardInterrupt never
+arrives: it is raised in the main thread only, which then waits for the workers to finish. So the
+pkt CLI's signal handler calls `request()`, and every long loop (sensitivity samples, extraction
+pieces, SVDs, training and pretraining steps, evaluation batches: through pkt_core.progress and a
+model forward hook) calls `check()`, which raises `Stopped` within one step. A stopped node
+records nothing; the next run computes it again.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+_REQUESTED = threading.Event()
+_REASON = ["stop requested"]
+
+
+class Stopped(BaseException):
+    """Raised in a long loop once a stop was requested. A BaseException, like KeyboardInterrupt, so
+    that no library's `except Exception` swallows it and carries on."""
+
+
+def request(reason: str = "stop requested") -> None:
+    _REASON[0] = reason
+    _REQUESTED.set()
+
+
+def requested() -> bool:
+    return _REQUESTED.is_set()
+
+
+def clear() -> None:
+    _REQUESTED.clear()
+
+
+def check() -> None:
+    """Raise Stopped if a stop was requested (cheap: call it once per step)."""
+    if _REQUESTED.is_set():
+        raise Stopped(_REASON[0])
+
+
+@contextlib.contextmanager
+def on_every_forward(model):
+    """Check for a stop before each forward call of model: the hook for loops pkt does not own
+    (lm-eval's batches, generate's tokens)."""
+    handle = model.register_forward_pre_hook(lambda module, args: check())
+    try:
+        yield model
+    finally:
+        handle.remove()

@@ -374,10 +374,12 @@ def _print_result(out: dict) -> None:
     import pandas as pd
 
     table = pd.DataFrame(out["table"])
-    views = [["task", "metric", "variant", "mean", "std", "n", "top_sv", "top_sv_ratio", "diff", "ci_low", "ci_high",
-              "p_perm", "verdict"],
-             ["task", "metric", "variant", "transfer_diff", "transfer_ci_low", "transfer_ci_high", "transfer_p_perm",
-              "transfer_verdict"]]
+    if "student" in table:
+        table["student"] = table["student"].map(lambda s: Path(str(s)).name)
+    views = [["student", "task", "metric", "variant", "mean", "std", "n", "top_sv", "top_sv_ratio", "diff", "ci_low",
+              "ci_high", "p_t", "p_adj", "verdict"],
+             ["student", "task", "metric", "variant", "transfer_diff", "transfer_ci_low", "transfer_ci_high",
+              "transfer_p_t", "transfer_p_adj", "transfer_verdict"]]
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 70,
                            "display.float_format", "{:.4f}".format):
         for cols in views:  # variant - lora, then transfer - variant

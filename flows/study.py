@@ -22,6 +22,7 @@ study_plan() counts it before any work. Every constant is a flow parameter, so t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 from prefect import flow
@@ -76,16 +77,17 @@ def study_endpoint(tasks: list[dict]) -> dict:
 
 def study_config(family_root: str, seeds: list[int], store: str | None, report_dir: str,
                  selection_seeds: list[int] = SELECTION_SEEDS, lrs: list[float] = STUDY_LRS,
-                 scales: list[float] = STUDY_SCALES, alphas: list[float] = STUDY_ALPHAS) -> dict:
+                 scales: list[float] = STUDY_SCALES, alphas: list[float] = STUDY_ALPHAS,
+                 variants: list[str] = ALL_VARIANTS, train: dict | None = None) -> dict:
     """The sweep of one family: its study tasks, every variant, equal grids, selection on val by the
     answer NLL with the selection seeds, test on fresh seeds, the declared endpoint."""
     root = Path(family_root)
     tasks = study_tasks(family_root)
-    own_axis = {v: {"alpha": list(alphas)} for v in ALL_VARIANTS if VARIANTS[v].trains and not VARIANTS[v].extracted}
+    own_axis = {v: {"alpha": list(alphas)} for v in variants if VARIANTS[v].trains and not VARIANTS[v].extracted}
     return {"teacher": str(root / "teacher"), "students": [str(root / "student")], "tasks": tasks,
-            "variants": ALL_VARIANTS, "seeds": list(seeds), "selection_seeds": list(selection_seeds),
+            "variants": list(variants), "seeds": list(seeds), "selection_seeds": list(selection_seeds),
             "early_teacher": str(root / "teacher-early"), "cross_task_seeds": str(root / "tasks" / "sni" / "seeds.jsonl"),
-            "train": STUDY_TRAIN, "train_grid": {"lr": list(lrs), "init_scale": list(scales)},
+            "train": {**STUDY_TRAIN, **(train or {})}, "train_grid": {"lr": list(lrs), "init_scale": list(scales)},
             "variant_grid": own_axis, "select_on": "answer_nll", "benchmarks": ["answer_nll"],
             "endpoint": study_endpoint(tasks), "max_length": 96, "report_dir": report_dir,
             **({"store": store} if store else {})}
@@ -116,19 +118,20 @@ def scale_caveat(families: dict[str, dict]) -> str:
 def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds: list[int] = FAMILY_SEEDS,
           seeds: list[int] = STUDY_SEEDS, selection_seeds: list[int] = SELECTION_SEEDS, lrs: list[float] = STUDY_LRS,
           scales: list[float] = STUDY_SCALES, alphas: list[float] = STUDY_ALPHAS, family_size: str = FAMILY_SIZE,
-          workers: int = 2) -> dict:
+          variants: list[str] = ALL_VARIANTS, train: dict | None = None,
+          runner: Literal["threads", "processes", "dask"] = "processes", workers: int = 2) -> dict:
     """One sweep per family (each with its report under report_dir/family-<seed>), then one report
-    over all of them with families as the units. Runs on a local process pool."""
+    over all of them with families as the units. Runs on a local process pool by default."""
     st = Store(store)
     runs, extra, families, cfg = [], {"curves": [], "selection": [], "items": []}, {}, None
-    with task_runner("processes", workers) as runner:
-        graph = Graph(st, runner, torch_threads_per_worker("processes", workers))
+    with task_runner(runner, workers) as task_runner_:
+        graph = Graph(st, task_runner_, torch_threads_per_worker(runner, workers))
         for fseed in family_seeds:
             fam = family_node(graph, family_size, fseed)
             name = f"family-{fseed}"
             families[name] = family_stats(st, fam)
             cfg = parse_config(study_config(str(st.tree(Ref.of(fam))), seeds, store, str(Path(report_dir) / name),
-                                            selection_seeds, lrs, scales, alphas))
+                                            selection_seeds, lrs, scales, alphas, variants, train))
             if cfg.endpoint.tasks != [KNOWLEDGE_TASK]:
                 print(f"{name} has no {KNOWLEDGE_TASK} task: the endpoint is read on {cfg.endpoint.tasks}")
             if fseed == family_seeds[0]:

@@ -244,26 +244,29 @@ def test_no_prefect_result_file_is_written_or_read(prefect_env, mini_family, tmp
     assert not marker.exists()
 
 
-@pytest.mark.slow  # about 4 min on 2 shared cores: a grid sweep of 8 variants x 2 seeds
+@pytest.mark.slow  # about 4 min on 2 shared cores: a grid sweep of 8 variants x (2 selection + 2 test seeds)
 def test_controls_are_drawn_per_training_seed_and_settings_chosen_on_val(prefect_env, mini_family, tmp_path):
     """Each control's random draw comes from the training seed (recorded in its node), so seeds draw
-    differently; vanilla is one run (n=1); a grid picks each variant's setting on val and scores only
-    that on test, plus the size controls at transfer's setting; the report has training curves."""
+    differently; vanilla is one run (n=1); a grid (of equal size for every variant) is trained on the
+    selection seeds and scored on val, and each variant's chosen setting is trained on fresh test
+    seeds and scored on test; the report has training curves."""
     from pkt.artifacts.store import Store
     from pkt.core import report
 
     controls = ["spectrum-matched", "shuffled", "random-submatrix", "random-layers", "untrained-teacher"]
     config = {"teacher": str(mini_family / "teacher"), "students": [str(mini_family / "student")],
               "tasks": [{"name": "gsm", "dir": str(mini_family / "tasks/gsm"), "benchmark": "gsm"}],
-              "variants": ["vanilla", "lora", "transfer", *controls], "seeds": [0, 1], "benchmarks": [],
-              "eval_limit": 4, "train_grid": {"lr": [1e-2, 1e-3], "init_scale": [1.0, 2.0]}, "select_on": "answer_nll",
+              "variants": ["vanilla", "lora", "transfer", *controls], "seeds": [0, 1], "selection_seeds": [10, 11],
+              "benchmarks": [], "eval_limit": 4, "train_grid": {"lr": [1e-2, 1e-3], "init_scale": [1.0, 2.0]},
+              "variant_grid": {"lora": {"alpha": [2.0, 8.0]}}, "select_on": "answer_nll",
               "train": {"rank": 2, "alpha": 4.0, "epochs": 1, "batch_size": 8, "micro_batch": 8, "n_train": 8},
               "store": str(tmp_path / "store"), "report_dir": str(tmp_path / "report")}
     out = sweep(config)
     store = Store(tmp_path / "store")
-    adapters = [store.record("adapter", key) for kind, key, _ in out["nodes"] if kind == "adapter"]
+    adapters = {store.record("adapter", key)["digest"]: store.record("adapter", key)
+                for kind, key, _ in out["nodes"] if kind == "adapter"}
     inits = {}
-    for a in adapters:
+    for a in adapters.values():
         if "init" in a["inputs"]:
             tp = a["params"]["train"]
             inits.setdefault(a["params"]["variant"], {}).setdefault(tp["seed"], set()).add(a["inputs"]["init"])
@@ -272,19 +275,26 @@ def test_controls_are_drawn_per_training_seed_and_settings_chosen_on_val(prefect
         assert by_seed[0].isdisjoint(by_seed[1]), variant  # other seed, other draw
     drawn = {kind: [store.record(kind, key)["params"] for k, key, _ in out["nodes"] if k == kind]
              for kind in ("random_model", "lora_init", "layer_plan", "extraction")}
-    assert sorted(p["seed"] for p in drawn["random_model"]) == [0, 1]
-    assert {p["transform_seed"] for p in drawn["lora_init"] if p["transform"] != "none"} == {0, 1}
-    assert {p["seed"] for p in drawn["layer_plan"] if p["selector"] == "random"} == {0, 1}
-    assert {p["seed"] for p in drawn["extraction"] if p["reducer"] == "random"} == {0, 1}
+    assert sorted(p["seed"] for p in drawn["random_model"]) == [0, 1, 10, 11]
+    assert {p["transform_seed"] for p in drawn["lora_init"] if p["transform"] != "none"} == {0, 1, 10, 11}
+    assert {p["seed"] for p in drawn["layer_plan"] if p["selector"] == "random"} == {0, 1, 10, 11}
+    assert {p["seed"] for p in drawn["extraction"] if p["reducer"] == "random"} == {0, 1, 10, 11}
+
+    # selection apart from test: what was scored on val was trained on the selection seeds only
+    split_seeds = {"val": set(), "test": set()}
+    for kind, key, _ in out["nodes"]:
+        rec = store.record(kind, key) if kind == "scores" else None
+        if rec and "adapter" in rec["inputs"]:
+            split_seeds[rec["params"]["split"]].add(adapters[rec["inputs"]["adapter"]]["params"]["train"]["seed"])
+    assert split_seeds == {"val": {10, 11}, "test": {0, 1}}
 
     table = pd.DataFrame(out["table"])
     assert table.loc[table["variant"] == "vanilla", "n"].eq(1).all()
     runs = report.read_csv(out["report"]["runs"])
-    for variant, g in runs[~runs["variant"].str.contains("@")].groupby("variant"):
+    assert not runs["variant"].str.contains("@").any()  # no X@transfer-setting rows
+    for variant, g in runs.groupby("variant"):
         assert g["setting"].nunique() == 1, variant  # one chosen setting per variant on test
-    transfer_setting = runs.loc[runs["variant"] == "transfer", "setting"].iloc[0]
-    for name in runs["variant"].unique():
-        if name.endswith(report.AT_SUBJECT):
-            assert set(runs.loc[runs["variant"] == name, "setting"]) == {transfer_setting}
+    selection = report.read_csv(out["report"]["selection"])
+    assert selection.groupby("variant")["setting"].nunique().eq(4).all()  # equal grids: 4 settings each
     assert {"curves", "curves_chart"} <= set(out["report"])
     assert set(report.read_csv(out["report"]["curves"])["variant"]) >= {"lora", "transfer"}

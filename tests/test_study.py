@@ -1,0 +1,63 @@
+"""The study flow end to end at the smallest size (two test-size families, a few variants, 2 test
+seeds, 1 selection seed, 2 settings a variant), through Prefect: the protocol holds in the store and
+the report says what the data say."""
+import json
+
+import pandas as pd
+import pytest
+
+from pkt.artifacts.store import Store
+from pkt.core import report
+
+VARIANTS = ["vanilla", "lora", "transfer", "spectrum-matched", "shuffled"]
+TINY = {"epochs": 1, "batch_size": 16, "micro_batch": 16, "n_train": 16, "max_length": 64}
+
+
+@pytest.mark.slow  # a few minutes on 2 shared cores: two families, ~200 nodes
+def test_a_tiny_study_keeps_selection_apart_from_test_and_reports_over_families(prefect_env, tmp_path):
+    from pkt.flows.study import study
+
+    store, out_dir = tmp_path / "store", tmp_path / "study"
+    out = study(store=str(store), report_dir=str(out_dir), family_seeds=[0, 1], seeds=[0, 1], selection_seeds=[100],
+                lrs=[1e-2, 3e-2], scales=[1.0], alphas=[2.0], family_size="test", variants=VARIANTS, train=TINY,
+                runner="threads", workers=1)
+    st = Store(store)
+    # selection apart from test: the adapters scored on val are never scored on test, and vice versa
+    seeds = {"val": set(), "test": set()}
+    for kind, key, _ in out["nodes"]:
+        if kind == "scores":
+            rec = st.record("scores", key)
+            if "adapter" in rec["inputs"]:
+                adapter = next(st.record("adapter", k) for kd, k, _ in out["nodes"]
+                               if kd == "adapter" and st.record("adapter", k)["digest"] == rec["inputs"]["adapter"])
+                seeds[rec["params"]["split"]].add(adapter["params"]["train"]["seed"])
+    assert seeds == {"val": {100}, "test": {0, 1}}
+
+    runs = report.read_csv(out_dir / "runs.csv")
+    assert set(runs["family"]) == {"family-0", "family-1"}
+    report.check_runs(runs)  # one run per variant, seed and family
+    trained = runs[runs["variant"] != "vanilla"]
+    assert trained.groupby(["family", "task", "variant"])["setting"].nunique().eq(1).all()
+    assert (trained["steps"] > 0).all() and (runs["n_items"] > 0).all()
+
+    # per-item scores: their mean is the run's value
+    items = report.read_csv(out_dir / "items.csv")
+    metric = json.loads((out_dir / "protocol.json").read_text())["endpoint"]["metric"]
+    means = items.groupby(["family", "task", "variant", "seed"])["value"].mean()
+    values = runs[runs["metric"] == metric].set_index(["family", "task", "variant", "seed"])["value"]
+    assert means.to_numpy() == pytest.approx(values.loc[means.index].to_numpy())
+
+    summary = report.read_csv(out_dir / "summary.csv")
+    assert report.POOLED in set(summary["student"])
+    text = (out_dir / "report.md").read_text()
+    assert text.startswith("# pkt report\n\n## Primary endpoint (declared in the config before the data)")
+    assert "2 families" in text.split("## Protocol")[0] and "Scale: miniature models" in text
+    assert "test set:" in text and "optimizer steps per training run:" in text
+    assert "every trained variant has 2 settings" in text and "test runs use seeds [0, 1], which chose nothing" in text
+    assert "power (transfer − shuffled" in text and "## What survives correction" in text
+    for fam in ("family-0", "family-1"):  # every family's report too
+        assert (out_dir / fam / "report.md").read_text().startswith("# pkt report")
+    assert {p.name for p in out_dir.iterdir()} >= {"report.md", "report.png", "curves.png", "items.csv",
+                                                   "selection.csv", "protocol.json"}
+    sel = pd.read_csv(out_dir / "selection.csv")
+    assert set(sel["seed"]) == {100} and sel.groupby(["family", "task", "variant"])["setting"].nunique().eq(2).all()

@@ -432,6 +432,9 @@ def _read_runs(path: Path):
     from pkt.core import report
     from pkt.core.data import DataError
 
+    with open(path, "rb") as f:
+        if b"\0" in f.read(65536):
+            raise DataError(f"{path}: a binary file, not a CSV table; give the runs.csv a sweep wrote")
     try:
         runs = report.read_csv(path)
     except UnicodeDecodeError:

@@ -21,6 +21,9 @@ from pkt.core.stop import Stopped
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from pkt.core.progress import library_bars_off_terminal  # noqa: E402  (before any library is imported)
+
+library_bars_off_terminal()
 
 
 class Terminated(BaseException):
@@ -76,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reducer", default="submatrix", help="submatrix (default), rowcol or random")
     p.add_argument("--svd", default="auto", help="LoRA-init SVD: auto (default: randomized torch.svd_lowrank for "
                    "large pieces, full SVD for small ones), full, or lowrank")
+    p.add_argument("--max-length", default="2048", help="token cutoff of each seed sample (default 2048)")
     p.add_argument("--per-layer-sensitivity", action="store_true",
                    help="write the sensitivity map one decoder layer at a time (big teachers: host RAM holds "
                         "one layer of it)")
@@ -209,7 +213,7 @@ def _quiet_user_tracebacks():
 # ---- validation before any work ------------------------------------------------------------------
 EXTRACT_FLAGS = {"teacher": "--teacher", "seeds": "--seeds", "students": "--student", "rank": "--rank",
                  "alpha": "--alpha", "k": "--k", "reducer": "--reducer", "svd": "--svd", "dtype": "--dtype",
-                 "device": "--device", "store": "--store"}
+                 "device": "--device", "store": "--store", "max_length": "--max-length"}
 SWEEP_FLAGS = {"teacher": "--teacher", "students": "--student", "tasks": "--task-dir", "variants": "--variants",
                "train": "--train", "dtype": "--dtype", "device": "--device", "report_dir": "--report-dir",
                "store": "--store"}
@@ -233,7 +237,7 @@ def extract_config(args):
     return validate(ExtractConfig, {
         "teacher": args.teacher, "seeds": args.seeds, "students": args.student, "rank": args.rank,
         "alpha": args.alpha, "k": args.k, "reducer": args.reducer, "svd": args.svd, "dtype": args.dtype,
-        "device": args.device, "store": args.store,
+        "device": args.device, "store": args.store, "max_length": args.max_length,
         "sensitivity_layout": "per_layer" if args.per_layer_sensitivity else "single"}, "", EXTRACT_FLAGS)
 
 
@@ -380,11 +384,11 @@ def _print_result(out: dict) -> None:
               "ci_high", "p_t", "p_adj", "verdict"],
              ["student", "task", "metric", "variant", "transfer_diff", "transfer_ci_low", "transfer_ci_high",
               "transfer_p_t", "transfer_p_adj", "transfer_verdict"]]
-    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 70,
-                           "display.float_format", "{:.4f}".format):
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 70):
         for cols in views:  # variant - lora, then transfer - variant
-            print(table[[c for c in cols if c in table]].to_string(index=False))
+            print(_dashed(table[[c for c in cols if c in table]]).to_string(index=False))
             print()
+    print(UNDEFINED_NOTE)
     print()
     for line in out["headline"]:
         print(line)
@@ -394,6 +398,22 @@ def _print_result(out: dict) -> None:
     api = os.environ.get("PREFECT_API_URL", "")
     where = f"open {api.removesuffix('/api')}" if api else "run `pkt ui`, then open http://127.0.0.1:4200"
     print(f"Runs, scores and reports are in the Prefect UI: {where}")
+
+
+UNDEFINED_NOTE = ("-: undefined (a variant's difference to itself, the std and init size of a one-run variant "
+                  "like vanilla, and an interval or p-value with fewer than 2 pairs)")
+
+
+def _dashed(table):
+    """The table as text cells: numbers to 4 decimals, an undefined (missing) cell as '-', never NaN."""
+    import pandas as pd
+
+    def cell(x):
+        if x is None or (isinstance(x, float) and pd.isna(x)):
+            return "-"
+        return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+    return table.map(cell)
 
 
 def cmd_report(args) -> int:
@@ -431,6 +451,9 @@ def _read_runs(path: Path):
     from pkt.core import report
     from pkt.core.data import DataError
 
+    with open(path, "rb") as f:
+        if b"\0" in f.read(65536):
+            raise DataError(f"{path}: a binary file, not a CSV table; give the runs.csv a sweep wrote")
     try:
         runs = report.read_csv(path)
     except UnicodeDecodeError:

@@ -308,6 +308,7 @@ class ExtractConfig(BaseModel):
     device: Device = "cpu"
     sensitivity_layout: Literal["single", "per_layer"] = "single"
     store: str | None = None
+    max_length: int = Field(2048, ge=1, description="token cutoff of each seed sample")
 
 
 def _check_runner(runner: str, workers: int) -> None:
@@ -391,6 +392,11 @@ def check_extract_inputs(cfg: ExtractConfig) -> None:
     """The seeds file, and every model's files, config and tokenizer: no weights are loaded."""
     _check_seeds(cfg.seeds, cfg.k, "--k")
     preflight.check_models(cfg.teacher, cfg.students, rank=cfg.rank, rank_name="--rank")
+    # every seed's answer survives the cutoff (read with the teacher's tokenizer, as the sensitivity pass does)
+    try:
+        data.load_encoded(cfg.seeds, models.load_tokenizer(cfg.teacher), cfg.max_length, cfg.k)
+    except data.DataError as e:  # the sentence names the sweep's field; pkt extract's knob is a flag
+        raise ConfigError(str(e).replace("raise max_length (a sweep config field)", "raise --max-length")) from None
 
 
 def check_sweep_inputs(cfg: SweepConfig) -> None:

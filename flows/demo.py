@@ -89,3 +89,22 @@ def demo_config(family_root: str, size: str, seeds: list[int], store: str | None
             "cross_task_seeds": str(root / "tasks" / "sni" / "seeds.jsonl"), "train": DEMO_TRAIN[size],
             "benchmarks": ["answer_nll"], "max_length": 64, "report_dir": report_dir,
             **({"store": store} if store else {})}
+
+
+VariantName = Literal[tuple(VARIANTS)]  # type: ignore[valid-type]  (the UI's form offers the choices)
+
+
+@flow(name="family-sweep", log_prints=True)
+def family_sweep(size: Literal["demo", "test"] = "demo", variants: list[VariantName] = ("vanilla", "lora", "transfer"),
+                 seeds: list[int] = (0, 1, 2), store: str | None = None,
+                 report_dir: str = "pkt-report-nightly") -> dict:
+    """A sweep over the miniature family that `pkt demo` builds (reused from the store, built here if
+    it is missing): teacher, student and GSM-like task exist as soon as the family does, so this is
+    what the shipped nightly schedule runs. A rerun computes only what the store lacks."""
+    st = Store(store)
+    with task_runner() as runner:
+        graph = Graph(st, runner)
+        fam = family_node(graph, size)
+        root = st.tree(Ref.of(fam))
+        cfg = parse_config({**demo_config(str(root), size, list(seeds), store, report_dir), "variants": list(variants)})
+        return run_sweep(graph, cfg, "family-sweep", f"{size}-nightly")

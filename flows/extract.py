@@ -66,7 +66,7 @@ def init_node(graph: Graph, chain: dict, *, rank: int, alpha: float, dropout: fl
 def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 16, alpha: float = 16.0,
                     k: int | None = None, selector: str = "sensitivity", reducer: str = "submatrix",
                     store: str | None = None, dtype: str = "float32", device: str = "cpu",
-                    sensitivity_layout: str = "single", svd: str = "auto") -> dict:
+                    sensitivity_layout: str = "single", svd: str = "auto", max_length: int = 2048) -> dict:
     """Sensitivity, layer plans, extractions and LoRA inits for each student shape (computed once),
     and for each student the residual base (its weights minus the init's delta) that the init
     adapter trains on: that pair, loaded with stock peft, is the student at step 0.
@@ -75,7 +75,8 @@ def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 1
     layer of it; with device='cuda' the accumulators stay on the GPU). svd: the LoRA init's SVD,
     'auto' (randomized torch.svd_lowrank for large pieces), 'full' or 'lowrank'."""
     st = Store(store)
-    opts = ChainOptions(k=k, selector=selector, reducer=reducer, dtype=dtype, device=device, layout=sensitivity_layout)
+    opts = ChainOptions(k=k, selector=selector, reducer=reducer, dtype=dtype, device=device, layout=sensitivity_layout,
+                        max_length=max_length)
     with task_runner() as runner:
         graph = Graph(st, runner)
         t_src = graph.source("model", teacher)

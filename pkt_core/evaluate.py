@@ -66,14 +66,16 @@ def evaluate(model, tokenizer, benchmark: str, data_dir: str | Path | None = Non
     if benchmark == "winrate":
         return instruction_win_rate(model, tokenizer, data_dir, judge, split=split, limit=limit,
                                     batch_size=batch_size)
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    from lm_eval import evaluator, simple_evaluate
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     # HFLM warns on every in-memory model ("not of type str"): passing one is what pkt means to do
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
+    # lm-eval records `git describe` of the working directory, and git prints "fatal: not a git
+    # repository" for every evaluation run outside a checkout; pkt keeps no git hash
+    evaluator.get_git_commit_hash = lambda: None
     device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = _hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     ours = benchmark in BENCHMARKS
     task = task_config(benchmark, data_dir, split, num_fewshot) if ours else benchmark
     with stop.on_every_forward(model):  # lm-eval's batch loops are not ours: stop at its next model call
@@ -84,6 +86,27 @@ def evaluate(model, tokenizer, benchmark: str, data_dir: str | Path | None = Non
     name = next(iter(out["results"]))
     kept_filter = BENCHMARKS[benchmark][2] if ours else None
     return _collect(benchmark, out["results"][name], out["samples"][name], kept_filter)
+
+
+@functools.lru_cache(maxsize=1)
+def _hflm_class():
+    """lm-eval's HF model, drawing its request bars only on a terminal (it passes disable=False to
+    tqdm explicitly, which no environment variable overrides)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from .progress import on_terminal
+
+    class HFLMBarsOnTerminal(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not on_terminal())
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not on_terminal())
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or not on_terminal())
+
+    return HFLMBarsOnTerminal
 
 
 @functools.lru_cache(maxsize=2)

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from .errors import UserError
+
+# peft reads a property transformers 5 deprecated on every adapter it wraps: a warning a pkt user
+# cannot act on, printed once per adapter node
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class ModelNotFound(UserError, FileNotFoundError):

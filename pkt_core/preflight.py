@@ -100,6 +100,10 @@ def _read(source: str):
     except (OSError, ValueError) as e:
         if isinstance(e, UserError):
             raise
+        if "custom code" in str(e) or "trust_remote_code" in str(e):  # no token or network would help
+            raise arch.UnsupportedArchitecture(
+                f"{source}: its config needs custom code (auto_map in config.json), which pkt never runs; "
+                f"supported architectures: {', '.join(sorted(arch.ARCHITECTURES))}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise models.ModelNotFound(f"{source}: its config or tokenizer cannot be read ({first}); give a local model "
                                    "directory, or a hub id reachable from here (unset HF_HUB_OFFLINE; HF_TOKEN for "

@@ -7,6 +7,7 @@ record in the run's log.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Iterable, Iterator, TypeVar
@@ -19,6 +20,19 @@ EVERY = 30.0  # seconds between progress lines off a terminal
 
 def on_terminal() -> bool:
     return sys.stderr.isatty()
+
+
+# what turns off the libraries' own bars (tqdm, huggingface_hub and transformers, datasets); each
+# library reads its variable once, at import, so this runs before they are imported
+LIBRARY_BARS_OFF = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
+def library_bars_off_terminal() -> None:
+    """Off a terminal, no library draws a bar (in a log file each is a smear of carriage returns);
+    pkt's own progress still prints its timed lines. A variable the user set is left alone."""
+    if not on_terminal():
+        for name, value in LIBRARY_BARS_OFF.items():
+            os.environ.setdefault(name, value)
 
 
 class Progress:

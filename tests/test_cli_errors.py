@@ -70,9 +70,30 @@ def fx(mini_family, tmp_path_factory):
     base = (f"teacher: {fam}/teacher\nstudents: [{fam}/student]\n"
             f"tasks:\n  - {{name: gsm, dir: {fam}/tasks/gsm, benchmark: gsm}}\nvariants: [lora]\n")
     for name, extra in {"lr": "train: {lr: 3e-4}\n", "rank": 'train: {rank: "2"}\n', "seeds": "seeds: []\n",
-                        "gate": "train: {modules: gate}\n", "gat": "train: {modules: [gat]}\n"}.items():
+                        "gate": "train: {modules: gate}\n", "gat": "train: {modules: [gat]}\n",
+                        "inf": "train: {epochs: .inf}\n"}.items():
         (d / f"{name}.yaml").write_text(base + extra)
+    _issue19_inputs(fam, d)
     return d
+
+
+def _issue19_inputs(fam, d):
+    """Issue 19's inputs: runs.csv files that are not tables of numbers, a seed longer than the cutoff,
+    a model whose config needs custom code."""
+    header = "student,task,benchmark,metric,variant,seed,value\n"
+    rows = [f"s,gsm,gsm,m,{v},{seed},{0.1 * seed + (v == 'transfer')}" for v in ("lora", "transfer") for seed in range(3)]
+    rows[4] = rows[4].rsplit(",", 1)[0] + ","  # one empty cell: transfer, seed 1
+    (d / "emptycell.csv").write_text(header + "\n".join(rows) + "\n")
+    (d / "nonnumeric.csv").write_text(header + "s,gsm,gsm,m,lora,0,abc\n")
+    (d / "binary.csv").write_bytes(bytes(range(256)) * 4)
+    (d / "latin1.csv").write_bytes(header.encode() + "s,gsm,gsm,m,lora,0,0.5 café\n".encode("latin-1"))
+    (d / "long.jsonl").write_text(json.dumps(_chat("x" * 2100, "1")) + "\n")
+    shutil.copytree(fam / "student", d / "custom")
+    config = json.loads((d / "custom/config.json").read_text())
+    config.update(model_type="mything", auto_map={"AutoConfig": "configuration_mything.MyConfig"})
+    (d / "custom/config.json").write_text(json.dumps(config))
+    (d / "custom/configuration_mything.py").write_text(
+        "from transformers import PretrainedConfig\nclass MyConfig(PretrainedConfig):\n    model_type = 'mything'\n")
 
 
 def _chat(q, a):
@@ -179,6 +200,31 @@ CASES = {  # name: (argv(fam, fx), substrings the sentence must hold, substrings
     "--train unknown field": (lambda f, d: transfer(f, "--train", '{"learning_rate": 1}'),
                               ["--train learning_rate", "not a field pkt knows", "lr"], []),
     "--svd magic": (lambda f, d: extract(f, "--svd", "magic"), ["--svd magic", "'full'"], []),
+    # issue 19
+    "--alpha inf": (lambda f, d: extract(f, "--alpha", "inf"), ["--alpha inf", "finite number"], []),
+    "epochs: .inf": (lambda f, d: ["sweep", "--config", str(d / "inf.yaml")], ["inf.yaml", "train.epochs",
+                                                                             "finite number"], []),
+    "--families x,y": (lambda f, d: ["demo", "--study", "--families", "x,y"], ["--families x,y", "whole numbers"],
+                       []),
+    '--adapter ""': (lambda f, d: ["export", "--student", str(f / "student"), "--adapter", "", "--out",
+                                   str(d / "exported")], ["--adapter is empty", "pkt store ls --kind adapter"], []),
+    "runs.csv with one empty cell": (lambda f, d: ["report", "--runs", str(d / "emptycell.csv"), "--out",
+                                                   str(d / "r")], ["emptycell.csv line 6", "value is empty"],
+                                     ["p = 0.000", "n/a"]),
+    "non-numeric runs.csv": (lambda f, d: ["report", "--runs", str(d / "nonnumeric.csv"), "--out", str(d / "r")],
+                             ["nonnumeric.csv line 2", "'abc', not a number"], []),
+    "binary runs.csv": (lambda f, d: ["report", "--runs", str(d / "binary.csv"), "--out", str(d / "r")],
+                        ["binary.csv", "a binary file, not a CSV table"], []),
+    "extract seed longer than the cutoff": (lambda f, d: extract(f, seeds=d / "long.jsonl"),
+                                            ["long.jsonl line 1", "2048 tokens", "raise --max-length"],
+                                            ["sweep config", "max_length"]),
+    "--store is a file": (lambda f, d: extract(f, "--store", str(d / "binary.csv")),
+                          ["--store", "binary.csv: is a file"], []),
+    "demo --store is a file": (lambda f, d: ["demo", "--size", "test", "--store", str(d / "binary.csv")],
+                               ["--store", "is a file"], []),
+    "a model with custom code": (lambda f, d: ["extract", "--teacher", str(f / "teacher"), "--student",
+                                               str(d / "custom"), "--seeds", str(f / "tasks/gsm/seeds.jsonl")],
+                                 ["custom", "needs custom code", "never runs", "llama"], ["HF_TOKEN", "hub"]),
 }
 
 
@@ -241,3 +287,142 @@ def test_a_pkt_error_inside_a_flow_prints_its_sentence_without_tracebacks(prefec
     assert "Traceback" not in out + err, err
     assert err.strip().splitlines()[-1] == ("pkt extract: error: seeds.jsonl line 3: the answer is cut away; "
                                             "shorten the prompt")
+
+
+# ---- issue 19: cases that need more than the parametrized replay --------------------------------
+def test_report_on_a_bad_runs_csv_writes_nothing(mini_family, fx, capsys, tmp_path):
+    for name in ("emptycell.csv", "nonnumeric.csv", "binary.csv", "latin1.csv"):
+        refused(capsys, ["report", "--runs", str(fx / name), "--out", str(tmp_path / "out")], name)
+        assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_of_the_wrong_shape_is_one_sentence(mini_family, tmp_path, capsys):
+    """An adapter trained for the teacher, exported onto the student: a sentence, not peft's traceback."""
+    from peft import LoraConfig, get_peft_model
+
+    from pkt.core.models import load_model
+
+    get_peft_model(load_model(str(mini_family / "teacher")), LoraConfig(r=2, target_modules=["q_proj"])) \
+        .save_pretrained(tmp_path / "teacher-adapter")
+    out = tmp_path / "merged"
+    err = refused(capsys, ["export", "--student", str(mini_family / "student"), "--adapter",
+                           str(tmp_path / "teacher-adapter"), "--out", str(out)],
+                  "does not fit --student", "size mismatch", "give the student the adapter was trained for")
+    assert "teacher-adapter" in err and not out.exists()
+
+
+def test_a_bad_startup_timeout_is_one_sentence_before_prefect_loads(mini_family, tmp_path):
+    """PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=abc breaks Prefect's own settings when Prefect is
+    imported: pkt refuses it first, in a fresh process as a user runs it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, server.TIMEOUT_VAR: "abc", "PREFECT_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-m", "pkt.flows.cli", *extract(mini_family)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"pkt extract: error: {server.TIMEOUT_VAR}='abc' is not a positive number of seconds (a whole number); "
+        "set it to e.g. 300 or unset it"], proc.stderr
+
+
+def test_a_quoted_tilde_store_is_the_home_directory(mini_family, tmp_path, monkeypatch, captured, capsys):
+    """`--store '~/pkt-store'` (the shell leaves a quoted ~ alone) means the home directory, not a
+    folder named ~ in the working directory."""
+    from pkt.artifacts.store import Store
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert cli.main(extract(mini_family, "--store", "~/pkt-store")) == 0
+    assert captured["extract_teacher"]["store"] == str(home / "pkt-store")
+    assert cli.main(["demo", "--size", "test", "--store", "~/pkt-store"]) == 0
+    assert captured["demo"]["store"] == str(home / "pkt-store")
+    store = Store("~/pkt-store")
+    assert store.root == home / "pkt-store"
+    store.put_bytes(b"x")
+    assert cli.main(["store", "ls", "--store", "~/pkt-store"]) == 0
+    assert not (work / "~").exists()
+
+
+def test_extract_max_length_reaches_the_flow(mini_family, fx, captured):
+    assert cli.main(extract(mini_family, "--max-length", "4096", seeds=fx / "long.jsonl")) == 0
+    assert captured["extract_teacher"]["max_length"] == 4096
+
+
+def test_the_printed_summary_shows_a_dash_and_a_footnote_for_undefined_cells(capsys):
+    """The demo's table: vanilla is one run (no std, no init size), lora has no difference to itself,
+    transfer none to itself: those cells print '-' with a footnote, never NaN."""
+    import pandas as pd
+
+    from pkt.core import report
+
+    runs = pd.DataFrame([{"student": "s", "task": "gsm", "benchmark": "gsm", "metric": "answer_nll", "variant": v,
+                          "seed": seed, "value": 1.0 + 0.1 * seed + (v == "transfer")}
+                         for v, seeds in (("vanilla", [0]), ("lora", [0, 1, 2]), ("transfer", [0, 1, 2]))
+                         for seed in seeds])
+    summary = report.summarize(runs)
+    assert summary.isna().any().any()  # the undefined cells are there ...
+    cli._print_result({"table": summary.to_dict(orient="records"), "headline": [], "computed": 0, "nodes": [],
+                       "report": {}})
+    out = capsys.readouterr().out
+    assert "NaN" not in out and "nan" not in out  # ... and print as a dash with a footnote
+    assert " - " in out and cli.UNDEFINED_NOTE in out
+
+
+@pytest.mark.slow  # three servers, one after another: about a minute on 2 shared cores
+def test_commands_on_a_fresh_prefect_home_set_its_database_up_one_at_a_time(tmp_path, monkeypatch):
+    """Two (here three) pkt commands started at once on a fresh PREFECT_HOME: each starts Prefect's
+    temporary server, which creates the database; at once they raced ("table block_type already
+    exists", "no such column"). The setup lock makes them take turns: every server starts."""
+    import threading
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "fresh-home"))
+    servers = [server.TemporaryServer() for _ in range(3)]
+    errors = []
+
+    def start(s):
+        try:
+            s.start(240)
+        except server.PrefectUnavailable as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert all(s.process.poll() is None for s in servers)
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.mark.slow  # a transfer run with scores: about a minute
+def test_a_run_outside_a_git_checkout_writes_no_bars_warnings_or_git_errors(mini_family, tmp_path):
+    """Output redirected to files, outside any git checkout: no tqdm bars from lm-eval, transformers
+    or datasets, no FutureWarning, no "fatal: not a git repository" from lm-eval; the run succeeds."""
+    import os
+    import subprocess
+    import sys
+
+    work = tmp_path / "not-a-checkout"
+    work.mkdir()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "GIT_CEILING_DIRECTORIES": str(tmp_path)}
+    for name in ("PREFECT_API_URL", "TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        env.pop(name, None)
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        code = subprocess.run([sys.executable, "-m", "pkt.flows.cli", *transfer(mini_family, "--train",
+                               '{"n_train": 16, "batch_size": 8, "micro_batch": 8, "rank": 2, "alpha": 2}'),
+                               "--store", str(tmp_path / "store")], cwd=work, env=env, stdout=out, stderr=err,
+                              timeout=900).returncode
+    text = (tmp_path / "out.txt").read_text() + (tmp_path / "err.txt").read_text()
+    assert code == 0, text[-3000:]
+    assert "nodes computed" in text
+    for noise in ("fatal: not a git repository", "FutureWarning", "it/s]", "\r", "%|"):
+        assert noise not in text, (noise, text[-3000:])

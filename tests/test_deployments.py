@@ -2,6 +2,7 @@
 import importlib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,14 +16,15 @@ def test_every_deployment_points_at_a_flow_with_valid_parameters(tmp_path, monke
         (tmp_path / "data/gsm").mkdir(parents=True, exist_ok=True)
         (tmp_path / f"data/gsm/{name}.jsonl").write_text("")
     names = {d["name"] for d in spec["deployments"]}
-    assert {"demo", "extract-teacher", "sweep"} <= names
+    assert {"demo", "extract-teacher", "sweep", "nightly"} <= names
     for dep in spec["deployments"]:
         path, func = dep["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), func)
         flow.validate_parameters(dep.get("parameters", {}))
         assert dep["work_pool"]["name"] == "pkt-process"
-    sweep = next(d for d in spec["deployments"] if d["name"] == "sweep")
-    assert sweep["schedules"][0]["cron"].count(" ") == 4
+    nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
+    assert nightly["schedules"][0]["cron"].count(" ") == 4 and nightly["schedules"][0].get("active", True)
+    assert [d["name"] for d in spec["deployments"] if d.get("schedules")] == ["nightly"]  # scheduled: runs as shipped
 
 
 def test_pkt_deploy_registers_this_checkout_and_a_worker_runs_from_it(prefect_env, tmp_path, monkeypatch, capsys):
@@ -74,3 +76,102 @@ def test_pkt_deploy_without_a_server_says_how_to_start_one(tmp_path, capsys, mon
     assert "PREFECT_API_URL is not set" in err and "pkt ui" in err and len(err.strip().splitlines()) == 1
     assert main(["deploy", "--checkout", str(tmp_path)]) == 2
     assert "prefect.yaml: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a real server, a worker and two flow runs of the test-size family: several minutes
+def test_the_nightly_schedule_fires_on_the_built_family_and_its_second_run_computes_nothing(tmp_path):
+    """prefect.yaml's scheduled deployment, registered by `pkt deploy` on a temporary server with its
+    cron replaced by a short interval: a process worker runs two fired runs to Completed on inputs
+    that exist without any preparation (the family is built or reused), and in the second every node
+    is reused from the store (Cached), the teacher's extraction included."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from datetime import timedelta
+
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter
+    from prefect.client.schemas.schedules import IntervalSchedule
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pkt.flows.deploy import deploy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": url,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+    procs = []
+
+    def start(*args):
+        log = open(tmp_path / f"{args[0]}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", *args], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+
+    try:
+        start("server", "start", "--host", "127.0.0.1", "--port", str(port))
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "server.log").read_text()
+            time.sleep(1)
+        with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            assert deploy(ROOT, ["nightly"], out=lambda *_: None) == ["family-sweep/nightly"]
+            dep = client.read_deployment_by_name("family-sweep/nightly")
+            assert [(s.schedule.cron, s.active) for s in dep.schedules] == [("0 2 * * *", True)]  # live as shipped
+            # the same deployment, on a small family and a store of its own, firing every 20 s
+            client.update_deployment(dep.id, DeploymentUpdate(parameters={
+                **dep.parameters, "size": "test", "seeds": [0], "store": str(tmp_path / "store"),
+                "report_dir": str(tmp_path / "report")}))
+            client.delete_deployment_schedule(dep.id, dep.schedules[0].id)
+            client.create_deployment_schedules(dep.id, [(IntervalSchedule(interval=timedelta(seconds=20)), True)])
+            start("worker", "start", "--pool", "pkt-process", "--limit", "1")  # one run at a time
+            flt = DeploymentFilter(id={"any_": [dep.id]})
+            deadline = time.monotonic() + 1500
+            while True:
+                runs = client.read_flow_runs(deployment_filter=flt)
+                done = sorted((r for r in runs if r.state and r.state.is_completed()), key=lambda r: r.start_time)
+                bad = [r for r in runs if r.state and (r.state.is_failed() or r.state.is_crashed())]
+                assert not bad, (bad[0].state, (tmp_path / "worker.log").read_text()[-3000:])
+                if len(done) >= 2:
+                    break
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+                time.sleep(5)
+            first, second = done[:2]
+            assert second.start_time >= first.end_time  # fired apart, one after the other
+            assert all(r.auto_scheduled for r in (first, second))
+
+            def node_states(run):  # the server records task runs from events: read until two reads agree
+                read = lambda: {t.name: t.state.name for t in client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id={"any_": [run.id]}), limit=200)
+                    if t.task_key.startswith("pkt-") and not t.task_key.startswith("pkt-source-")}
+                before, now = None, read()
+                while now != before:
+                    time.sleep(3)
+                    before, now = now, read()
+                return now
+
+            computed, reused = node_states(first), node_states(second)
+            assert "Completed" in computed.values() and computed.keys() == reused.keys()
+            assert set(reused.values()) == {"Cached"}, reused  # the second run computed no node
+            assert any(name.startswith("extraction[") for name in reused)
+    finally:
+        for p in reversed(procs):  # worker first, then the server
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGINT)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()

@@ -220,10 +220,11 @@ def test_no_prefect_result_file_is_written_or_read(prefect_env, mini_family, tmp
     """The store is the only cache: pkt's tasks keep no Prefect result files, so a file planted in the
     results directory (here a pickle that would run code) is never deserialized."""
     from pkt.artifacts.store import Store
-    from pkt.tasks.node import run_node
+    from pkt.flows.graph import source_task
+    from pkt.tasks.node import node_task, run_node
     from pkt.tasks.nodes import source
 
-    for t in (run_node, source):
+    for t in (run_node, source, node_task("adapter"), source_task("model")):  # the per-kind tasks too
         assert t.persist_result is False and t.cache_policy.__class__.__name__ == "_None"
     results = prefect_env / "results"
     results.mkdir(exist_ok=True)

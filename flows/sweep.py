@@ -121,6 +121,9 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
             curves += [{**base, "step": i + 1, "loss": loss}
                        for i, loss in enumerate(nodes.train_losses(store, adapter.result()))]
     table = pd.DataFrame(rows)
+    from .diagnose import with_diagnostics  # here, not at the top: diagnose builds inits with this module
+
+    table = with_diagnostics(graph, cfg, table)  # each run's step-0 init diagnostic: diag_cos, diag_share
     primary = evaluate.primary_metric(cfg.tasks[0].benchmark)
     # every score the sweep computed, val ones included: they chose the settings the table shows
     all_scores = [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]

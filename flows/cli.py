@@ -145,7 +145,28 @@ def parser() -> argparse.ArgumentParser:
                        "server at PREFECT_API_URL, and print how to start a worker")
     p.add_argument("--name", action="append", help="deploy only this one (repeatable; default: all)")
     p.add_argument("--checkout", default=".", help="the pkt checkout holding prefect.yaml (default: here)")
+    _diagnose_parser(sub)
     return ap
+
+
+def _diagnose_parser(sub) -> None:
+    p = sub.add_parser("diagnose", help="before any training: does each init point downhill for the student, and "
+                       "how much of its task gradient can the first LoRA step follow")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--task", required=True, help="task directory with train/seeds/test.jsonl")
+    p.add_argument("--variants", default=None, help="default: lora, pissa, transfer and the controls that need no "
+                   "extra input")
+    p.add_argument("--rank", default="16")
+    p.add_argument("--alpha", default=None, help="LoRA alpha (default: the rank, as in the paper)")
+    p.add_argument("--init-scale", default="1.0", help="scale of the teacher-derived inits (cos and share do not "
+                   "depend on it)")
+    p.add_argument("--seed", default="0", help="the draw of random controls and of LoRA's A (default 0)")
+    p.add_argument("--batches", default="4", help="effective batches of training data the gradient is taken over "
+                   "(default 4)")
+    p.add_argument("--train", default="{}", help='TrainParams overrides as JSON (modules, batch_size, max_length, ...)')
+    _device_args(p)
+    _store_arg(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,6 +392,66 @@ def cmd_sweep(args) -> int:
 
         out = sweep(cfg.model_dump(mode="json"))
     _print_result(out)
+    return 0
+
+
+def diagnose_config(args):
+    """(sweep config of the one branch, {seed, batches, init_scale}), validated like `pkt transfer`'s."""
+    from .config import ConfigError
+    from .diagnose import DEFAULT_VARIANTS
+
+    try:
+        train = json.loads(args.train)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--train: not valid JSON ({e.msg}); give an object, e.g. '{{\"max_length\": 512}}'") from None
+    if not isinstance(train, dict):
+        raise ConfigError("--train: give a JSON object, e.g. '{\"max_length\": 512}'")
+    train.update(rank=args.rank, alpha=args.alpha or args.rank)
+    try:
+        extra = {"seed": int(args.seed), "init_scale": float(args.init_scale)}
+    except ValueError:
+        raise ConfigError(f"--seed {args.seed} / --init-scale {args.init_scale}: give numbers, e.g. --seed 0 "
+                          "--init-scale 1") from None
+    extra["batches"] = _count(args.batches, "--batches")
+    cfg = transfer_config(argparse.Namespace(
+        teacher=args.teacher, student=args.student, task_dir=args.task, benchmark="gsm",
+        variants=args.variants or ",".join(DEFAULT_VARIANTS), seeds="1", train=json.dumps(train), store=args.store,
+        report_dir="pkt-report", dtype=args.dtype, device=args.device))
+    return cfg, extra
+
+
+def cmd_diagnose(args) -> int:
+    import pandas as pd
+
+    from .config import check_sweep_inputs
+    from .server import prefect_api
+
+    cfg, extra = diagnose_config(args)
+    check_sweep_inputs(cfg)
+    with prefect_api():
+        from .diagnose import diagnose_inits
+
+        out = diagnose_inits(teacher=cfg.teacher, student=cfg.students[0], task_dir=cfg.tasks[0].dir,
+                             variants=cfg.variants, seed=extra["seed"], train=cfg.train.model_dump(mode="json"),
+                             init_scale=extra["init_scale"], batches=extra["batches"], store=cfg.store,
+                             dtype=cfg.dtype, device=cfg.device)
+    table = pd.DataFrame(out["table"])
+    print("cos: cosine between the init's applied update and the student's step-0 task gradient, signed so that "
+          "positive = the update points downhill (helps)")
+    print("share: part of that gradient's squared norm the first LoRA step can follow (its tangent space at init)")
+    print(f"gradient over {max(out['n_samples'].values(), default=0)} training samples (answer tokens only, the "
+          "fine-tuning loss)\n")
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:+.4f}".format):
+        for value in ("cos", "share"):
+            wide = table.pivot(index="variant", columns="module", values=value)
+            modules = list(dict.fromkeys(table["module"]))
+            print(f"{value} per module type (total: all modules as one vector)")
+            print(wide.loc[list(dict.fromkeys(table["variant"])), modules].to_string(na_rep="n/a"))
+            print()
+    for v in cfg.variants:
+        if v not in set(table["variant"]):
+            print(f"{v}: n/a (trains nothing, so it has no init)")
+    print(f"\n{out['computed']} nodes computed, {len(out['nodes']) - out['computed']} reused.")
     return 0
 
 
@@ -681,6 +762,7 @@ def cmd_deploy(args) -> int:
 PREFECT_COMMANDS = ("demo", "extract", "transfer", "sweep", "ui", "deploy")
 COMMANDS = {"demo": cmd_demo, "report": cmd_report, "extract": cmd_extract, "transfer": cmd_transfer, "sweep": cmd_sweep,
             "export": cmd_export, "store": cmd_store, "ui": cmd_ui, "deploy": cmd_deploy}
+COMMANDS["diagnose"] = cmd_diagnose
 
 if __name__ == "__main__":
     sys.exit(main())

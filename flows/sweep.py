@@ -137,6 +137,9 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
             base = {k: fields[k] for k in ("student", "task", "variant", "seed", "setting")}
             curves += [{**base, "step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
     table = pd.DataFrame(rows)
+    from .diagnose import with_diagnostics  # here, not at the top: diagnose builds inits with this module
+
+    table = with_diagnostics(graph, cfg, table)  # each run's step-0 init diagnostic: diag_cos, diag_share
     primary = cfg.endpoint.metric if cfg.endpoint else evaluate.primary_metric(cfg.tasks[0].benchmark)
     # every score the sweep computed, val ones included: they chose the settings the table shows
     all_scores = [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]

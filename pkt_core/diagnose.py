@@ -25,6 +25,7 @@ init's scale.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,6 +159,22 @@ class Diagnosis:
         t = by_module(self.modules).iloc[-1]
         return {"cos": float(t["cos"]), "share": float(t["share"])}
 
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The sums per weight as float64 tensors, names and totals in the header (safetensors)."""
+        m = self.modules
+        tensors = {c: torch.tensor(m[c].to_numpy(float), dtype=torch.float64) for c in SUMS}
+        tensors["layer"] = torch.tensor(m["layer"].fillna(-1).to_numpy(int))
+        meta = {"names": json.dumps(list(m["name"])), "module_types": json.dumps(list(m["module"])),
+                "totals": json.dumps(self.totals), "n_samples": str(self.n_samples), "n_tokens": str(self.n_tokens)}
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> "Diagnosis":
+        layers = [None if x < 0 else int(x) for x in tensors["layer"].tolist()]
+        rows = pd.DataFrame({"name": json.loads(meta["names"]), "module": json.loads(meta["module_types"]),
+                             "layer": layers, **{c: tensors[c].numpy() for c in SUMS}})
+        return cls(finish(rows), int(meta["n_samples"]), int(meta["n_tokens"]))
+
 
 def diagnose(student, samples: list[dict], pad_id: int, params: TrainParams, init: str = "lora", init_dir=None,
              micro_batch: int | None = None) -> Diagnosis:
@@ -177,7 +194,9 @@ FIELLER = 1.06  # var(atanh(Spearman rho)) ~ 1.06 / (n - 3) (Fieller, Hartley & 
 
 def spearman(x, y) -> float:
     """Spearman's rank correlation: Pearson's r of the average ranks (ties share their mean rank)."""
-    rx, ry = pd.Series(x).rank().to_numpy(float), pd.Series(y).rank().to_numpy(float)
+    from scipy.stats import rankdata
+
+    rx, ry = rankdata(np.asarray(x, float)), rankdata(np.asarray(y, float))
     rx, ry = rx - rx.mean(), ry - ry.mean()
     den = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
     return float((rx * ry).sum() / den) if den > 0 else float("nan")
@@ -210,12 +229,13 @@ def cluster_bootstrap(cells: pd.DataFrame, field: str, cluster: str = "student",
                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile interval of Spearman(field, gain) resampling whole clusters (families) with replacement,
     so cells that share a family (and its lora baseline) move together."""
-    groups = [g for _, g in cells.groupby(cluster)]
+    members = list(cells.groupby(cluster).indices.values())  # positions of each cluster's cells
+    xs, gains = cells[field].to_numpy(float), cells["gain"].to_numpy(float)
     rng = np.random.default_rng(seed)
     rhos = []
     for _ in range(draws):
-        drawn = pd.concat([groups[i] for i in rng.integers(0, len(groups), len(groups))])
-        rhos.append(spearman(drawn[field], drawn["gain"]))
+        rows = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        rhos.append(spearman(xs[rows], gains[rows]))
     rhos = np.asarray(rhos)
     rhos = rhos[np.isfinite(rhos)]
     if rhos.size == 0:

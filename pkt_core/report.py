@@ -855,7 +855,7 @@ def write_report(scores: pd.DataFrame, out_dir: str | Path, primary: str, curves
     text += ["## Overview", "", "Mean; T−X: transfer minus the row's variant with its 95% interval; ▲ transfer "
              "better, ▼ worse (the corrected interval excludes 0; only on rows that carry a verdict), unmarked: "
              "not distinguishable or descriptive.", "", "\n\n".join(views), "", "## Every comparison", ""]
-    paths["markdown"].write_text("\n".join(text) + "\n" + markdown(summary))
+    paths["markdown"].write_text("\n".join(text) + "\n" + markdown(summary) + diagnostic_section(scores, primary))
     bar_chart(summary, paths["chart"])
     if "curves_chart" in paths:
         curves_chart(curves, paths["curves_chart"])
@@ -905,3 +905,34 @@ def _overview_cell(r: pd.Series) -> str:
 def read_csv(path) -> pd.DataFrame:
     """A runs or summary table as written above (empty cells are missing values, nothing else is)."""
     return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+def diagnostic_section(runs: pd.DataFrame, primary: str) -> str:
+    """How well the step-0 diagnostic (diag_cos, diag_share: pkt.core.diagnose) ranks the measured gain over
+    lora, per metric: Spearman's rho with its interval; "" when the runs carry no diagnostic."""
+    from . import diagnose
+
+    if not set(diagnose.FIELDS) <= set(runs.columns):
+        return ""
+    lines = ["| metric | diagnostic | cells | families | Spearman ρ | 95% interval (Fisher z) | "
+             "95% bootstrap over families | p | reading |", "|---" * 9 + "|"]
+    for metric in [m for m in _metrics(runs, primary) if m in set(runs["metric"])]:
+        try:
+            res = diagnose.predictive_power(runs, metric, metric in LOWER_IS_BETTER)
+        except ValueError as e:
+            lines.append(f"| {metric} | | | | not computed: {e} | | | | |")
+            continue
+        for field in diagnose.FIELDS:
+            r = res[field]
+            boot = f"[{r['boot_low']:+.2f}, {r['boot_high']:+.2f}]" if "boot_low" in r else "n/a (< 5 families)"
+            reading = ("n/a" if np.isnan(r["ci_low"]) else "ranks the gain" if r["ci_low"] > 0
+                       else "ranks it inversely" if r["ci_high"] < 0 else "not distinguishable from no association")
+            lines.append(f"| {metric} | {field} | {r['n']} | {res['families']} | {r['rho']:+.2f} | "
+                         f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {boot} | {r['p']:.3g} | {reading} |")
+    return ("\n\n## Does the step-0 diagnostic predict the gain?\n\nBefore training, per init: diag_cos, the "
+            "cosine between the init's applied update and the student's task gradient (positive = downhill), and "
+            "diag_share, the part of that gradient the first LoRA step can follow. Gain: variant minus lora, paired "
+            "by seed, averaged per family x task x variant (positive = better; lora and untrained variants left "
+            "out). The Fisher-z interval (variance 1.06/(n-3)) treats cells as independent although the cells of "
+            "one family share its lora runs; the bootstrap over families (5 or more) does not.\n\n"
+            + "\n".join(lines) + "\n")

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from pkt.artifacts.keys import file_digest
 from pkt.artifacts.model_id import model_digest
 from pkt.artifacts.store import Ref, Store
-from pkt.core import align, arch, data, evaluate, finetune, lora_init, models, report, sensitivity
+from pkt.core import align, arch, data, diagnose, evaluate, finetune, lora_init, models, report, sensitivity
 from pkt.core.mini import family
 
 from .node import Node, Tensors, execution, log, opaque
@@ -348,3 +348,43 @@ class Report(Node):
                   for name in ("runs", "curves", "selection", "items") if name in inputs}
         report.write_report(tables.pop("runs"), out, self.primary, tables.get("curves"),
                             selection=tables.get("selection"), items=tables.get("items"), protocol=self.protocol)
+
+
+@dataclass(frozen=True)
+class Diagnostic(Node):
+    """Before any training, per weight: the init's applied update against the student's step-0 task
+    gradient (cos, positive = downhill) and the share of that gradient the first LoRA step can follow
+    (pkt.core.diagnose). Inputs: student, train data, and for an extracted init its `init` folder."""
+
+    KIND = "diagnostic"
+    INPUTS = ("student", "train")
+    init: str = "lora"  # as Adapter.init: "extracted" (then an `init` input), "lora" or "pissa"
+    rank: int = 16
+    alpha: float = 16.0
+    modules: tuple[str, ...] = finetune.TrainParams.modules
+    seed: int = 0  # peft's lora_A draw (init "lora"); 0 for inits that draw nothing
+    batches: int = 4  # G is taken over the first batches x batch_size training samples
+    batch_size: int = 64
+    n_train: int | None = None
+    max_length: int = 2048
+    micro_batch: int = 8
+    dtype: str = "float32"
+    device: str = execution(default="cpu")
+
+    def compute(self, store, inputs, out):
+        src = model_path(store, inputs["student"])
+        student = models.load_model(src, dtype=self.dtype, device=self.device)
+        tok = models.load_tokenizer(src)
+        samples = data.load_encoded(inputs["train"]["key"], tok, self.max_length)[: self.n_train]
+        samples = samples[: self.batches * self.batch_size]
+        params = finetune.TrainParams(rank=self.rank, alpha=self.alpha, modules=tuple(self.modules), seed=self.seed,
+                                      micro_batch=self.micro_batch)
+        init_dir = store.tree(Ref.of(inputs["init"])) if self.init == "extracted" else None
+        found = diagnose.diagnose(student, samples, tok.pad_token_id, params, self.init, init_dir)
+        log(f"diagnostic ({self.init}): cos {found.totals['cos']:+.4f}, share {found.totals['share']:.4f} over "
+            f"{found.n_samples} samples ({found.n_tokens} answer tokens)")
+        return Tensors(*found.to_tensors())
+
+
+def diagnosis(store: Store, ref: dict) -> diagnose.Diagnosis:
+    return diagnose.Diagnosis.from_tensors(store.tensors(ref), store.header(ref))

@@ -1,6 +1,7 @@
 """The transferability diagnostic: cosine and share against hand-derived values, the share against a
 real first peft step and a brute-force least-squares projection, the gradient against an independent
 loss, and its predictive power against scipy."""
+import json
 import math
 
 import numpy as np
@@ -307,3 +308,84 @@ def test_predictive_power_refuses_pooled_lora_runs():
     runs = _runs(families=2)
     with pytest.raises(ValueError, match="several runs for one seed"):
         diagnose.predictive_power(pd.concat([runs, runs[runs["variant"] == "lora"]]), "acc")
+
+
+def test_report_has_a_diagnostic_section_only_when_the_runs_carry_one(tmp_path):
+    from pkt.core import report
+
+    runs = _runs()
+    text = report.diagnostic_section(runs, "acc")
+    assert "Does the step-0 diagnostic predict the gain?" in text and "| acc | diag_cos | 24 | 6 |" in text
+    rho = diagnose.predictive_power(runs, "acc")["diag_cos"]["rho"]
+    assert f"{rho:+.2f}" in text
+    assert report.diagnostic_section(runs.drop(columns=["diag_cos", "diag_share"]), "acc") == ""
+    paths = report.write_report(runs, tmp_path / "rep", "acc")
+    assert "Does the step-0 diagnostic predict" in paths["markdown"].read_text()
+
+
+# ---- the node, the sweep's columns and `pkt diagnose` (real Prefect runs) ------------------------
+TRAIN = {"rank": 2, "alpha": 2.0, "epochs": 1, "batch_size": 8, "micro_batch": 8, "n_train": 8, "max_length": 64}
+
+
+def test_sweep_runs_carry_the_diagnostic_and_the_node_is_cached(prefect_env, mini_family, tmp_path, monkeypatch):
+    """A sweep joins each run's diagnostic into runs.csv; `pkt diagnose`'s flow on the same store and
+    training parameters reuses those very nodes (the same keys) and a second run computes nothing."""
+    from pkt.flows.diagnose import diagnose_inits
+    from pkt.flows.sweep import sweep
+    from prefect_api import task_graph
+
+    store = str(tmp_path / "store")
+    out = sweep({"teacher": str(mini_family / "teacher"), "students": [str(mini_family / "student")],
+                 "tasks": [{"name": "gsm", "dir": str(mini_family / "tasks/gsm"), "benchmark": "gsm"}],
+                 "variants": ["vanilla", "lora", "transfer"], "seeds": [0], "benchmarks": [], "eval_limit": 4,
+                 "train": TRAIN, "store": store, "report_dir": str(tmp_path / "report")})
+    runs = pd.read_csv(out["report"]["runs"]).drop_duplicates("variant").set_index("variant")
+    assert runs[["diag_cos", "diag_share"]].loc["vanilla"].isna().all()  # no init: n/a
+    assert math.isnan(runs.loc["lora", "diag_cos"]) and 0 < runs.loc["lora", "diag_share"] < 1
+    assert -1 <= runs.loc["transfer", "diag_cos"] <= 1 and 0 < runs.loc["transfer", "diag_share"] <= 1
+    assert [k for k, _, _ in out["nodes"]].count("diagnostic") == 2
+
+    calls = []
+    monkeypatch.setattr(diagnose, "diagnose", lambda *a, **kw: calls.append(1))  # must not be reached
+    args = dict(teacher=str(mini_family / "teacher"), student=str(mini_family / "student"),
+                task_dir=str(mini_family / "tasks/gsm"), variants=["vanilla", "lora", "transfer"], train=TRAIN,
+                store=store)
+    alone = diagnose_inits(**args)
+    assert alone["computed"] == 0 and calls == []
+    totals = pd.DataFrame(alone["table"]).query("module == 'total'").set_index("variant")
+    assert totals.loc["transfer", "cos"] == pytest.approx(runs.loc["transfer", "diag_cos"])
+    assert totals.loc["lora", "share"] == pytest.approx(runs.loc["lora", "diag_share"])
+    state = diagnose_inits(**args, return_state=True)
+    nodes = {name: s for name, (s, _) in task_graph(state).items() if name.startswith("diagnostic[")}
+    assert len(nodes) == 2 and set(nodes.values()) == {"Cached"}, nodes
+
+
+def test_pkt_diagnose_prints_the_table(prefect_env, mini_family, tmp_path, capsys):
+    from pkt.flows.cli import main
+
+    fam = mini_family
+    code = main(["diagnose", "--teacher", str(fam / "teacher"), "--student", str(fam / "student"), "--task",
+                 str(fam / "tasks/gsm"), "--rank", "2", "--variants", "vanilla,lora,pissa,transfer,shuffled",
+                 "--batches", "1", "--train", json.dumps({"batch_size": 8, "max_length": 64}),
+                 "--store", str(tmp_path / "store")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "cos per module type" in out and "share per module type" in out and "vanilla: n/a" in out
+    cos_table = out.split("cos per module type", 1)[1].split("share per module type", 1)[0]
+    header = next(line for line in cos_table.splitlines() if line.startswith("module"))
+    assert header.split()[1:] == ["q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "total"]
+    rows = {line.split()[0]: line.split()[1:] for line in cos_table.splitlines()
+            if line.split() and line.split()[0] in ("lora", "pissa", "transfer", "shuffled")}
+    assert set(rows) == {"lora", "pissa", "transfer", "shuffled"}
+    assert rows["lora"] == ["n/a"] * 10 and rows["pissa"][7] == "n/a"  # no update; PiSSA leaves embed alone
+    assert all(-1 <= float(x) <= 1 for x in rows["transfer"])
+    assert "gradient over 8 training samples" in out
+
+
+def test_pkt_diagnose_refuses_bad_input_in_one_sentence(tmp_path, capsys):
+    from pkt.flows.cli import main
+
+    assert main(["diagnose", "--teacher", str(tmp_path / "t"), "--student", str(tmp_path / "s"), "--task",
+                 str(tmp_path / "task"), "--batches", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--batches 0" in err and len(err.strip().splitlines()) == 1

@@ -4,7 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
+
+from pkt.core.errors import UserError
 
 CHUNK = 1 << 22
 
@@ -40,3 +43,26 @@ def file_digest(path: str | Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+class InputChanged(UserError):
+    """A file changed between the moment its digest was taken and the moment it was read."""
+
+
+def file_stamp(path: str | Path) -> tuple[int, int, int, int, int]:
+    """(device, inode, size, mtime_ns, ctime_ns): every write changes it. A user can restore an mtime
+    (touch -d, os.utime) but not a ctime, and replacing a file changes its inode."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def stamped_file_digest(path: str | Path, tries: int = 3) -> tuple[str, tuple]:
+    """The file's digest and the stamp it had throughout the hashing (taken again until the file
+    holds still): the digest is of exactly the bytes that stamp names."""
+    for _ in range(tries):
+        before = file_stamp(path)
+        digest = file_digest(path)
+        if file_stamp(path) == before:
+            return digest, before
+    raise InputChanged(f"{path} kept changing while pkt hashed it; wait until whatever writes it has finished, "
+                       "then run again")

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from .keys import file_digest
+from .keys import file_stamp, stamped_file_digest
 
 # The files that decide token ids: every name a transformers tokenizer class saves (the union of
 # their `vocab_files_names`, checked by tests/test_model_id.py) and the shared ones (config,
@@ -39,9 +39,12 @@ def identity_files(path: Path) -> list[Path]:
     return files
 
 
-def model_digest(source: str | Path, revision: str | None = None, memo_dir: Path | None = None) -> str:
+def model_digest(source: str | Path, revision: str | None = None, memo_dir: Path | None = None,
+                 files: dict | None = None) -> str:
     """Local dir: sha256 over the identity files (names and contents), each file's hash memoized
-    by (path, size, mtime) in memo_dir. Hub id: 'repo@<resolved commit>'."""
+    by its stamp (path, device, inode, size, mtime, ctime: keys.file_stamp) in memo_dir and in this
+    process. files, if given, receives path -> (stamp, digest) of each identity file. Hub id:
+    'repo@<resolved commit>'."""
     from pkt.core.models import check_source
 
     check_source(source)
@@ -53,7 +56,10 @@ def model_digest(source: str | Path, revision: str | None = None, memo_dir: Path
         h = hashlib.sha256()
         for f in identity_files(path):
             rel = f.relative_to(path).as_posix()
-            h.update(rel.encode() + b"\0" + _memo_file_digest(f, memo_dir).encode() + b"\0")
+            digest, stamp = _memo_file_digest(f, memo_dir)
+            h.update(rel.encode() + b"\0" + digest.encode() + b"\0")
+            if files is not None:
+                files[str(f)] = (stamp, digest)
         return h.hexdigest()
     return f"{source}@{resolve_hub_commit(str(source), revision)}"
 
@@ -70,24 +76,35 @@ def resolve_hub_commit(repo: str, revision: str | None) -> str:
         ) from None
 
 
-def _memo_file_digest(f: Path, memo_dir: Path | None) -> str:
-    st = f.stat()
-    stamp = {"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if memo_dir is None:
-        return file_digest(f)
-    memo = memo_dir / (hashlib.sha256(stamp["path"].encode()).hexdigest() + ".json")
+# (path, stamp) -> digest of files this process hashed: a read-only store keeps no memo on disk
+_SEEN: dict[tuple, str] = {}
+
+
+def _memo_file_digest(f: Path, memo_dir: Path | None) -> tuple[str, tuple]:
+    """(digest, stamp) of one file, from the memo when its stamp is unchanged. The stamp holds the
+    ctime and inode, which no user can restore: a same-size rewrite with its mtime put back is
+    hashed again."""
+    path = str(f.resolve())
+    stamp = file_stamp(f)
+    if (path, stamp) in _SEEN:
+        return _SEEN[path, stamp], stamp
+    memo = memo_dir / (hashlib.sha256(path.encode()).hexdigest() + ".json") if memo_dir is not None else None
     try:
         saved = json.loads(memo.read_text())
-        if {k: saved.get(k) for k in stamp} == stamp and SHA256.match(saved["digest"]):
-            return saved["digest"]
+        if saved.get("path") == path and tuple(saved.get("stamp")) == stamp and SHA256.match(saved["digest"]):
+            _SEEN[path, stamp] = saved["digest"]
+            return saved["digest"], stamp
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    digest = file_digest(f)
+    digest, stamp = stamped_file_digest(f)
+    _SEEN[path, stamp] = digest
+    if memo is None:
+        return digest, stamp
     try:
         memo_dir.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**stamp, "digest": digest}))
+        tmp.write_text(json.dumps({"path": path, "stamp": list(stamp), "digest": digest}))
         os.replace(tmp, memo)
     except OSError:
         pass  # a read-only store: the memo only saves time
-    return digest
+    return digest, stamp

@@ -127,8 +127,10 @@ class Store:
         if not self.root.is_dir():
             raise StoreError(f"{self.root} is not a pkt store: no such directory; give the --store (or PKT_STORE) "
                              "the run used (default ./.pkt/store)")
-        if not any((self.root / d).is_dir() for d in ("keys", "blobs")):
-            raise StoreError(f"{self.root} is not a pkt store: it has no keys/ or blobs/; give the --store (or "
+        # a first run stopped before its first record leaves only tmp/ (and locks/): still a store, so
+        # that gc can reclaim what it left
+        if not any((self.root / d).is_dir() for d in ("keys", "blobs", "tmp")):
+            raise StoreError(f"{self.root} is not a pkt store: it has no keys/, blobs/ or tmp/; give the --store (or "
                              "PKT_STORE) the run used (default ./.pkt/store)")
 
     def _ensure_writable(self) -> None:

@@ -216,7 +216,7 @@ def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, s
 
 def _score(graph: Graph, cfg: SweepConfig, student: PrefectFuture, adapter, task: TaskSpec, benchmark: str, split: str,
            label: str) -> PrefectFuture:
-    inputs = {"student": student, "data": graph.source("dir", task.dir, [f"{split}.jsonl", "train.jsonl"])}
+    inputs = {"student": student, "data": graph.source("dir", task.dir, nodes.score_data_files(split))}
     if adapter is not None:
         inputs["adapter"] = adapter
     if benchmark == "winrate":

@@ -12,6 +12,7 @@ every upstream ref is passed in as a future.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import os
@@ -28,7 +29,7 @@ from prefect.logging import get_logger
 from prefect.states import Completed
 
 from pkt.artifacts import catalog
-from pkt.artifacts.keys import canonical_json
+from pkt.artifacts.keys import InputChanged, canonical_json, file_digest, file_stamp
 from pkt.artifacts.store import Ref, Store
 
 
@@ -176,14 +177,46 @@ def node_task(kind: str):
     return kind_task
 
 
+# the files the node being computed (in this thread) has read: (what, path, stamp, digest)
+_READS: contextvars.ContextVar[list | None] = contextvars.ContextVar("pkt_reads", default=None)
+
+
+def note_read(what: str, files: dict[str, tuple[tuple, str]]) -> None:
+    """Remember the files a node reads, path -> (stamp, digest) as of the check that their digests
+    are the ones its key names, so that nothing is recorded if one changes before the node is done."""
+    reads = _READS.get()
+    if reads is not None:
+        reads.extend((what, path, stamp, digest) for path, (stamp, digest) in files.items())
+
+
+def _check_reads(reads: list, spec: Node, key: str) -> None:
+    """Refuse to record a node if a file it read changed while it ran: a file whose stamp moved must
+    still hold the bytes its digest was taken from (a hard link made elsewhere moves a ctime too)."""
+    for what, path, stamp, digest in reads:
+        try:
+            same = file_stamp(path) == stamp or file_digest(path) == digest
+        except OSError:
+            same = False
+        if not same:
+            raise InputChanged(f"{what}: {path} changed while {spec.KIND} {key[:12]} was computed from it, so its "
+                               "result would not be what its key says; nothing was recorded. Leave the inputs "
+                               "alone while pkt runs, then run again")
+
+
 def _compute(store: Store, spec: Node, key: str, inputs: dict, label: str = "") -> Ref:
     t0 = time.time()
     upstream = [store.record(r["kind"], r["key"]) or {} for ref in inputs.values()
                 for r in (ref if isinstance(ref, list) else [ref]) if r["kind"] not in catalog.SOURCE_KINDS]
     record = {"params": spec.params(), "inputs": digests(inputs), "execution": spec.execution(),
               "description": catalog.describe(label or f"{spec.KIND}[]", spec.params(), inputs, upstream)}
+    reads = []
+    token = _READS.set(reads)
     with store.scratch_dir() as out:
-        result = spec.compute(store, inputs, out)
+        try:
+            result = spec.compute(store, inputs, out)
+        finally:
+            _READS.reset(token)
+        _check_reads(reads, spec, key)
         seconds = time.time() - t0
         if isinstance(result, Tensors):
             ref = store.put_tensors(spec.KIND, key, result.tensors, seconds=seconds, metadata=result.metadata, **record)

@@ -18,37 +18,73 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
 
-from pkt.artifacts.keys import file_digest
+from pkt.artifacts.keys import InputChanged, stamped_file_digest
 from pkt.artifacts.model_id import model_digest
 from pkt.artifacts.store import Ref, Store
 from pkt.core import align, arch, data, diagnose, evaluate, finetune, lora_init, models, report, sensitivity
 from pkt.core.mini import family
 
-from .node import Node, Tensors, execution, log, opaque
+from .node import Node, Tensors, execution, log, note_read, opaque
 
 
 # ---- sources: inputs that are not nodes ----------------------------------------------------------
 def model_source(path: str, store: Store) -> dict:
-    return {"kind": "model", "key": str(path), "digest": model_digest(path, memo_dir=store.root / "memo")}
+    return {"kind": "model", "key": str(path), "digest": _model_digest(path, store, {})}
 
 
 def file_source(path: str) -> dict:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    return {"kind": "file", "key": str(path), "digest": file_digest(path)}
+    return {"kind": "file", "key": str(path), "digest": _file_digest(path, {})}
 
 
 def dir_source(path: str, names: list[str] | None = None) -> dict:
     """A task directory: digest over the named jsonl files (default: all), names and contents, so a
     score depends on the files it reads and not on, say, the seed file beside them."""
-    files = sorted(Path(path) / n for n in names) if names else sorted(Path(path).glob("*.jsonl"))
-    files = [f for f in files if f.exists()]
-    if not files:
+    return {"kind": "dir", "key": str(path), "digest": _dir_digest(path, names, {})}
+
+
+def _model_digest(path: str, store: Store, files: dict) -> str:
+    return model_digest(path, memo_dir=store.root / "memo", files=files)
+
+
+def _file_digest(path: str, files: dict) -> str:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    digest, stamp = stamped_file_digest(path)
+    files[str(path)] = (stamp, digest)
+    return digest
+
+
+def _dir_digest(path: str, names: list[str] | None, files: dict) -> str:
+    found = sorted(Path(path) / n for n in names) if names else sorted(Path(path).glob("*.jsonl"))
+    found = [f for f in found if f.exists()]
+    if not found:
         raise FileNotFoundError(f"{path}: no *.jsonl files; a task directory holds train/seeds/val/test.jsonl")
     h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.name}\0{file_digest(f)}\0".encode())
-    return {"kind": "dir", "key": str(path), "digest": h.hexdigest()}
+    for f in found:
+        h.update(f"{f.name}\0{_file_digest(str(f), files)}\0".encode())
+    return h.hexdigest()
+
+
+def read_source(store: Store, ref: dict, names: list[str] | None = None) -> str:
+    """The path of a source input (a model, file or task directory), once its files are checked to
+    still have the digest this node's key was computed from; they are checked again before the node
+    is recorded (tasks/node.py). A hub model (no local files) is taken as named."""
+    path, files = ref["key"], {}
+    if ref["kind"] == "model" and not Path(path).exists():
+        return path
+    digest = {"model": lambda: _model_digest(path, store, files), "file": lambda: _file_digest(path, files),
+              "dir": lambda: _dir_digest(path, names, files)}[ref["kind"]]()
+    if digest != ref["digest"]:
+        raise InputChanged(f"{path} changed after this run took its digest ({ref['digest'][:12]}, now "
+                           f"{digest[:12]}), so a node keyed by the old contents would read the new ones; nothing "
+                           "was computed from it. Leave the inputs alone while pkt runs, then run again")
+    note_read(f"{ref['kind']} {path}", files)
+    return path
+
+
+def score_data_files(split: str) -> list[str]:
+    """The files of a task directory a score reads (the split and the few-shot pool)."""
+    return [f"{split}.jsonl", "train.jsonl"]
 
 
 def table_source(store: Store, table: pd.DataFrame, name: str) -> dict:
@@ -74,8 +110,9 @@ def source(kind: str, path: str, store_root: str, label: str, names: list[str] |
 
 
 def model_path(store: Store, ref: dict) -> str:
-    """Where a model input's files are: its own directory, or the tree of a model the store built."""
-    return ref["key"] if ref["kind"] == "model" else str(store.tree(Ref.of(ref)))
+    """Where a model input's files are: its own directory (checked by read_source), or the tree of a
+    model the store built."""
+    return read_source(store, ref) if ref["kind"] == "model" else str(store.tree(Ref.of(ref)))
 
 
 # ---- the nodes -----------------------------------------------------------------------------------
@@ -132,7 +169,7 @@ class Sensitivity(Node):
         src = model_path(store, inputs["teacher"])
         model = models.load_model(src, dtype=self.dtype, device=self.device)
         tok = models.load_tokenizer(src)
-        samples = data.load_encoded(inputs["seeds"]["key"], tok, self.max_length, self.k, self.sample_seed,
+        samples = data.load_encoded(read_source(store, inputs["seeds"]), tok, self.max_length, self.k, self.sample_seed,
                                     self.chat_template)
         sens = sensitivity.compute_sensitivity(model, samples)
         totals = sensitivity.layer_totals(sens, model.config).tolist()  # from the fp32 sums, before rounding
@@ -291,7 +328,7 @@ class Adapter(Node):
         student = models.load_model(src, dtype=self.dtype, device=self.device)
         tok = models.load_tokenizer(src)
         init_dir = store.tree(Ref.of(inputs["init"])) if self.init == "extracted" else None
-        samples = data.load_encoded(inputs["train"]["key"], tok, tp.max_length)[: tp.n_train]
+        samples = data.load_encoded(read_source(store, inputs["train"]), tok, tp.max_length)[: tp.n_train]
         result = finetune.train_adapter(student, samples, tp, tok.pad_token_id, self.init, init_dir)
         cfg = arch.config_from_shape(arch.shape_of(student.config))
         lora_init.save_adapter(out, result.state, cfg, result.rank, result.alpha, tp.dropout,
@@ -321,7 +358,8 @@ class Scores(Node):
         if "adapter" in inputs:
             model = models.with_adapter(model, store.tree(Ref.of(inputs["adapter"])))
         judge = model_path(store, inputs["judge"]) if "judge" in inputs else None
-        res = evaluate.evaluate(model, models.load_tokenizer(src), self.benchmark, inputs["data"]["key"],
+        data_dir = read_source(store, inputs["data"], score_data_files(self.split))
+        res = evaluate.evaluate(model, models.load_tokenizer(src), self.benchmark, data_dir,
                                 split=self.split, num_fewshot=self.num_fewshot, limit=self.limit, judge=judge)
         return Tensors(res.per_example, {"summary": json.dumps(res.summary, sort_keys=True)})
 

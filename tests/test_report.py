@@ -97,7 +97,10 @@ def test_the_issue_case_is_not_counted_as_beaten():
         pytest.approx(d.mean()), pytest.approx(lo), pytest.approx(hi))
     assert sm["transfer_verdict"] == "not distinguishable from spectrum-matched (corrected interval includes 0)"
     lines = report.headline(s.reset_index(), "exact_match")
-    assert lines[1] == ("  transfer beats 0 of 1 controls (corrected interval of the paired difference excludes 0); "
+    # transfer beats lora, and so does spectrum-matched: the sentence says it is an init effect
+    assert lines[1] == ("  1 of 1 other trained inits also beat lora (spectrum-matched): beating lora is an init effect "
+                        "these share, not by itself evidence of the teacher's knowledge")
+    assert lines[2] == ("  transfer beats 0 of 1 controls (corrected interval of the paired difference excludes 0); "
                         "not distinguishable from spectrum-matched")
 
 
@@ -127,6 +130,8 @@ def test_every_verdict_string_for_known_differences():
     lines = report.headline(s.reset_index(), "exact_match")
     assert lines == [
         f"s / gsm / exact_match: transfer 0.5000 vs lora 0.4500 — better than lora ({report._ci_text(s.loc['transfer'])})",
+        "  2 of 3 other trained inits also beat lora (random-submatrix, spectrum-matched): beating lora is an init "
+        "effect these share, not by itself evidence of the teacher's knowledge",
         "  transfer beats 1 of 3 controls (corrected interval of the paired difference excludes 0): shuffled; "
         "not distinguishable from spectrum-matched; worse than random-submatrix",
         f"  vs vanilla (one deterministic run, one-sample interval): better than vanilla "

@@ -545,9 +545,9 @@ def gate_lines(stats_: dict) -> list[str]:
         return list(render(stats_))
     out = []
     for name, g in (stats_.get("gates") or {}).items():
-        out.append(f"{name}: {g.get('value', float('nan')):.4g} against threshold {g.get('threshold', float('nan')):.4g}"
-                   f" on {g.get('split', '?')}: {'passed' if g.get('passed') else 'FAILED'}"
-                   + (f" ({g['what']})" if g.get("what") else ""))
+        out.append(f"gate {name}: {g.get('value', float('nan')):.4g} against threshold "
+                   f"{g.get('threshold', float('nan')):.4g} on {g.get('split', '?')}: "
+                   f"{'passed' if g.get('passed') else 'FAILED'}" + (f" ({g['what']})" if g.get("what") else ""))
     return out
 
 
@@ -557,6 +557,11 @@ def scale_section(scores: pd.DataFrame, protocol: dict) -> list[str]:
     lines = ["## Scale: what this run can and cannot say", ""]
     if protocol.get("scale"):
         lines += [protocol["scale"], ""]
+    fams = protocol.get("families") or {}
+    failed = [f for f, st in fams.items() if any(not g.get("passed") for g in (st.get("gates") or {}).values())]
+    if failed:
+        lines += [f"**Quality gates failed in {len(failed)} of {len(fams)} families ({', '.join(failed)})**: on those, "
+                  "the testbed cannot show what the study asks (gates below).", ""]
     if "n_items" in scores and scores["n_items"].notna().any():
         sizes = scores.groupby(["task", "benchmark"], sort=False)["n_items"].agg(["min", "max"])
         lines.append("- test set: " + "; ".join(
@@ -577,7 +582,7 @@ def scale_section(scores: pd.DataFrame, protocol: dict) -> list[str]:
         who = [f"{w} {', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in st[w].items())}"
                for w in ("teacher", "student") if isinstance(st.get(w), dict)]
         lines.append(f"- {fam}: " + "; ".join(who) if who else f"- {fam}")
-        lines += [f"  - gate {g}" for g in gates] or ["  - no quality gates recorded for this family"]
+        lines += [f"  - {g.strip()}" for g in gates] or ["  - no quality gates recorded for this family"]
     return lines + [""]
 
 

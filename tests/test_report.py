@@ -238,8 +238,13 @@ def test_report_md_carries_the_caveat_gates_test_size_steps_and_protocol(tmp_pat
                                protocol=protocol_fixture())["markdown"].read_text()
     assert SMOKE in text
     assert "test set: gsm · gsm: 128 items" in text and "optimizer steps per training run: 16" in text
-    assert "teacher_above_student: 0.62 against threshold 0.3 on gate: passed" in text
-    assert "lora_headroom: 0.04 against threshold 0.1 on gate: FAILED" in text
+    gates = report.gate_lines(protocol_fixture()["families"]["family-0"])  # the family's renderer, or pkt's own
+    assert gates and all(line.strip() in text for line in gates)
+    block = text[text.index("- family-0"):text.index("## Protocol")]
+    for name, value, threshold in (("teacher_above_student", "0.62", "0.3"), ("lora_headroom", "0.04", "0.1")):
+        assert name in block and value in block and threshold in block
+    assert "fail" in block.lower()
+    assert "**Quality gates failed in 1 of 1 families (family-0)**" in text
     assert "every trained variant has 4 settings" in text
     assert "test runs use seeds [0, 1, 2], which chose nothing" in text
     # both chosen settings sit on an edge of their grid: flagged

@@ -21,8 +21,8 @@ def artifact_key(title: str, tag: str | None, what: str) -> str:
 def ui_table(summary: pd.DataFrame) -> list[dict]:
     """The score table as a person reads it in the UI: variant and metric first, short names, 4 decimals."""
     t = summary.assign(student=summary["student"].map(lambda s: Path(str(s)).name))
-    first = ["variant", "metric", "mean", "std", "n", "diff", "ci_low", "ci_high", "p_perm", "verdict",
-             "transfer_diff", "transfer_ci_low", "transfer_ci_high", "transfer_p_perm", "transfer_verdict",
+    first = ["variant", "metric", "mean", "std", "n", "diff", "ci_low", "ci_high", "p_t", "p_adj", "verdict",
+             "transfer_diff", "transfer_ci_low", "transfer_ci_high", "transfer_p_t", "transfer_p_adj", "transfer_verdict",
              "top_sv", "top_sv_ratio", "task", "benchmark", "student"]
     t = t[[c for c in first if c in t] + [c for c in t if c not in first]]
     return json.loads(t.round(4).to_json(orient="records"))
@@ -48,7 +48,7 @@ def publish(store: Store, title: str, results: list[dict], *, tag: str | None = 
         md += ["", report.markdown(summary)]
         create_table_artifact(key=artifact_key(title, tag, "scores"), table=ui_table(summary),
                               description="pkt scores: mean, std, variant - lora and transfer - variant with "
-                                          "95% CI and sign-flip p")
+                                          "95% CI, t-test p and its Holm/BH-adjusted p")
     if paths:
         md += ["", *(f"- {k}: `{Path(v).resolve()}`" for k, v in paths.items())]
     md += ["", "## Nodes", "", nodes_markdown(store, results)]

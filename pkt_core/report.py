@@ -347,6 +347,12 @@ def headline(summary: pd.DataFrame, metric: str) -> list[str]:
         head = f"{_name(student)} / {task} / {metric}: transfer {t['mean']:.4f}"
         if BASELINE in by.index:
             out.append(f"{head} vs lora {by.loc[BASELINE, 'mean']:.4f} — {t['verdict']} ({_ci_text(t)})")
+            others = [v for v in by.index if v not in NOT_CONTROLS]
+            also = [v for v in others if str(by.loc[v, "verdict"]).startswith("better")]
+            if str(t["verdict"]).startswith("better") and others:
+                out.append(f"  {len(also)} of {len(others)} other trained inits also beat lora"
+                           + (f" ({', '.join(also)}): beating lora is an init effect these share, not by itself "
+                              "evidence of the teacher's knowledge" if also else ""))
         else:
             out.append(f"{head} (this sweep has no lora baseline to compare with)")
         controls = [v for v in by.index if v not in NOT_CONTROLS]
@@ -539,9 +545,9 @@ def gate_lines(stats_: dict) -> list[str]:
         return list(render(stats_))
     out = []
     for name, g in (stats_.get("gates") or {}).items():
-        out.append(f"{name}: {g.get('value', float('nan')):.4g} against threshold {g.get('threshold', float('nan')):.4g}"
-                   f" on {g.get('split', '?')}: {'passed' if g.get('passed') else 'FAILED'}"
-                   + (f" ({g['what']})" if g.get("what") else ""))
+        out.append(f"gate {name}: {g.get('value', float('nan')):.4g} against threshold "
+                   f"{g.get('threshold', float('nan')):.4g} on {g.get('split', '?')}: "
+                   f"{'passed' if g.get('passed') else 'FAILED'}" + (f" ({g['what']})" if g.get("what") else ""))
     return out
 
 
@@ -551,6 +557,11 @@ def scale_section(scores: pd.DataFrame, protocol: dict) -> list[str]:
     lines = ["## Scale: what this run can and cannot say", ""]
     if protocol.get("scale"):
         lines += [protocol["scale"], ""]
+    fams = protocol.get("families") or {}
+    failed = [f for f, st in fams.items() if any(not g.get("passed") for g in (st.get("gates") or {}).values())]
+    if failed:
+        lines += [f"**Quality gates failed in {len(failed)} of {len(fams)} families ({', '.join(failed)})**: on those, "
+                  "the testbed cannot show what the study asks (gates below).", ""]
     if "n_items" in scores and scores["n_items"].notna().any():
         sizes = scores.groupby(["task", "benchmark"], sort=False)["n_items"].agg(["min", "max"])
         lines.append("- test set: " + "; ".join(
@@ -571,7 +582,7 @@ def scale_section(scores: pd.DataFrame, protocol: dict) -> list[str]:
         who = [f"{w} {', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in st[w].items())}"
                for w in ("teacher", "student") if isinstance(st.get(w), dict)]
         lines.append(f"- {fam}: " + "; ".join(who) if who else f"- {fam}")
-        lines += [f"  - gate {g}" for g in gates] or ["  - no quality gates recorded for this family"]
+        lines += [f"  - {g.strip()}" for g in gates] or ["  - no quality gates recorded for this family"]
     return lines + [""]
 
 
@@ -696,13 +707,24 @@ def _forest(ax, rows: pd.DataFrame, prefix: str, metric: str) -> None:
     """Differences with their 95% interval (thin) and corrected interval (thick), coloured by the
     corrected verdict; the axis spans the intervals, not 0 to the values."""
     y = np.arange(len(rows))[::-1]
+    # the axis spans 0, the differences and their 95% intervals; a wider corrected interval is cut at
+    # the edge and marked with an arrow, so that it cannot shrink the differences out of sight
+    span = pd.concat([rows[prefix + c] for c in ("diff", "ci_low", "ci_high")]).dropna().tolist() + [0.0]
+    lo, hi = min(span), max(span)
+    pad = 0.08 * (hi - lo) or 1e-3
+    lo, hi = lo - pad, hi + pad
     for yi, (_, r) in zip(y, rows.iterrows()):
         color = VERDICT_COLORS.get(str(r.get(prefix + "verdict", "")).split(" ")[0], "tab:gray")
         if not pd.isna(r[prefix + "ci_low"]):
             ax.plot([r[prefix + "ci_low"], r[prefix + "ci_high"]], [yi, yi], color=color, lw=1)
         if not pd.isna(r.get(prefix + "ci_low_adj", np.nan)):
-            ax.plot([r[prefix + "ci_low_adj"], r[prefix + "ci_high_adj"]], [yi, yi], color=color, lw=3.5, alpha=0.6)
+            a, b = r[prefix + "ci_low_adj"], r[prefix + "ci_high_adj"]
+            ax.plot([max(a, lo), min(b, hi)], [yi, yi], color=color, lw=3.5, alpha=0.6)
+            for end, edge, marker in ((a, lo, "<"), (b, hi, ">")):
+                if (end < edge) if marker == "<" else (end > edge):
+                    ax.plot([edge], [yi], marker, color=color, ms=6)
         ax.plot([r[prefix + "diff"]], [yi], "o", color=color)
+    ax.set_xlim(lo, hi)
     ax.axvline(0, color="k", lw=0.8)
     label = PREFIXES[prefix]
     ax.set_yticks(y, [label.format(v=r["variant"]) for _, r in rows.iterrows()], fontsize=7)
@@ -747,7 +769,7 @@ def bar_chart(summary: pd.DataFrame, path: str | Path) -> Path:
                (("better", "better (corrected interval excludes 0)"), ("worse", "worse (corrected interval excludes 0)"),
                 ("not", "not distinguishable"))]
     handles += [Line2D([], [], color="k", lw=1, label="95% interval"),
-                Line2D([], [], color="k", lw=3.5, alpha=0.6, label="corrected interval (Holm / BH)")]
+                Line2D([], [], color="k", lw=3.5, alpha=0.6, label="corrected interval (Holm / BH; ▶ cut at the edge)")]
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle("pkt: paired differences (the first named is better or worse than the second)", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
@@ -757,19 +779,22 @@ def bar_chart(summary: pd.DataFrame, path: str | Path) -> Path:
 
 
 LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")
 
 
 def curve_styles(variants: list[str]) -> dict[str, dict]:
-    """A distinct (colour, linestyle) per variant, transfer thick and black: 10 colours x 4 styles."""
+    """A distinct (colour, linestyle) per variant, transfer thick and black: 10 colours x 4 styles, and
+    a marker each (a run of one step is a point, not a line)."""
     import matplotlib
 
     palette = [c for c in matplotlib.colormaps["tab10"].colors]
     out, i = {}, 0
     for v in variants:
         if v == SUBJECT:
-            out[v] = {"color": "black", "linestyle": "-", "lw": 2.4}
+            out[v] = {"color": "black", "linestyle": "-", "lw": 2.4, "marker": "o"}
             continue
-        out[v] = {"color": palette[i % 10], "linestyle": LINESTYLES[(i // 10) % 4], "lw": 1.2}
+        out[v] = {"color": palette[i % 10], "linestyle": LINESTYLES[(i // 10) % 4], "lw": 1.2,
+                  "marker": MARKERS[(i + 1) % len(MARKERS)]}
         i += 1
     return out
 
@@ -793,7 +818,8 @@ def curves_chart(curves: pd.DataFrame, path: str | Path) -> Path:
         for variant, v in g.groupby("variant", sort=False):
             by_step = v.groupby("step")["loss"]
             mean = by_step.mean()
-            ax.plot(mean.index, mean.values, label=variant, **styles[variant])
+            ax.plot(mean.index, mean.values, label=variant, markevery=max(1, len(mean) // 8), ms=4,
+                    **styles[variant])
             ax.fill_between(mean.index, by_step.min().values, by_step.max().values, alpha=0.08,
                             color=styles[variant]["color"])
         ax.set_title(f"{_name(student)} · {task}", fontsize=9)

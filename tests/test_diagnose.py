@@ -147,6 +147,41 @@ def test_first_step_from_a_nonzero_init_stays_in_the_tangent_space():
     assert diagnose.update_cosine(step, hand_g) ** 2 <= share + 1e-6
 
 
+def test_first_peft_step_on_a_llama_realizes_each_modules_share():
+    """End to end on a tiny Llama, embeddings and lm_head included: peft's standard init with its
+    nonzero factor made orthonormal (A's rows; for an embedding peft zeroes A, so B's columns). One
+    plain SGD step of the fine-tuning loss through peft then moves every module along the projection
+    of -G, so cos^2(realized step, -G) is the share the diagnostic reports for that module."""
+    from peft.tuners.lora import LoraLayer
+
+    params = finetune.TrainParams(rank=2, alpha=4.0, dropout=0.0, micro_batch=4, seed=1,
+                                  modules=("q", "down", "embed", "lm_head"))
+    samples = random_samples(6, length=10)
+    model = tiny_model()
+    grads = diagnose.step0_gradients(model, samples, 0, params.modules, params.micro_batch)
+    wrapped, _, _ = finetune.peft_model(model, params, "lora")
+    layers = {name: wrapped.get_submodule(lora_init.PEFT_PREFIX + name.removesuffix(".weight")) for name in grads}
+    with torch.no_grad():
+        for layer in layers.values():
+            assert isinstance(layer, LoraLayer)
+            if "default" in layer.lora_embedding_A:
+                b = layer.lora_embedding_B["default"]
+                b.copy_(torch.linalg.qr(b)[0])
+            else:
+                a = layer.lora_A["default"].weight
+                a.copy_(torch.linalg.qr(a.T)[0].T)
+    shares = diagnose.module_rows(wrapped, grads).set_index("name")["share"]
+    lr = 1e-3
+    opt = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=lr)
+    wrapped.train()
+    finetune._accumulate(wrapped, samples, params.micro_batch, 0, torch.device("cpu"))
+    opt.step()
+    for name, layer in layers.items():
+        step = layer.get_delta_weight("default").detach() / lr  # was exactly 0: B = 0 (A = 0 for embeddings)
+        assert diagnose.update_cosine(step, grads[name]) ** 2 == pytest.approx(shares[name], rel=1e-3), name
+    assert 0 < shares.min() and shares.max() < 1
+
+
 def _hand_gradients(model, samples, names):
     """The fine-tuning loss written out: summed answer-token NLL over every sample / answer tokens."""
     params = dict(model.named_parameters())

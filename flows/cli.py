@@ -44,6 +44,25 @@ def _allow_bin_arg(p: argparse.ArgumentParser) -> None:
                    help="also load pickled *.bin checkpoints (with torch weights_only=True); off by default")
 
 
+def _force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="write the report into a non-empty directory pkt did not write (replacing its report files)")
+
+
+def _report_dir(path: str, flag: str, args, inputs=(), store: str | None = None) -> None:
+    """Before any work: refuse a report directory that would clobber a user's files; with --force,
+    claim it for pkt (flows/outputs.py)."""
+    from pkt.artifacts.store import default_root
+
+    from .outputs import check_out_dir, claim_report_dir
+
+    checks = {"inputs": inputs, "store": store or default_root()}
+    if args.force:
+        claim_report_dir(path, flag, force=True, **checks)
+    else:
+        check_out_dir(path, flag, **checks)
+
+
 def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (device_map over GPUs)")
@@ -59,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="demo", help="family size: demo (default) or test (builds in seconds)")
     p.add_argument("--seeds", default="3", help="training seeds per variant (default 3)")
     p.add_argument("--report-dir", default=None, help="default: pkt-report (pkt-study with --study)")
+    _force_arg(p)
     p.add_argument("--runner", default="threads", help="task runner: threads (default, one worker), processes, "
                    "or dask (a LocalCluster)")
     p.add_argument("--workers", default="1", help="parallel workers for processes or dask (default 1)")
@@ -95,23 +115,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="1", help="training seeds per variant (default 1)")
     p.add_argument("--train", default="{}", help='TrainParams overrides as JSON, e.g. \'{"lr": 1e-3}\'')
     p.add_argument("--report-dir", default="pkt-report")
+    _force_arg(p)
     _device_args(p)
     _store_arg(p)
 
     p = sub.add_parser("sweep", help="run a sweep config (YAML or TOML)")
     p.add_argument("--config", required=True)
+    _force_arg(p)
     _allow_bin_arg(p)
     _store_arg(p)
 
     p = sub.add_parser("report", help="rebuild the report (markdown, CSV, PNG) from a runs.csv")
     p.add_argument("--runs", required=True, help="runs.csv written by a sweep")
     p.add_argument("--out", default="pkt-report")
+    _force_arg(p)
     p.add_argument("--metric", default="exact_match/strict-match", help="metric for the headline sentences")
 
     p = sub.add_parser("export", help="merge a stored adapter into its student and write an HF model dir")
     p.add_argument("--student", required=True)
     p.add_argument("--adapter", required=True, help="adapter key (or prefix) in the store, or an adapter folder")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new or empty directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out (never the student's or the adapter's own directory)")
     _allow_bin_arg(p)
     _store_arg(p)
 
@@ -313,6 +338,7 @@ def cmd_demo(args) -> int:
     if args.study:
         family_seeds = _seed_list(args.families, "--families")
         started = time.time()
+        _report_dir(args.report_dir or "pkt-study", "--report-dir", args, store=args.store)
         with prefect_api():
             from .study import study
 
@@ -325,6 +351,7 @@ def cmd_demo(args) -> int:
     cfg = validate(DemoConfig, {"size": args.size, "seeds": args.seeds, "report_dir": args.report_dir or "pkt-report",
                                 "store": args.store, "runner": args.runner, "workers": args.workers}, "",
                    {"size": "--size", "seeds": "--seeds", "runner": "--runner", "workers": "--workers"})
+    _report_dir(cfg.report_dir, "--report-dir", args, store=cfg.store)
     with prefect_api():
         from .demo import demo
 
@@ -367,6 +394,7 @@ def cmd_transfer(args) -> int:
     args.store = store_option(args.store)
     cfg = transfer_config(args)
     check_sweep_inputs(cfg)
+    _report_dir(cfg.report_dir, "--report-dir", args, [cfg.teacher, *cfg.students, cfg.tasks[0].dir], cfg.store)
     with prefect_api():
         from .sweep import transfer
 
@@ -387,6 +415,8 @@ def cmd_sweep(args) -> int:
         cfg = cfg.model_copy(update={"store": args.store})
     cfg = cfg.model_copy(update={"store": store_option(cfg.store)})
     check_sweep_inputs(cfg)
+    _report_dir(cfg.report_dir, f"{args.config}: report_dir", args,
+                [cfg.teacher, *cfg.students, *(t.dir for t in cfg.tasks)], cfg.store)
     with prefect_api():
         from .sweep import sweep
 
@@ -511,6 +541,9 @@ def cmd_report(args) -> int:
         raise DataError(f"{path}: missing columns {sorted(missing)}; give the runs.csv a sweep wrote")
     if runs.empty:
         raise DataError(f"{path}: no rows, only the header; give the runs.csv of a sweep that ran")
+    from .outputs import claim_report_dir
+
+    claim_report_dir(args.out, "--out", force=args.force)
     # the report directory's other tables and its protocol (endpoint, grids, caveat), when beside it
     extra = {name: report.read_csv(path.with_name(f"{name}.csv")) for name in ("curves", "selection", "items")
              if path.with_name(f"{name}.csv").is_file()}
@@ -563,6 +596,8 @@ def cmd_export(args) -> int:
     from pkt.artifacts.store import Ref, Store
     from pkt.core import models, preflight
 
+    from .outputs import check_out_dir, write_dir
+
     preflight.check_model_files(args.student)
     store = Store(args.store)
     if not args.adapter.strip():
@@ -570,26 +605,54 @@ def cmd_export(args) -> int:
                                    "them) or an adapter folder")
     if Path(args.adapter).is_dir():
         folder = Path(args.adapter)
-        if not (folder / "adapter_config.json").is_file():
-            raise models.ModelNotFound(f"--adapter {folder}: no adapter_config.json there; give a peft adapter "
-                                       "folder or an adapter key from `pkt store ls --kind adapter`")
     else:
         rec = store.find(args.adapter)
         if rec is None or rec["kind"] != "adapter":
             raise models.ModelNotFound(f"no adapter with key {args.adapter!r} in {store.root}; see `pkt store ls`")
         folder = store.tree(Ref.of(rec))
+    _check_adapter_folder(folder)
+    out = check_out_dir(args.out, "--out", force=args.force, inputs=[args.student, folder], store=store.root,
+                        replaces=True)
     try:
         model = PeftModel.from_pretrained(models.load_model(args.student), str(folder)).merge_and_unload()
-    except RuntimeError as e:
-        if "size mismatch" not in str(e):
+    except RuntimeError as e:  # torch's "size mismatch for <name>: copying a param with shape ..."
+        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), None)
+        if mismatch is None:
             raise
-        first = next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)
-        raise preflight.ShapeMismatch(f"--adapter {args.adapter} does not fit --student {args.student} ({first}); "
-                                      "give the student the adapter was trained for") from None
-    model.save_pretrained(args.out, safe_serialization=True)
-    models.load_tokenizer(args.student).save_pretrained(args.out)
-    print(f"merged model written to {Path(args.out).resolve()}")
+        raise preflight.ShapeMismatch(f"adapter {folder} does not fit student {args.student} ({mismatch.rstrip('.')}); "
+                                      "give the adapter trained for this student, or the student it was trained "
+                                      "for") from None
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        models.load_tokenizer(args.student).save_pretrained(tmp)
+
+    def check(tmp: Path) -> None:
+        if not (tmp / "config.json").is_file() or not models.weight_files(tmp):
+            raise OSError(f"--out {args.out}: the merged model was not written (no config.json or *.safetensors); "
+                          "nothing was changed there")
+
+    write_dir(out, fill, check)
+    print(f"merged model written to {out.resolve()}")
     return 0
+
+
+def _check_adapter_folder(folder: Path) -> None:
+    """A peft adapter folder pkt may load: adapter_config.json and safetensors weights, or pickled
+    adapter_model.bin only with --allow-bin (peft would torch.load it)."""
+    from pkt.core.models import ModelNotFound, PickledWeights
+
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelNotFound(f"{folder}: no adapter_config.json; give a peft adapter folder or an adapter key from "
+                            "`pkt store ls`")
+    if (folder / "adapter_model.safetensors").is_file():
+        return
+    if not (folder / "adapter_model.bin").is_file():
+        raise ModelNotFound(f"{folder}: no adapter_model.safetensors; give a peft adapter folder with its weights")
+    if os.environ.get("PKT_ALLOW_BIN") != "1":
+        raise PickledWeights(f"{folder}: the adapter's weights are pickled (adapter_model.bin), which can run code "
+                             "when loaded; convert them to safetensors, or pass --allow-bin to load them with "
+                             "weights_only=True")
 
 
 def cmd_store(args) -> int:

@@ -20,6 +20,7 @@ from pkt.tasks import nodes
 from .config import SweepConfig, TaskSpec, parse_config
 from .extract import ChainOptions, extraction_chain, init_node
 from .graph import Graph, source_name, task_runner, torch_threads_per_worker
+from .outputs import check_out_dir, claim_report_dir
 from .summary import publish
 from .variants import VARIANTS, Variant
 
@@ -88,6 +89,7 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     test: no run that chose a setting is scored on test. protocol: what the report states beside the
     data (scale caveat, family gates), see report.write_report."""
     store = graph.store
+    check_out_dir(cfg.report_dir, "report_dir")  # before any work: the report must not land on a user's files
     teacher = graph.source("model", cfg.teacher)
     groups = []  # (student path, student future, shape, task, train data future)
     for student_path in cfg.students:
@@ -228,7 +230,8 @@ def _score(graph: Graph, cfg: SweepConfig, student: PrefectFuture, adapter, task
 
 def copy_report(store: Store, ref: dict, out_dir: str) -> dict[str, Path]:
     """The report node's files, copied into out_dir (each replaced atomically: a reader never sees
-    half a report file)."""
+    half a report file). A directory holding a user's files is refused (flows/outputs.py)."""
+    claim_report_dir(out_dir)
     tree = store.tree(Ref.of(ref))
     paths = {name: Path(out_dir) / f for name, f in report.REPORT_FILES.items() if (tree / f).exists()}
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -307,7 +307,7 @@ def test_an_adapter_of_the_wrong_shape_is_one_sentence(mini_family, tmp_path, ca
     out = tmp_path / "merged"
     err = refused(capsys, ["export", "--student", str(mini_family / "student"), "--adapter",
                            str(tmp_path / "teacher-adapter"), "--out", str(out)],
-                  "does not fit --student", "size mismatch", "give the student the adapter was trained for")
+                  "does not fit student", "size mismatch", "the student it was trained for")
     assert "teacher-adapter" in err and not out.exists()
 
 

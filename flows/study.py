@@ -86,7 +86,8 @@ def study_config(family_root: str, seeds: list[int], store: str | None, report_d
     own_axis = {v: {"alpha": list(alphas)} for v in variants if VARIANTS[v].trains and not VARIANTS[v].extracted}
     return {"teacher": str(root / "teacher"), "students": [str(root / "student")], "tasks": tasks,
             "variants": list(variants), "seeds": list(seeds), "selection_seeds": list(selection_seeds),
-            "early_teacher": str(root / "teacher-early"), "cross_task_seeds": str(root / "tasks" / "sni" / "seeds.jsonl"),
+            "early_teacher": str(root / "teacher-early"),
+            "cross_task_seeds": str(root / "tasks" / "sni" / "seeds.jsonl"),
             "train": {**STUDY_TRAIN, **(train or {})}, "train_grid": {"lr": list(lrs), "init_scale": list(scales)},
             "variant_grid": own_axis, "select_on": "answer_nll", "benchmarks": ["answer_nll"],
             "endpoint": study_endpoint(tasks), "max_length": 96, "report_dir": report_dir,

@@ -96,7 +96,8 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
         student = graph.source("model", student_path)
         shape = arch.shape_of(models.load_config(student_path))
         for task in cfg.tasks:
-            groups.append((student_path, student, shape, task, graph.source("file", str(Path(task.dir) / "train.jsonl"))))
+            train = graph.source("file", str(Path(task.dir) / "train.jsonl"))
+            groups.append((student_path, student, shape, task, train))
     # every group's selection runs first, so that the workers have them all before any choice waits
     val = [_submit_selection(graph, cfg, teacher, group) for group in groups]
     scored, selection = [], []  # (row fields, scores future, adapter future or None); val rows
@@ -106,7 +107,8 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
                  "metric": metric, "value": nodes.score_summary(store, f.result())[metric]}
                 for (v, setting, seed), f in val_scores.items()]
         selection += rows
-        chosen = {v: json.loads(x) for v, x in report.select_settings(pd.DataFrame(rows), metric).items()} if rows else {}
+        chosen = ({v: json.loads(x) for v, x in report.select_settings(pd.DataFrame(rows), metric).items()}
+                  if rows else {})
         benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
         for v, setting, seed in chosen_runs(cfg, chosen):
             label = _label(path, task, v, setting, seed)

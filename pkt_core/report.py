@@ -156,7 +156,8 @@ def summarize(scores: pd.DataFrame, endpoint: dict | None = None, alpha: float =
 def _pooled_rows(keys: dict, group: pd.DataFrame) -> list[dict]:
     """Families as a random effect: a variant's mean is the mean of its family means; a comparison's
     unit is a family's mean paired difference over seeds, and its interval is over families."""
-    by_family = {f: {v: g for v, g in fg.groupby("variant", sort=False)} for f, fg in group.groupby("family", sort=False)}
+    by_family = {f: {v: g for v, g in fg.groupby("variant", sort=False)}
+                 for f, fg in group.groupby("family", sort=False)}
     out = []
     for v, g in group.groupby("variant", sort=False):
         means = np.array([runs[v]["value"].mean() for runs in by_family.values() if v in runs])
@@ -577,22 +578,33 @@ def scale_section(scores: pd.DataFrame, protocol: dict) -> list[str]:
     lines.append(f"- {families} famil{'ies' if families != 1 else 'y'}, {seeds} test seeds per variant"
                  + ("" if families > 1 else ": every interval is over training seeds of one model pair and says "
                     "nothing about other pairs"))
-    for fam, st in (protocol.get("families") or {}).items():
+    for fam, st in sorted(fams.items(), key=lambda kv: _natural(kv[0])):
+        st = {**st, "gates": dict(sorted((st.get("gates") or {}).items()))} if st.get("gates") else st
         gates = gate_lines(st)
-        who = [f"{w} {', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in st[w].items())}"
+        who = [f"{w} " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(st[w].items()))
                for w in ("teacher", "student") if isinstance(st.get(w), dict)]
         lines.append(f"- {fam}: " + "; ".join(who) if who else f"- {fam}")
         lines += [f"  - {g.strip()}" for g in gates] or ["  - no quality gates recorded for this family"]
     return lines + [""]
 
 
+def _natural(name: str) -> list:
+    """'family-10' after 'family-2'."""
+    import re
+
+    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", str(name))]
+
+
 def _axes(points: list[dict]) -> dict[str, list]:
+    """A grid's axes, by name (the report must not depend on a dict's insertion order: the report
+    node's bytes are a function of its key, which sees canonical JSON)."""
     axes: dict[str, list] = {}
     for p in points:
         for k, x in p.items():
             if x not in axes.setdefault(k, []):
                 axes[k].append(x)
-    return axes
+    return {k: sorted(axes[k], key=str) if not all(isinstance(x, (int, float)) for x in axes[k]) else sorted(axes[k])
+            for k in sorted(axes)}
 
 
 def edge_flags(setting: dict, points: list[dict]) -> list[str]:
@@ -611,7 +623,9 @@ def edge_flags(setting: dict, points: list[dict]) -> list[str]:
 
 def protocol_section(scores: pd.DataFrame, selection: pd.DataFrame | None, protocol: dict) -> list[str]:
     """The grids, the selection apart from test, and each chosen setting with its edge flags."""
-    grids = dict(protocol.get("grids") or {})
+    order = list(dict.fromkeys(scores["variant"]))
+    grids = {v: p for v, p in sorted((protocol.get("grids") or {}).items(),
+                                     key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))}
     if not grids and selection is not None and not selection.empty:
         grids = {v: [json.loads(x) for x in dict.fromkeys(g["setting"])] for v, g in selection.groupby("variant")}
     lines = ["## Protocol", ""]
@@ -766,10 +780,11 @@ def bar_chart(summary: pd.DataFrame, path: str | Path) -> Path:
     if not panels:
         fig.text(0.5, 0.5, "no comparison with data to draw", ha="center")
     handles = [Line2D([], [], color=VERDICT_COLORS[k], marker="o", lw=2, label=text) for k, text in
-               (("better", "better (corrected interval excludes 0)"), ("worse", "worse (corrected interval excludes 0)"),
-                ("not", "not distinguishable"))]
+               (("better", "better (corrected interval excludes 0)"),
+                ("worse", "worse (corrected interval excludes 0)"), ("not", "not distinguishable"))]
     handles += [Line2D([], [], color="k", lw=1, label="95% interval"),
-                Line2D([], [], color="k", lw=3.5, alpha=0.6, label="corrected interval (Holm / BH; ▶ cut at the edge)")]
+                Line2D([], [], color="k", lw=3.5, alpha=0.6,
+                       label="corrected interval (Holm / BH; ▶ cut at the edge)")]
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle("pkt: paired differences (the first named is better or worse than the second)", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
@@ -854,8 +869,8 @@ def write_report(scores: pd.DataFrame, out_dir: str | Path, primary: str, curves
     caveat of the run's size, in words), families (name -> the family's stats, with its gates)."""
     protocol = dict(protocol or {})
     given = {"curves": curves, "selection": selection, "items": items}
-    names = {k: f for k, f in REPORT_FILES.items()
-             if k.split("_")[0] not in given or (given[k.split("_")[0]] is not None and not given[k.split("_")[0]].empty)}
+    present = {k for k, t in given.items() if t is not None and not t.empty}
+    names = {k: f for k, f in REPORT_FILES.items() if k.split("_")[0] not in given or k.split("_")[0] in present}
     paths = {name: Path(out_dir) / f for name, f in names.items()}
     paths["markdown"].parent.mkdir(parents=True, exist_ok=True)
     endpoint = protocol.get("endpoint")

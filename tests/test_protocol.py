@@ -91,7 +91,8 @@ def test_the_study_protocol(family_dir, monkeypatch):
     at least 6 test seeds, the knowledge endpoint declared, and its plan counted before any work."""
     from pkt.flows import study
 
-    tasks = [{"name": n, "dir": str(family_dir / "tasks" / n), "benchmark": "gsm"} for n in ("facts-teacher-only", "gsm")]
+    tasks = [{"name": n, "dir": str(family_dir / "tasks" / n), "benchmark": "gsm"}
+             for n in ("facts-teacher-only", "gsm")]
     monkeypatch.setattr(study, "study_tasks", lambda root: tasks)
     cfg = parse_config(study.study_config(str(family_dir), study.STUDY_SEEDS, None, "r"))
     trained = [v for v in cfg.variants if VARIANTS[v].trains]

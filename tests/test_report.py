@@ -98,8 +98,8 @@ def test_the_issue_case_is_not_counted_as_beaten():
     assert sm["transfer_verdict"] == "not distinguishable from spectrum-matched (corrected interval includes 0)"
     lines = report.headline(s.reset_index(), "exact_match")
     # transfer beats lora, and so does spectrum-matched: the sentence says it is an init effect
-    assert lines[1] == ("  1 of 1 other trained inits also beat lora (spectrum-matched): beating lora is an init effect "
-                        "these share, not by itself evidence of the teacher's knowledge")
+    assert lines[1] == ("  1 of 1 other trained inits also beat lora (spectrum-matched): beating lora is an init "
+                        "effect these share, not by itself evidence of the teacher's knowledge")
     assert lines[2] == ("  transfer beats 0 of 1 controls (corrected interval of the paired difference excludes 0); "
                         "not distinguishable from spectrum-matched")
 
@@ -248,9 +248,15 @@ def test_report_md_carries_the_caveat_gates_test_size_steps_and_protocol(tmp_pat
     assert "every trained variant has 4 settings" in text
     assert "test runs use seeds [0, 1, 2], which chose nothing" in text
     # both chosen settings sit on an edge of their grid: flagged
-    assert "lora: lr [0.001, 0.01] × alpha [8, 32]; transfer: lr [0.001, 0.01] × init_scale [1.0, 2.0]" in text
-    assert "⚠ lr 0.001 is the lowest of [0.001, 0.01]; alpha 32 is the highest of [8, 32]" in text
-    assert "⚠ lr 0.01 is the highest of [0.001, 0.01]; init_scale 1 is the lowest of [1.0, 2.0]" in text
+    assert "lora: alpha [8, 32] × lr [0.001, 0.01]; transfer: init_scale [1.0, 2.0] × lr [0.001, 0.01]" in text
+    assert "⚠ alpha 32 is the highest of [8, 32]; lr 0.001 is the lowest of [0.001, 0.01]" in text
+    assert "⚠ init_scale 1 is the lowest of [1.0, 2.0]; lr 0.01 is the highest of [0.001, 0.01]" in text
+    # the report node's bytes follow its key (canonical JSON): the protocol's dict order changes nothing
+    shuffled = {k: protocol_fixture()[k] for k in reversed(list(protocol_fixture()))}
+    shuffled["grids"] = {v: [dict(reversed(list(p.items()))) for p in ps]
+                         for v, ps in reversed(shuffled["grids"].items())}
+    again = report.write_report(table, tmp_path / "again", "exact_match", selection=selection, protocol=shuffled)
+    assert again["markdown"].read_text() == text
     assert text.index("## Primary endpoint") < text.index("## Scale") < text.index("## Protocol")
     assert "## What survives correction" in text
 

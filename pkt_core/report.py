@@ -966,14 +966,15 @@ def diagnostic_section(runs: pd.DataFrame, primary: str) -> str:
         for field in diagnose.FIELDS:
             r = res[field]
             boot = f"[{r['boot_low']:+.2f}, {r['boot_high']:+.2f}]" if "boot_low" in r else "n/a (< 5 families)"
-            reading = ("n/a" if np.isnan(r["ci_low"]) else "ranks the gain" if r["ci_low"] > 0
-                       else "ranks it inversely" if r["ci_high"] < 0 else "not distinguishable from no association")
+            lo, hi = min(r["ci_low"], r.get("boot_low", np.inf)), max(r["ci_high"], r.get("boot_high", -np.inf))
+            reading = ("n/a" if np.isnan(r["ci_low"]) else "ranks the gain" if lo > 0  # both intervals agree
+                       else "ranks it inversely" if hi < 0 else "not distinguishable from no association")
             lines.append(f"| {metric} | {field} | {r['n']} | {res['families']} | {r['rho']:+.2f} | "
                          f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {boot} | {r['p']:.3g} | {reading} |")
     return ("\n\n## Does the step-0 diagnostic predict the gain?\n\nBefore training, per init: diag_cos, the "
             "cosine between the init's applied update and the student's task gradient (positive = downhill), and "
             "diag_share, the part of that gradient the first LoRA step can follow. Gain: variant minus lora, paired "
-            "by seed, averaged per family x task x variant (positive = better; lora and untrained variants left "
-            "out). The Fisher-z interval (variance 1.06/(n-3)) treats cells as independent although the cells of "
+            "by seed, averaged per family x task x variant (positive = better; lora itself and vanilla, which has no "
+            "init, left out). A reading needs every interval shown to exclude 0. The Fisher-z interval (variance 1.06/(n-3)) treats cells as independent although the cells of "
             "one family share its lora runs; the bootstrap over families (5 or more) does not.\n\n"
             + "\n".join(lines) + "\n")

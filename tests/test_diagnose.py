@@ -353,6 +353,9 @@ def test_report_has_a_diagnostic_section_only_when_the_runs_carry_one(tmp_path):
     assert "Does the step-0 diagnostic predict the gain?" in text and "| acc | diag_cos | 24 | 6 |" in text
     rho = diagnose.predictive_power(runs, "acc")["diag_cos"]["rho"]
     assert f"{rho:+.2f}" in text
+    row = {line.split("|")[2].strip(): line for line in text.splitlines() if line.startswith("| acc |")}
+    assert row["diag_cos"].endswith("| ranks the gain |")  # built so: the gain grows with diag_cos
+    assert row["diag_share"].endswith("| not distinguishable from no association |")  # diag_share is noise
     assert report.diagnostic_section(runs.drop(columns=["diag_cos", "diag_share"]), "acc") == ""
     paths = report.write_report(runs, tmp_path / "rep", "acc")
     assert "Does the step-0 diagnostic predict" in paths["markdown"].read_text()

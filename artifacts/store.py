@@ -280,7 +280,7 @@ class Store:
 
     def _write_blob(self, data: bytes) -> str:
         tmp = self._tmp()
-        with self._cleanup_on_failure(tmp):
+        with self._cleanup_on_failure(tmp, needed=len(data)):
             tmp.write_bytes(data)
             return self._publish_blob(tmp)
 
@@ -304,16 +304,28 @@ class Store:
             return self._write_record(kind, key, digest, params, inputs, seconds, "blob")
 
     @contextlib.contextmanager
-    def _cleanup_on_failure(self, tmp: Path):
+    def _cleanup_on_failure(self, tmp: Path, needed: int | None = None):
         """No half-written temp file survives a failure; a full disk is a clear error."""
         try:
             yield
         except BaseException as e:
             tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise StoreError(f"store root {self.root}: the disk is full; nothing was stored. Free space, "
-                                 "run `pkt store gc`, or move the store with --store DIR / PKT_STORE") from None
+            self.raise_if_disk_full(e, needed)
             raise
+
+    def raise_if_disk_full(self, error: BaseException, needed: int | None = None, at_least: bool = False) -> None:
+        """Turn a full disk (an OSError, or the SafetensorError safetensors raises instead) into one
+        sentence naming the store, the space free and the space needed (at_least: a lower bound, what
+        a computation had written when the disk filled)."""
+        if not _is_disk_full(error):
+            return
+        try:
+            free = f"{_mb(shutil.disk_usage(self.root).free)} free"
+        except OSError:
+            free = "no space left"
+        need = "" if needed is None else f", {'more than ' if at_least else ''}{_mb(needed)} needed"
+        raise StoreError(f"store root {self.root}: the disk is full ({free}{need}); nothing was stored. Free "
+                         "space, run `pkt store gc`, or move the store with --store DIR / PKT_STORE") from None
 
     @contextlib.contextmanager
     def scratch_dir(self):
@@ -352,7 +364,7 @@ class Store:
         meta = {"kind": kind, "key": key, "params": canonical_json(params), **(metadata or {})}
         with self._lease():
             tmp = self._tmp(".safetensors")
-            with self._cleanup_on_failure(tmp):
+            with self._cleanup_on_failure(tmp, needed=sum(t.nelement() * t.element_size() for t in tensors.values())):
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
                 sort_safetensors_metadata(tmp)
                 digest = self._publish_blob(tmp)
@@ -364,11 +376,12 @@ class Store:
         safetensors headers are stored with sorted metadata: the library writes them in hash order."""
         directory = Path(directory)
         files = {}
+        total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
         with self._lease():  # from the first blob to the record: gc waits
             for p in sorted(directory.rglob("*")):
                 if p.is_file():
                     tmp = self._tmp()
-                    with self._cleanup_on_failure(tmp):
+                    with self._cleanup_on_failure(tmp, needed=total):
                         shutil.copyfile(p, tmp)
                         if p.suffix == ".safetensors":
                             sort_safetensors_metadata(tmp)
@@ -734,6 +747,22 @@ def _flock(path: Path, mode: int):
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    # safetensors raises its own SafetensorError ("I/O error: No space left on device (os error 28)")
+    text = str(error) if isinstance(error, Exception) else ""
+    return "os error 28" in text or "No space left on device" in text
+
+
+def _mb(n: int) -> str:
+    """A size a person reads: 812 bytes, 25.4 kB, 113.2 MB, 3.0 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _lock_is_free(path: Path) -> bool:

@@ -54,6 +54,14 @@ class CorruptBlob(StoreError):
     pass
 
 
+def lasting_root() -> Path:
+    """Where the folders of a read-only store are built for a person to use: $PKT_TREE_CACHE, else
+    $XDG_CACHE_HOME/pkt/trees (~/.cache/pkt/trees)."""
+    if os.environ.get("PKT_TREE_CACHE"):
+        return Path(os.environ["PKT_TREE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "pkt" / "trees"
+
+
 def default_root() -> Path:
     return Path(os.environ.get("PKT_STORE") or DEFAULT_ROOT)
 
@@ -552,9 +560,39 @@ class Store:
         return path
 
     def path(self, ref: Ref | dict) -> Path:
-        """Where a user finds the artifact: the tree for directories, the blob for tensors."""
+        """Where a user finds the artifact: the tree for directories (lasting_tree: it outlives this
+        process), the blob for tensors."""
         ref = Ref.of(ref)
-        return self.tree(ref) if self._is_manifest(ref) else self.blob_path(ref.digest)
+        return self.lasting_tree(ref) if self._is_manifest(ref) else self.blob_path(ref.digest)
+
+    def lasting_tree(self, ref: Ref | dict) -> Path:
+        """tree(), for a folder handed to a person (a printed path): on a read-only store that lacks
+        it, it is built in the user's cache (lasting_root()) instead of a temp folder removed when
+        the process exits, and checked against its manifest on every use like any tree."""
+        if self.writable():
+            return self.tree(ref)
+        ref = Ref.of(ref)
+        self.verify_ref(ref)
+        files = self.manifest(ref)
+        dest = self.root / "trees" / ref.digest
+        if self._tree_problem(dest, files) is None:
+            return dest
+        dest = lasting_root() / ref.digest
+        if self._tree_problem(dest, files) is None:
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        new = Path(tempfile.mkdtemp(prefix=f".{ref.digest[:12]}-", dir=dest.parent))
+        self._materialize(files, new)
+        shutil.rmtree(dest, ignore_errors=True)  # a bad copy (rmtree follows no symlink)
+        with contextlib.suppress(FileNotFoundError):
+            dest.unlink()  # a symlink or file in its place
+        try:
+            os.rename(new, dest)
+        except OSError:  # another process built it at the same moment
+            shutil.rmtree(new, ignore_errors=True)
+            if self._tree_problem(dest, files) is not None:
+                raise StoreError(f"tree {dest} could not be built outside the read-only store {self.root}") from None
+        return dest
 
     # ---- concurrency -----------------------------------------------------------------------
     @contextlib.contextmanager

@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 
+from pathlib import Path
+
 from pkt.artifacts.store import Store
 from pkt.flows.cli import main
 
@@ -110,3 +112,73 @@ def test_a_real_full_disk_is_one_sentence_and_leaves_nothing_half_written(mini_f
     assert line.startswith(f"pkt extract: error: store root {store}: the disk is full (") and "needed" in line
     assert not list(store.rglob("*.tmp"))  # no half-written memo or record
     assert Store(store).verify() == []  # what was recorded before the disk filled is whole
+
+
+# ---- a read-only store without trees -----------------------------------------------------------
+SHOW_PATH = textwrap.dedent("""
+    import sys
+    from pkt.artifacts.store import Ref, Store
+    print(Store(sys.argv[1]).path(Ref("lora_init", sys.argv[2], sys.argv[3])))
+""")
+
+
+def test_a_folder_printed_from_a_read_only_store_outlives_the_command(tmp_path):
+    """Replays 'on a read-only store without trees the printed base/init folders are deleted when
+    the command exits'."""
+    from test_store_runs import read_only_command
+
+    store = Store(tmp_path / "store")
+    src = tmp_path / "init"
+    src.mkdir()
+    (src / "adapter_config.json").write_text('{"r": 2}')
+    (src / "adapter_model.safetensors").write_bytes(b"weights")
+    ref = store.put_tree("lora_init", "i" * 64, src, params={}, inputs={})
+    assert not (store.root / "trees").exists()  # a store without trees (built on first use)
+    prefix = read_only_command(str(store.root))
+    if prefix is None:
+        pytest.skip("root without unshare: no way to make the store read-only here")
+    before = sorted(str(p) for p in store.root.rglob("*"))
+    env = {**os.environ, "PKT_TREE_CACHE": str(tmp_path / "cache")}
+    try:
+        out = subprocess.run(prefix + [sys.executable, "-c", SHOW_PATH, str(store.root), ref.key, ref.digest],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(store.root)])
+    assert out.returncode == 0, out.stderr
+    printed = Path(out.stdout.strip())
+    assert printed.parent == tmp_path / "cache"  # outside the store, which it left untouched
+    assert sorted(p.name for p in printed.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert (printed / "adapter_model.safetensors").read_bytes() == b"weights"  # still there after the exit
+    assert sorted(str(p) for p in store.root.rglob("*")) == before
+    assert Store(store.root).path(ref) == store.root / "trees" / ref.digest  # a writable store: its own tree
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_pkt_extract_on_a_read_only_store_prints_folders_that_stay(prefect_env, mini_family, tmp_path):
+    """The case as filed, through `pkt extract`: its printed base model and LoRA init folders."""
+    import shutil
+
+    from prefect.settings import PREFECT_API_URL
+    from test_store_runs import read_only_command
+
+    store = tmp_path / "store"
+    argv = ["extract", "--teacher", str(mini_family / "teacher"), "--seeds", str(mini_family / "tasks/gsm/seeds.jsonl"),
+            "--student", str(mini_family / "student"), "--rank", "2", "--store", str(store)]
+    assert main(argv) == 0
+    shutil.rmtree(store / "trees")
+    prefix = read_only_command(str(store))
+    if prefix is None:
+        pytest.skip("root without unshare: no way to make the store read-only here")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PKT_TREE_CACHE": str(tmp_path / "cache")}
+    try:
+        out = subprocess.run(prefix + [sys.executable, "-m", "pkt.flows.cli", *argv], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(store)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = {label: Path(line.split(label, 1)[1].strip()) for line in out.stdout.splitlines()
+               for label in ("base model:", "LoRA init:") if line.strip().startswith(label)}
+    assert (printed["base model:"] / "config.json").is_file()  # after the command exited
+    assert (printed["LoRA init:"] / "adapter_config.json").is_file()
+    assert not (store / "trees").exists()  # built outside the read-only store

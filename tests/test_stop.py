@@ -156,6 +156,7 @@ def _start_and_signal(argv, tmp_path, sig, ready: str):
 
 
 def _assert_stopped(tmp_path, seconds, code, out, children, sig, kind):
+    print(f"{signal.Signals(sig).name}: {kind} node stopped, command exited {seconds:.1f} s after the signal")
     assert code == 128 + sig, out
     assert seconds < 20, f"took {seconds:.1f} s to stop"
     assert "nothing half-done was stored, a rerun resumes" in out.splitlines()[-1]

@@ -1,6 +1,7 @@
 """A model's identity in the store: sha256 over its files, or repo@commit for a hub model."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -100,11 +101,12 @@ def _memo_file_digest(f: Path, memo_dir: Path | None) -> tuple[str, tuple]:
     _SEEN[path, stamp] = digest
     if memo is None:
         return digest, stamp
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
     try:
         memo_dir.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"path": path, "stamp": list(stamp), "digest": digest}))
         os.replace(tmp, memo)
-    except OSError:
-        pass  # a read-only store: the memo only saves time
+    except OSError:  # a read-only store or a full disk: the memo only saves time
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return digest, stamp

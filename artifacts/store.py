@@ -54,6 +54,14 @@ class CorruptBlob(StoreError):
     pass
 
 
+def lasting_root() -> Path:
+    """Where the folders of a read-only store are built for a person to use: $PKT_TREE_CACHE, else
+    $XDG_CACHE_HOME/pkt/trees (~/.cache/pkt/trees)."""
+    if os.environ.get("PKT_TREE_CACHE"):
+        return Path(os.environ["PKT_TREE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "pkt" / "trees"
+
+
 def default_root() -> Path:
     return Path(os.environ.get("PKT_STORE") or DEFAULT_ROOT).expanduser()
 
@@ -280,7 +288,7 @@ class Store:
 
     def _write_blob(self, data: bytes) -> str:
         tmp = self._tmp()
-        with self._cleanup_on_failure(tmp):
+        with self._cleanup_on_failure(tmp, needed=len(data)):
             tmp.write_bytes(data)
             return self._publish_blob(tmp)
 
@@ -304,16 +312,28 @@ class Store:
             return self._write_record(kind, key, digest, params, inputs, seconds, "blob")
 
     @contextlib.contextmanager
-    def _cleanup_on_failure(self, tmp: Path):
+    def _cleanup_on_failure(self, tmp: Path, needed: int | None = None):
         """No half-written temp file survives a failure; a full disk is a clear error."""
         try:
             yield
         except BaseException as e:
             tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise StoreError(f"store root {self.root}: the disk is full; nothing was stored. Free space, "
-                                 "run `pkt store gc`, or move the store with --store DIR / PKT_STORE") from None
+            self.raise_if_disk_full(e, needed)
             raise
+
+    def raise_if_disk_full(self, error: BaseException, needed: int | None = None, at_least: bool = False) -> None:
+        """Turn a full disk (an OSError, or the SafetensorError safetensors raises instead) into one
+        sentence naming the store, the space free and the space needed (at_least: a lower bound, what
+        a computation had written when the disk filled)."""
+        if not _is_disk_full(error):
+            return
+        try:
+            free = f"{_mb(shutil.disk_usage(self.root).free)} free"
+        except OSError:
+            free = "no space left"
+        need = "" if needed is None else f", {'more than ' if at_least else ''}{_mb(needed)} needed"
+        raise StoreError(f"store root {self.root}: the disk is full ({free}{need}); nothing was stored. Free "
+                         "space, run `pkt store gc`, or move the store with --store DIR / PKT_STORE") from None
 
     @contextlib.contextmanager
     def scratch_dir(self):
@@ -353,7 +373,7 @@ class Store:
         meta = {"kind": kind, "key": key, "params": canonical_json(params), **(metadata or {})}
         with self._lease():
             tmp = self._tmp(".safetensors")
-            with self._cleanup_on_failure(tmp):
+            with self._cleanup_on_failure(tmp, needed=sum(t.nelement() * t.element_size() for t in tensors.values())):
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
                 sort_safetensors_metadata(tmp)
                 digest = self._publish_blob(tmp)
@@ -366,11 +386,12 @@ class Store:
         safetensors headers are stored with sorted metadata: the library writes them in hash order."""
         directory = Path(directory)
         files = {}
+        total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
         with self._lease():  # from the first blob to the record: gc waits
             for p in sorted(directory.rglob("*")):
                 if p.is_file():
                     tmp = self._tmp()
-                    with self._cleanup_on_failure(tmp):
+                    with self._cleanup_on_failure(tmp, needed=total):
                         shutil.copyfile(p, tmp)
                         if p.suffix == ".safetensors":
                             sort_safetensors_metadata(tmp)
@@ -541,9 +562,39 @@ class Store:
         return path
 
     def path(self, ref: Ref | dict) -> Path:
-        """Where a user finds the artifact: the tree for directories, the blob for tensors."""
+        """Where a user finds the artifact: the tree for directories (lasting_tree: it outlives this
+        process), the blob for tensors."""
         ref = Ref.of(ref)
-        return self.tree(ref) if self._is_manifest(ref) else self.blob_path(ref.digest)
+        return self.lasting_tree(ref) if self._is_manifest(ref) else self.blob_path(ref.digest)
+
+    def lasting_tree(self, ref: Ref | dict) -> Path:
+        """tree(), for a folder handed to a person (a printed path): on a read-only store that lacks
+        it, it is built in the user's cache (lasting_root()) instead of a temp folder removed when
+        the process exits, and checked against its manifest on every use like any tree."""
+        if self.writable():
+            return self.tree(ref)
+        ref = Ref.of(ref)
+        self.verify_ref(ref)
+        files = self.manifest(ref)
+        dest = self.root / "trees" / ref.digest
+        if self._tree_problem(dest, files) is None:
+            return dest
+        dest = lasting_root() / ref.digest
+        if self._tree_problem(dest, files) is None:
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        new = Path(tempfile.mkdtemp(prefix=f".{ref.digest[:12]}-", dir=dest.parent))
+        self._materialize(files, new)
+        shutil.rmtree(dest, ignore_errors=True)  # a bad copy (rmtree follows no symlink)
+        with contextlib.suppress(FileNotFoundError):
+            dest.unlink()  # a symlink or file in its place
+        try:
+            os.rename(new, dest)
+        except OSError:  # another process built it at the same moment
+            shutil.rmtree(new, ignore_errors=True)
+            if self._tree_problem(dest, files) is not None:
+                raise StoreError(f"tree {dest} could not be built outside the read-only store {self.root}") from None
+        return dest
 
     # ---- concurrency -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -744,6 +795,22 @@ def _flock(path: Path, mode: int):
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    # safetensors raises its own SafetensorError ("I/O error: No space left on device (os error 28)")
+    text = str(error) if isinstance(error, Exception) else ""
+    return "os error 28" in text or "No space left on device" in text
+
+
+def _mb(n: int) -> str:
+    """A size a person reads: 812 bytes, 25.4 kB, 113.2 MB, 3.0 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _lock_is_free(path: Path) -> bool:

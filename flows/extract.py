@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from prefect import flow
 from prefect.futures import PrefectFuture
 
-from pkt.artifacts.store import Ref, Store
+from pkt.artifacts.store import Store
 from pkt.core import arch, models
 from pkt.tasks import nodes
 
@@ -95,8 +95,8 @@ def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 1
         refs = {name: chain[name].result()
                 for name in ("sensitivity", "plan", "extraction", "lora_init", "residual_model")}
         out[student] = {**refs, "layers": nodes.plan_layers(st, refs["plan"]),
-                        "init_path": str(st.tree(Ref.of(refs["lora_init"]))),
-                        "base_path": str(st.tree(Ref.of(refs["residual_model"])))}
+                        "init_path": str(st.path(refs["lora_init"])),  # paths a person uses after the run
+                        "base_path": str(st.path(refs["residual_model"]))}
     publish(st, "extract-teacher", results, plans={s: v["layers"] for s, v in out.items()})
     out["_ledger"] = [(r["kind"], r["key"], r["status"]) for r in results]
     return out

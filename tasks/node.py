@@ -71,9 +71,24 @@ def opaque(ref: dict) -> NodeRef:
 
 
 def digests(inputs: dict) -> dict:
-    """name -> digest (or list of digests) of resolved input refs: all a key sees of its inputs."""
+    """name -> digest (or list of digests) of resolved input refs: the bytes a node read (its record)."""
     return {name: [r["digest"] for r in ref] if isinstance(ref, list) else ref["digest"]
             for name, ref in sorted(inputs.items())}
+
+
+SOURCE_KINDS = ("model", "file", "dir")  # inputs that are not stored nodes (tasks/nodes.py: sources)
+
+
+def identities(inputs: dict) -> dict:
+    """name -> what a key sees of each input: a source's content digest (a moved model reuses
+    everything), a stored node's *key*. A node's bytes can differ in the last bits with torch's
+    thread count (LAPACK's SVD, training: 1 thread per Dask worker, every core serially), so keys
+    chained through digests would split one sweep's cache by runner; chained through keys, a node
+    computed on any runner serves every runner, and its record still names the digests it read."""
+    def one(ref):
+        return ref["digest"] if ref["kind"] in SOURCE_KINDS else f"{ref['kind']}:{ref['key']}"
+
+    return {name: [one(r) for r in ref] if isinstance(ref, list) else one(ref) for name, ref in sorted(inputs.items())}
 
 
 def execution(**kw):
@@ -107,11 +122,12 @@ class Node:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata.get("execution")}
 
     def key(self, inputs: dict) -> str:
-        """The artifact key: sha256 of {kind, kind_version, params, inputs: {name: digest}}."""
+        """The artifact key: sha256 of {kind, kind_version, params, inputs: {name: identity}}, an
+        input's identity being a source's digest or an upstream node's kind:key (identities())."""
         missing = set(self.INPUTS) - set(inputs)
         if missing:
             raise ValueError(f"{self.KIND} node lacks inputs {sorted(missing)}")
-        return Store.key(self.KIND, self.params(), digests(inputs), self.VERSION)
+        return Store.key(self.KIND, self.params(), identities(inputs), self.VERSION)
 
     def identity(self) -> str:
         """Canonical spelling of the spec (kind, version, every field): two specs with one identity
@@ -203,6 +219,10 @@ def _check_reads(reads: list, spec: Node, key: str) -> None:
                                "alone while pkt runs, then run again")
 
 
+def _bytes_under(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def _compute(store: Store, spec: Node, key: str, inputs: dict, label: str = "") -> Ref:
     t0 = time.time()
     upstream = [store.record(r["kind"], r["key"]) or {} for ref in inputs.values()
@@ -214,6 +234,9 @@ def _compute(store: Store, spec: Node, key: str, inputs: dict, label: str = "") 
     with store.scratch_dir() as out:
         try:
             result = spec.compute(store, inputs, out)
+        except Exception as e:  # a node writes its files into the store's temp area first
+            store.raise_if_disk_full(e, needed=_bytes_under(out), at_least=True)
+            raise
         finally:
             _READS.reset(token)
         _check_reads(reads, spec, key)

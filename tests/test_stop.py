@@ -156,6 +156,7 @@ def _start_and_signal(argv, tmp_path, sig, ready: str):
 
 
 def _assert_stopped(tmp_path, seconds, code, out, children, sig, kind):
+    print(f"{signal.Signals(sig).name}: {kind} node stopped, command exited {seconds:.1f} s after the signal")
     assert code == 128 + sig, out
     assert seconds < 20, f"took {seconds:.1f} s to stop"
     assert "nothing half-done was stored, a rerun resumes" in out.splitlines()[-1]
@@ -194,3 +195,21 @@ def test_a_signal_stops_family_pretraining(tmp_path, sig):
     _assert_stopped(tmp_path, seconds, code, out, children, sig, "family")
     store = Store(tmp_path / "store")
     assert store.gc() and not [p for p in (store.root / "tmp").iterdir()]  # the stopped run's temp area is reaped
+
+
+def test_a_signal_ends_the_pool_processes_a_study_runs_on():
+    """Pool processes never see the parent's stop flag: the runner's exit on a signal ends them
+    instead of waiting for their node (the study runs on a process pool)."""
+    from pkt.flows.graph import task_runner
+
+    runner = task_runner("processes", 2)
+    runner.__enter__()
+    busy = runner._executor.submit(time.sleep, 600)  # a node that would run for minutes
+    while not runner._executor._processes or not busy.running():
+        time.sleep(0.1)
+    pids = list(runner._executor._processes)
+    t0 = time.monotonic()
+    runner.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert time.monotonic() - t0 < 20
+    assert stop.requested()
+    assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]

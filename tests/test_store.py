@@ -124,7 +124,7 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(tmp_store, monkeypatch):
 
     monkeypatch.setattr(store_module, "save_file", no_space)
     store = Store(tmp_store)
-    with pytest.raises(StoreError, match="disk is full; nothing was stored.*--store"):
+    with pytest.raises(StoreError, match=r"disk is full \(.* free, .* needed\); nothing was stored.*--store"):
         put(store)
     assert store.records() == [] and leftovers(tmp_store) == []
 

@@ -106,7 +106,8 @@ class Lineage:
 
     def matches(self, rec: dict, wanted: dict) -> bool:
         """Whether rec is about every wanted field: by its own labels, or, for a field it has none
-        of, by what its descendants are about (the init for student S is the one S was trained from)."""
+        of, by what its descendants are about (the init for student S is the one S was trained from).
+        A descendant about many values of a field (a report over every variant) speaks for none."""
         own = about_of(rec)
         below = None
         for name, query in wanted.items():
@@ -114,7 +115,7 @@ class Lineage:
                 values = [own[name]]
             else:
                 below = below if below is not None else [about_of(r) for r in self.descendants(rec)]
-                values = [a[name] for a in below if name in a]
+                values = [a[name] for a in below if name in a and not isinstance(a[name], list)]
             if not any(_match(v, query) for value in values for v in (value if isinstance(value, list) else [value])):
                 return False
         return True

@@ -22,6 +22,8 @@ from .sweep import copy_report, run_sweep
 STUDY_TRAIN = {"rank": 4, "alpha": 8.0, "epochs": 2, "batch_size": 32, "micro_batch": 32, "n_train": 256,
                "max_length": 96}
 STUDY_GRID = {"lr": [3e-3, 1e-2], "init_scale": [0.5, 1.0, 2.0]}
+# LaTen's grid, chosen on val like STUDY_GRID and of its size (2 translator steps x 3 rates)
+STUDY_LATEN = {"n_extract": 10, "n_align": 40, "align_per_step": 7, "grid": {"step": [5, 10], "rate": [0.05, 0.1, 0.2]}}
 STUDY_SEEDS = [0, 1, 2, 3, 4]
 FAMILY_SEEDS = [0, 1]
 PRIMARY = "exact_match/strict-match"
@@ -36,7 +38,7 @@ def study_config(family_root: str, seeds: list[int], store: str | None, report_d
                       {"name": "mmlu", "dir": str(root / "tasks" / "mmlu"), "benchmark": "mmlu"}],
             "variants": ALL_VARIANTS, "seeds": list(seeds), "early_teacher": str(root / "teacher-early"),
             "cross_task_seeds": str(root / "tasks" / "sni" / "seeds.jsonl"), "train": STUDY_TRAIN,
-            "train_grid": STUDY_GRID, "select_on": "answer_nll", "benchmarks": ["answer_nll"], "max_length": 96,
+            "train_grid": STUDY_GRID, "laten": STUDY_LATEN, "select_on": "answer_nll", "benchmarks": ["answer_nll"], "max_length": 96,
             "report_dir": report_dir, **({"store": store} if store else {})}
 
 

@@ -21,6 +21,7 @@ from pkt.tasks import nodes
 from .config import SweepConfig, TaskSpec, parse_config
 from .extract import ChainOptions, extraction_chain, init_node
 from .graph import Graph, source_name, task_runner, torch_threads_per_worker
+from .laten import laten_chain
 from .summary import publish
 from .variants import VARIANTS, Variant
 
@@ -60,14 +61,14 @@ def grid(cfg: SweepConfig) -> list[dict]:
 
 def runs(cfg: SweepConfig, points: list[dict]):
     """(variant, training setting, seed) of every run; vanilla trains nothing, so it runs once (n=1).
-    init_scale only varies the inits from a teacher."""
+    init_scale only varies the inits from a teacher; LaTen's settings are its own grid (step x rate)."""
     for name in cfg.variants:
         v = VARIANTS[name]
         if not v.trains:
             yield v, {}, cfg.seeds[0]
             continue
-        settings = points if v.extracted else _unique([{k: x for k, x in p.items() if k not in SETTING_FIELDS}
-                                                      for p in points])
+        settings = cfg.laten.points() if v.chain == "laten" else points if v.extracted else _unique(
+            [{k: x for k, x in p.items() if k not in SETTING_FIELDS} for p in points])
         yield from ((v, setting, seed) for setting, seed in itertools.product(settings, cfg.seeds))
 
 
@@ -97,19 +98,22 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
             for v, setting, seed in runs(cfg, points):
                 label = f"{source_name(student_path)}, {task.name}, {v.name}, seed={seed}" + (
                     f", {json.dumps(setting, sort_keys=True)}" if setting else "")
-                adapter = _train(graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+                adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
                 trained[v.name, json.dumps(setting, sort_keys=True), seed] = (adapter, label)
-            chosen = _choose(graph, cfg, student, task, trained) if len(points) > 1 else None
+            settings = {(variant, setting) for variant, setting, _ in trained}
+            gridded = len(settings) > len({variant for variant, _ in settings})  # some variant has 2+ settings
+            chosen = _choose(graph, cfg, student, task, trained) if gridded else None
             benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
             for (variant, setting, seed), as_variant in tested(trained, chosen):
                 adapter, label = trained[variant, setting, seed]
                 for bench in benchmarks:
-                    future = _score(graph, cfg, student, adapter, task, bench, "test", label)
+                    future = _score(graph, cfg, student, adapter, task, bench, "test", label, variant)
                     scored.append(({"student": student_path, "task": task.name, "benchmark": bench,
                                     "variant": as_variant, "seed": seed, "setting": setting}, future, adapter))
     graph.results()  # every node finished (the first failure is raised here)
     rows, curves, seen = [], [], set()
     for fields, future, adapter in scored:
+        adapter = adapter if adapter is not None and adapter.result()["kind"] == "adapter" else None  # not LaTen's
         size = nodes.init_size(store, adapter.result()) if adapter is not None else {}
         rows += [{**fields, "metric": metric, "value": value, "top_sv": size.get("top_sv"),
                   "top_sv_ratio": size.get("top_sv_ratio")}
@@ -144,7 +148,7 @@ def _choose(graph: Graph, cfg: SweepConfig, student: PrefectFuture, task: TaskSp
     default the task's primary metric)."""
     metric = cfg.select_on or evaluate.primary_metric(task.benchmark)
     bench = "answer_nll" if metric == "answer_nll" else task.benchmark
-    futures = {run: _score(graph, cfg, student, adapter, task, bench, "val", label)
+    futures = {run: _score(graph, cfg, student, adapter, task, bench, "val", label, run[0])
                for run, (adapter, label) in trained.items()}
     val = [{"variant": variant, "setting": setting, "seed": seed,
             "value": nodes.score_summary(graph.store, f.result())[metric]}
@@ -178,11 +182,15 @@ def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, s
                                       device=cfg.device), inputs, label)
 
 
+CHAINS = {"adapter": _train, "laten": laten_chain}  # Variant.chain -> the nodes of one run
+SCORED_AS = {"adapter": "adapter", "laten": "delta"}  # Variant.chain -> the Scores input its result is
+
+
 def _score(graph: Graph, cfg: SweepConfig, student: PrefectFuture, adapter, task: TaskSpec, benchmark: str, split: str,
-           label: str) -> PrefectFuture:
+           label: str, variant: str = "") -> PrefectFuture:
     inputs = {"student": student, "data": graph.source("dir", task.dir, [f"{split}.jsonl", "train.jsonl"])}
     if adapter is not None:
-        inputs["adapter"] = adapter
+        inputs[SCORED_AS[VARIANTS[variant].chain if variant else "adapter"]] = adapter
     if benchmark == "winrate":
         inputs["judge"] = graph.source("model", cfg.judge)
     spec = nodes.Scores(benchmark=benchmark, task_definition=evaluate.task_digest(benchmark), split=split,

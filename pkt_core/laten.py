@@ -311,7 +311,7 @@ def injected(params: dict[str, torch.Tensor], delta: dict[str, list]) -> dict[st
     for name, parts in delta.items():
         w = params[name]
         for axis, idx, rows in parts:
-            w = w.index_add(axis, idx.to(w.device), (rows.T if axis else rows).to(w.dtype))
+            w = w.index_add(axis, idx.to(w.device), (rows.T if axis else rows).to(device=w.device, dtype=w.dtype))
         out[name] = w
     return out
 
@@ -353,7 +353,7 @@ def train_translator(teacher_weights, teacher_config, student, extract: list[dic
     d_t, d_s = arch.dims(teacher_config).hidden, arch.dims(student.config).hidden
     check_modules(params.modules, teacher_config, student.config)
     k = counts(student.config, params.rate)
-    translator = Translator(params.modules, d_t, d_s, params.seed)
+    translator = Translator(params.modules, d_t, d_s, params.seed).to(student.device)
     student.eval()
     student.requires_grad_(False)
     opt = torch.optim.AdamW(translator.parameters(), lr=params.lr, weight_decay=params.weight_decay,
@@ -366,7 +366,7 @@ def train_translator(teacher_weights, teacher_config, student, extract: list[dic
         if stop is not None and stop():
             raise KeyboardInterrupt("stopped")
         pairs = locate(ex["t_attr"], ex["s_attr"], k, params.modules, params.n_layers)
-        vectors = teacher_vectors(teacher_weights, teacher_config, pairs)
+        vectors = [v.to(student.device) for v in teacher_vectors(teacher_weights, teacher_config, pairs)]
         batch = [align[i] for i in align_batch(len(align), params.align_per_step, params.seed, step)] + [ex["encoded"]]
         loss, ce = translator_loss(student, translator, pairs, vectors, batch, params.mse_weight)
         loss.backward()
@@ -375,7 +375,7 @@ def train_translator(teacher_weights, teacher_config, student, extract: list[dic
         opt.zero_grad(set_to_none=True)
         log.append({"loss": loss.item(), "answer_ce": ce.item() / len(batch)})
         if on_step is not None:
-            on_step(step + 1, {n: t.detach().clone() for n, t in translator.state_dict().items()})
+            on_step(step + 1, {n: t.detach().cpu().clone() for n, t in translator.state_dict().items()})
         bar.update()
         bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
     bar.close()

@@ -294,6 +294,14 @@ class LatenParams:
         d["modules"], d["betas"] = list(self.modules), list(self.betas)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatenParams":
+        d = dict(d)
+        for name in ("modules", "betas"):
+            if name in d:
+                d[name] = tuple(d[name])
+        return cls(**d)
+
 
 def delta_rows(pairs: list[Pair], rows: list[torch.Tensor], student_config) -> dict[str, list]:
     """weight name -> [(axis, student indices, rows [K, len of the other axis])]."""

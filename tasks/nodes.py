@@ -391,8 +391,7 @@ class LatenTranslator(Node):
     device: str = execution(default="cpu")
 
     def compute(self, store, inputs, out):
-        hp = laten.LatenParams(**{**(self.hparams or {}), "modules": tuple((self.hparams or {}).get(
-            "modules", laten.DEFAULT_MODULES)), "betas": tuple((self.hparams or {}).get("betas", (0.9, 0.95)))})
+        hp = laten.LatenParams.from_dict(self.hparams or {})
         t_src, s_src = model_path(store, inputs["teacher"]), model_path(store, inputs["student"])
         student = models.load_model(s_src, dtype=self.dtype, device=self.device)
         tok = models.load_tokenizer(s_src)
@@ -430,8 +429,8 @@ class LatenDelta(Node):
 
     def compute(self, store, inputs, out):
         tr = inputs["translator"]
-        hp = store.record("laten_translator", tr["key"])["params"]["hparams"] or {}
-        modules, n_steps = tuple(hp.get("modules", laten.DEFAULT_MODULES)), translator_steps(store, tr)
+        hp = laten.LatenParams.from_dict(store.record("laten_translator", tr["key"])["params"]["hparams"] or {})
+        modules, n_steps = hp.modules, translator_steps(store, tr)
         if not 1 <= self.step <= n_steps:
             raise laten.LatenError(f"LaTen step {self.step}: the translator has steps 1..{n_steps}; "
                                    "choose a laten.grid step in that range")
@@ -439,7 +438,7 @@ class LatenDelta(Node):
         s_cfg = arch.config_from_shape(self.student_shape)
         state = _load_safetensors(store.tree(Ref.of(tr)) / f"step_{self.step:03d}.safetensors")
         pairs = laten.locate(store.tensors(inputs["teacher_attr"]), store.tensors(inputs["student_attr"]),
-                             laten.counts(s_cfg, self.rate), modules, hp.get("n_layers"))
+                             laten.counts(s_cfg, self.rate), modules, hp.n_layers)
         vectors = laten.teacher_vectors(models.LazyWeights.from_model_dir(t_src), models.load_config(t_src), pairs)
         delta = laten.make_delta(laten.load_translator(state, modules), pairs, vectors, s_cfg, self.control,
                                  self.draw_seed)

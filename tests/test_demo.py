@@ -56,6 +56,9 @@ def test_demo_end_to_end_then_fully_reused(prefect_env, tmp_path):
     assert set(nll) == set(ALL_VARIANTS)
     assert {v: r["n"] for v, r in nll.items()} == {v: 1 if v == "vanilla" else 2 for v in ALL_VARIANTS}
     assert "diff" in nll["transfer"] and math.isfinite(nll["transfer"]["diff"])
+    for metric in {r["metric"] for r in rows}:  # LaTen's whole path with nothing injected is the student
+        by = {r["variant"]: r["mean"] for r in rows if r["metric"] == metric}
+        assert by["laten-zero"] == by["vanilla"], metric
     for name in ("report.md", "summary.csv", "runs.csv", "report.png"):
         assert (report_dir / name).stat().st_size > 0
     text = (report_dir / "report.md").read_text()

@@ -57,7 +57,9 @@ def specs(args, root: Path, store):
     teacher, student = (nodes.model_source(str(root / n), store) for n in ("teacher", "student"))
     train = nodes.file_source(str(root / "train.jsonl"))
     extract, align, pool = laten.splits(args.n_extract + args.n_align + 8, args.n_extract, args.n_align)
-    attr = lambda model, i, **kw: (nodes.LatenAttribution(index=i, max_length=96, **kw), {"model": model, "data": train})  # noqa: E731
+    def attr(model, i, **kw):
+        return nodes.LatenAttribution(index=i, max_length=96, **kw), {"model": model, "data": train}
+
     upstream = args.mode in ("translator", "delta")  # the extract samples' attributions, built (or reused) first
     translator = (nodes.LatenTranslator(extract=tuple(extract), align=tuple(align), max_length=96,
                                         hparams=laten.LatenParams(align_per_step=args.align_per_step).as_dict()),
@@ -143,9 +145,9 @@ def main() -> None:
         args.root = tmp
         build(args, Path(tmp))
         rows = [run_mode(m, args) for m in MODES]
-    print(f"synthetic Llama pair, vocabulary {args.vocab:,}: teacher {args.t_hidden} x {args.t_layers} layers, student "
-          f"{args.s_hidden} x {args.s_layers}; sensitivity over {args.seeds} samples; translator {args.n_extract} steps x "
-          f"{args.align_per_step + 1} samples; CPU, fp32")
+    print(f"synthetic Llama pair, vocabulary {args.vocab:,}: teacher {args.t_hidden} x {args.t_layers} layers, "
+          f"student {args.s_hidden} x {args.s_layers}; sensitivity over {args.seeds} samples; translator "
+          f"{args.n_extract} steps x {args.align_per_step + 1} samples; CPU, fp32")
     for r in rows:
         print(f"  {r['mode']:31s} {r['seconds']:8.1f} s   peak RSS {r['peak_bytes'] / 2**20:7.0f} MiB   "
               f"above the process at start {r['extra_bytes'] / 2**20:7.0f} MiB")

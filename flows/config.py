@@ -140,8 +140,8 @@ class LatenSpec(BaseModel):
     mse_weight: float = Field(1000.0, ge=0)
     norm: Literal[laten.NORMS] = "authors"  # type: ignore[valid-type]
     grid: dict[Literal["step", "rate"], list] = Field(
-        default_factory=dict, description="chosen on val like train_grid, e.g. {step: [10, 20], rate: [0.05, 0.1, 0.2]}; "
-        "default: the last step at the training rate")
+        default_factory=dict, description="chosen on val like train_grid, e.g. {step: [10, 20], "
+        "rate: [0.05, 0.1, 0.2]}; default: the last step at the training rate")
 
     @field_validator("grid")
     @classmethod

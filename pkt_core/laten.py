@@ -68,7 +68,8 @@ class Lens:
                  eps: float, vocab_chunk: int = 16384):
         if norm not in NORMS:
             raise ValueError(f"unknown lens norm {norm!r}; choose one of {', '.join(NORMS)}")
-        self.w, self.gain, self.target, self.norm, self.eps, self.chunk = lm_head, gain.float(), target, norm, eps, vocab_chunk
+        self.w, self.gain, self.target, self.norm = lm_head, gain.float(), target, norm
+        self.eps, self.chunk = eps, vocab_chunk
         last = last.float()
         std = torch.sqrt(last.var(unbiased=False) + 1e-5)
         self.scale = torch.rsqrt(std + 1e-6)

@@ -122,8 +122,8 @@ def test_locate_pairs_top_layers_in_depth_order():
                    ("o", 0, 0, [0], [1]), ("o", 2, 1, [0], [0])]
 
 
-def _toy_pair():
-    teacher = tiny_model(seed=1, layers=2, hidden=32, intermediate=48, heads=4, kv_heads=2)
+def _toy_pair(teacher_kv=2):
+    teacher = tiny_model(seed=1, layers=2, hidden=32, intermediate=48, heads=4, kv_heads=teacher_kv)
     student = tiny_model(seed=2, layers=1, hidden=16, intermediate=24, heads=2, kv_heads=2)
     return teacher, student
 
@@ -192,15 +192,19 @@ def test_translator_first_step_matches_hand_derived_gradient():
 
 
 def _student_and_delta(control="translated", modules=("up", "down", "o")):
-    teacher, student = _toy_pair()
+    teacher, student = _toy_pair(teacher_kv=2 if "v" not in modules else 4)
+    laten.check_modules(modules, teacher.config, student.config)
     pairs = laten.locate(_attr(teacher, 0), _attr(student, 1), laten.counts(student.config, 0.25), modules)
     vectors = laten.teacher_vectors(teacher.state_dict(), teacher.config, pairs)
     tr = laten.Translator(modules, 32, 16, seed=0, init_std=0.3)  # large enough to be representable in fp32
     return student, pairs, laten.make_delta(tr, pairs, vectors, student.config, control, draw_seed=5)
 
 
-def test_injection_changes_exactly_the_selected_rows_and_columns():
-    student, pairs, delta = _student_and_delta()
+@pytest.mark.parametrize("modules", [("up", "down", "o"), ("up", "down", "v", "o")])
+def test_injection_changes_exactly_the_selected_rows_and_columns(modules):
+    """GQA teacher with o_proj only on the attention side (the authors' port), and a pair without
+    GQA where v_proj rows are injected too."""
+    student, pairs, delta = _student_and_delta(modules=modules)
     before = {n: t.clone() for n, t in student.state_dict().items()}
     laten.apply_delta(student, delta)
     after = student.state_dict()

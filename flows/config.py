@@ -14,7 +14,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from pkt.core import arch, data, evaluate, models, preflight
+from pkt.core import arch, data, evaluate, laten, models, preflight
 from pkt.core.align import LAYER_SELECTORS, REDUCERS
 from pkt.core.errors import UserError
 from pkt.core.finetune import TrainParams
@@ -123,6 +123,55 @@ class TaskSpec(BaseModel):
         return v
 
 
+class LatenSpec(BaseModel):
+    """LaTen's settings (the laten* variants): the authors' hyperparameters by default
+    (pkt_core.laten.LatenParams), the extract/align splits drawn from the task's train.jsonl only."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    n_extract: int = Field(20, ge=1, description="extract samples: one translator step each")
+    n_align: int = Field(80, ge=1, description="align samples, drawn from for every step's batch")
+    align_per_step: int = Field(15, ge=1)
+    split_seed: int = 0
+    rate: float = Field(0.1, gt=0, le=1, description="transfer rate while training the translator")
+    modules: tuple[Literal[tuple(laten.MODULES)], ...] = Field(laten.DEFAULT_MODULES, min_length=1)  # type: ignore
+    n_layers: int | None = Field(None, ge=1, description="paired layers; default: the student's depth")
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    mse_weight: float = Field(1000.0, ge=0)
+    norm: Literal[laten.NORMS] = "authors"  # type: ignore[valid-type]
+    grid: dict[Literal["step", "rate"], list] = Field(
+        default_factory=dict, description="chosen on val like train_grid, e.g. {step: [10, 20], "
+        "rate: [0.05, 0.1, 0.2]}; default: the last step at the training rate")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_values(cls, v: dict) -> dict:
+        for name, values in v.items():
+            ok = [isinstance(x, int) and x >= 1 if name == "step" else isinstance(x, (int, float)) and 0 < x <= 1
+                  for x in values]
+            if not values or not all(ok):
+                raise ValueError(f"laten.grid.{name} {values}: give a non-empty list of "
+                                 + ("whole numbers >= 1 (optimizer steps)" if name == "step" else "rates in (0, 1]"))
+        return v
+
+    @model_validator(mode="after")
+    def _steps_exist(self):
+        bad = [s for s in self.grid.get("step", []) if s > self.n_extract]
+        if bad:
+            raise ValueError(f"laten.grid.step {bad}: the translator takes only n_extract = {self.n_extract} steps")
+        return self
+
+    def hparams(self, seed: int) -> dict:
+        return laten.LatenParams(rate=self.rate, modules=tuple(self.modules), n_layers=self.n_layers, lr=self.lr,
+                                 weight_decay=self.weight_decay, mse_weight=self.mse_weight,
+                                 align_per_step=self.align_per_step, norm=self.norm, seed=seed).as_dict()
+
+    def points(self) -> list[dict]:
+        """The grid's settings, {step, rate} each."""
+        return [{"step": s, "rate": r} for s in self.grid.get("step", [self.n_extract])
+                for r in self.grid.get("rate", [self.rate])]
+
+
 def _comparison(v):
     """'transfer - shuffled' (YAML shorthand) -> {subject: transfer, control: shuffled}."""
     if isinstance(v, str):
@@ -182,6 +231,7 @@ class SweepConfig(BaseModel):
     variant_grid: dict[str, Annotated[dict[str, list], AfterValidator(_train_grid)]] = Field(
         default_factory=dict, description="per variant, grid axes added to (or replacing) train_grid's, e.g. "
         "{lora: {alpha: [8, 32]}}: every trained variant needs a grid of the same size")
+    laten: LatenSpec = Field(default_factory=LatenSpec, description="LaTen's settings and grid (laten* variants)")
     select_on: str | None = Field(None, description="val metric that picks each variant's setting; default: the "
                                   "first task's primary metric (answer_nll is steadier at small scale)")
     selection_seeds: list[int] = Field(default_factory=list, description="training seeds of the runs that choose "
@@ -253,6 +303,8 @@ class SweepConfig(BaseModel):
     def grid_points(self, variant: str) -> list[dict]:
         """Every training setting of a variant: train_grid's axes that apply to it (init_scale only to
         inits from a teacher), with its variant_grid axes added or replacing them."""
+        if VARIANTS[variant].chain == "laten":  # LaTen trains no adapter: its grid is its own (step x rate)
+            return self.laten.points()
         axes = {k: x for k, x in self.train_grid.items() if k != "init_scale" or VARIANTS[variant].extracted}
         axes |= self.variant_grid.get(variant, {})
         points = [{}]
@@ -419,6 +471,10 @@ def check_sweep_inputs(cfg: SweepConfig) -> None:
             preflight.check_model_files(s)
             if any(v.trains for v in variants):
                 preflight.check_rank(rank, models.load_config(s), modules, "train.rank")
+    if any(v.chain == "laten" for v in variants):
+        preflight.check_models(cfg.teacher, cfg.students)
+        for task in cfg.tasks:
+            laten.splits(len(data.read_jsonl(Path(task.dir) / "train.jsonl")), cfg.laten.n_extract, cfg.laten.n_align)
     if "winrate" in cfg.benchmarks:
         preflight.check_model_files(cfg.judge)
 

@@ -25,6 +25,10 @@ DEMO_TRAIN = {
     "test": {"rank": 2, "alpha": 2.0, "lr": 1e-2, "epochs": 1, "batch_size": 16, "micro_batch": 16, "n_train": 32,
              "max_length": 64},
 }
+DEMO_LATEN = {  # LaTen's translator steps (extract samples) and align pool at each size; the authors': 20, 80, 15
+    "demo": {"n_extract": 8, "n_align": 32, "align_per_step": 7},
+    "test": {"n_extract": 2, "n_align": 4, "align_per_step": 2},
+}
 ALL_VARIANTS = list(VARIANTS)
 SMOKE_CAVEAT = ("This is a smoke-size run (one small family, one task, one learning rate and init scale, {seeds} "
                 "seeds): it shows the pipeline works, not whether transfer helps. For that, run `pkt demo --study`.")
@@ -87,7 +91,7 @@ def demo_config(family_root: str, size: str, seeds: list[int], store: str | None
             "tasks": [{"name": "gsm", "dir": str(root / "tasks" / "gsm"), "benchmark": "gsm"}],
             "variants": ALL_VARIANTS, "seeds": list(seeds), "early_teacher": str(root / "teacher-early"),
             "cross_task_seeds": str(root / "tasks" / "sni" / "seeds.jsonl"), "train": DEMO_TRAIN[size],
-            "benchmarks": ["answer_nll"], "max_length": 64, "report_dir": report_dir,
+            "benchmarks": ["answer_nll"], "max_length": 64, "report_dir": report_dir, "laten": DEMO_LATEN[size],
             **({"store": store} if store else {})}
 
 

@@ -51,7 +51,7 @@ def submit_diagnostics(graph: Graph, cfg: SweepConfig, runs: pd.DataFrame,
     for run in runs[RUN].drop_duplicates().itertuples(index=False, name=None):
         student, task_name, variant, seed, setting = run
         v = VARIANTS[str(variant).removesuffix(report.AT_SUBJECT)]
-        if not v.trains:
+        if not v.trains or v.chain != "adapter":  # LaTen's update has no LoRA step to diagnose
             continue
         point = json.loads(setting) if isinstance(setting, str) and setting else {}
         tp = cfg.train_params(int(seed), {k: x for k, x in point.items() if k not in SETTING_FIELDS})

@@ -53,6 +53,8 @@ STUDY_ENDPOINT = {"tasks": [KNOWLEDGE_TASK], "comparisons": ["transfer - spectru
 SCALE_CAVEAT = ("Scale: miniature models (teacher {teacher}, student {student} parameters) pretrained from scratch "
                 "on synthetic corpora. The numbers say what pkt's method does on this testbed, under the protocol "
                 "above; they are not a measurement on real language models.")
+# LaTen's grid, chosen on val like the others and of their size (2 translator steps x 3 rates)
+STUDY_LATEN = {"n_extract": 10, "n_align": 40, "align_per_step": 7, "grid": {"step": [5, 10], "rate": [0.05, 0.1, 0.2]}}
 
 
 def study_tasks(family_root: str) -> list[dict]:
@@ -83,13 +85,14 @@ def study_config(family_root: str, seeds: list[int], store: str | None, report_d
     answer NLL with the selection seeds, test on fresh seeds, the declared endpoint."""
     root = Path(family_root)
     tasks = study_tasks(family_root)
-    own_axis = {v: {"alpha": list(alphas)} for v in variants if VARIANTS[v].trains and not VARIANTS[v].extracted}
+    own_axis = {v: {"alpha": list(alphas)} for v in variants
+                if VARIANTS[v].trains and VARIANTS[v].chain == "adapter" and not VARIANTS[v].extracted}
     return {"teacher": str(root / "teacher"), "students": [str(root / "student")], "tasks": tasks,
             "variants": list(variants), "seeds": list(seeds), "selection_seeds": list(selection_seeds),
             "early_teacher": str(root / "teacher-early"),
             "cross_task_seeds": str(root / "tasks" / "sni" / "seeds.jsonl"),
             "train": {**STUDY_TRAIN, **(train or {})}, "train_grid": {"lr": list(lrs), "init_scale": list(scales)},
-            "variant_grid": own_axis, "select_on": "answer_nll", "benchmarks": ["answer_nll"],
+            "variant_grid": own_axis, "laten": STUDY_LATEN, "select_on": "answer_nll", "benchmarks": ["answer_nll"],
             "endpoint": study_endpoint(tasks), "max_length": 96, "report_dir": report_dir,
             **({"store": store} if store else {})}
 

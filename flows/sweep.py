@@ -20,6 +20,7 @@ from pkt.tasks import nodes
 from .config import SweepConfig, TaskSpec, parse_config
 from .extract import ChainOptions, extraction_chain, init_node
 from .graph import Graph, source_name, task_runner, torch_threads_per_worker
+from .laten import laten_chain
 from .outputs import check_out_dir, claim_report_dir
 from .summary import publish
 from .variants import VARIANTS, Variant
@@ -112,15 +113,16 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
         benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
         for v, setting, seed in chosen_runs(cfg, chosen):
             label = _label(path, task, v, setting, seed)
-            adapter = _train(graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+            adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
             for bench in benchmarks:
-                future = _score(graph, cfg, student, adapter, task, bench, "test", label)
+                future = _score(graph, cfg, student, adapter, task, bench, "test", label, v.name)
                 scored.append(({"student": path, "task": task.name, "benchmark": bench, "variant": v.name,
                                 "seed": seed, "setting": _setting(setting)}, future, adapter))
     graph.results()  # every node finished (the first failure is raised here)
     rows, curves, items, seen = [], [], [], set()
     keep_items = item_metrics(cfg)
     for fields, future, adapter in scored:
+        adapter = adapter if adapter is not None and adapter.result()["kind"] == "adapter" else None  # not LaTen's
         size = nodes.init_size(store, adapter.result()) if adapter is not None else {}
         losses = nodes.train_losses(store, adapter.result()) if adapter is not None else []
         per_item = store.tensors(future.result())
@@ -170,9 +172,9 @@ def _submit_selection(graph: Graph, cfg: SweepConfig, teacher: PrefectFuture, gr
     out = {}
     for v, setting, seed in selection_runs(cfg):
         label = _label(path, task, v, setting, seed)
-        adapter = _train(graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+        adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
         out[v, _setting(setting), seed] = _score(graph, cfg, student, adapter, task, _selection_benchmark(cfg, task),
-                                                 "val", label)
+                                                 "val", label, v.name)
     return out
 
 
@@ -218,11 +220,15 @@ def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, s
                                       device=cfg.device), inputs, label)
 
 
+CHAINS = {"adapter": _train, "laten": laten_chain}  # Variant.chain -> the nodes of one run
+SCORED_AS = {"adapter": "adapter", "laten": "delta"}  # Variant.chain -> the Scores input its result is
+
+
 def _score(graph: Graph, cfg: SweepConfig, student: PrefectFuture, adapter, task: TaskSpec, benchmark: str, split: str,
-           label: str) -> PrefectFuture:
+           label: str, variant: str = "") -> PrefectFuture:
     inputs = {"student": student, "data": graph.source("dir", task.dir, nodes.score_data_files(split))}
     if adapter is not None:
-        inputs["adapter"] = adapter
+        inputs[SCORED_AS[VARIANTS[variant].chain if variant else "adapter"]] = adapter
     if benchmark == "winrate":
         inputs["judge"] = graph.source("model", cfg.judge)
     spec = nodes.Scores(benchmark=benchmark, task_definition=evaluate.task_digest(benchmark), split=split,

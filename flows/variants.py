@@ -19,6 +19,8 @@ class Variant:
     reducer: str | None = None  # dimension reducer; None: the config's
     transform: str = "none"  # applied to the LoRA init: "spectrum-matched" or "shuffled"
     drawn: bool = False  # a random control: its draw is seeded from the training seed
+    chain: str = "adapter"  # the nodes it runs: "adapter" (init -> LoRA fine-tune) or "laten" (no fine-tuning)
+    update: str = "translated"  # chain "laten": the update added, or a control: "zero" or "random"
     what: str = ""
 
     @property
@@ -47,4 +49,11 @@ VARIANTS = {v.name: v for v in [
     Variant("shuffled", transform="shuffled", drawn=True,
             what="the transfer init with rows and columns permuted (embed/lm_head along the vocabulary)"),
     Variant("early-teacher", teacher="early", what="an earlier, weaker teacher checkpoint through the same extraction"),
+    Variant("laten", init="laten", chain="laten",
+            what="LaTen (Tan et al., ACL 2025): logit-lens located teacher rows, translated by a trained MLP, added "
+                 "into the student's located rows; no fine-tuning"),
+    Variant("laten-zero", init="laten", chain="laten", update="zero",
+            what="LaTen's whole path with nothing injected: scores as the untrained student"),
+    Variant("laten-random", init="laten", chain="laten", update="random", drawn=True,
+            what="LaTen's located rows, Gaussian values with the translated rows' norms"),
 ]}

@@ -29,6 +29,7 @@ class Architecture:
     layers_prefix: str = "model.layers"
     layer_modules: tuple[tuple[str, str], ...] = tuple(LAYER_MODULES.items())
     global_modules: tuple[tuple[str, str], ...] = tuple(GLOBAL_MODULES.items())
+    final_norm: str = "model.norm"  # the norm before lm_head (LaTen's logit lens applies its gain)
 
 
 LLAMA_NAMING = Architecture()

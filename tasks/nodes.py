@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from pkt.artifacts.keys import InputChanged, stamped_file_digest
 from pkt.artifacts.model_id import model_digest
 from pkt.artifacts.store import Ref, Store
-from pkt.core import align, arch, data, diagnose, evaluate, finetune, lora_init, models, report, sensitivity
+from pkt.core import align, arch, data, diagnose, evaluate, finetune, laten, lora_init, models, report, sensitivity
 from pkt.core.mini import family
 
 from .node import Node, Tensors, execution, log, note_read, opaque
@@ -357,6 +357,8 @@ class Scores(Node):
         model = models.load_model(src, dtype=self.dtype, device=self.device)
         if "adapter" in inputs:
             model = models.with_adapter(model, store.tree(Ref.of(inputs["adapter"])))
+        if "delta" in inputs:  # a LaTen update, added into the student's own rows/columns
+            laten.apply_delta(model, store.tensors(inputs["delta"]))
         judge = model_path(store, inputs["judge"]) if "judge" in inputs else None
         data_dir = read_source(store, inputs["data"], score_data_files(self.split))
         res = evaluate.evaluate(model, models.load_tokenizer(src), self.benchmark, data_dir,
@@ -426,3 +428,107 @@ class Diagnostic(Node):
 
 def diagnosis(store: Store, ref: dict) -> diagnose.Diagnosis:
     return diagnose.Diagnosis.from_tensors(store.tensors(ref), store.header(ref))
+
+
+@dataclass(frozen=True)
+class LatenAttribution(Node):
+    """LaTen's logit-lens attribution of one model on one sample (a line of a jsonl file): layer scores
+    (attention, FFN), FFN-neuron and attention-channel scores. Depends on neither a student nor the
+    rate, so every pair, rate, seed and translator reading this model and sample shares it."""
+
+    KIND = "laten_attribution"
+    INPUTS = ("model", "data")
+    index: int = 0  # the sample's line in the data file (0-based, blank lines skipped)
+    max_length: int = 2048  # the prefix keeps its last max_length tokens
+    norm: str = "authors"  # laten.NORMS
+    vocab_chunk: int = 16384  # the lens sums the vocabulary in this order: it is part of the bytes
+    dtype: str = "float32"
+    device: str = execution(default="cpu")
+
+    def compute(self, store, inputs, out):
+        src = model_path(store, inputs["model"])
+        model = models.load_model(src, dtype=self.dtype, device=self.device)
+        tok = models.load_tokenizer(src)
+        sample = data.to_samples([data.read_jsonl(inputs["data"]["key"])[self.index]], tok)[0]
+        ids, target = laten.target_example(sample, tok)
+        ids = ids[:, -self.max_length:]
+        scores = laten.attribute(model, ids, target, norm=self.norm, vocab_chunk=self.vocab_chunk)
+        return Tensors(scores, {"target": str(target), "tokens": str(ids.shape[1]),
+                                "model_config": model.config.to_json_string()})
+
+
+@dataclass(frozen=True)
+class LatenTranslator(Node):
+    """LaTen's per-module translators, trained one optimizer step per extract sample (in order); a
+    tree with every step's weights (step_NNN.safetensors, NNN = optimizer steps taken) and the loss
+    log. Inputs teacher_attr / student_attr: the attributions of the extract samples, in step order."""
+
+    KIND = "laten_translator"
+    INPUTS = ("teacher", "student", "data", "teacher_attr", "student_attr")
+    extract: tuple[int, ...] = ()  # line indices of the extract samples
+    align: tuple[int, ...] = ()  # line indices of the align samples
+    hparams: dict | None = None  # laten.LatenParams.as_dict()
+    max_length: int = 2048
+    dtype: str = "float32"
+    device: str = execution(default="cpu")
+
+    def compute(self, store, inputs, out):
+        hp = laten.LatenParams.from_dict(self.hparams or {})
+        t_src, s_src = model_path(store, inputs["teacher"]), model_path(store, inputs["student"])
+        student = models.load_model(s_src, dtype=self.dtype, device=self.device)
+        tok = models.load_tokenizer(s_src)
+        rows = data.read_jsonl(inputs["data"]["key"])
+        path = inputs["data"]["key"]
+        encode = lambda i: data.encode(data.to_samples([rows[i]], tok)[0], tok, self.max_length,  # noqa: E731
+                                       f"{path} line {i + 1}")
+        extract = [{"encoded": encode(i), "t_attr": store.tensors(t), "s_attr": store.tensors(s)}
+                   for i, t, s in zip(self.extract, inputs["teacher_attr"], inputs["student_attr"], strict=True)]
+        save = lambda k, state: save_file(state, f"{out}/step_{k:03d}.safetensors",  # noqa: E731
+                                          metadata={"format": "pt", "step": str(k)})
+        steps = laten.train_translator(models.LazyWeights.from_model_dir(t_src), models.load_config(t_src), student,
+                                       extract, [encode(i) for i in self.align], hp, on_step=save)
+        Path(out, "translator_log.json").write_text(json.dumps({"steps": steps, "modules": list(hp.modules)}))
+
+
+def translator_steps(store: Store, ref: dict) -> int:
+    return len(json.loads((store.tree(Ref.of(ref)) / "translator_log.json").read_text())["steps"])
+
+
+@dataclass(frozen=True)
+class LatenDelta(Node):
+    """The LaTen update for one student shape: the translated teacher rows/columns of one translator
+    step, at one rate, located on one seed sample (teacher_attr, student_attr), as sparse tensors
+    ('<weight>.idx', '.rows', '.axis') that Scores adds into the student. control 'zero' keeps the
+    support with values 0; 'random' draws norm-matched Gaussian rows under draw_seed."""
+
+    KIND = "laten_delta"
+    INPUTS = ("teacher", "translator", "teacher_attr", "student_attr")
+    step: int = 1
+    rate: float = 0.1
+    control: str = "translated"  # laten.CONTROLS
+    draw_seed: int = 0
+    student_shape: dict | None = None
+
+    def compute(self, store, inputs, out):
+        tr = inputs["translator"]
+        hp = laten.LatenParams.from_dict(store.record("laten_translator", tr["key"])["params"]["hparams"] or {})
+        modules, n_steps = hp.modules, translator_steps(store, tr)
+        if not 1 <= self.step <= n_steps:
+            raise laten.LatenError(f"LaTen step {self.step}: the translator has steps 1..{n_steps}; "
+                                   "choose a laten.grid step in that range")
+        t_src = model_path(store, inputs["teacher"])
+        s_cfg = arch.config_from_shape(self.student_shape)
+        state = _load_safetensors(store.tree(Ref.of(tr)) / f"step_{self.step:03d}.safetensors")
+        pairs = laten.locate(store.tensors(inputs["teacher_attr"]), store.tensors(inputs["student_attr"]),
+                             laten.counts(s_cfg, self.rate), modules, hp.n_layers)
+        vectors = laten.teacher_vectors(models.LazyWeights.from_model_dir(t_src), models.load_config(t_src), pairs)
+        delta = laten.make_delta(laten.load_translator(state, modules), pairs, vectors, s_cfg, self.control,
+                                 self.draw_seed)
+        layers = [(p.module, p.t_layer, p.s_layer) for p in pairs]
+        return Tensors(delta, {"stats": json.dumps(laten.delta_stats(delta)), "pairs": json.dumps(layers)})
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

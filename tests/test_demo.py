@@ -5,28 +5,43 @@ import shutil
 import pandas as pd
 
 from pkt.flows.demo import ALL_VARIANTS, demo
+from pkt.flows.variants import VARIANTS
 from prefect_api import task_graph, task_names
 
+LATEN_VARIANTS = [v for v in ALL_VARIANTS if VARIANTS[v].chain == "laten"]
 
-def check_edges(graph: dict) -> None:
+
+def check_edges(graph: dict, variants=ALL_VARIANTS, seeds: int = 2) -> None:
     """Exactly the true dependencies, no more: family -> the models and data taken from it; teacher ->
-    sensitivity -> plan -> extraction -> init -> adapter -> scores -> report, each node with the
-    models and data it read."""
+    sensitivity -> plan -> extraction -> init -> adapter -> scores -> report (and init -> diagnostic);
+    LaTen's attribution (model, train file) -> translator (teacher, student, train file, the extract
+    samples' attributions) -> delta (teacher, translator, the seed sample's two attributions) -> scores;
+    each node with the models and data it read."""
     kind = lambda name: name.split("[")[0]
     for name, (_, ups) in graph.items():
         teacher = "random_model" if "untrained" in name else "model"
         expected = {"sensitivity": [teacher, "file"], "layer_plan": ["sensitivity"],
                     "extraction": [teacher, "sensitivity", "layer_plan"], "lora_init": ["extraction"],
                     "random_model": ["model"], "adapter": ["model", "file"], "scores": ["model", "dir"],
+                    "diagnostic": ["model", "file"],
+                    "laten_attribution": ["model", "file"],
+                    "laten_delta": ["model", "laten_translator", "laten_attribution", "laten_attribution"],
                     "report": ["scores"] * sum(kind(n) == "scores" for n in graph),
-                    "model": ["family"], "file": ["family"], "dir": ["family"], "family": []}[kind(name)]
-        if kind(name) == "adapter" and not any(f", {v}, " in name for v in ("lora", "pissa")):
+                    "model": ["family"], "file": ["family"], "dir": ["family"], "family": []}.get(kind(name))
+        assert expected is not None, f"a node of an unexpected kind: {name}"
+        if kind(name) == "laten_translator":  # two attributions (teacher, student) per extract sample
+            n_attr = sum(kind(u) == "laten_attribution" for u in ups)
+            assert n_attr >= 2 and n_attr % 2 == 0, (name, ups)
+            expected = ["model", "model", "file"] + ["laten_attribution"] * n_attr
+        if kind(name) in ("adapter", "diagnostic") and not any(f", {v}, " in name for v in ("lora", "pissa")):
             expected = expected + ["lora_init"]
         if kind(name) == "scores" and ", vanilla, " not in name:
-            expected = expected + ["adapter"]
+            expected = expected + ["laten_delta" if any(f", {v}, " in name for v in LATEN_VARIANTS) else "adapter"]
         assert sorted(kind(u) for u in ups) == sorted(expected), (name, ups)
     adapters = [n for n in graph if kind(n) == "adapter"]
-    assert len(adapters) == 2 * (len(ALL_VARIANTS) - 1)
+    assert len(adapters) == seeds * (sum(VARIANTS[v].chain == "adapter" for v in variants) - 1)
+    deltas = [n for n in graph if kind(n) == "laten_delta"]
+    assert len(deltas) >= seeds * sum(VARIANTS[v].chain == "laten" for v in variants)
     for name in adapters:
         assert {"model[student]", "file[gsm/train.jsonl]"} <= set(graph[name][1]), name
     (_, (_, ups)), = [(n, v) for n, v in graph.items() if kind(n) == "report"]
@@ -93,6 +108,9 @@ def test_demo_end_to_end_then_fully_reused(prefect_env, tmp_path):
     assert set(nll) == set(ALL_VARIANTS)
     assert {v: r["n"] for v, r in nll.items()} == {v: 1 if v == "vanilla" else 2 for v in ALL_VARIANTS}
     assert "diff" in nll["transfer"] and math.isfinite(nll["transfer"]["diff"])
+    for metric in {r["metric"] for r in rows}:  # LaTen's whole path with nothing injected is the student
+        by = {r["variant"]: r["mean"] for r in rows if r["metric"] == metric}
+        assert by["laten-zero"] == by["vanilla"], metric
     for name in ("report.md", "summary.csv", "runs.csv", "report.png"):
         assert (report_dir / name).stat().st_size > 0
     text = (report_dir / "report.md").read_text()

@@ -325,14 +325,14 @@ class Store:
             digest, layout, json.loads(canonical_json(params)), inputs)
 
     def _write_record(self, kind: str, key: str, digest: str, params: dict, inputs: dict, seconds: float,
-                      layout: str, execution: dict | None = None) -> Ref:
+                      layout: str, execution: dict | None = None, measured: dict | None = None) -> Ref:
         """Publish the record (call under _lease, after its blobs). When (seconds, host, created) is
         all that would change, the existing record stays: they describe a run, not the artifact."""
         if self._same_record(kind, key, digest, layout, params, inputs):
             return Ref(kind, key, digest)
         rec = {"kind": kind, "key": key, "digest": digest, "layout": layout, "params": params, "inputs": inputs,
                "execution": execution or {}, "pkt_version": pkt_version(), "seconds": round(seconds, 3), "host": socket.gethostname(),
-               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(measured or {})}
         dest = self.record_path(kind, key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._tmp(".json")
@@ -345,7 +345,7 @@ class Store:
 
     def put_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor], *, params: dict,
                     inputs: dict[str, str], seconds: float = 0.0, metadata: dict[str, str] | None = None,
-                    execution: dict | None = None) -> Ref:
+                    execution: dict | None = None, measured: dict | None = None) -> Ref:
         """Store tensors as one safetensors blob whose header names kind, key and params."""
         meta = {"kind": kind, "key": key, "params": canonical_json(params), **(metadata or {})}
         with self._lease():
@@ -354,10 +354,10 @@ class Store:
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
                 sort_safetensors_metadata(tmp)
                 digest = self._publish_blob(tmp)
-            return self._write_record(kind, key, digest, params, inputs, seconds, "safetensors", execution)
+            return self._write_record(kind, key, digest, params, inputs, seconds, "safetensors", execution, measured)
 
     def put_tree(self, kind: str, key: str, directory: str | Path, *, params: dict, inputs: dict[str, str],
-                 seconds: float = 0.0, execution: dict | None = None) -> Ref:
+                 seconds: float = 0.0, execution: dict | None = None, measured: dict | None = None) -> Ref:
         """Store every file of a directory (a peft adapter, an HF model dir) and a manifest of them.
         safetensors headers are stored with sorted metadata: the library writes them in hash order."""
         directory = Path(directory)
@@ -374,7 +374,7 @@ class Store:
             if not files:
                 raise StoreError(f"{directory}: nothing to store, the directory is empty")
             digest = self._write_blob(canonical_json({"files": files}).encode())
-            return self._write_record(kind, key, digest, params, inputs, seconds, "tree", execution)
+            return self._write_record(kind, key, digest, params, inputs, seconds, "tree", execution, measured)
 
     # ---- reading -------------------------------------------------------------------------
     def tensors(self, ref: Ref | dict, device: str = "cpu") -> dict[str, torch.Tensor]:

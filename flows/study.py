@@ -17,7 +17,7 @@ from .config import parse_config
 from .demo import ALL_VARIANTS, family_node, family_stats
 from .graph import Graph, task_runner, torch_threads_per_worker
 from .summary import publish
-from .sweep import copy_report, run_sweep
+from .sweep import copy_report, cost_table, run_sweep
 
 STUDY_TRAIN = {"rank": 4, "alpha": 8.0, "epochs": 2, "batch_size": 32, "micro_batch": 32, "n_train": 256,
                "max_length": 96}
@@ -46,7 +46,7 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
     """One sweep per family (each with its report under report_dir/family-<seed>), then one report
     over both, the families told apart as family-<seed>-student. Runs on a local process pool."""
     st = Store(store)
-    runs, curves, families = [], [], {}
+    runs, curves, families, adapters = [], [], {}, {}
     with task_runner("processes", workers) as runner:
         graph = Graph(st, runner, torch_threads_per_worker("processes", workers))
         for fseed in family_seeds:
@@ -59,11 +59,14 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
             if "curves" in out["report"]:
                 curves.append(report.read_csv(out["report"]["curves"]).assign(student=name))
             families[fseed] = family_stats(st, fam)
+            for v, digests in out["adapters"].items():
+                adapters.setdefault(v, []).extend(digests)
         table = pd.concat(runs, ignore_index=True)
         inputs = {"runs": nodes.table_source(st, table, "runs.csv"),
                   "scores": [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]}
         if curves:
             inputs["curves"] = nodes.table_source(st, pd.concat(curves, ignore_index=True), "curves.csv")
+        inputs["costs"] = nodes.table_source(st, cost_table(st, graph.results(), adapters), "costs.csv")
         rep = graph.submit(nodes.Report(primary=PRIMARY), inputs, f"study, {len(table)} rows")
         paths = copy_report(st, rep.result(), report_dir)
         results = graph.results()

@@ -15,7 +15,7 @@ from prefect.futures import PrefectFuture
 
 from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Ref, Store
-from pkt.core import arch, evaluate, models, report
+from pkt.core import arch, costs, evaluate, models, report
 from pkt.tasks import nodes
 
 from .config import SweepConfig, TaskSpec, parse_config
@@ -88,6 +88,7 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
     teacher = graph.source("model", cfg.teacher)
     points = grid(cfg)
     scored = []  # (row fields, scores future, adapter future or None)
+    trained_by_variant: dict[str, list] = {}  # variant -> its runs' adapter futures (None: trains nothing)
     for student_path in cfg.students:
         student = graph.source("model", student_path)
         shape = arch.shape_of(models.load_config(student_path))
@@ -99,6 +100,7 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
                     f", {json.dumps(setting, sort_keys=True)}" if setting else "")
                 adapter = _train(graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
                 trained[v.name, json.dumps(setting, sort_keys=True), seed] = (adapter, label)
+                trained_by_variant.setdefault(v.name, []).append(adapter)
             chosen = _choose(graph, cfg, student, task, trained) if len(points) > 1 else None
             benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
             for (variant, setting, seed), as_variant in tested(trained, chosen):
@@ -127,6 +129,8 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
     inputs = {"runs": nodes.table_source(store, table, "runs.csv"), "scores": all_scores}
     if curves:
         inputs["curves"] = nodes.table_source(store, pd.DataFrame(curves), "curves.csv")
+    adapters = variant_adapters(trained_by_variant)
+    inputs["costs"] = nodes.table_source(store, cost_table(store, graph.results(), adapters), "costs.csv")
     rep = graph.submit(nodes.Report(primary=primary), inputs, f"{tag}, {len(table)} rows, {primary}")
     paths = copy_report(store, rep.result(), cfg.report_dir)
     summary = report.read_csv(paths["csv"])
@@ -136,7 +140,18 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
     return {"report": {k: str(v) for k, v in paths.items()},
             "computed": sum(r["status"] == "computed" for r in results),
             "nodes": [(r["kind"], r["key"], r["status"]) for r in results],
-            "table": summary.to_dict(orient="records"), "headline": lines}
+            "table": summary.to_dict(orient="records"), "headline": lines, "adapters": adapters}
+
+
+def variant_adapters(trained_by_variant: dict[str, list]) -> dict[str, list[str]]:
+    """variant -> digests of its runs' adapters: where its chain of nodes ends."""
+    return {v: [a.result()["digest"] for a in futures if a is not None] for v, futures in trained_by_variant.items()}
+
+
+def cost_table(store: Store, results: list, adapters: dict[str, list[str]]) -> pd.DataFrame:
+    """Each variant's measured cost (pkt_core/costs.py) from the records of the nodes this run used."""
+    records = [rec for r in results if (rec := store.record(r["kind"], r["key"])) is not None]
+    return costs.costs(records, adapters)
 
 
 def _choose(graph: Graph, cfg: SweepConfig, student: PrefectFuture, task: TaskSpec, trained: dict) -> dict[str, str]:

@@ -388,3 +388,31 @@ def _overview_cell(r: pd.Series) -> str:
 def read_csv(path: str | Path) -> pd.DataFrame:
     """A runs or summary table as written above (empty cells are missing values, nothing else is)."""
     return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+def append_costs(paths: dict[str, Path], costs: pd.DataFrame) -> None:
+    """Add "What each method costs" to report.md: per variant its measured cost (pkt_core/costs.py)
+    beside its effect, the paired difference to lora with its 95% interval on each headline metric."""
+    summary = read_csv(paths["csv"])
+    metrics = [m for m in HEADLINE_METRICS if m in set(summary["metric"])]
+    head = ["variant", "runs", "teacher-side s", "training s/run", "peak RSS MiB (+added)"] + \
+        [f"{m}: −lora" for m in metrics] + ["teacher-side nodes shared with"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for _, c in costs.iterrows():
+        effects = []
+        for m in metrics:
+            rows = summary[(summary["variant"] == c["variant"]) & (summary["metric"] == m)]
+            effects.append("; ".join(_ci(r) for _, r in rows.iterrows() if _ci(r)) or "—")
+        rss = "" if pd.isna(c["peak_rss_mib"]) else f"{c['peak_rss_mib']:.0f} (+{c['added_rss_mib']:.0f})"
+        lines.append("| " + " | ".join([str(c["variant"]), str(c["runs"]), f"{c['teacher_side_s']:.1f}",
+                                         f"{c['training_s_per_run']:.1f}", rss, *effects,
+                                         _cell(c, "shared_with")]) + " |")
+    text = ("\n\n## What each method costs\n\nSeconds and peak resident memory of each variant's nodes, from the "
+            "store's records (teacher-side: every node upstream of its adapters, summed per distinct node; "
+            "training: mean per run). A node shared by several variants is charged in full to each (its cost "
+            "run alone; the last column names who shares). Peak RSS is the whole process's, sampled while a node "
+            "ran; (+added) the most one node added above its start: a lower bound of its own need. −lora: "
+            "the variant minus lora, paired by seed, 95% interval, one entry per student · task.\n\n"
+            + "\n".join(lines) + "\n")
+    with open(paths["markdown"], "a") as f:
+        f.write(text)

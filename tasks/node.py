@@ -28,6 +28,7 @@ from prefect.states import Completed
 
 from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Ref, Store
+from pkt.core.memory import PeakRSS
 
 
 class NodeRef:
@@ -170,13 +171,16 @@ def _compute(store: Store, spec: Node, key: str, inputs: dict) -> Ref:
     t0 = time.time()
     record = {"params": spec.params(), "inputs": digests(inputs), "execution": spec.execution()}
     with store.scratch_dir() as out:
-        result = spec.compute(store, inputs, out)
+        with PeakRSS() as rss:  # the compute's own peak resident set (pkt_core/memory.py says what it measures)
+            result = spec.compute(store, inputs, out)
         seconds = time.time() - t0
+        record["measured"] = rss.as_record()
         if isinstance(result, Tensors):
             ref = store.put_tensors(spec.KIND, key, result.tensors, seconds=seconds, metadata=result.metadata, **record)
         else:
             ref = store.put_tree(spec.KIND, key, out, seconds=seconds, **record)
-    log(f"{spec.KIND} {key[:12]} computed in {seconds:.1f}s on {os.uname().nodename}")
+    log(f"{spec.KIND} {key[:12]} computed in {seconds:.1f}s on {os.uname().nodename}, peak RSS "
+        f"{rss.peak / 2**20:.0f} MiB ({(rss.peak - rss.start) / 2**20:+.0f} MiB)")
     return ref
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from pkt.artifacts.keys import file_digest
 from pkt.artifacts.model_id import model_digest
 from pkt.artifacts.store import Ref, Store
-from pkt.core import align, arch, data, evaluate, finetune, lora_init, models, report, sensitivity
+from pkt.core import activations, align, arch, data, evaluate, finetune, lora_init, models, report, sensitivity
 from pkt.core.mini import family
 
 from .node import Node, Tensors, execution, log, opaque
@@ -167,16 +167,30 @@ class LayerPlan(Node):
     """The teacher layers a student of student_layers layers takes, in the teacher's order."""
 
     KIND = "layer_plan"
-    INPUTS = ("sensitivity",)
     student_layers: int = 0
     selector: str = "sensitivity"
     seed: int = 0
 
+    @property
+    def INPUTS(self) -> tuple[str, ...]:  # what the selector reads (align.SELECTOR_READS); else the teacher's depth
+        return (align.SELECTOR_READS.get(self.selector, "sensitivity") or "teacher",)
+
     def compute(self, store, inputs, out):
-        totals = sensitivity_totals(store, inputs["sensitivity"])
+        totals = layer_scores(store, inputs, self.selector)
         layers = align.select_layers(totals, self.student_layers, self.selector, self.seed)
         return Tensors({"layers": torch.tensor(layers)},
                        {"layers": json.dumps(layers), "layer_totals": json.dumps(totals)})
+
+
+def layer_scores(store: Store, inputs: dict, selector: str) -> list[float]:
+    """The per-teacher-layer scores a selector ranks: total sensitivity, block influence, or zeros of the
+    teacher's depth (a selector that reads only the layer count)."""
+    reads = align.SELECTOR_READS.get(selector, "sensitivity")
+    if reads is None:
+        return [0.0] * models.load_config(model_path(store, inputs["teacher"])).num_hidden_layers
+    if reads == "activations":
+        return json.loads(store.header(inputs["activations"])["block_influence"])
+    return sensitivity_totals(store, inputs["sensitivity"])
 
 
 def plan_layers(store: Store, ref: dict) -> list[int]:
@@ -188,18 +202,23 @@ class Extraction(Node):
     """Student-shaped pieces of the planned teacher layers' matrices (depends on the student's shape only)."""
 
     KIND = "extraction"
-    INPUTS = ("teacher", "sensitivity", "plan")
     student_shape: dict | None = None
     reducer: str = "submatrix"
     modules: tuple[str, ...] = arch.ALL_MODULE_TYPES
     seed: int = 0
 
+    @property
+    def INPUTS(self) -> tuple[str, ...]:  # and what the reducer reads (align.REDUCER_READS), if anything
+        return ("teacher", "plan", *filter(None, [align.REDUCER_READS.get(self.reducer, "sensitivity")]))
+
     def compute(self, store, inputs, out):
         src = model_path(store, inputs["teacher"])
         layers = plan_layers(store, inputs["plan"])
+        sens = sensitivity_map(store, inputs["sensitivity"]) if "sensitivity" in inputs else None
+        stats = store.tensors(inputs["activations"]) if "activations" in inputs else None
         pieces = align.extract(models.load_config(src), arch.config_from_shape(self.student_shape),
-                               models.LazyWeights.from_model_dir(src), sensitivity_map(store, inputs["sensitivity"]),
-                               layers, reducer=self.reducer, modules=tuple(self.modules), seed=self.seed)
+                               models.LazyWeights.from_model_dir(src), sens, layers, reducer=self.reducer,
+                               modules=tuple(self.modules), seed=self.seed, activations=stats)
         return Tensors(pieces, {"layers": json.dumps(layers)})
 
 
@@ -337,10 +356,37 @@ class Report(Node):
 
     KIND = "report"
     VERSION = 3  # paired inference against every control, overview, knowledge vs size, training curves
-    INPUTS = ("runs", "scores")  # optional: "curves", the training losses of the runs
+    INPUTS = ("runs", "scores")  # optional: "curves", the training losses of the runs; "costs" (pkt_core/costs.py)
     primary: str = "exact_match/strict-match"
 
     def compute(self, store, inputs, out):
         runs = report.read_csv(io.BytesIO(store.read_bytes(inputs["runs"]["digest"])))
         curves = report.read_csv(io.BytesIO(store.read_bytes(inputs["curves"]["digest"]))) if "curves" in inputs else None
-        report.write_report(runs, out, self.primary, curves)
+        paths = report.write_report(runs, out, self.primary, curves)
+        if "costs" in inputs:  # each method's measured cost beside its effect
+            report.append_costs(paths, report.read_csv(io.BytesIO(store.read_bytes(inputs["costs"]["digest"]))))
+
+
+@dataclass(frozen=True)
+class Activations(Node):
+    """Mean activation magnitudes and block influence of the teacher on the seed samples (forward passes
+    only; pkt_core/activations.py): what subcloning and the block-influence selector read. Independent
+    of the student, so every student and variant shares it."""
+
+    KIND = "activations"
+    INPUTS = ("teacher", "seeds")
+    k: int | None = None
+    sample_seed: int = 0
+    max_length: int = 2048
+    chat_template: bool = False
+    dtype: str = "float32"
+    device: str = execution(default="cpu")
+
+    def compute(self, store, inputs, out):
+        src = model_path(store, inputs["teacher"])
+        model = models.load_model(src, dtype=self.dtype, device=self.device)
+        samples = data.load_encoded(inputs["seeds"]["key"], models.load_tokenizer(src), self.max_length, self.k,
+                                    self.sample_seed, self.chat_template)
+        stats = activations.activation_stats(model, samples)
+        return Tensors(stats, {"block_influence": json.dumps(stats["block_influence"].tolist()),
+                               "n_samples": str(len(samples)), "n_tokens": str(int(stats["tokens"]))})

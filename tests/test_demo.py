@@ -8,14 +8,19 @@ from pkt.flows.demo import ALL_VARIANTS, demo
 from prefect_api import task_graph
 
 
-def check_edges(graph: dict) -> None:
-    """Exactly the true dependencies, no more: teacher -> sensitivity -> plan -> extraction -> init ->
-    adapter -> scores -> report, each node with the models and data it read."""
+def check_edges(graph: dict, adapters: int = 2 * (len(ALL_VARIANTS) - 1)) -> None:
+    """Exactly the true dependencies, no more: teacher -> sensitivity (or activations) -> plan ->
+    extraction -> init -> adapter -> scores -> report, each node with the models and data it read."""
     kind = lambda name: name.split("[")[0]
     for name, (_, ups) in graph.items():
         teacher = "random_model" if "untrained" in name else "model"
-        expected = {"sensitivity": [teacher, "file"], "layer_plan": ["sensitivity"],
-                    "extraction": [teacher, "sensitivity", "layer_plan"], "lora_init": ["extraction"],
+        # what a layer selector and a reducer read: evenly spaced layers read only the teacher's depth,
+        # block influence the activations; weight selection reads no scores, subcloning the activations
+        plan = ([teacher] if ", evenly-spaced" in name else ["activations"] if ", block-influence" in name
+                else ["sensitivity"])
+        cut = [] if ", weight-selection" in name else ["activations"] if ", subcloning" in name else ["sensitivity"]
+        expected = {"sensitivity": [teacher, "file"], "activations": [teacher, "file"], "layer_plan": plan,
+                    "extraction": [teacher, "layer_plan", *cut], "lora_init": ["extraction"],
                     "random_model": ["model"], "adapter": ["model", "file"], "scores": ["model", "dir"],
                     "report": ["scores"] * sum(kind(n) == "scores" for n in graph)}.get(kind(name), [])
         if kind(name) == "adapter" and not any(f", {v}, " in name for v in ("lora", "pissa")):
@@ -23,9 +28,9 @@ def check_edges(graph: dict) -> None:
         if kind(name) == "scores" and ", vanilla, " not in name:
             expected = expected + ["adapter"]
         assert sorted(kind(u) for u in ups) == sorted(expected), (name, ups)
-    adapters = [n for n in graph if kind(n) == "adapter"]
-    assert len(adapters) == 2 * (len(ALL_VARIANTS) - 1)
-    for name in adapters:
+    trained = [n for n in graph if kind(n) == "adapter"]
+    assert len(trained) == adapters
+    for name in trained:
         assert {"model[student]", "file[gsm/train.jsonl]"} <= set(graph[name][1]), name
     (_, (_, ups)), = [(n, v) for n, v in graph.items() if kind(n) == "report"]
     assert sorted(ups) == sorted(n for n in graph if kind(n) == "scores")

@@ -2,7 +2,7 @@
 
 Layout under the root:
   blobs/sha256/ab/<digest>      immutable bytes, named by their sha256
-  keys/<kind>/<key>.json        record: digest, layout, params, inputs, pkt version, seconds, host, created
+  keys/<kind>/<key>.json        record: digest, layout, params, inputs, pkt version, seconds, peak RSS, host, created
   trees/<digest>/...            a directory artifact as hard links to its blobs: a cache, checked when used
   locks/<kind>/<key>.lock       held while one process computes that node
   locks/gc.lock                 shared by every write from its first blob to its record; gc takes it alone

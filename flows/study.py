@@ -46,7 +46,7 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
     """One sweep per family (each with its report under report_dir/family-<seed>), then one report
     over both, the families told apart as family-<seed>-student. Runs on a local process pool."""
     st = Store(store)
-    runs, curves, families, adapters = [], [], {}, {}
+    runs, curves, families, used = [], [], {}, {}
     with task_runner("processes", workers) as runner:
         graph = Graph(st, runner, torch_threads_per_worker("processes", workers))
         for fseed in family_seeds:
@@ -59,14 +59,14 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
             if "curves" in out["report"]:
                 curves.append(report.read_csv(out["report"]["curves"]).assign(student=name))
             families[fseed] = family_stats(st, fam)
-            for v, digests in out["adapters"].items():
-                adapters.setdefault(v, []).extend(digests)
+            for v, ids in out["variant_nodes"].items():
+                used.setdefault(v, []).extend(ids)
         table = pd.concat(runs, ignore_index=True)
         inputs = {"runs": nodes.table_source(st, table, "runs.csv"),
                   "scores": [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]}
         if curves:
             inputs["curves"] = nodes.table_source(st, pd.concat(curves, ignore_index=True), "curves.csv")
-        inputs["costs"] = nodes.table_source(st, cost_table(st, graph.results(), adapters), "costs.csv")
+        inputs["costs"] = nodes.table_source(st, cost_table(st, used), "costs.csv")
         rep = graph.submit(nodes.Report(primary=PRIMARY), inputs, f"study, {len(table)} rows")
         paths = copy_report(st, rep.result(), report_dir)
         results = graph.results()

@@ -33,13 +33,16 @@ def config_tag(cfg: SweepConfig) -> str:
 
 
 def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, task: TaskSpec, shape: dict, tp,
-                 scale: float) -> PrefectFuture:
-    """The future of the LoRA init a variant with a teacher trains from."""
+                 scale: float, used: list | None = None) -> PrefectFuture:
+    """The future of the LoRA init a variant with a teacher trains from; every node of its chain is
+    appended to `used` (what the cost table charges the variant)."""
+    used = [] if used is None else used
     draw = tp.seed if v.drawn else 0
     seeds = cfg.cross_task_seeds if v.seeds == "cross-task" else str(Path(task.dir) / "seeds.jsonl")
     name = source_name(cfg.teacher)
     if v.teacher == "untrained":
         teacher = graph.submit(nodes.RandomModel(seed=draw), {"like": teacher}, f"like={name}, seed={draw}")
+        used.append(teacher)
         name = f"untrained {name} seed={draw}"
     elif v.teacher == "early":
         teacher, name = graph.source("model", cfg.early_teacher), source_name(cfg.early_teacher)
@@ -47,8 +50,10 @@ def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFut
                         reducer=v.reducer or cfg.reducer, max_length=cfg.max_length, dtype=cfg.dtype,
                         device=cfg.device, modules=tp.modules, draw_seed=draw)
     chain = extraction_chain(graph, teacher, seeds, shape, opts, name)
-    return init_node(graph, chain, rank=tp.rank, alpha=tp.alpha, dropout=tp.dropout, split=cfg.split, scale=scale,
+    init = init_node(graph, chain, rank=tp.rank, alpha=tp.alpha, dropout=tp.dropout, split=cfg.split, scale=scale,
                      svd=cfg.svd, transform=v.transform, transform_seed=draw)
+    used += [f for k, f in chain.items() if k != "tag"] + [init]
+    return init
 
 
 def grid(cfg: SweepConfig) -> list[dict]:
@@ -88,7 +93,7 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
     teacher = graph.source("model", cfg.teacher)
     points = grid(cfg)
     scored = []  # (row fields, scores future, adapter future or None)
-    trained_by_variant: dict[str, list] = {}  # variant -> its runs' adapter futures (None: trains nothing)
+    used_by_variant: dict[str, list] = {}  # variant -> futures of every node of its runs (adapters and chains)
     for student_path in cfg.students:
         student = graph.source("model", student_path)
         shape = arch.shape_of(models.load_config(student_path))
@@ -98,9 +103,9 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
             for v, setting, seed in runs(cfg, points):
                 label = f"{source_name(student_path)}, {task.name}, {v.name}, seed={seed}" + (
                     f", {json.dumps(setting, sort_keys=True)}" if setting else "")
-                adapter = _train(graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+                adapter = _train(graph, cfg, v, teacher, student, train, task, shape, seed, setting, label,
+                                 used_by_variant.setdefault(v.name, []))
                 trained[v.name, json.dumps(setting, sort_keys=True), seed] = (adapter, label)
-                trained_by_variant.setdefault(v.name, []).append(adapter)
             chosen = _choose(graph, cfg, student, task, trained) if len(points) > 1 else None
             benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
             for (variant, setting, seed), as_variant in tested(trained, chosen):
@@ -129,8 +134,8 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
     inputs = {"runs": nodes.table_source(store, table, "runs.csv"), "scores": all_scores}
     if curves:
         inputs["curves"] = nodes.table_source(store, pd.DataFrame(curves), "curves.csv")
-    adapters = variant_adapters(trained_by_variant)
-    inputs["costs"] = nodes.table_source(store, cost_table(store, graph.results(), adapters), "costs.csv")
+    used = variant_nodes(used_by_variant)
+    inputs["costs"] = nodes.table_source(store, cost_table(store, used), "costs.csv")
     rep = graph.submit(nodes.Report(primary=primary), inputs, f"{tag}, {len(table)} rows, {primary}")
     paths = copy_report(store, rep.result(), cfg.report_dir)
     summary = report.read_csv(paths["csv"])
@@ -140,18 +145,20 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
     return {"report": {k: str(v) for k, v in paths.items()},
             "computed": sum(r["status"] == "computed" for r in results),
             "nodes": [(r["kind"], r["key"], r["status"]) for r in results],
-            "table": summary.to_dict(orient="records"), "headline": lines, "adapters": adapters}
+            "table": summary.to_dict(orient="records"), "headline": lines, "variant_nodes": used}
 
 
-def variant_adapters(trained_by_variant: dict[str, list]) -> dict[str, list[str]]:
-    """variant -> digests of its runs' adapters: where its chain of nodes ends."""
-    return {v: [a.result()["digest"] for a in futures if a is not None] for v, futures in trained_by_variant.items()}
+def variant_nodes(used_by_variant: dict[str, list]) -> dict[str, list[list[str]]]:
+    """variant -> [kind, key] of every distinct node its runs used (a digest cannot say it: two nodes
+    of other variants may have identical bytes)."""
+    return {v: sorted({(f.result()["kind"], f.result()["key"]) for f in futures}) for v, futures in
+            used_by_variant.items()}
 
 
-def cost_table(store: Store, results: list, adapters: dict[str, list[str]]) -> pd.DataFrame:
-    """Each variant's measured cost (pkt_core/costs.py) from the records of the nodes this run used."""
-    records = [rec for r in results if (rec := store.record(r["kind"], r["key"])) is not None]
-    return costs.costs(records, adapters)
+def cost_table(store: Store, used: dict[str, list]) -> pd.DataFrame:
+    """Each variant's measured cost (pkt_core/costs.py) from the records of the nodes it used."""
+    records = {(kind, key): store.record(kind, key) for nodes_ in used.values() for kind, key in nodes_}
+    return costs.costs(records, used)
 
 
 def _choose(graph: Graph, cfg: SweepConfig, student: PrefectFuture, task: TaskSpec, trained: dict) -> dict[str, str]:
@@ -180,17 +187,21 @@ def tested(trained: dict, chosen: dict[str, str] | None):
 
 def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, student: PrefectFuture,
            train: PrefectFuture, task: TaskSpec, shape: dict, seed: int, setting: dict,
-           label: str) -> PrefectFuture | None:
-    """The future of one run's adapter (None for a variant that trains nothing)."""
+           label: str, used: list | None = None) -> PrefectFuture | None:
+    """The future of one run's adapter (None for a variant that trains nothing); the adapter and its
+    init's chain are appended to `used`."""
+    used = [] if used is None else used
     if not v.trains:
         return None
     tp = cfg.train_params(seed, {k: x for k, x in setting.items() if k not in SETTING_FIELDS})
     init = None
     if v.extracted:
-        init = variant_init(graph, cfg, v, teacher, task, shape, tp, setting.get("init_scale", cfg.init_scale))
+        init = variant_init(graph, cfg, v, teacher, task, shape, tp, setting.get("init_scale", cfg.init_scale), used)
     inputs = {"student": student, "train": train, **({"init": init} if init else {})}
-    return graph.submit(nodes.Adapter(variant=v.name, init=v.init, train=tp.as_dict(), dtype=cfg.dtype,
-                                      device=cfg.device), inputs, label)
+    adapter = graph.submit(nodes.Adapter(variant=v.name, init=v.init, train=tp.as_dict(), dtype=cfg.dtype,
+                                         device=cfg.device), inputs, label)
+    used.append(adapter)
+    return adapter
 
 
 def _score(graph: Graph, cfg: SweepConfig, student: PrefectFuture, adapter, task: TaskSpec, benchmark: str, split: str,

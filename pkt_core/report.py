@@ -395,7 +395,7 @@ def append_costs(paths: dict[str, Path], costs: pd.DataFrame) -> None:
     beside its effect, the paired difference to lora with its 95% interval on each headline metric."""
     summary = read_csv(paths["csv"])
     metrics = [m for m in HEADLINE_METRICS if m in set(summary["metric"])]
-    head = ["variant", "runs", "teacher-side s", "training s/run", "peak RSS MiB (+added)"] + \
+    head = ["variant", "trained runs", "teacher-side s", "training s/run", "peak RSS MiB (+added)"] + \
         [f"{m}: −lora" for m in metrics] + ["teacher-side nodes shared with"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for _, c in costs.iterrows():
@@ -404,8 +404,8 @@ def append_costs(paths: dict[str, Path], costs: pd.DataFrame) -> None:
             rows = summary[(summary["variant"] == c["variant"]) & (summary["metric"] == m)]
             effects.append("; ".join(_ci(r) for _, r in rows.iterrows() if _ci(r)) or "—")
         rss = "" if pd.isna(c["peak_rss_mib"]) else f"{c['peak_rss_mib']:.0f} (+{c['added_rss_mib']:.0f})"
-        lines.append("| " + " | ".join([str(c["variant"]), str(c["runs"]), f"{c['teacher_side_s']:.1f}",
-                                         f"{c['training_s_per_run']:.1f}", rss, *effects,
+        lines.append("| " + " | ".join([str(c["variant"]), str(c["runs"]), f"{c['teacher_side_s']:.2f}",
+                                         f"{c['training_s_per_run']:.2f}", rss, *effects,
                                          _cell(c, "shared_with")]) + " |")
     text = ("\n\n## What each method costs\n\nSeconds and peak resident memory of each variant's nodes, from the "
             "store's records (teacher-side: every node upstream of its adapters, summed per distinct node; "

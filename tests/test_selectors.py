@@ -151,23 +151,30 @@ def test_block_influence_selector_keeps_the_most_influential_layers_in_order():
 
 # ---- cost ---------------------------------------------------------------------------------------
 def test_cost_table_charges_shared_nodes_to_each_variant_and_says_who_shares():
-    rec = lambda kind, digest, seconds, inputs=(), peak=100, start=40: {  # noqa: E731
-        "kind": kind, "digest": digest, "seconds": seconds, "inputs": {f"i{n}": d for n, d in enumerate(inputs)},
-        "peak_rss_bytes": peak * 2**20, "start_rss_bytes": start * 2**20}
-    records = [rec("sensitivity", "s", 10.0), rec("layer_plan", "p", 1.0, ["s"]), rec("extraction", "e", 2.0, ["p", "s"]),
-               rec("lora_init", "i", 3.0, ["e"]), rec("adapter", "a0", 20.0, ["i"], peak=300, start=50),
-               rec("adapter", "a1", 30.0, ["i"]), rec("extraction", "e2", 4.0, ["p", "s"]),
-               rec("lora_init", "i2", 5.0, ["e2"]), rec("adapter", "b0", 40.0, ["i2"]),
-               rec("layer_plan", "w", 0.5, ["teacher-source"]), rec("extraction", "we", 1.5, ["w"]),
-               rec("lora_init", "wi", 2.0, ["we"]), rec("adapter", "c0", 10.0, ["wi"])]
-    table = costs.costs(records, {"transfer": ["a0", "a1"], "random-submatrix": ["b0"],
-                                  "weight-selection": ["c0"], "vanilla": []}).set_index("variant")
-    assert table.loc["transfer", "teacher_side_s"] == 10 + 1 + 2 + 3
+    rec = lambda seconds, peak=100, start=40: {"seconds": seconds, "digest": "same-bytes",  # noqa: E731
+                                                "peak_rss_bytes": peak * 2**20, "start_rss_bytes": start * 2**20}
+    records = {("sensitivity", "s"): rec(10.0), ("layer_plan", "p"): rec(1.0), ("extraction", "e"): rec(2.0),
+               ("lora_init", "i"): rec(3.0), ("adapter", "a0"): rec(20.0, peak=300, start=50),
+               ("adapter", "a1"): rec(30.0), ("extraction", "e2"): rec(4.0), ("lora_init", "i2"): rec(5.0),
+               ("adapter", "b0"): rec(40.0), ("activations", "x"): rec(7.0), ("layer_plan", "w"): rec(0.5),
+               ("extraction", "we"): rec(1.5), ("lora_init", "wi"): rec(2.0), ("adapter", "c0"): rec(10.0)}
+    # every record has the same digest: identical bytes must not tie one variant's nodes to another's
+    used = {"transfer": [("sensitivity", "s"), ("layer_plan", "p"), ("extraction", "e"), ("lora_init", "i"),
+                         ("adapter", "a0"), ("adapter", "a1"), ("sensitivity", "s")],
+            "random-submatrix": [("sensitivity", "s"), ("layer_plan", "p"), ("extraction", "e2"),
+                                 ("lora_init", "i2"), ("adapter", "b0")],
+            "block-influence": [("activations", "x"), ("layer_plan", "w"), ("extraction", "we"), ("lora_init", "wi"),
+                                ("adapter", "c0")],
+            "vanilla": []}
+    table = costs.costs(records, used).set_index("variant")
+    assert table.loc["transfer", "teacher_side_s"] == 10 + 1 + 2 + 3  # a node used twice counts once
+    assert table.loc["transfer", "teacher_side_by_kind"] == "extraction 2.00, layer_plan 1.00, lora_init 3.00, " \
+                                                            "sensitivity 10.00"
     assert table.loc["random-submatrix", "teacher_side_s"] == 10 + 1 + 4 + 5  # the shared nodes in full
     assert table.loc["transfer", "training_s_per_run"] == 25 and table.loc["transfer", "runs"] == 2
     assert table.loc["transfer", "peak_rss_mib"] == 300 and table.loc["transfer", "added_rss_mib"] == 250
     assert table.loc["transfer", "shared_with"] == "random-submatrix"
-    assert table.loc["weight-selection", "shared_with"] == "" and table.loc["weight-selection", "teacher_side_s"] == 4
+    assert table.loc["block-influence", "shared_with"] == "" and table.loc["block-influence", "teacher_side_s"] == 11
     assert table.loc["vanilla", "runs"] == 0 and table.loc["vanilla", "teacher_side_s"] == 0
 
 
@@ -202,18 +209,45 @@ def test_every_new_variant_through_a_sweep_with_true_edges_and_measured_costs(pr
     assert {r["variant"] for r in out["table"]} == {"lora", "transfer", *NEW}
 
     store = Store(tmp_path / "store")
-    records = {r["digest"]: r for kind, key, _ in out["nodes"] if (r := store.record(kind, key))}
+    records = {(kind, key): store.record(kind, key) for kind, key, _ in out["nodes"]}
     assert all(r["peak_rss_bytes"] >= r["start_rss_bytes"] > 0 for r in records.values())
-    table = costs.costs(records.values(), out["adapters"]).set_index("variant")
-    upstream = {v: costs.chains(records.values(), {v: out["adapters"][v]})[v] for v in out["adapters"]}
-    side = lambda v: {records[d]["kind"] for d in upstream[v]} - {"adapter"}  # noqa: E731
-    assert side("weight-selection") == {"layer_plan", "extraction", "lora_init"}  # no data read
-    assert side("subcloning") == {"sensitivity", "activations", "layer_plan", "extraction", "lora_init"}
-    assert side("block-influence") == {"sensitivity", "activations", "layer_plan", "extraction", "lora_init"}
-    for v in ("transfer", *NEW):  # the seconds of its distinct nodes, straight from the records
+    used = {v: [tuple(n) for n in ids] for v, ids in out["variant_nodes"].items()}
+    side = lambda v: sorted(kind for kind, _ in used[v] if kind != "adapter")  # noqa: E731
+    assert side("weight-selection") == ["extraction", "layer_plan", "lora_init"]  # no data read
+    assert side("subcloning") == ["activations", "extraction", "layer_plan", "lora_init", "sensitivity"]
+    assert side("block-influence") == ["activations", "extraction", "layer_plan", "lora_init", "sensitivity"]
+    assert side("transfer") == ["extraction", "layer_plan", "lora_init", "sensitivity"] and side("lora") == []
+    table = costs.costs(records, used).set_index("variant")
+    for v in ("transfer", *NEW):  # the seconds of its nodes, straight from the records
         assert table.loc[v, "teacher_side_s"] == pytest.approx(
-            sum(records[d]["seconds"] for d in upstream[v] if records[d]["kind"] != "adapter"))
+            sum(records[n]["seconds"] for n in used[v] if n[0] != "adapter"))
+        assert table.loc[v, "runs"] == 1
     assert "transfer" in table.loc["block-influence", "shared_with"]  # the sensitivity node
-    assert table.loc["lora", "teacher_side_s"] == 0
+    assert "transfer" not in table.loc["weight-selection", "shared_with"]
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "## What each method costs" in text and "| weight-selection | 1 |" in text
+    assert "## What each method costs" in text and "| weight-selection | 1 |" in text and "| lora | 1 | 0.00 |" in text
+
+
+def test_the_new_names_are_accepted_wherever_a_user_types_a_variant(mini_family, tmp_path, capsys):
+    from pkt.flows.cli import main
+    from pkt.flows.config import parse_config
+
+    task = str(mini_family / "tasks/gsm")
+    cfg = parse_config({"teacher": str(mini_family / "teacher"), "students": [str(mini_family / "student")],
+                        "tasks": [{"name": "gsm", "dir": task}], "variants": ["lora", *NEW]})
+    assert cfg.variants == ["lora", *NEW]
+    code = main(["transfer", "--teacher", str(mini_family / "teacher"), "--student", str(mini_family / "student"),
+                 "--task-dir", task, "--variants", "lora,weight-selectoin", "--store", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert code == 2 and "weight-selectoin" in err and all(v in err for v in NEW)
+
+
+def test_extract_with_weight_selection_reads_no_data(prefect_env, mini_family, tmp_path, capsys):
+    from pkt.flows.cli import main
+
+    code = main(["extract", "--teacher", str(mini_family / "teacher"), "--seeds", str(mini_family / "tasks/gsm/seeds.jsonl"),
+                 "--student", str(mini_family / "student"), "--rank", "2", "--alpha", "2", "--store", str(tmp_path / "s"),
+                 "--selector", "evenly-spaced", "--reducer", "weight-selection"])
+    out = capsys.readouterr().out
+    kinds = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[-1] == "computed"]
+    assert code == 0 and sorted(kinds) == ["extraction", "layer_plan", "lora_init", "residual_model"], out

@@ -157,7 +157,9 @@ def extract(
             if module in ("k", "v") and plan.expand_kv(t_layer):
                 w = repeat_kv(w, t.kv_heads, t.heads)
             r_idx, c_idx = plan.indices(module, t_layer)
-            out[name] = w[r_idx][:, c_idx].contiguous()
+            if len(r_idx) < w.shape[0]:  # every row (a vocabulary) is taken without a copy of the matrix
+                w = w.index_select(0, r_idx)
+            out[name] = w.index_select(1, c_idx)
             continue
         sv = _teacher_tensor(sens, teacher_config, module, t_layer).float()
         if module in ("k", "v") and t.kv_width < s.kv_width:

@@ -7,8 +7,8 @@ seconds and peak resident set are what the store's record says (pkt_core/memory.
 resident set sampled every 10 ms while the node computes; `added` is peak minus the resident set
 when the node started). Upstream nodes come from the store (computed by an earlier step).
 
-    python bench/selectors.py                       # 152k vocabulary, hidden 256, 4 layers: ~3 min on 2 cores
-    python bench/selectors.py --hidden 1024 --layers 8 --k 32
+    python bench/weight_inheritance.py                       # 152k vocabulary, hidden 256, 4 layers: ~3 min on 2 cores
+    python bench/weight_inheritance.py --hidden 1024 --layers 8 --k 32
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from .config import parse_config
 from .demo import ALL_VARIANTS, family_node, family_stats
 from .graph import Graph, task_runner, torch_threads_per_worker
 from .summary import publish
-from .sweep import copy_report, cost_table, run_sweep
+from .sweep import add_costs, copy_report, cost_table, run_sweep
 
 STUDY_TRAIN = {"rank": 4, "alpha": 8.0, "epochs": 2, "batch_size": 32, "micro_batch": 32, "n_train": 256,
                "max_length": 96}
@@ -66,9 +66,9 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
                   "scores": [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]}
         if curves:
             inputs["curves"] = nodes.table_source(st, pd.concat(curves, ignore_index=True), "curves.csv")
-        inputs["costs"] = nodes.table_source(st, cost_table(st, used), "costs.csv")
         rep = graph.submit(nodes.Report(primary=PRIMARY), inputs, f"study, {len(table)} rows")
         paths = copy_report(st, rep.result(), report_dir)
+        paths |= add_costs(paths, cost_table(st, used))
         results = graph.results()
     summary = report.read_csv(paths["csv"])
     lines = report.headlines(summary, PRIMARY) + ["knowledge vs size:"] + [

@@ -134,10 +134,10 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str) -> dict:
     inputs = {"runs": nodes.table_source(store, table, "runs.csv"), "scores": all_scores}
     if curves:
         inputs["curves"] = nodes.table_source(store, pd.DataFrame(curves), "curves.csv")
-    used = variant_nodes(used_by_variant)
-    inputs["costs"] = nodes.table_source(store, cost_table(store, used), "costs.csv")
     rep = graph.submit(nodes.Report(primary=primary), inputs, f"{tag}, {len(table)} rows, {primary}")
     paths = copy_report(store, rep.result(), cfg.report_dir)
+    used = variant_nodes(used_by_variant)
+    paths |= add_costs(paths, cost_table(store, used))
     summary = report.read_csv(paths["csv"])
     lines = report.headlines(summary, primary)
     results = graph.results()
@@ -159,6 +159,18 @@ def cost_table(store: Store, used: dict[str, list]) -> pd.DataFrame:
     """Each variant's measured cost (pkt_core/costs.py) from the records of the nodes it used."""
     records = {(kind, key): store.record(kind, key) for nodes_ in used.values() for kind, key in nodes_}
     return costs.costs(records, used)
+
+
+def add_costs(paths: dict[str, Path], table: pd.DataFrame) -> dict[str, Path]:
+    """The cost table into the report directory (costs.csv, and its section of report.md), not into the
+    store's report node: timings differ from run to run, while a stored artifact's bytes are a function
+    of its key's inputs (the same sweep in two stores stores the same report)."""
+    dest = paths["markdown"].with_name("costs.csv")
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, dest)
+    report.append_costs(paths, table)
+    return {"costs": dest}
 
 
 def _choose(graph: Graph, cfg: SweepConfig, student: PrefectFuture, task: TaskSpec, trained: dict) -> dict[str, str]:

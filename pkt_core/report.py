@@ -6,6 +6,7 @@ paired sign-flip permutation p-value. Wording never claims a difference whose in
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -414,5 +415,6 @@ def append_costs(paths: dict[str, Path], costs: pd.DataFrame) -> None:
             "ran; (+added) the most one node added above its start: a lower bound of its own need. −lora: "
             "the variant minus lora, paired by seed, 95% interval, one entry per student · task.\n\n"
             + "\n".join(lines) + "\n")
-    with open(paths["markdown"], "a") as f:
-        f.write(text)
+    tmp = Path(paths["markdown"]).with_name(".report.md.tmp")  # a reader never sees half a report
+    tmp.write_text(Path(paths["markdown"]).read_text() + text)
+    os.replace(tmp, paths["markdown"])

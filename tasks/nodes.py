@@ -356,15 +356,13 @@ class Report(Node):
 
     KIND = "report"
     VERSION = 3  # paired inference against every control, overview, knowledge vs size, training curves
-    INPUTS = ("runs", "scores")  # optional: "curves", the training losses of the runs; "costs" (pkt_core/costs.py)
+    INPUTS = ("runs", "scores")  # optional: "curves", the training losses of the runs
     primary: str = "exact_match/strict-match"
 
     def compute(self, store, inputs, out):
         runs = report.read_csv(io.BytesIO(store.read_bytes(inputs["runs"]["digest"])))
         curves = report.read_csv(io.BytesIO(store.read_bytes(inputs["curves"]["digest"]))) if "curves" in inputs else None
-        paths = report.write_report(runs, out, self.primary, curves)
-        if "costs" in inputs:  # each method's measured cost beside its effect
-            report.append_costs(paths, report.read_csv(io.BytesIO(store.read_bytes(inputs["costs"]["digest"]))))
+        report.write_report(runs, out, self.primary, curves)
 
 
 @dataclass(frozen=True)

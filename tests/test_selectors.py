@@ -225,6 +225,7 @@ def test_every_new_variant_through_a_sweep_with_true_edges_and_measured_costs(pr
     assert "transfer" in table.loc["block-influence", "shared_with"]  # the sensitivity node
     assert "transfer" not in table.loc["weight-selection", "shared_with"]
     text = (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "costs.csv").stat().st_size > 0
     assert "## What each method costs" in text and "| weight-selection | 1 |" in text and "| lora | 1 | 0.00 |" in text
 
 
@@ -251,3 +252,19 @@ def test_extract_with_weight_selection_reads_no_data(prefect_env, mini_family, t
     out = capsys.readouterr().out
     kinds = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[-1] == "computed"]
     assert code == 0 and sorted(kinds) == ["extraction", "layer_plan", "lora_init", "residual_model"], out
+
+
+@pytest.mark.parametrize("reducer", inherit.REDUCERS)
+def test_heads_that_do_not_fit_are_picked_flat_with_q_and_o_consistent(reducer):
+    """A student with more query heads than the teacher (Qwen2.5 1.5B -> 0.5B has 12 -> 14) cannot keep
+    whole heads: q/o and k/v channels are picked flat, each pair with one set of indices."""
+    teacher = tiny_model(**T)
+    student = tiny_model(layers=2, hidden=16, intermediate=24, heads=8, kv_heads=2)  # head_dim 2, 8 > 4 heads
+    stats = activations.activation_stats(teacher, random_samples(2), progress=False)
+    out = extract(teacher, student, [0, 1], reducer, stats)
+    params = dict(student.named_parameters())
+    assert all(out[n].shape == params[n].shape for n in out)
+    assert taken(out[name("q", 0)])[0] == taken(out[name("o", 0)])[1]
+    assert taken(out[name("k", 0)])[0] == taken(out[name("v", 0)])[0]
+    if reducer == "subcloning":
+        assert taken(out[name("o", 1)])[1] == sorted(torch.topk(stats["attn"][1], 16).indices.tolist())

@@ -2,7 +2,7 @@
 
 Layout under the root:
   blobs/sha256/ab/<digest>      immutable bytes, named by their sha256
-  keys/<kind>/<key>.json        record: digest, layout, params, inputs, pkt version, seconds, host, created
+  keys/<kind>/<key>.json        record: digest, layout, params, inputs, pkt version, seconds, peak RSS, host, created
   trees/<digest>/...            a directory artifact as hard links to its blobs: a cache, checked when used
   locks/<kind>/<key>.lock       held while one process computes that node
   locks/gc.lock                 shared by every write from its first blob to its record; gc takes it alone
@@ -347,7 +347,8 @@ class Store:
             digest, layout, json.loads(canonical_json(params)), inputs)
 
     def _write_record(self, kind: str, key: str, digest: str, params: dict, inputs: dict, seconds: float,
-                      layout: str, execution: dict | None = None, description: dict | None = None) -> Ref:
+                      layout: str, execution: dict | None = None, description: dict | None = None,
+                      measured: dict | None = None) -> Ref:
         """Publish the record (call under _lease, after its blobs). When (seconds, host, created) is
         all that would change, the existing record stays: they describe a run, not the artifact.
         description: what a person searches by (label, about, sources; artifacts/catalog.py)."""
@@ -355,7 +356,7 @@ class Store:
             return Ref(kind, key, digest)
         rec = {"kind": kind, "key": key, "digest": digest, "layout": layout, "params": params, "inputs": inputs,
                "execution": execution or {}, "pkt_version": pkt_version(), "seconds": round(seconds, 3), "host": socket.gethostname(),
-               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(description or {})}
+               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(description or {}), **(measured or {})}
         dest = self.record_path(kind, key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._tmp(".json")
@@ -368,7 +369,8 @@ class Store:
 
     def put_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor], *, params: dict,
                     inputs: dict[str, str], seconds: float = 0.0, metadata: dict[str, str] | None = None,
-                    execution: dict | None = None, description: dict | None = None) -> Ref:
+                    execution: dict | None = None, description: dict | None = None,
+                    measured: dict | None = None) -> Ref:
         """Store tensors as one safetensors blob whose header names kind, key and params."""
         meta = {"kind": kind, "key": key, "params": canonical_json(params), **(metadata or {})}
         with self._lease():
@@ -378,10 +380,11 @@ class Store:
                 sort_safetensors_metadata(tmp)
                 digest = self._publish_blob(tmp)
             return self._write_record(kind, key, digest, params, inputs, seconds, "safetensors", execution,
-                                      description)
+                                      description, measured)
 
     def put_tree(self, kind: str, key: str, directory: str | Path, *, params: dict, inputs: dict[str, str],
-                 seconds: float = 0.0, execution: dict | None = None, description: dict | None = None) -> Ref:
+                 seconds: float = 0.0, execution: dict | None = None, description: dict | None = None,
+                 measured: dict | None = None) -> Ref:
         """Store every file of a directory (a peft adapter, an HF model dir) and a manifest of them.
         safetensors headers are stored with sorted metadata: the library writes them in hash order."""
         directory = Path(directory)
@@ -399,7 +402,8 @@ class Store:
             if not files:
                 raise StoreError(f"{directory}: nothing to store, the directory is empty")
             digest = self._write_blob(canonical_json({"files": files}).encode())
-            return self._write_record(kind, key, digest, params, inputs, seconds, "tree", execution, description)
+            return self._write_record(kind, key, digest, params, inputs, seconds, "tree", execution, description,
+                                      measured)
 
     # ---- reading -------------------------------------------------------------------------
     def tensors(self, ref: Ref | dict, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -96,7 +96,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", default="16")
     p.add_argument("--alpha", default="16.0")
     p.add_argument("--k", default=None, help="seed samples to draw (default: all in the file)")
-    p.add_argument("--reducer", default="submatrix", help="submatrix (default), rowcol or random")
+    p.add_argument("--reducer", default="submatrix", help="submatrix (default), rowcol, random, weight-selection "
+                   "(evenly spaced, no data) or subcloning (activation magnitude)")
+    p.add_argument("--selector", default="sensitivity", help="layer selector: sensitivity (default), first, last, "
+                   "random, evenly-spaced or block-influence")
     p.add_argument("--svd", default="auto", help="LoRA-init SVD: auto (default: randomized torch.svd_lowrank for "
                    "large pieces, full SVD for small ones), full, or lowrank")
     p.add_argument("--max-length", default="2048", help="token cutoff of each seed sample (default 2048)")
@@ -258,8 +261,8 @@ def _quiet_user_tracebacks():
 
 # ---- validation before any work ------------------------------------------------------------------
 EXTRACT_FLAGS = {"teacher": "--teacher", "seeds": "--seeds", "students": "--student", "rank": "--rank",
-                 "alpha": "--alpha", "k": "--k", "reducer": "--reducer", "svd": "--svd", "dtype": "--dtype",
-                 "device": "--device", "store": "--store", "max_length": "--max-length"}
+                 "alpha": "--alpha", "k": "--k", "reducer": "--reducer", "selector": "--selector", "svd": "--svd",
+                 "dtype": "--dtype", "device": "--device", "store": "--store", "max_length": "--max-length"}
 SWEEP_FLAGS = {"teacher": "--teacher", "students": "--student", "tasks": "--task-dir", "variants": "--variants",
                "train": "--train", "dtype": "--dtype", "device": "--device", "report_dir": "--report-dir",
                "store": "--store"}
@@ -282,8 +285,8 @@ def extract_config(args):
 
     return validate(ExtractConfig, {
         "teacher": args.teacher, "seeds": args.seeds, "students": args.student, "rank": args.rank,
-        "alpha": args.alpha, "k": args.k, "reducer": args.reducer, "svd": args.svd, "dtype": args.dtype,
-        "device": args.device, "store": args.store, "max_length": args.max_length,
+        "alpha": args.alpha, "k": args.k, "reducer": args.reducer, "selector": args.selector, "svd": args.svd,
+        "dtype": args.dtype, "device": args.device, "store": args.store, "max_length": args.max_length,
         "sensitivity_layout": "per_layer" if args.per_layer_sensitivity else "single"}, "", EXTRACT_FLAGS)
 
 

@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.futures import PrefectFuture
 
 from pkt.artifacts.store import Store
-from pkt.core import arch, models
+from pkt.core import align, arch, models
 from pkt.tasks import nodes
 
 from .graph import Graph, source_name, task_runner
@@ -38,20 +38,29 @@ def extraction_chain(graph: Graph, teacher: PrefectFuture, seeds: str, shape: di
     or a model the store builds), seed file and student shape."""
     tag = f"teacher={teacher_name}, seeds={source_name(seeds)}"
     seeds = graph.source("file", seeds)
-    sens = graph.submit(nodes.Sensitivity(k=opts.k, sample_seed=opts.sample_seed, max_length=opts.max_length,
-                                          dtype=opts.dtype, device=opts.device, layout=opts.layout),
-                        {"teacher": teacher, "seeds": seeds}, f"{tag}, k={opts.k or 'all'}")
+    reads = {align.SELECTOR_READS[opts.selector], align.REDUCER_READS[opts.reducer]}
+    scores = {"teacher": teacher}  # what a selector or reducer may read: only those it needs are submitted
+    if "sensitivity" in reads:
+        scores["sensitivity"] = graph.submit(
+            nodes.Sensitivity(k=opts.k, sample_seed=opts.sample_seed, max_length=opts.max_length, dtype=opts.dtype,
+                              device=opts.device, layout=opts.layout),
+            {"teacher": teacher, "seeds": seeds}, f"{tag}, k={opts.k or 'all'}")
+    if "activations" in reads:
+        scores["activations"] = graph.submit(
+            nodes.Activations(k=opts.k, sample_seed=opts.sample_seed, max_length=opts.max_length, dtype=opts.dtype,
+                              device=opts.device),
+            {"teacher": teacher, "seeds": seeds}, f"{tag}, k={opts.k or 'all'}")
     layers = shape["num_hidden_layers"]
     drawn = f" seed={opts.draw_seed}" if opts.selector == "random" else ""
-    plan = graph.submit(nodes.LayerPlan(student_layers=layers, selector=opts.selector,
-                                        seed=opts.draw_seed if opts.selector == "random" else 0),
-                        {"sensitivity": sens}, f"{tag}, {opts.selector}{drawn}, layers={layers}")
+    spec = nodes.LayerPlan(student_layers=layers, selector=opts.selector,
+                           seed=opts.draw_seed if opts.selector == "random" else 0)
+    plan = graph.submit(spec, {name: scores[name] for name in spec.INPUTS}, f"{tag}, {opts.selector}{drawn}, layers={layers}")
     drawn += f" seed={opts.draw_seed}" if opts.reducer == "random" else ""
-    ext = graph.submit(nodes.Extraction(student_shape=shape, reducer=opts.reducer, modules=tuple(opts.modules),
-                                        seed=opts.draw_seed if opts.reducer == "random" else 0),
-                       {"teacher": teacher, "sensitivity": sens, "plan": plan},
+    spec = nodes.Extraction(student_shape=shape, reducer=opts.reducer, modules=tuple(opts.modules),
+                            seed=opts.draw_seed if opts.reducer == "random" else 0)
+    ext = graph.submit(spec, {name: plan if name == "plan" else scores[name] for name in spec.INPUTS},
                        f"{tag}, {opts.selector}, {opts.reducer}{drawn}, hidden={shape['hidden_size']}")
-    return {"sensitivity": sens, "plan": plan, "extraction": ext, "tag": f"{tag}, {opts.selector}, {opts.reducer}{drawn}"}
+    return {**{k: v for k, v in scores.items() if k != "teacher"}, "plan": plan, "extraction": ext, "tag": f"{tag}, {opts.selector}, {opts.reducer}{drawn}"}
 
 
 def init_node(graph: Graph, chain: dict, *, rank: int, alpha: float, dropout: float = 0.05, split: str = "paper",
@@ -93,7 +102,8 @@ def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 1
     out = {}
     for student, chain in chains.items():
         refs = {name: chain[name].result()
-                for name in ("sensitivity", "plan", "extraction", "lora_init", "residual_model")}
+                for name in ("sensitivity", "activations", "plan", "extraction", "lora_init", "residual_model")
+                if name in chain}
         out[student] = {**refs, "layers": nodes.plan_layers(st, refs["plan"]),
                         "init_path": str(st.path(refs["lora_init"])),  # paths a person uses after the run
                         "base_path": str(st.path(refs["residual_model"]))}

@@ -104,6 +104,7 @@ class Graph:
     sources: dict[str, PrefectFuture] = field(default_factory=dict)
     _identity_of: dict[int, str] = field(default_factory=dict)  # id(future) -> node or source identity
     _labels: set[str] = field(default_factory=set)
+    upstream: dict[str, list[str]] = field(default_factory=dict)  # node identity -> its input nodes' identities
     origins: dict[Path, PrefectFuture] = field(default_factory=dict)  # folder -> the node that made it
 
     def provides(self, folder: str | Path, future: PrefectFuture) -> None:
@@ -137,7 +138,28 @@ class Graph:
                 "label": self._unique(f"{spec.KIND}[{label}]"), "torch_threads": self.torch_threads})
             self.futures[identity], self.kinds[identity] = future, spec.KIND
             self._identity_of[id(future)] = identity
+            self.upstream[identity] = self._input_nodes(inputs)
         return self.futures[identity]
+
+    def _input_nodes(self, inputs) -> list[str]:
+        if isinstance(inputs, PrefectFuture):
+            identity = self._identity_of[id(inputs)]
+            return [identity] if identity in self.futures else []  # a source is not a node
+        if isinstance(inputs, list):
+            return [i for x in inputs for i in self._input_nodes(x)]
+        if isinstance(inputs, dict) and "digest" not in inputs:
+            return [i for x in inputs.values() for i in self._input_nodes(x)]
+        return []
+
+    def lineage(self, future: PrefectFuture) -> list[PrefectFuture]:
+        """The node of `future` and every node upstream of it (what it took to make it)."""
+        seen, todo = set(), [self._identity_of[id(future)]]
+        while todo:
+            identity = todo.pop()
+            if identity not in seen:
+                seen.add(identity)
+                todo += self.upstream.get(identity, [])
+        return [self.futures[i] for i in seen]
 
     def _input_identity(self, inputs):
         if isinstance(inputs, PrefectFuture):

@@ -35,7 +35,7 @@ from .config import parse_config
 from .demo import ALL_VARIANTS, family_node, family_stats
 from .graph import Graph, task_runner, torch_threads_per_worker
 from .summary import publish
-from .sweep import copy_report, report_protocol, run_sweep
+from .sweep import add_costs, copy_report, cost_table, report_protocol, run_sweep
 from .variants import VARIANTS
 
 STUDY_TRAIN = {"rank": 4, "alpha": 8.0, "epochs": 2, "batch_size": 32, "micro_batch": 32, "n_train": 256,
@@ -127,7 +127,7 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
     """One sweep per family (each with its report under report_dir/family-<seed>), then one report
     over all of them with families as the units. Runs on a local process pool by default."""
     st = Store(store)
-    runs, extra, families, cfg = [], {"curves": [], "selection": [], "items": []}, {}, None
+    runs, extra, families, cfg, used = [], {"curves": [], "selection": [], "items": []}, {}, None, {}
     with task_runner(runner, workers) as task_runner_:
         graph = Graph(st, task_runner_, torch_threads_per_worker(runner, workers))
         for fseed in family_seeds:
@@ -147,6 +147,8 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
             for kind in extra:
                 if kind in out["report"]:
                     extra[kind].append(report.read_csv(out["report"][kind]).assign(**label))
+            for v, ids in out["variant_nodes"].items():
+                used.setdefault(v, []).extend(ids)
         table = pd.concat(runs, ignore_index=True)
         inputs = {"runs": nodes.table_source(st, table, "runs.csv"),
                   "scores": [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]}
@@ -157,6 +159,7 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
         primary = cfg.endpoint.metric
         rep = graph.submit(nodes.Report(primary=primary, protocol=protocol), inputs, f"study, {len(table)} rows")
         paths = copy_report(st, rep.result(), report_dir)
+        paths |= add_costs(paths, cost_table(st, used))
         results = graph.results()
     summary = report.read_csv(paths["csv"])
     lines = report.headlines(summary, primary)

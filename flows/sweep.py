@@ -14,7 +14,7 @@ from prefect.futures import PrefectFuture
 
 from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Ref, Store
-from pkt.core import arch, evaluate, models, report
+from pkt.core import arch, costs, evaluate, models, report
 from pkt.tasks import nodes
 
 from .config import SweepConfig, TaskSpec, parse_config
@@ -100,7 +100,8 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
             train = graph.source("file", str(Path(task.dir) / "train.jsonl"))
             groups.append((student_path, student, shape, task, train))
     # every group's selection runs first, so that the workers have them all before any choice waits
-    val = [_submit_selection(graph, cfg, teacher, group) for group in groups]
+    made: dict[str, list] = {}  # variant -> the futures of its runs' results (adapters, LaTen updates)
+    val = [_submit_selection(graph, cfg, teacher, group, made) for group in groups]
     scored, selection = [], []  # (row fields, scores future, adapter future or None); val rows
     for (path, student, shape, task, train), val_scores in zip(groups, val):
         metric = _select_metric(cfg, task)
@@ -114,6 +115,7 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
         for v, setting, seed in chosen_runs(cfg, chosen):
             label = _label(path, task, v, setting, seed)
             adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+            made.setdefault(v.name, []).extend([adapter] if adapter is not None else [])
             for bench in benchmarks:
                 future = _score(graph, cfg, student, adapter, task, bench, "test", label, v.name)
                 scored.append(({"student": path, "task": task.name, "benchmark": bench, "variant": v.name,
@@ -156,6 +158,8 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     spec = nodes.Report(primary=primary, protocol=report_protocol(cfg, protocol))
     rep = graph.submit(spec, inputs, f"{tag}, {len(table)} rows, {primary}")
     paths = copy_report(store, rep.result(), cfg.report_dir)
+    used = variant_nodes(graph, made)
+    paths |= add_costs(paths, cost_table(store, used))
     summary = report.read_csv(paths["csv"])
     lines = report.headlines(summary, primary)
     results = graph.results()
@@ -163,16 +167,42 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     return {"report": {k: str(v) for k, v in paths.items()},
             "computed": sum(r["status"] == "computed" for r in results),
             "nodes": [(r["kind"], r["key"], r["status"]) for r in results],
-            "table": summary.to_dict(orient="records"), "headline": lines}
+            "table": summary.to_dict(orient="records"), "headline": lines, "variant_nodes": used}
 
 
-def _submit_selection(graph: Graph, cfg: SweepConfig, teacher: PrefectFuture, group: tuple) -> dict:
+def variant_nodes(graph: Graph, made: dict[str, list]) -> dict[str, list[tuple[str, str]]]:
+    """variant -> (kind, key) of every distinct node its runs took (their results and all upstream of them,
+    from the graph's edges; a digest cannot say it: two nodes of other variants may have identical bytes)."""
+    return {v: sorted({(r["kind"], r["key"]) for f in futures for r in map(lambda n: n.result(), graph.lineage(f))})
+            for v, futures in made.items()}
+
+
+def cost_table(store: Store, used: dict[str, list]) -> pd.DataFrame:
+    """Each variant's measured cost (pkt_core/costs.py) from the records of the nodes it used."""
+    records = {(kind, key): store.record(kind, key) for nodes_ in used.values() for kind, key in nodes_}
+    return costs.costs(records, used)
+
+
+def add_costs(paths: dict[str, Path], table: pd.DataFrame) -> dict[str, Path]:
+    """The cost table into the report directory (costs.csv, and its section of report.md), not into the
+    store's report node: timings differ from run to run, while a stored artifact's bytes are a function
+    of its key's inputs (the same sweep in two stores stores the same report)."""
+    dest = paths["markdown"].with_name("costs.csv")
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, dest)
+    report.append_costs(paths, table)
+    return {"costs": dest}
+
+
+def _submit_selection(graph: Graph, cfg: SweepConfig, teacher: PrefectFuture, group: tuple, made: dict) -> dict:
     """(variant, setting, seed) -> the future of its val score on the selection metric."""
     path, student, shape, task, train = group
     out = {}
     for v, setting, seed in selection_runs(cfg):
         label = _label(path, task, v, setting, seed)
         adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+        made.setdefault(v.name, []).extend([adapter] if adapter is not None else [])
         out[v, _setting(setting), seed] = _score(graph, cfg, student, adapter, task, _selection_benchmark(cfg, task),
                                                  "val", label, v.name)
     return out

@@ -56,4 +56,12 @@ VARIANTS = {v.name: v for v in [
             what="LaTen's whole path with nothing injected: scores as the untrained student"),
     Variant("laten-random", init="laten", chain="laten", update="random", drawn=True,
             what="LaTen's located rows, Gaussian values with the translated rows' norms"),
+    # weight inheritance (shared/methods/baselines.md): a selector, a reducer, or both, in the same chain
+    Variant("weight-selection", selector="evenly-spaced", reducer="weight-selection",
+            what="Xu et al. 2024: evenly spaced layers and evenly spaced indices, the same in every layer; no data"),
+    Variant("subcloning", reducer="subcloning",
+            what="Samragh et al. 2023: the sensitive layers, neurons/heads ranked by mean activation magnitude on "
+                 "the seeds (one residual ranking for all layers)"),
+    Variant("block-influence", selector="block-influence",
+            what="ShortGPT's block influence (1 - cos(h_in, h_out)) picks the layers; the sensitive windows inside"),
 ]}

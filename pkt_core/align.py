@@ -11,12 +11,17 @@ from typing import Mapping
 
 import torch
 
-from . import arch
+from . import arch, inherit
 from .errors import UserError
 from .progress import track
 
-LAYER_SELECTORS = ("sensitivity", "first", "last", "random")
-REDUCERS = ("submatrix", "rowcol", "random")
+LAYER_SELECTORS = ("sensitivity", "first", "last", "random", "evenly-spaced", "block-influence")
+REDUCERS = ("submatrix", "rowcol", "random", *inherit.REDUCERS)
+# what each one reads: a sensitivity map, the teacher's activation statistics, or nothing but shapes
+SELECTOR_READS = {"sensitivity": "sensitivity", "first": "sensitivity", "last": "sensitivity",
+                  "random": "sensitivity", "evenly-spaced": None, "block-influence": "activations"}
+REDUCER_READS = {"submatrix": "sensitivity", "rowcol": "sensitivity", "random": "sensitivity",
+                 "weight-selection": None, "subcloning": "activations"}
 
 
 class ShapeMismatch(UserError, ValueError):
@@ -24,7 +29,9 @@ class ShapeMismatch(UserError, ValueError):
 
 
 def select_layers(layer_scores, n: int, strategy: str = "sensitivity", seed: int = 0) -> list[int]:
-    """Indices of n teacher layers, ascending (the teacher's order is kept)."""
+    """Indices of n teacher layers, ascending (the teacher's order is kept). layer_scores: per teacher
+    layer, its total sensitivity, its block influence (block-influence), or anything of the teacher's
+    length (evenly-spaced reads only the count)."""
     scores = torch.as_tensor(layer_scores, dtype=torch.float64)
     total = scores.numel()
     if n > total:
@@ -39,6 +46,10 @@ def select_layers(layer_scores, n: int, strategy: str = "sensitivity", seed: int
         chosen = torch.arange(total - n, total)
     elif strategy == "random":
         chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+    elif strategy == "evenly-spaced":  # weight selection's layers (Xu et al.): no data
+        chosen = inherit.evenly_spaced(total, n)
+    elif strategy == "block-influence":  # ShortGPT: keep the layers that change the residual most
+        chosen = torch.sort(-scores, stable=True).indices[:n]
     else:
         raise ValueError(f"unknown layer selector {strategy!r}; choose one of {', '.join(LAYER_SELECTORS)}")
     return sorted(int(i) for i in chosen)
@@ -117,17 +128,19 @@ def extract(
     teacher_config,
     student_config,
     teacher_weights: Mapping[str, torch.Tensor],
-    sens: Mapping[str, torch.Tensor],
+    sens: Mapping[str, torch.Tensor] | None,
     layers: list[int],
     *,
     reducer: str = "submatrix",
     modules: tuple[str, ...] = arch.ALL_MODULE_TYPES,
     seed: int = 0,
+    activations: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Student-shaped fp32 tensors cut out of the teacher, keyed by the student's weight names.
 
     layers: the teacher layers that become student layers 0..L_s-1 (from select_layers).
-    teacher_weights and sens may be lazy mappings: one tensor is read at a time.
+    teacher_weights and sens may be lazy mappings: one tensor is read at a time. The reducers of
+    pkt_core/inherit.py read no sensitivity (sens may be None); subcloning reads `activations`.
     """
     t, s = arch.dims(teacher_config), arch.dims(student_config)
     check_compatible(t, s, modules)
@@ -135,9 +148,19 @@ def extract(
         raise ShapeMismatch(f"layer plan has {len(layers)} layers but the student has {s.layers}")
     out = {}
     pieces = arch.transferable_weights(student_config, modules)
+    plan = inherit.index_plan(teacher_config, student_config, layers, reducer, activations) \
+        if reducer in inherit.REDUCERS else None
     for name, (module, s_layer) in track(pieces.items(), "extraction", "piece", total=len(pieces)):
         t_layer = None if s_layer is None else layers[s_layer]
         w = _teacher_tensor(teacher_weights, teacher_config, module, t_layer).float()
+        if plan is not None:  # one consistent set of indices per dimension
+            if module in ("k", "v") and plan.expand_kv(t_layer):
+                w = repeat_kv(w, t.kv_heads, t.heads)
+            r_idx, c_idx = plan.indices(module, t_layer)
+            if len(r_idx) < w.shape[0]:  # every row (a vocabulary) is taken without a copy of the matrix
+                w = w.index_select(0, r_idx)
+            out[name] = w.index_select(1, c_idx)
+            continue
         sv = _teacher_tensor(sens, teacher_config, module, t_layer).float()
         if module in ("k", "v") and t.kv_width < s.kv_width:
             w, sv = repeat_kv(w, t.kv_heads, t.heads), repeat_kv(sv, t.kv_heads, t.heads)

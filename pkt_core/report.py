@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -978,3 +979,32 @@ def diagnostic_section(runs: pd.DataFrame, primary: str) -> str:
             "init, left out). A reading needs every interval shown to exclude 0. The Fisher-z interval (variance 1.06/(n-3)) treats cells as independent although the cells of "
             "one family share its lora runs; the bootstrap over families (5 or more) does not.\n\n"
             + "\n".join(lines) + "\n")
+
+
+def append_costs(paths: dict[str, Path], costs: pd.DataFrame) -> None:
+    """Add "What each method costs" to report.md: per variant its measured cost (pkt_core/costs.py)
+    beside its effect, the paired difference to lora with its 95% interval on each headline metric."""
+    summary = read_csv(paths["csv"])
+    metrics = [m for m in HEADLINE_METRICS if m in set(summary["metric"])]
+    head = ["variant", "trained runs", "teacher-side s", "training s/run", "peak RSS MiB (+added)"] + \
+        [f"{m}: −lora" for m in metrics] + ["teacher-side nodes shared with"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for _, c in costs.iterrows():
+        effects = []
+        for m in metrics:
+            rows = summary[(summary["variant"] == c["variant"]) & (summary["metric"] == m)]
+            effects.append("; ".join(_ci(r) for _, r in rows.iterrows() if _ci(r)) or "—")
+        rss = "" if pd.isna(c["peak_rss_mib"]) else f"{c['peak_rss_mib']:.0f} (+{c['added_rss_mib']:.0f})"
+        lines.append("| " + " | ".join([str(c["variant"]), str(c["runs"]), f"{c['teacher_side_s']:.2f}",
+                                         f"{c['training_s_per_run']:.2f}", rss, *effects,
+                                         _cell(c, "shared_with")]) + " |")
+    text = ("\n\n## What each method costs\n\nSeconds and peak resident memory of each variant's nodes, from the "
+            "store's records (teacher-side: every node upstream of its adapters, summed per distinct node; "
+            "training: mean per run). A node shared by several variants is charged in full to each (its cost "
+            "run alone; the last column names who shares). Peak RSS is the whole process's, sampled while a node "
+            "ran; (+added) the most one node added above its start: a lower bound of its own need. −lora: "
+            "the variant minus lora, paired by seed, 95% interval, one entry per student · task.\n\n"
+            + "\n".join(lines) + "\n")
+    tmp = Path(paths["markdown"]).with_name(".report.md.tmp")  # a reader never sees half a report
+    tmp.write_text(Path(paths["markdown"]).read_text() + text)
+    os.replace(tmp, paths["markdown"])

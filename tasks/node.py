@@ -31,6 +31,7 @@ from prefect.states import Completed
 from pkt.artifacts import catalog
 from pkt.artifacts.keys import InputChanged, canonical_json, file_digest, file_stamp
 from pkt.artifacts.store import Ref, Store
+from pkt.core.memory import PeakRSS
 
 
 class NodeRef:
@@ -233,7 +234,8 @@ def _compute(store: Store, spec: Node, key: str, inputs: dict, label: str = "") 
     token = _READS.set(reads)
     with store.scratch_dir() as out:
         try:
-            result = spec.compute(store, inputs, out)
+            with PeakRSS() as rss:  # the compute's own peak resident set (pkt_core/memory.py says what it measures)
+                result = spec.compute(store, inputs, out)
         except Exception as e:  # a node writes its files into the store's temp area first
             store.raise_if_disk_full(e, needed=_bytes_under(out), at_least=True)
             raise
@@ -241,11 +243,13 @@ def _compute(store: Store, spec: Node, key: str, inputs: dict, label: str = "") 
             _READS.reset(token)
         _check_reads(reads, spec, key)
         seconds = time.time() - t0
+        record["measured"] = rss.as_record()
         if isinstance(result, Tensors):
             ref = store.put_tensors(spec.KIND, key, result.tensors, seconds=seconds, metadata=result.metadata, **record)
         else:
             ref = store.put_tree(spec.KIND, key, out, seconds=seconds, **record)
-    log(f"{spec.KIND} {key[:12]} computed in {seconds:.1f}s on {os.uname().nodename}")
+    log(f"{spec.KIND} {key[:12]} computed in {seconds:.1f}s on {os.uname().nodename}, peak RSS "
+        f"{rss.peak / 2**20:.0f} MiB ({(rss.peak - rss.start) / 2**20:+.0f} MiB)")
     return ref
 
 

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from pkt.artifacts.keys import InputChanged, stamped_file_digest
 from pkt.artifacts.model_id import model_digest
 from pkt.artifacts.store import Ref, Store
-from pkt.core import align, arch, data, diagnose, evaluate, finetune, laten, lora_init, models, report, sensitivity
+from pkt.core import (activations, align, arch, data, diagnose, evaluate, finetune, laten, lora_init, models, report,
+                      sensitivity)
 from pkt.core.mini import family
 
 from .node import Node, Tensors, execution, log, note_read, opaque
@@ -204,16 +205,30 @@ class LayerPlan(Node):
     """The teacher layers a student of student_layers layers takes, in the teacher's order."""
 
     KIND = "layer_plan"
-    INPUTS = ("sensitivity",)
     student_layers: int = 0
     selector: str = "sensitivity"
     seed: int = 0
 
+    @property
+    def INPUTS(self) -> tuple[str, ...]:  # what the selector reads (align.SELECTOR_READS); else the teacher's depth
+        return (align.SELECTOR_READS.get(self.selector, "sensitivity") or "teacher",)
+
     def compute(self, store, inputs, out):
-        totals = sensitivity_totals(store, inputs["sensitivity"])
+        totals = layer_scores(store, inputs, self.selector)
         layers = align.select_layers(totals, self.student_layers, self.selector, self.seed)
         return Tensors({"layers": torch.tensor(layers)},
                        {"layers": json.dumps(layers), "layer_totals": json.dumps(totals)})
+
+
+def layer_scores(store: Store, inputs: dict, selector: str) -> list[float]:
+    """The per-teacher-layer scores a selector ranks: total sensitivity, block influence, or zeros of the
+    teacher's depth (a selector that reads only the layer count)."""
+    reads = align.SELECTOR_READS.get(selector, "sensitivity")
+    if reads is None:
+        return [0.0] * models.load_config(model_path(store, inputs["teacher"])).num_hidden_layers
+    if reads == "activations":
+        return json.loads(store.header(inputs["activations"])["block_influence"])
+    return sensitivity_totals(store, inputs["sensitivity"])
 
 
 def plan_layers(store: Store, ref: dict) -> list[int]:
@@ -225,18 +240,23 @@ class Extraction(Node):
     """Student-shaped pieces of the planned teacher layers' matrices (depends on the student's shape only)."""
 
     KIND = "extraction"
-    INPUTS = ("teacher", "sensitivity", "plan")
     student_shape: dict | None = None
     reducer: str = "submatrix"
     modules: tuple[str, ...] = arch.ALL_MODULE_TYPES
     seed: int = 0
 
+    @property
+    def INPUTS(self) -> tuple[str, ...]:  # and what the reducer reads (align.REDUCER_READS), if anything
+        return ("teacher", "plan", *filter(None, [align.REDUCER_READS.get(self.reducer, "sensitivity")]))
+
     def compute(self, store, inputs, out):
         src = model_path(store, inputs["teacher"])
         layers = plan_layers(store, inputs["plan"])
+        sens = sensitivity_map(store, inputs["sensitivity"]) if "sensitivity" in inputs else None
+        stats = store.tensors(inputs["activations"]) if "activations" in inputs else None
         pieces = align.extract(models.load_config(src), arch.config_from_shape(self.student_shape),
-                               models.LazyWeights.from_model_dir(src), sensitivity_map(store, inputs["sensitivity"]),
-                               layers, reducer=self.reducer, modules=tuple(self.modules), seed=self.seed)
+                               models.LazyWeights.from_model_dir(src), sens, layers, reducer=self.reducer,
+                               modules=tuple(self.modules), seed=self.seed, activations=stats)
         return Tensors(pieces, {"layers": json.dumps(layers)})
 
 
@@ -415,7 +435,7 @@ class Diagnostic(Node):
         src = model_path(store, inputs["student"])
         student = models.load_model(src, dtype=self.dtype, device=self.device)
         tok = models.load_tokenizer(src)
-        samples = data.load_encoded(inputs["train"]["key"], tok, self.max_length)[: self.n_train]
+        samples = data.load_encoded(read_source(store, inputs["train"]), tok, self.max_length)[: self.n_train]
         samples = samples[: self.batches * self.batch_size]
         params = finetune.TrainParams(rank=self.rank, alpha=self.alpha, modules=tuple(self.modules), seed=self.seed,
                                       micro_batch=self.micro_batch)
@@ -449,7 +469,7 @@ class LatenAttribution(Node):
         src = model_path(store, inputs["model"])
         model = models.load_model(src, dtype=self.dtype, device=self.device)
         tok = models.load_tokenizer(src)
-        sample = data.to_samples([data.read_jsonl(inputs["data"]["key"])[self.index]], tok)[0]
+        sample = data.to_samples([data.read_jsonl(read_source(store, inputs["data"]))[self.index]], tok)[0]
         ids, target = laten.target_example(sample, tok)
         ids = ids[:, -self.max_length:]
         scores = laten.attribute(model, ids, target, norm=self.norm, vocab_chunk=self.vocab_chunk)
@@ -477,7 +497,7 @@ class LatenTranslator(Node):
         t_src, s_src = model_path(store, inputs["teacher"]), model_path(store, inputs["student"])
         student = models.load_model(s_src, dtype=self.dtype, device=self.device)
         tok = models.load_tokenizer(s_src)
-        rows = data.read_jsonl(inputs["data"]["key"])
+        rows = data.read_jsonl(read_source(store, inputs["data"]))
         path = inputs["data"]["key"]
         encode = lambda i: data.encode(data.to_samples([rows[i]], tok)[0], tok, self.max_length,  # noqa: E731
                                        f"{path} line {i + 1}")
@@ -532,3 +552,28 @@ def _load_safetensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+@dataclass(frozen=True)
+class Activations(Node):
+    """Mean activation magnitudes and block influence of the teacher on the seed samples (forward passes
+    only; pkt_core/activations.py): what subcloning and the block-influence selector read. Independent
+    of the student, so every student and variant shares it."""
+
+    KIND = "activations"
+    INPUTS = ("teacher", "seeds")
+    k: int | None = None
+    sample_seed: int = 0
+    max_length: int = 2048
+    chat_template: bool = False
+    dtype: str = "float32"
+    device: str = execution(default="cpu")
+
+    def compute(self, store, inputs, out):
+        src = model_path(store, inputs["teacher"])
+        model = models.load_model(src, dtype=self.dtype, device=self.device)
+        samples = data.load_encoded(read_source(store, inputs["seeds"]), models.load_tokenizer(src), self.max_length,
+                                    self.k, self.sample_seed, self.chat_template)
+        stats = activations.activation_stats(model, samples)
+        return Tensors(stats, {"block_influence": json.dumps(stats["block_influence"].tolist()),
+                               "n_samples": str(len(samples)), "n_tokens": str(int(stats["tokens"]))})

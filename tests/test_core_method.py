@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import random_samples, tiny_config, tiny_model
-from pkt.core import align, arch, lora_init, sensitivity
+from pkt.core import activations, align, arch, lora_init, sensitivity
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
@@ -97,8 +97,10 @@ def _pair(teacher_kw=None, student_kw=None):
 def _extract(teacher, student, reducer="submatrix"):
     sens = sensitivity.compute_sensitivity(teacher, random_samples(2), progress=False)
     plan = align.select_layers(sensitivity.layer_totals(sens, teacher.config), student.config.num_hidden_layers)
+    stats = activations.activation_stats(teacher, random_samples(2), progress=False) \
+        if align.REDUCER_READS[reducer] == "activations" else None
     return align.extract(teacher.config, student.config, dict(teacher.named_parameters()), sens, plan,
-                         reducer=reducer)
+                         reducer=reducer, activations=stats)
 
 
 @pytest.mark.parametrize("reducer", align.REDUCERS)

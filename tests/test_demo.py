@@ -18,16 +18,22 @@ def check_edges(graph: dict, variants=ALL_VARIANTS, seeds: int = 2) -> None:
     samples' attributions) -> delta (teacher, translator, the seed sample's two attributions) -> scores;
     each node with the models and data it read."""
     kind = lambda name: name.split("[")[0]
+    fam = ["family"] if any(kind(n) == "family" for n in graph) else []  # a sweep on a family built elsewhere
     for name, (_, ups) in graph.items():
         teacher = "random_model" if "untrained" in name else "model"
-        expected = {"sensitivity": [teacher, "file"], "layer_plan": ["sensitivity"],
-                    "extraction": [teacher, "sensitivity", "layer_plan"], "lora_init": ["extraction"],
+        # what a layer selector and a reducer read: evenly spaced layers read only the teacher's depth,
+        # block influence the activations; weight selection reads no scores, subcloning the activations
+        plan = ([teacher] if ", evenly-spaced" in name else ["activations"] if ", block-influence" in name
+                else ["sensitivity"])
+        cut = [] if ", weight-selection" in name else ["activations"] if ", subcloning" in name else ["sensitivity"]
+        expected = {"sensitivity": [teacher, "file"], "activations": [teacher, "file"], "layer_plan": plan,
+                    "extraction": [teacher, "layer_plan", *cut], "lora_init": ["extraction"],
                     "random_model": ["model"], "adapter": ["model", "file"], "scores": ["model", "dir"],
                     "diagnostic": ["model", "file"],
                     "laten_attribution": ["model", "file"],
                     "laten_delta": ["model", "laten_translator", "laten_attribution", "laten_attribution"],
                     "report": ["scores"] * sum(kind(n) == "scores" for n in graph),
-                    "model": ["family"], "file": ["family"], "dir": ["family"], "family": []}.get(kind(name))
+                    "model": fam, "file": fam, "dir": fam, "family": []}.get(kind(name))
         assert expected is not None, f"a node of an unexpected kind: {name}"
         if kind(name) == "laten_translator":  # two attributions (teacher, student) per extract sample
             n_attr = sum(kind(u) == "laten_attribution" for u in ups)
@@ -39,7 +45,7 @@ def check_edges(graph: dict, variants=ALL_VARIANTS, seeds: int = 2) -> None:
             expected = expected + ["laten_delta" if any(f", {v}, " in name for v in LATEN_VARIANTS) else "adapter"]
         assert sorted(kind(u) for u in ups) == sorted(expected), (name, ups)
     adapters = [n for n in graph if kind(n) == "adapter"]
-    assert len(adapters) == seeds * (sum(VARIANTS[v].chain == "adapter" for v in variants) - 1)
+    assert len(adapters) == seeds * sum(VARIANTS[v].chain == "adapter" and VARIANTS[v].trains for v in variants)
     deltas = [n for n in graph if kind(n) == "laten_delta"]
     assert len(deltas) >= seeds * sum(VARIANTS[v].chain == "laten" for v in variants)
     for name in adapters:

@@ -121,29 +121,7 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
                 scored.append(({"student": path, "task": task.name, "benchmark": bench, "variant": v.name,
                                 "seed": seed, "setting": _setting(setting)}, future, adapter))
     graph.results()  # every node finished (the first failure is raised here)
-    rows, curves, items, seen = [], [], [], set()
-    keep_items = item_metrics(cfg)
-    for fields, future, adapter in scored:
-        adapter = adapter if adapter is not None and adapter.result()["kind"] == "adapter" else None  # not LaTen's
-        size = nodes.init_size(store, adapter.result()) if adapter is not None else {}
-        losses = nodes.train_losses(store, adapter.result()) if adapter is not None else []
-        per_item = store.tensors(future.result())
-        n_items = len(per_item["doc_id"])
-        summary = nodes.score_summary(store, future.result())
-        rows += [{**fields, "metric": metric, "value": value, "top_sv": size.get("top_sv"),
-                  "top_sv_ratio": size.get("top_sv_ratio"), "n_items": n_items, "steps": len(losses)}
-                 for metric, value in summary.items()]
-        for metric in keep_items & summary.keys():
-            if metric.split("/")[0] not in per_item:
-                continue
-            values = per_item[metric.split("/")[0]].tolist()
-            items += [{**fields, "metric": metric, "item": int(i), "value": x}
-                      for i, x in zip(per_item["doc_id"].tolist(), values)]
-        run = tuple(fields[k] for k in ("student", "task", "variant", "seed", "setting"))
-        if adapter is not None and run not in seen:
-            seen.add(run)
-            base = {k: fields[k] for k in ("student", "task", "variant", "seed", "setting")}
-            curves += [{**base, "step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
+    rows, curves, items = _collect(store, scored, item_metrics(cfg))
     table = pd.DataFrame(rows)
     from .diagnose import with_diagnostics  # here, not at the top: diagnose builds inits with this module
 
@@ -206,6 +184,33 @@ def _submit_selection(graph: Graph, cfg: SweepConfig, teacher: PrefectFuture, gr
         out[v, _setting(setting), seed] = _score(graph, cfg, student, adapter, task, _selection_benchmark(cfg, task),
                                                  "val", label, v.name)
     return out
+
+
+def _collect(store: Store, scored: list, keep_items: set[str]) -> tuple[list, list, list]:
+    """The runs table (one row per run x metric, with the init's size, the test-set size and the
+    optimizer steps), the training curves, and the per-item scores of the metrics in keep_items."""
+    rows, curves, items, seen = [], [], [], set()
+    for fields, future, adapter in scored:
+        adapter = adapter if adapter is not None and adapter.result()["kind"] == "adapter" else None  # not LaTen's
+        size = nodes.init_size(store, adapter.result()) if adapter is not None else {}
+        losses = nodes.train_losses(store, adapter.result()) if adapter is not None else []
+        per_item = store.tensors(future.result())
+        n_items = len(per_item["doc_id"])
+        summary = nodes.score_summary(store, future.result())
+        rows += [{**fields, "metric": metric, "value": value, "top_sv": size.get("top_sv"),
+                  "top_sv_ratio": size.get("top_sv_ratio"), "n_items": n_items, "steps": len(losses)}
+                 for metric, value in summary.items()]
+        for metric in keep_items & summary.keys():
+            name = metric.split("/")[0]  # "exact_match/strict-match" is stored per item as "exact_match"
+            if name in per_item:
+                items += [{**fields, "metric": metric, "item": int(i), "value": x}
+                          for i, x in zip(per_item["doc_id"].tolist(), per_item[name].tolist())]
+        run = tuple(fields[k] for k in ("student", "task", "variant", "seed", "setting"))
+        if adapter is not None and run not in seen:
+            seen.add(run)
+            base = {k: fields[k] for k in ("student", "task", "variant", "seed", "setting")}
+            curves += [{**base, "step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
+    return rows, curves, items
 
 
 def report_protocol(cfg: SweepConfig, extra: dict | None = None) -> dict:

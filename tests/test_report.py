@@ -405,3 +405,17 @@ def test_thirteen_variants_get_distinct_curve_styles():
                 "untrained-teacher", "spectrum-matched", "shuffled", "early-teacher", "laten", "rowcol", "extra"]
     styles = report.curve_styles(variants)
     assert len({(s["color"], s["linestyle"]) for s in styles.values()}) == len(variants)
+
+
+def test_pkt_report_rebuilds_from_the_report_directory(tmp_path, capsys):
+    """runs.csv with its protocol.json, selection.csv and items.csv beside it: the same report.md."""
+    from pkt.flows import cli
+
+    t = family_table({"lora": [0] * 3, "transfer": [0.05, 0.02, 0.08], "shuffled": [0.01, 0.0, 0.02]}, seeds=3)
+    items = pd.concat([t.assign(item=i, value=t["value"] + 0.01 * i) for i in range(4)], ignore_index=True)
+    endpoint = {"metric": "acc", "tasks": None, "alpha": 0.05, "comparisons": [{"subject": "transfer",
+                                                                                "control": "shuffled"}]}
+    first = report.write_report(t, tmp_path / "a", "acc", items=items, protocol={"endpoint": endpoint, "scale": SMOKE})
+    assert cli.main(["report", "--runs", str(first["runs"]), "--out", str(tmp_path / "b"), "--metric", "acc"]) == 0
+    assert (tmp_path / "b" / "report.md").read_text() == first["markdown"].read_text()
+    assert "bootstrap" in first["markdown"].read_text() and SMOKE in first["markdown"].read_text()

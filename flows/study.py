@@ -11,6 +11,7 @@ from prefect import flow
 
 from pkt.artifacts.store import Ref, Store
 from pkt.core import report
+from pkt.core.mini import tasks
 from pkt.tasks import nodes
 
 from .config import parse_config
@@ -23,7 +24,7 @@ STUDY_TRAIN = {"rank": 4, "alpha": 8.0, "epochs": 2, "batch_size": 32, "micro_ba
                "max_length": 96}
 STUDY_GRID = {"lr": [3e-3, 1e-2], "init_scale": [0.5, 1.0, 2.0]}
 STUDY_SEEDS = [0, 1, 2, 3, 4]
-FAMILY_SEEDS = [0, 1]
+FAMILY_SEEDS = list(range(8))  # seed s: depths family.STUDY_DEPTHS[s % 2] (6->2, 8->4 layers)
 PRIMARY = "exact_match/strict-match"
 
 
@@ -32,8 +33,7 @@ def study_config(family_root: str, seeds: list[int], store: str | None, report_d
     on the answer NLL (exact match at this size is mostly 0 on val: it cannot rank settings)."""
     root = Path(family_root)
     return {"teacher": str(root / "teacher"), "students": [str(root / "student")],
-            "tasks": [{"name": "gsm", "dir": str(root / "tasks" / "gsm"), "benchmark": "gsm"},
-                      {"name": "mmlu", "dir": str(root / "tasks" / "mmlu"), "benchmark": "mmlu"}],
+            "tasks": tasks.study_tasks(root),
             "variants": ALL_VARIANTS, "seeds": list(seeds), "early_teacher": str(root / "teacher-early"),
             "cross_task_seeds": str(root / "tasks" / "sni" / "seeds.jsonl"), "train": STUDY_TRAIN,
             "train_grid": STUDY_GRID, "select_on": "answer_nll", "benchmarks": ["answer_nll"], "max_length": 96,

@@ -8,7 +8,7 @@ from typing import Literal
 from prefect import flow
 
 from pkt.artifacts.store import Ref, Store
-from pkt.core.mini import family
+from pkt.core.mini import family, gates
 from pkt.tasks import nodes
 
 from .config import parse_config
@@ -48,8 +48,8 @@ def family_stats(store: Store, ref: dict) -> dict:
 
 
 def _stats_lines(stats: dict) -> list[str]:
-    return [f"{who}: {stats[who]['params']:,} params, {stats[who]['steps']} steps, held-out gsm exact match "
-            f"{stats[who]['gsm_em']:.1%}" for who in ("teacher", "student")]
+    return [f"{who}: {stats[who]['params']:,} params, {stats[who]['steps']} steps" for who in ("teacher", "student")
+            ] + gates.gate_lines(stats)
 
 
 @flow(name="build-family", log_prints=True)

@@ -29,6 +29,7 @@ from prefect import flow
 
 from pkt.artifacts.store import Ref, Store
 from pkt.core import evaluate, report
+from pkt.core.mini.tasks import study_tasks
 from pkt.tasks import nodes
 
 from .config import parse_config
@@ -45,7 +46,7 @@ STUDY_SCALES = [1.0, 2.0]  # init_scale, inits from a teacher
 STUDY_ALPHAS = [8.0, 32.0]  # alpha, lora and pissa: scaling alpha/r = 2 (the others' alpha) and 8
 SELECTION_SEEDS = [100, 101]
 STUDY_SEEDS = [0, 1, 2, 3, 4, 5]
-FAMILY_SEEDS = list(range(8))
+FAMILY_SEEDS = list(range(8))  # seed s: depths family.STUDY_DEPTHS[s % 2] (6->2, 8->4 layers)
 FAMILY_SIZE = "study"
 KNOWLEDGE_TASK = "facts-teacher-only"
 STUDY_ENDPOINT = {"tasks": [KNOWLEDGE_TASK], "comparisons": ["transfer - spectrum-matched", "transfer - shuffled"],
@@ -55,18 +56,6 @@ SCALE_CAVEAT = ("Scale: miniature models (teacher {teacher}, student {student} p
                 "above; they are not a measurement on real language models.")
 # LaTen's grid, chosen on val like the others and of their size (2 translator steps x 3 rates)
 STUDY_LATEN = {"n_extract": 10, "n_align": 40, "align_per_step": 7, "grid": {"step": [5, 10], "rate": [0.05, 0.1, 0.2]}}
-
-
-def study_tasks(family_root: str) -> list[dict]:
-    """The family's study tasks ({name, dir, benchmark}); a family built before the knowledge tasks
-    existed has the GSM-like and MMLU-like ones."""
-    try:
-        from pkt.core.mini.tasks import study_tasks as tasks_of
-    except ImportError:
-        root = Path(family_root)
-        return [{"name": "gsm", "dir": str(root / "tasks" / "gsm"), "benchmark": "gsm"},
-                {"name": "mmlu", "dir": str(root / "tasks" / "mmlu"), "benchmark": "mmlu"}]
-    return list(tasks_of(family_root))
 
 
 def study_endpoint(tasks: list[dict]) -> dict:

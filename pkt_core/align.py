@@ -6,6 +6,8 @@ pass, instead of the reference implementation's Python loop over every top-left 
 """
 from __future__ import annotations
 
+import math
+import random
 import zlib
 from typing import Mapping
 
@@ -31,7 +33,11 @@ class ShapeMismatch(UserError, ValueError):
 def select_layers(layer_scores, n: int, strategy: str = "sensitivity", seed: int = 0) -> list[int]:
     """Indices of n teacher layers, ascending (the teacher's order is kept). layer_scores: per teacher
     layer, its total sensitivity, its block influence (block-influence), or anything of the teacher's
-    length (evenly-spaced reads only the count)."""
+    length (evenly-spaced reads only the count).
+
+    "random" draws uniformly among the plans *other than* the sensitivity plan (transfer's): a
+    control that may draw transfer's own plan is partly the subject itself (3 teacher layers and a
+    2-layer student have 3 plans, and 2 of 5 seeds drew transfer's). With one plan only, it refuses."""
     scores = torch.as_tensor(layer_scores, dtype=torch.float64)
     total = scores.numel()
     if n > total:
@@ -45,7 +51,7 @@ def select_layers(layer_scores, n: int, strategy: str = "sensitivity", seed: int
     elif strategy == "last":
         chosen = torch.arange(total - n, total)
     elif strategy == "random":
-        chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+        return _random_plan(total, n, select_layers(scores, n, "sensitivity"), seed)
     elif strategy == "evenly-spaced":  # weight selection's layers (Xu et al.): no data
         chosen = inherit.evenly_spaced(total, n)
     elif strategy == "block-influence":  # ShortGPT: keep the layers that change the residual most
@@ -53,6 +59,38 @@ def select_layers(layer_scores, n: int, strategy: str = "sensitivity", seed: int
     else:
         raise ValueError(f"unknown layer selector {strategy!r}; choose one of {', '.join(LAYER_SELECTORS)}")
     return sorted(int(i) for i in chosen)
+
+
+def _random_plan(total: int, n: int, avoid: list[int], seed: int) -> list[int]:
+    """A uniform draw among the C(total, n) ascending plans except `avoid`: a random rank, skipping
+    avoid's, unranked in the combinatorial number system (exact for any teacher depth)."""
+    plans = math.comb(total, n)
+    if plans < 2:
+        raise ShapeMismatch(f"random layers: a {total}-layer teacher and a {n}-layer student have one layer plan "
+                            "only, transfer's own; the random-layers control cannot differ from transfer here")
+    rank = random.Random(f"random-layers:{seed}").randrange(plans - 1)
+    skip = _plan_rank(avoid, total)
+    return _unrank_plan(rank + (rank >= skip), total, n)
+
+
+def _plan_rank(plan: list[int], total: int) -> int:
+    """The position of an ascending plan in the lexicographic order of all plans of its size."""
+    rank, prev, n = 0, -1, len(plan)
+    for i, layer in enumerate(plan):
+        rank += sum(math.comb(total - j - 1, n - i - 1) for j in range(prev + 1, layer))
+        prev = layer
+    return rank
+
+
+def _unrank_plan(rank: int, total: int, n: int) -> list[int]:
+    plan, layer = [], 0
+    for i in range(n):
+        while (below := math.comb(total - layer - 1, n - i - 1)) <= rank:
+            rank -= below
+            layer += 1
+        plan.append(layer)
+        layer += 1
+    return plan
 
 
 def window_sums(sens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -66,7 +66,7 @@ def evaluate(model, tokenizer, benchmark: str, data_dir: str | Path | None = Non
     if benchmark == "winrate":
         return instruction_win_rate(model, tokenizer, data_dir, judge, split=split, limit=limit,
                                     batch_size=batch_size)
-    from lm_eval import evaluator, simple_evaluate
+    from lm_eval import evaluator
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     # HFLM warns on every in-memory model ("not of type str"): passing one is what pkt means to do
@@ -79,10 +79,7 @@ def evaluate(model, tokenizer, benchmark: str, data_dir: str | Path | None = Non
     ours = benchmark in BENCHMARKS
     task = task_config(benchmark, data_dir, split, num_fewshot) if ours else benchmark
     with stop.on_every_forward(model):  # lm-eval's batch loops are not ours: stop at its next model call
-        out = simple_evaluate(model=lm, tasks=[task], num_fewshot=None if ours else num_fewshot,
-                              task_manager=_task_manager(include_defaults=not ours),
-                              limit=limit, log_samples=True, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
-                              torch_random_seed=0, fewshot_random_seed=0)
+        out = _lm_eval(lm, task, None if ours else num_fewshot, limit, include_defaults=not ours)
     name = next(iter(out["results"]))
     kept_filter = BENCHMARKS[benchmark][2] if ours else None
     return _collect(benchmark, out["results"][name], out["samples"][name], kept_filter)
@@ -107,6 +104,28 @@ def _hflm_class():
             return super().generate_until(requests, disable_tqdm=disable_tqdm or not on_terminal())
 
     return HFLMBarsOnTerminal
+
+
+def _lm_eval(lm, task, num_fewshot: int | None, limit: int | None, include_defaults: bool) -> dict:
+    """lm-eval's simple_evaluate, seeded the same way, minus what it adds after scoring: its
+    environment report runs `pip list` and `git` in subprocesses, ~0.8 s per call, which dominated
+    a score of the miniature family (lm-eval documents evaluate() as the core for such callers)."""
+    import random
+
+    import numpy as np
+    from lm_eval import evaluator
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    loaded = _task_manager(include_defaults).load([task])
+    for obj in loaded["tasks"].values():  # simple_evaluate's num_fewshot rule: a YAML's explicit 0 stays
+        if num_fewshot is not None and obj.get_config("num_fewshot") != 0:
+            obj.set_config(key="num_fewshot", value=num_fewshot)
+        elif obj.get_config("num_fewshot") is None:
+            obj.set_config(key="num_fewshot", value=0)
+        obj.set_fewshot_seed(seed=0)
+    return evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=0)
 
 
 @functools.lru_cache(maxsize=2)

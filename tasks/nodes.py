@@ -122,13 +122,15 @@ class Family(Node):
     """The miniature teacher/student family, pretrained (a tree: teacher/, student/, tasks/, stats)."""
 
     KIND = "family"
+    VERSION = 2  # teacher-only facts, gate/val/test splits, quality gates in family_stats.json
     size: str = "demo"
     recipe: dict | None = None  # family.recipe_params(size): a changed recipe is a new family
 
     def compute(self, store, inputs, out):
         stats = family.build_family(out, self.size, log=log, seed=(self.recipe or {}).get("seed"))
         # the artifact's bytes are a function of its key: the build's duration goes in the record only
-        stats = {who: {k: v for k, v in s.items() if k != "seconds"} for who, s in stats.items()}
+        for who in ("teacher", "student"):
+            stats[who] = {k: v for k, v in stats[who].items() if k != "seconds"}
         Path(out, "family_stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
 
 
@@ -205,6 +207,7 @@ class LayerPlan(Node):
     """The teacher layers a student of student_layers layers takes, in the teacher's order."""
 
     KIND = "layer_plan"
+    VERSION = 2  # the random selector never draws the sensitivity plan
     student_layers: int = 0
     selector: str = "sensitivity"
     seed: int = 0

@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -83,5 +84,6 @@ def mini_family(tmp_path_factory):
     from pkt.core.mini.family import build_family
 
     root = tmp_path_factory.mktemp("family")
-    build_family(root, "test", log=lambda *_: None, progress=False)
+    stats = build_family(root, "test", log=lambda *_: None, progress=False)
+    (root / "family_stats.json").write_text(json.dumps(stats))  # as the family node writes it
     return root

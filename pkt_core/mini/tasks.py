@@ -1,20 +1,55 @@
 """Synthetic tasks in the shapes of the paper's benchmarks, as chat jsonl, fully deterministic.
 
-- gsm: two-digit addition worked digit by digit, ending "The answer is N."
-- mmlu: four-way multiple choice over generated facts (the facts appear in pretraining text)
-- sni: an instruction task (reverse the order of words), scored by exact match and ROUGE-L
-Held-out problems (val/test) never appear in pretraining or training data.
+The testbed is built so that knowledge transfer is measurable:
+
+- facts: made-up entities, each with a number ("The number of the kalomi is 47."). The *teacher's*
+  pretraining corpus states the teacher-only facts; the student's never does. Both corpora state
+  the shared facts. Fine-tuning (train.jsonl) asks the question "What is the number of the X?" about
+  *other* facts (the finetune pool), so it teaches the question, not the scored answers. Scored on
+  `facts-teacher-only` (moves only if knowledge arrives from the teacher: the student's corpus and its
+  fine-tuning data never hold these facts) and on `facts-shared` (facts both models saw).
+- gsm: two-digit addition worked digit by digit, ending "The answer is N." (the skill task).
+- mmlu: four-way multiple choice about the shared facts (kept for the MMLU-style scorer).
+- sni: an instruction task (reverse the order of words), scored by exact match and ROUGE-L;
+  its seed samples are the cross-task control's.
+
+Every task has a `gate` split for the family's quality gates, apart from `val` (setting selection)
+and `test` (reporting): gate, val and test share no item and no fact (an unordered addition pair,
+an entity, a phrase), and none of them is in train or in any pretraining text.
 """
 from __future__ import annotations
 
 import json
 import random
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
-TASKS = ("gsm", "mmlu", "sni")
+from .tokenizer import ENTITIES
+
+TASKS = ("gsm", "facts-teacher-only", "facts-shared", "mmlu", "sni")
+HELD_SPLITS = ("gate", "val", "test")  # the splits no training or pretraining text touches
 LETTERS = "ABCD"
 COLORS = ["red", "blue", "green", "pink", "gray", "gold", "teal", "plum"]
 SYLLABLES = ["ka", "lo", "mi", "zu", "ra", "te", "no", "vi", "sa", "pu", "de", "fo"]
+NUMBERS = range(10, 100)  # the two-digit addend of the skill task
+DIGITS = range(10)  # its one-digit addend
+VALUES = range(10)  # a fact's value: one digit, one token (a fact is one association), chance 10%
+
+
+@dataclass(frozen=True)
+class TaskSizes:
+    """Items per split; `facts_format` facts are asked in the question format *in pretraining*
+    (both corpora), so an untrained model already answers questions about facts it knows."""
+    n_train: int = 128
+    n_gate: int = 32
+    n_val: int = 32
+    n_test: int = 96
+    n_seeds: int = 32
+    facts_format: int = 64
+
+    def held(self, split: str) -> int:
+        return {"gate": self.n_gate, "val": self.n_val, "test": self.n_test}[split]
 
 
 def chat(task: str, i: int, user: str, answer: str) -> dict:
@@ -22,51 +57,99 @@ def chat(task: str, i: int, user: str, answer: str) -> dict:
             "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
 
 
+def as_text(row: dict) -> str:
+    """A chat sample as one pretraining document (prompt and answer in the paper's format)."""
+    from ..data import format_prompt
+
+    return format_prompt(row["messages"]) + row["messages"][-1]["content"]
+
+
 # ---- gsm: addition ---------------------------------------------------------------------------
 def _held_out(a: int, b: int) -> bool:
-    return (a * 7 + b * 13) % 10 == 0  # a fixed 10% of pairs, never trained on
+    """A fixed 20% of the (two-digit, one-digit) pairs, never trained on in either order."""
+    big, small = max(a, b), min(a, b)
+    return (big * 7 + small * 3) % 5 == 0
 
 
 def gsm_sample(a: int, b: int, i: int) -> dict:
-    """Worked digit by digit, then the final answer, as GSM solutions end ("The answer is N.")."""
+    """Worked digit by digit (units with their carry, then tens), ending as GSM solutions end
+    ("The answer is N.")."""
     units = a % 10 + b % 10
     tens = a // 10 + b // 10 + units // 10
     return chat("gsm", i, f"What is {a}+{b}?", f"{a % 10}+{b % 10}={units}, {a // 10}+{b // 10}+{units // 10}={tens}. "
                 f"The answer is {a + b}.")
 
 
-def gsm_pairs(held_out: bool, seed: int) -> list[tuple[int, int]]:
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100) if _held_out(a, b) == held_out]
-    random.Random(seed).shuffle(pairs)
+def _pairs(held_out: bool) -> list[tuple[int, int]]:
+    """(two-digit, one-digit) pairs, in sorted order."""
+    return [(a, b) for a in NUMBERS for b in DIGITS if _held_out(a, b) == held_out]
+
+
+def gsm_train_pairs(seed: int) -> list[tuple[int, int]]:
+    """Every pair that is not held out, in both orders, shuffled."""
+    pairs = [p for a, b in _pairs(False) for p in ((a, b), (b, a))]
+    random.Random(f"gsm-train:{seed}").shuffle(pairs)
     return pairs
 
 
-# ---- mmlu: facts ---------------------------------------------------------------------------
-def entities(n: int = 120) -> list[tuple[str, str]]:
-    """(made-up name, color) facts, the same on every machine."""
-    rng = random.Random(1234)
-    names: set[str] = set()
-    while len(names) < n:
-        names.add("".join(rng.choice(SYLLABLES) for _ in range(3)))
-    return [(name, rng.choice(COLORS)) for name in sorted(names)]
+def gsm_held_pairs(seed: int) -> list[tuple[int, int]]:
+    """One item per held-out pair (its order drawn), shuffled: no two items share a fact."""
+    rng = random.Random(f"gsm-held:{seed}")
+    pairs = [(a, b) if rng.random() < 0.5 else (b, a) for a, b in _pairs(True)]
+    rng.shuffle(pairs)
+    return pairs
 
 
-def mmlu_sample(name: str, color: str, i: int, rng: random.Random) -> dict:
-    options = [color] + rng.sample([c for c in COLORS if c != color], 3)
+# ---- facts: entity -> number -------------------------------------------------------------------
+FACT_POOLS = ("teacher-only", "shared")  # scored pools, each cut into gate/val/test
+
+
+def fact_sentence(name: str, value: int) -> str:
+    return f"The number of the {name} is {value}."
+
+
+def fact_sample(task: str, name: str, value: int, i: int) -> dict:
+    return chat(task, i, f"What is the number of the {name}?", f"The answer is {value}.")
+
+
+def fact_book(sizes: TaskSizes, seed: int) -> dict[str, list[tuple[str, int]]]:
+    """The family's facts, pool -> [(entity, number)], pools disjoint in entities:
+    "teacher-only/<split>" and "shared/<split>" for split in HELD_SPLITS, "finetune" (asked in
+    train.jsonl) and "format" (asked in pretraining)."""
+    rng = random.Random(f"facts:{seed}")
+    sizes_by_pool = {f"{p}/{s}": sizes.held(s) for p in FACT_POOLS for s in HELD_SPLITS}
+    sizes_by_pool |= {"finetune": sizes.n_train, "format": sizes.facts_format}
+    names = list(ENTITIES)
+    need = sum(sizes_by_pool.values())
+    if need > len(names):
+        raise ValueError(f"the fact book needs {need} entities but only {len(names)} names exist; "
+                         "lower the task sizes")
+    names = rng.sample(names, need)
+    book, at = {}, 0
+    for pool, n in sizes_by_pool.items():
+        book[pool] = [(name, rng.choice(VALUES)) for name in names[at:at + n]]
+        at += n
+    return book
+
+
+def known_facts(book: dict, member: str) -> list[tuple[str, int]]:
+    """The facts stated in a member's pretraining corpus: the teacher's adds the teacher-only pool."""
+    pools = ["finetune", "format"] + [f"shared/{s}" for s in HELD_SPLITS]
+    if member == "teacher":
+        pools += [f"teacher-only/{s}" for s in HELD_SPLITS]
+    elif member != "student":
+        raise ValueError(f"unknown family member {member!r}; choose teacher or student")
+    return [f for p in pools for f in book[p]]
+
+
+def mmlu_sample(name: str, value: int, i: int, rng: random.Random) -> dict:
+    options = [value] + rng.sample([v for v in VALUES if v != value], 3)
     rng.shuffle(options)
     body = "\n".join(f"{L}. {o}" for L, o in zip(LETTERS, options))
-    return chat("mmlu", i, f"What color is the {name}?\n{body}\nAnswer:", LETTERS[options.index(color)])
-
-
-def fact_sentence(name: str, color: str) -> str:
-    return f"The {name} is {color}."
+    return chat("mmlu", i, f"What is the number of the {name}?\n{body}\nAnswer:", LETTERS[options.index(value)])
 
 
 # ---- sni: reverse the order of words -----------------------------------------------------------
-def random_word(rng: random.Random) -> str:
-    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7)))
-
-
 def random_phrase(rng: random.Random) -> str:
     return " ".join(rng.choice(COLORS + SYLLABLES) for _ in range(rng.randint(3, 5)))
 
@@ -76,41 +159,69 @@ def sni_sample(phrase: str, i: int) -> dict:
 
 
 # ---- splits --------------------------------------------------------------------------------
-def make_splits(task: str, n_train: int = 1000, n_val: int = 100, n_test: int = 200, seed: int = 0) -> dict[str, list[dict]]:
-    rng = random.Random(f"{task}:{seed}")
+def make_splits(task: str, sizes: TaskSizes = TaskSizes(), seed: int = 0) -> dict[str, list[dict]]:
+    """train, gate, val and test rows of one task (seeds are drawn from train by write_task)."""
     if task == "gsm":
-        train_pairs, held = gsm_pairs(False, seed), gsm_pairs(True, seed)
-        train = [gsm_sample(a, b, i) for i, (a, b) in enumerate(train_pairs[:n_train])]
-        val = [gsm_sample(a, b, i) for i, (a, b) in enumerate(held[:n_val])]
-        test = [gsm_sample(a, b, i) for i, (a, b) in enumerate(held[n_val:n_val + n_test])]
-    elif task == "mmlu":
-        ents = entities()
-        # train on questions about some facts; test on the others, whose facts only pretraining saw
-        cut = len(ents) // 2
-        train = [mmlu_sample(*ents[i % cut], i, rng) for i in range(n_train)]
-        held = ents[cut:]
-        val = [mmlu_sample(*held[i % len(held)], i, rng) for i in range(n_val)]
-        test = [mmlu_sample(*held[(i + n_val) % len(held)], i, rng) for i in range(n_test)]
-    elif task == "sni":
-        words = sorted({random_phrase(rng) for _ in range(4 * (n_train + n_val + n_test))})
-        rng.shuffle(words)
-        train = [sni_sample(w, i) for i, w in enumerate(words[:n_train])]
-        val = [sni_sample(w, i) for i, w in enumerate(words[n_train:n_train + n_val])]
-        test = [sni_sample(w, i) for i, w in enumerate(words[n_train + n_val:n_train + n_val + n_test])]
-    else:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    return {"train": train, "val": val, "test": test}
+        held = gsm_held_pairs(seed)
+        cuts = _cuts(sizes, len(held), "held-out addition pairs")
+        out = {"train": [gsm_sample(a, b, i) for i, (a, b) in enumerate(gsm_train_pairs(seed)[:sizes.n_train])]}
+        out |= {s: [gsm_sample(a, b, i) for i, (a, b) in enumerate(held[lo:hi])] for s, (lo, hi) in cuts.items()}
+        return out
+    if task in ("facts-teacher-only", "facts-shared", "mmlu"):
+        book = fact_book(sizes, seed)
+        pool = "shared" if task in ("facts-shared", "mmlu") else "teacher-only"
+        if task == "mmlu":
+            rng = random.Random(f"mmlu:{seed}")
+            return {s: [mmlu_sample(n, v, i, rng) for i, (n, v) in enumerate(facts)]
+                    for s, facts in [("train", book["finetune"])] + [(s, book[f"{pool}/{s}"]) for s in HELD_SPLITS]}
+        # train (and so seeds) is the same file for both facts tasks: their adapters are shared nodes
+        out = {"train": [fact_sample("facts", n, v, i) for i, (n, v) in enumerate(book["finetune"])]}
+        return out | {s: [fact_sample(task, n, v, i) for i, (n, v) in enumerate(book[f"{pool}/{s}"])]
+                      for s in HELD_SPLITS}
+    if task == "sni":
+        rng = random.Random(f"sni:{seed}")
+        total = sizes.n_train + sizes.n_gate + sizes.n_val + sizes.n_test
+        phrases = sorted({random_phrase(rng) for _ in range(4 * total)})
+        rng.shuffle(phrases)
+        cuts = {"train": (0, sizes.n_train)} | {s: (lo + sizes.n_train, hi + sizes.n_train)
+                                                 for s, (lo, hi) in _cuts(sizes, len(phrases), "phrases").items()}
+        return {s: [sni_sample(p, i) for i, p in enumerate(phrases[lo:hi])] for s, (lo, hi) in cuts.items()}
+    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
-def write_task(directory: str | Path, task: str, n_train: int = 1000, n_val: int = 100, n_test: int = 200,
-               n_seeds: int = 32, seed: int = 0) -> Path:
-    """Write train/seeds/val/test jsonl for a task; seeds are k samples drawn from train."""
+def _cuts(sizes: TaskSizes, available: int, what: str) -> dict[str, tuple[int, int]]:
+    """Consecutive, disjoint [lo, hi) ranges of the held-out items for gate, val and test."""
+    cuts, at = {}, 0
+    for s in HELD_SPLITS:
+        cuts[s] = (at, at + sizes.held(s))
+        at += sizes.held(s)
+    if at > available:
+        raise ValueError(f"gate+val+test need {at} {what} but only {available} exist; lower the task sizes")
+    return cuts
+
+
+def item_facts(task: str, row: dict) -> set[str]:
+    """What a row asks about (an entity, an unordered addition pair, a phrase): two splits that share
+    one of these share a fact, even if the rows differ."""
+    question = next(m["content"] for m in row["messages"] if m["role"] == "user")
+    if task == "gsm":
+        a, b = map(int, re.fullmatch(r"What is (\d+)\+(\d+)\?", question).groups())
+        return {f"{min(a, b)}+{max(a, b)}"}
+    if task in ("facts-teacher-only", "facts-shared", "mmlu"):
+        return {re.search(r"the number of the (\w+)\?", question).group(1)}
+    if task == "sni":
+        return {question.split(": ", 1)[1]}
+    raise ValueError(f"unknown task {task!r}")
+
+
+def write_task(directory: str | Path, task: str, sizes: TaskSizes = TaskSizes(), seed: int = 0) -> Path:
+    """Write train/seeds/gate/val/test jsonl for a task; seeds are k samples drawn from train."""
     from ..data import choose_seeds
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    splits = make_splits(task, n_train, n_val, n_test, seed)
-    splits["seeds"] = [splits["train"][i] for i in choose_seeds(len(splits["train"]), n_seeds, seed)]
+    splits = make_splits(task, sizes, seed)
+    splits["seeds"] = [splits["train"][i] for i in choose_seeds(len(splits["train"]), sizes.n_seeds, seed)]
     for name, rows in splits.items():
         with open(directory / f"{name}.jsonl", "w") as f:
             for r in rows:
@@ -118,24 +229,32 @@ def write_task(directory: str | Path, task: str, n_train: int = 1000, n_val: int
     return directory
 
 
-def pretraining_texts(n: int, task_fraction: float = 0.6, seed: int = 0) -> list[str]:
-    """The family's shared mixture: task samples in the paper's chat format plus filler (facts, words).
-    Held-out gsm pairs are excluded; all mmlu facts appear as plain sentences."""
-    from ..data import format_prompt
-
+def pretraining_texts(member: str, sizes: TaskSizes, seed: int = 0, fact_repeats: int = 8,
+                      n_gsm: int = 4000, n_sni: int = 200) -> list[str]:
+    """A member's pretraining corpus (shuffled documents): addition worked in the chat format (never a
+    held-out pair), every fact the member knows stated `fact_repeats` times, the format pool's facts
+    also asked in the question format, and some word reversal. The student's corpus is the teacher's
+    minus the teacher-only facts: everything else is the same text."""
     rng = random.Random(f"pretrain:{seed}")
-    # every non-held-out addition pair (~7300): coverage is what lets the teacher generalize
-    train = {t: make_splits(t, n_train=10000, n_val=0, n_test=0, seed=seed + 1)["train"] for t in TASKS}
-    ents = entities()
-    weights = {"gsm": 0.8, "mmlu": 0.1, "sni": 0.1}
-    texts = []
-    for _ in range(n):
-        if rng.random() < task_fraction:
-            task = rng.choices(TASKS, weights=[weights[t] for t in TASKS])[0]
-            row = rng.choice(train[task])
-            texts.append(format_prompt(row["messages"]) + row["messages"][-1]["content"])
-        else:
-            facts = fact_sentence(*rng.choice(ents))
-            words = " ".join(random_word(rng) for _ in range(2))
-            texts.append(facts + " " + words)
-    return texts
+    book = fact_book(sizes, seed)
+    pairs = gsm_train_pairs(seed + 1)
+    docs = [as_text(gsm_sample(a, b, 0)) for a, b in (pairs * (1 + n_gsm // len(pairs)))[:n_gsm]]
+    docs += [fact_sentence(n, v) for n, v in known_facts(book, member)] * fact_repeats
+    docs += [as_text(fact_sample("facts", n, v, 0)) for n, v in book["format"]] * fact_repeats
+    srng = random.Random(f"sni-pretrain:{seed}")
+    held = {r["messages"][0]["content"] for s in HELD_SPLITS for r in make_splits("sni", sizes, seed)[s]}
+    sni = [sni_sample(random_phrase(srng), 0) for _ in range(2 * n_sni)]
+    docs += [as_text(r) for r in sni if r["messages"][0]["content"] not in held][:n_sni]
+    rng.shuffle(docs)
+    return docs
+
+
+STUDY_TASKS = (("facts-teacher-only", "gsm"), ("facts-shared", "gsm"), ("gsm", "gsm"))  # (task, benchmark)
+
+
+def study_tasks(family_root: str | Path) -> list[dict]:
+    """The study's tasks of a built family, as sweep-config task entries {name, dir, benchmark}:
+    the teacher-only facts (the knowledge endpoint: only knowledge from the teacher moves it), the
+    shared facts, and the addition skill; all scored by GSM-style exact match of "The answer is N"."""
+    root = Path(family_root) / "tasks"
+    return [{"name": name, "dir": str(root / name), "benchmark": bench} for name, bench in STUDY_TASKS]

@@ -1,0 +1,82 @@
+"""The family's quality gates: is the testbed able to show knowledge transfer at all?
+
+Measured once, when the family is built, on each task's `gate` split (never val or test), with the
+study's own scorer (lm-eval, GSM-style strict exact match) on the untrained models. Saved in
+family_stats.json under "gates": name -> {"value", "threshold", "passed", "split", "what"}; a gate
+passes when value >= threshold. `gate_lines(stats)` renders them for every report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SCORED = ("facts-teacher-only", "facts-shared", "gsm")  # the study's tasks, gated on their gate split
+SPLIT = "gate"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    knowledge_gap: float = 0.3  # teacher minus student exact match on the teacher-only facts
+    skill_gap: float = 0.15  # teacher minus student exact match on the skill task
+    skill_floor: float = 0.05  # the untrained student's exact match on the skill task
+    facts_floor: float = 0.2  # the untrained student's exact match on the shared facts
+    blind: float = 0.9  # share of the teacher-only facts the untrained student gets wrong
+    headroom: float = 0.3  # share of the skill task and the shared facts the untrained student gets wrong
+
+
+def gate_scores(family_root: str | Path, member: str) -> dict[str, float]:
+    """A member's exact match on the gate split of every scored task (zero-shot, untrained)."""
+    from .. import evaluate, models
+
+    path = Path(family_root) / member
+    model, tok = models.load_model(path), models.load_tokenizer(path)
+    return {task: evaluate.evaluate(model, tok, "gsm", Path(family_root) / "tasks" / task, split=SPLIT)
+            .summary["exact_match/strict-match"] for task in SCORED}
+
+
+def gates(teacher: dict[str, float], student: dict[str, float], t: Thresholds) -> dict[str, dict]:
+    """The gates from the members' gate-split scores (task -> exact match)."""
+    def gate(value: float, threshold: float, what: str) -> dict:
+        return {"value": round(value, 4), "threshold": threshold, "passed": bool(value >= threshold), "split": SPLIT,
+                "what": what}
+
+    return {
+        "teacher-above-student/facts-teacher-only": gate(
+            teacher["facts-teacher-only"] - student["facts-teacher-only"], t.knowledge_gap,
+            "teacher minus student exact match on facts only the teacher's corpus states"),
+        "teacher-above-student/gsm": gate(
+            teacher["gsm"] - student["gsm"], t.skill_gap, "teacher minus student exact match on the addition skill"),
+        "student-off-floor/gsm": gate(
+            student["gsm"], t.skill_floor, "the untrained student's exact match on addition"),
+        "student-off-floor/facts-shared": gate(
+            student["facts-shared"], t.facts_floor, "the untrained student's exact match on facts both corpora state"),
+        "student-blind/facts-teacher-only": gate(
+            1 - student["facts-teacher-only"], t.blind,
+            "share of the teacher-only facts the untrained student misses (it never saw them)"),
+        "headroom/gsm": gate(1 - student["gsm"], t.headroom, "room above the untrained student on addition"),
+        "headroom/facts-shared": gate(1 - student["facts-shared"], t.headroom,
+                                      "room above the untrained student on the shared facts"),
+    }
+
+
+def measure(family_root: str | Path, thresholds: Thresholds) -> tuple[dict, dict[str, dict[str, float]]]:
+    """(gates, {member: task -> gate-split exact match}) of a built family."""
+    scores = {m: gate_scores(family_root, m) for m in ("teacher", "student")}
+    return gates(scores["teacher"], scores["student"], thresholds), scores
+
+
+def failed(stats: dict) -> list[str]:
+    return [name for name, g in stats.get("gates", {}).items() if not g["passed"]]
+
+
+def gate_lines(stats: dict) -> list[str]:
+    """The gates of a family_stats.json as report lines: a verdict, then one line per gate."""
+    all_gates = stats.get("gates")
+    if not all_gates:
+        return ["quality gates: not measured (this family was built before pkt measured them)"]
+    bad = failed(stats)
+    head = (f"quality gates: all {len(all_gates)} passed" if not bad else
+            f"QUALITY GATES FAILED: {len(bad)} of {len(all_gates)} ({', '.join(bad)}): this family cannot show "
+            "what the study asks; read its results as unsupported")
+    return [head] + [f"  {'pass' if g['passed'] else 'FAIL'} {name}: {g['value']:.3f} (needs >= {g['threshold']:.3f}, "
+                     f"{g['split']} split): {g['what']}" for name, g in all_gates.items()]

@@ -1,0 +1,215 @@
+"""The miniature testbed: leak-free splits, teacher-only facts, quality gates, and a random-layers
+control that never draws transfer's own plan (issue 17's cases, replayed)."""
+import itertools
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from pkt.core import align, evaluate
+from pkt.core.mini import family, gates, tasks
+
+SPLITS = ("train", "seeds", "gate", "val", "test")
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def question(row):
+    return next(m["content"] for m in row["messages"] if m["role"] == "user")
+
+
+def facts_of(task, row):
+    """What a row asks about, read from its text here (not through tasks.item_facts)."""
+    q = question(row)
+    if task == "gsm":
+        a, b = sorted(int(x) for x in re.fullmatch(r"What is (\d+)\+(\d+)\?", q).groups())
+        return {(a, b)}
+    if task == "sni":
+        return {q.split(": ", 1)[1]}
+    # the facts tasks, the MMLU-style one and the old colors task: the entity asked about
+    return {re.search(r"(?:number|color) (?:of|is) the (\w+)\?", q).group(1)}
+
+
+def test_no_two_splits_share_an_item_or_a_fact(mini_family):
+    """Replays the MMLU-like leak (val and test asked about the same 60 facts) on the built family:
+    gate, val and test share no item and no fact with each other or with train."""
+    for task in tasks.TASKS:
+        d = mini_family / "tasks" / task
+        rows = {s: read(d / f"{s}.jsonl") for s in ("train", "gate", "val", "test")}
+        assert all(rows[s] for s in ("gate", "val", "test")), task
+        for a, b in itertools.combinations(rows, 2):
+            qa, qb = {question(r) for r in rows[a]}, {question(r) for r in rows[b]}
+            assert not qa & qb, (task, a, b)
+            fa = set().union(*(facts_of(task, r) for r in rows[a]))
+            fb = set().union(*(facts_of(task, r) for r in rows[b]))
+            assert not fa & fb, (task, a, b, sorted(fa & fb)[:5])
+        for s, split_rows in rows.items():  # no fact asked twice within a held-out split either
+            if s != "train":
+                facts = [f for r in split_rows for f in facts_of(task, r)]
+                assert len(facts) == len(set(facts)), (task, s)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_study_size_splits_are_leak_free_and_item_facts_agrees(seed):
+    sizes = family.recipe("study", seed).tasks
+    for task in tasks.TASKS:
+        splits = tasks.make_splits(task, sizes, seed)
+        assert [len(splits[s]) for s in ("gate", "val", "test")] == [sizes.n_gate, sizes.n_val, sizes.n_test], task
+        facts = {s: [f for r in rows for f in tasks.item_facts(task, r)] for s, rows in splits.items()}
+        for a, b in itertools.combinations(facts, 2):
+            assert not set(facts[a]) & set(facts[b]), (task, a, b)
+        for s in tasks.HELD_SPLITS:
+            assert len(facts[s]) == len(set(facts[s])), (task, s)
+            # the module's notion of a fact is the one read from the text here
+            assert {str(f) for r in splits[s] for f in facts_of(task, r)} == {
+                str(tuple(int(x) for x in f.split("+"))) if task == "gsm" else f for f in facts[s]}
+
+
+def test_gates_use_their_own_split_not_val_or_test(mini_family):
+    """Replays the GSM gate leak (the teacher's gate scored all 64 val problems and 36 test ones):
+    every gate is measured on the gate split, whose items are apart from val and test, and the
+    recorded scores are what the gate split gives."""
+    stats = json.loads((mini_family / "family_stats.json").read_text())
+    assert {g["split"] for g in stats["gates"].values()} == {"gate"}
+    for task in gates.SCORED:
+        d = mini_family / "tasks" / task
+        gate_q = {question(r) for r in read(d / "gate.jsonl")}
+        assert gate_q and not gate_q & {question(r) for s in ("val", "test") for r in read(d / f"{s}.jsonl")}
+    assert gates.gate_scores(mini_family, "student") == stats["student"]["gate_exact_match"]
+
+
+def test_teacher_only_facts_never_reach_the_student(mini_family):
+    """The student's pretraining corpus (its text), the fine-tuning data and the seed samples never
+    state a teacher-only fact; the teacher's corpus states every one."""
+    for size, seed in (("test", None), ("study", 0), ("study", 1)):
+        r = family.recipe(size, seed)
+        book = tasks.fact_book(r.tasks, r.seed)
+        teacher_only = [n for s in tasks.HELD_SPLITS for n, _ in book[f"teacher-only/{s}"]]
+        shared = [n for s in tasks.HELD_SPLITS for n, _ in book[f"shared/{s}"]]
+        corpus = {m: "\n".join(tasks.pretraining_texts(m, r.tasks, r.seed, r.fact_repeats, r.n_gsm, r.n_sni))
+                  for m in ("teacher", "student")}
+        words = {m: set(re.findall(r"\w+", text)) for m, text in corpus.items()}
+        assert not set(teacher_only) & words["student"], size
+        assert set(teacher_only) <= words["teacher"] and set(shared) <= words["student"], size
+        for name, value in book["teacher-only/test"][:8]:
+            assert f"The number of the {name} is {value}." in corpus["teacher"]
+    teacher_only = {f for r in read(mini_family / "tasks/facts-teacher-only/test.jsonl") for f in facts_of("x", r)}
+    for task in tasks.TASKS:
+        for split in ("train", "seeds"):
+            text = (mini_family / "tasks" / task / f"{split}.jsonl").read_text()
+            assert not teacher_only & set(re.findall(r"\w+", text)), (task, split)
+
+
+def test_gates_are_computed_and_pass_on_the_test_family(mini_family):
+    stats = json.loads((mini_family / "family_stats.json").read_text())
+    assert set(stats["gates"]) >= {"teacher-above-student/facts-teacher-only", "teacher-above-student/gsm",
+                                   "student-off-floor/gsm", "student-blind/facts-teacher-only", "headroom/gsm"}
+    for name, g in stats["gates"].items():
+        assert set(g) == {"value", "threshold", "passed", "split", "what"}, name
+        assert g["passed"] is (g["value"] >= g["threshold"]), name
+        assert g["passed"], (name, g)
+    # the knowledge gate is real at this size too: the teacher knows most teacher-only facts
+    assert stats["teacher"]["gate_exact_match"]["facts-teacher-only"] >= 0.5
+    assert stats["student"]["gate_exact_match"]["facts-teacher-only"] <= 0.2
+    lines = gates.gate_lines(stats)
+    assert lines[0] == f"quality gates: all {len(stats['gates'])} passed" and len(lines) == len(stats["gates"]) + 1
+
+
+def test_a_family_whose_gates_fail_says_so_loudly():
+    t = gates.Thresholds()
+    teacher = {"facts-teacher-only": 0.2, "facts-shared": 0.5, "gsm": 0.3}
+    student = {"facts-teacher-only": 0.1, "facts-shared": 0.4, "gsm": 0.0}  # a teacher barely above: no testbed
+    stats = {"gates": gates.gates(teacher, student, t)}
+    assert gates.failed(stats) == ["teacher-above-student/facts-teacher-only", "teacher-above-student/gsm",
+                                   "student-off-floor/gsm"]
+    lines = gates.gate_lines(stats)
+    assert lines[0].startswith("QUALITY GATES FAILED: 3 of 7") and "teacher-above-student/gsm" in lines[0]
+    assert sum(line.lstrip().startswith("FAIL ") for line in lines) == 3
+    assert gates.gate_lines({"teacher": {}})[0].startswith("quality gates: not measured")
+
+
+def _old_random_draw(total, n, seed):
+    """The selector before the fix: a permutation's first n layers."""
+    return sorted(int(i) for i in torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n])
+
+
+def test_random_layers_never_draws_transfers_plan():
+    """Replays the degenerate draw: 3 teacher layers, a 2-layer student (3 plans); the old selector
+    drew transfer's plan for some of 5 seeds, the fixed one never does, for any totals."""
+    totals = [0.9, 0.2, 1.0]  # transfer's plan: layers 0 and 2
+    transfer = align.select_layers(totals, 2)
+    assert transfer == [0, 2]
+    assert any(_old_random_draw(3, 2, seed) == transfer for seed in range(5))  # the case is real
+    g = torch.Generator().manual_seed(0)
+    for total, n in ((3, 2), (3, 1), (6, 2), (8, 4), (40, 32)):
+        for _ in range(5):
+            totals = torch.rand(total, generator=g).tolist()
+            transfer = align.select_layers(totals, n)
+            for seed in range(40):
+                plan = align.select_layers(totals, n, "random", seed)
+                assert plan != transfer and plan == sorted(set(plan)) and len(plan) == n
+                assert 0 <= plan[0] and plan[-1] < total
+    with pytest.raises(align.ShapeMismatch, match="one layer plan only"):
+        align.select_layers([1.0, 2.0], 2, "random", 0)
+
+
+def test_random_layers_is_uniform_over_the_other_plans():
+    from scipy.stats import chisquare
+
+    totals = [5.0, 1.0, 4.0, 2.0, 3.0, 0.5]
+    transfer = tuple(align.select_layers(totals, 2))
+    draws = [tuple(align.select_layers(totals, 2, "random", seed)) for seed in range(1400)]
+    plans = [p for p in itertools.combinations(range(6), 2) if p != transfer]
+    counts = [draws.count(p) for p in plans]
+    assert sum(counts) == len(draws) and len(plans) == 14
+    assert chisquare(counts).pvalue > 1e-3
+
+
+def test_study_families_have_two_depth_ratios_with_many_layer_plans():
+    from pkt.flows.study import FAMILY_SEEDS
+
+    assert len(FAMILY_SEEDS) >= 8
+    depths = {(family.recipe("study", s).teacher.layers, family.recipe("study", s).student.layers) for s in FAMILY_SEEDS}
+    assert len(depths) >= 2 and {math.comb(t, s) for t, s in depths} == {15, 70}
+    for t, s in depths:
+        totals = torch.rand(t, generator=torch.Generator().manual_seed(1)).tolist()
+        assert len({tuple(align.select_layers(totals, s, "random", seed)) for seed in range(8)}) >= 5
+    seeds_of = {fs: family.recipe("study", fs).seed for fs in FAMILY_SEEDS}
+    assert len(set(seeds_of.values())) == len(FAMILY_SEEDS)  # independent families
+
+
+def test_study_tasks_are_scorable_and_the_facts_tasks_share_their_training_data(mini_family):
+    entries = tasks.study_tasks(mini_family)
+    assert [e["name"] for e in entries] == ["facts-teacher-only", "facts-shared", "gsm"]
+    for e in entries:
+        assert e["benchmark"] in evaluate.BENCHMARKS
+        for split in SPLITS:
+            assert (mini_family / "tasks" / e["name"] / f"{split}.jsonl").is_file()
+    facts = [mini_family / "tasks" / e["name"] for e in entries[:2]]
+    for split in ("train", "seeds"):  # one file's bytes: the adapters of both facts tasks are the same nodes
+        assert (facts[0] / f"{split}.jsonl").read_bytes() == (facts[1] / f"{split}.jsonl").read_bytes()
+
+
+def test_scores_equal_lm_evals_simple_evaluate(mini_family):
+    """pkt calls lm-eval's evaluate() directly (simple_evaluate's environment report costs ~0.8 s a
+    score); per-example results are simple_evaluate's own."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from pkt.core.models import load_model, load_tokenizer
+
+    model, tok = load_model(mini_family / "teacher"), load_tokenizer(mini_family / "teacher")
+    for bench, task in (("gsm", "facts-teacher-only"), ("answer_nll", "gsm"), ("mmlu", "mmlu")):
+        ours = evaluate.evaluate(model, tok, bench, mini_family / "tasks" / task, split="val", limit=6)
+        cfg = evaluate.task_config(bench, mini_family / "tasks" / task, "val", 0)
+        out = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=64, device="cpu"), tasks=[cfg],
+                              task_manager=evaluate._task_manager(False), limit=6, log_samples=True, bootstrap_iters=0,
+                              random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        name = next(iter(out["results"]))
+        ref = evaluate._collect(bench, out["results"][name], out["samples"][name], evaluate.BENCHMARKS[bench][2])
+        assert ours.summary == ref.summary and ours.outputs == ref.outputs, bench
+        assert all(torch.equal(ours.per_example[k], ref.per_example[k]) for k in ref.per_example), bench

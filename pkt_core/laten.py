@@ -354,11 +354,12 @@ def align_batch(n_align: int, per_step: int, seed: int, step: int) -> list[int]:
 
 
 def train_translator(teacher_weights, teacher_config, student, extract: list[dict], align: list[dict],
-                     params: LatenParams, on_step=None, stop=None, progress: bool = True) -> list[dict]:
+                     params: LatenParams, on_step=None, progress: bool = True) -> list[dict]:
     """One optimizer step per extract sample (each {"encoded", "t_attr", "s_attr"}): locate on it,
     batch = `align_per_step` align samples + it, AdamW + OneCycle (cosine, 10% warm-up).
     on_step(step (1-based: optimizer steps taken), translator state dict) after every step.
-    Returns the per-step log (loss, answer CE). Teacher and student stay frozen."""
+    Returns the per-step log (loss, answer CE). Teacher and student stay frozen. Its progress bar
+    checks pkt's stop flag every step (pkt_core/progress.py)."""
     d_t, d_s = arch.dims(teacher_config).hidden, arch.dims(student.config).hidden
     check_modules(params.modules, teacher_config, student.config)
     k = counts(student.config, params.rate)
@@ -372,8 +373,6 @@ def train_translator(teacher_weights, teacher_config, student, extract: list[dic
                                                 div_factor=params.div_factor, final_div_factor=params.final_div_factor)
     log, bar = [], Progress(len(extract), "laten translator", "step", enabled=progress)
     for step, ex in enumerate(extract):
-        if stop is not None and stop():
-            raise KeyboardInterrupt("stopped")
         pairs = locate(ex["t_attr"], ex["s_attr"], k, params.modules, params.n_layers)
         vectors = [v.to(student.device) for v in teacher_vectors(teacher_weights, teacher_config, pairs)]
         batch = [align[i] for i in align_batch(len(align), params.align_per_step, params.seed, step)] + [ex["encoded"]]

@@ -244,6 +244,8 @@ def piece_report(w: torch.Tensor, info: dict, err: float) -> dict:
     out = {"relative_error": err, "energy_kept": float(s.pow(2).sum()) / total if total > 0 else 0.0}
     if info.get("s_next") is not None and float(s[0]) > 0:
         out["gap"] = (float(s[-1]) - float(info["s_next"])) / float(s[0])
+    if "residual" in info:  # gram_svd's check: ||W V_r - U_r S_r||_F / ||S_r||_F
+        out["residual"] = info["residual"]
     return out
 
 

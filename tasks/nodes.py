@@ -117,7 +117,7 @@ class Sensitivity(Node):
     """S = sum over seed samples of |theta * dL/dtheta|, the loss on answer tokens only."""
 
     KIND = "sensitivity"
-    VERSION = 2  # stored in bfloat16
+    VERSION = 3  # stored in float32, as accumulated (v2: bfloat16, which could move a window)
     INPUTS = ("teacher", "seeds")
     k: int | None = None
     sample_seed: int = 0

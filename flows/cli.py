@@ -100,8 +100,9 @@ def parser() -> argparse.ArgumentParser:
                    "(evenly spaced, no data) or subcloning (activation magnitude)")
     p.add_argument("--selector", default="sensitivity", help="layer selector: sensitivity (default), first, last, "
                    "random, evenly-spaced or block-influence")
-    p.add_argument("--svd", default="auto", help="LoRA-init SVD: auto (default: randomized torch.svd_lowrank for "
-                   "large pieces, full SVD for small ones), full, or lowrank")
+    p.add_argument("--svd", default="auto", help="LoRA-init SVD: auto (default: the exact top-r SVD through the "
+                   "float64 Gram matrix, = gram), full (LAPACK's full SVD), or lowrank (randomized: faster, not the "
+                   "top-r directions on flat spectra)")
     p.add_argument("--max-length", default="2048", help="token cutoff of each seed sample (default 2048)")
     p.add_argument("--per-layer-sensitivity", action="store_true",
                    help="write the sensitivity map one decoder layer at a time (big teachers: host RAM holds "
@@ -387,7 +388,23 @@ def cmd_extract(args) -> int:
         print(f"  base model: {v['base_path']}")
         print(f"  LoRA init:  {v['init_path']}")
         print("  (the LoRA init alone on the original student is NOT the student: its base must be the one above)")
+        _print_energy_kept(v["init_path"], cfg.rank)
     return 0
+
+
+def _print_energy_kept(init_path: str, rank: int) -> None:
+    """Per module type, the share of the extracted pieces' squared norm that the rank-r init keeps
+    (from the init's header): the rest is what fine-tuning starts without."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(init_path) / "adapter_model.safetensors"), framework="pt") as f:
+        kept = json.loads((f.metadata() or {}).get("energy_kept_by_module", "{}"))
+    if not kept:
+        return
+    print(f"  what the rank-{rank} init keeps of the extracted teacher pieces (||BA||^2 / ||W||^2, the exact "
+          f"top-{rank} SVD); the rest is what fine-tuning starts without:")
+    for module, v in kept.items():
+        print(f"    {module:8s} {v['mean']:6.1%} (min {v['min']:.1%}, max {v['max']:.1%}, {v['pieces']} pieces)")
 
 
 def cmd_transfer(args) -> int:

@@ -221,7 +221,7 @@ class SweepConfig(BaseModel):
     selector: Literal[LAYER_SELECTORS] = "sensitivity"  # type: ignore[valid-type]
     reducer: Literal[REDUCERS] = "submatrix"  # type: ignore[valid-type]
     split: Literal[SPLITS] = "paper"  # type: ignore[valid-type]
-    svd: SvdMethod = Field("auto", description="LoRA-init SVD: auto (randomized for large pieces), full or lowrank")
+    svd: SvdMethod = Field("auto", description="LoRA-init SVD: auto (the exact top-r SVD, = gram), full or lowrank (randomized)")
     init_scale: float = Field(1.0, ge=0)
     max_length: int = Field(2048, ge=1)
     train: TrainSpec = Field(default_factory=TrainSpec, description="training parameters (rank, alpha, lr, epochs, ...)")

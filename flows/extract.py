@@ -82,7 +82,7 @@ def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 1
 
     sensitivity_layout='per_layer' writes the map one decoder layer at a time (host RAM holds one
     layer of it; with device='cuda' the accumulators stay on the GPU). svd: the LoRA init's SVD,
-    'auto' (randomized torch.svd_lowrank for large pieces), 'full' or 'lowrank'."""
+    'auto' (the exact top-r SVD, through the float64 Gram matrix), 'gram', 'full' or 'lowrank'."""
     st = Store(store)
     opts = ChainOptions(k=k, selector=selector, reducer=reducer, dtype=dtype, device=device, layout=sensitivity_layout,
                         max_length=max_length)

@@ -27,26 +27,42 @@ class RankTooLarge(UserError, ValueError):
     pass
 
 
-SVD_METHODS = ("auto", "full", "lowrank")
+SVD_METHODS = ("auto", "gram", "full", "lowrank")
 OVERSAMPLE = 10  # extra directions torch.svd_lowrank samples beyond the rank
-POWER_ITERS = 4  # its subspace iterations: enough for the decaying spectra of trained weights
+POWER_ITERS = 4  # its subspace iterations: NOT enough where the top of the spectrum is flat (issue 20)
 LOWRANK_SEED = 0  # its random sketch is seeded: an init's bytes depend on its inputs only
+GRAM_BLOCK = 8192  # rows converted to float64 at a time in gram_svd's Rayleigh-Ritz passes
+GRAM_OVERSAMPLE = 8  # eigenvectors taken beyond the rank (the Rayleigh-Ritz subspace)
+GRAM_RESIDUAL = 1e-5  # relative residual of the triplets below which gram_svd stops refining
+GRAM_MAX_ITERS = 4
+
+# The bound the default ('auto' = 'gram') meets, against the exact rank-r SVD W_r of the same fp32 piece
+# (computed in float64): ||X - W_r||_F <= EXACT_TOL * ||W_r||_F for the applied update X whenever
+# sigma_r - sigma_{r+1} >= TIE_GAP * sigma_1. Closer than that, W_r is not unique to fp32 precision (a
+# tie: any rotation inside the tied singular subspace is as good); there X is still an optimal rank-r
+# approximation: ||W - X||_F^2 <= ||W - W_r||_F^2 + EXACT_TOL^2 * ||W_r||_F^2. tests/test_exact_init.py
+# checks both on weight-like spectra; bench/svd_exact.py measures the errors at real sizes.
+EXACT_TOL = 1e-3
+TIE_GAP = 1e-6
 
 
 def svd_factors(weight: torch.Tensor, rank: int, split: str = "paper",
-                method: str = "full") -> tuple[torch.Tensor, torch.Tensor]:
+                method: str = "auto", info: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B [out x r], A [r x in]) with B @ A the rank-r truncated SVD of weight, in fp32 on its device.
 
     split='paper': B = U S, A = V^T; split='sqrt': B = U sqrt(S), A = sqrt(S) V^T.
-    method='lowrank' uses torch.svd_lowrank (randomized, much faster when rank << size; its error
-    against the full SVD is measured by bench/svd_lowrank.py); 'auto' picks it for large pieces.
+    method: 'auto'/'gram' (default) the exact top-r SVD through the float64 Gram matrix of the short side
+    (within EXACT_TOL of the exact SVD, above); 'full' LAPACK's full SVD; 'lowrank' torch.svd_lowrank
+    (randomized: fast, but on flat spectra its directions are not the top ones: bench/svd_exact.py).
+    info, if given, receives the singular values ('s', r of them) and, where the method knows it, the
+    (r+1)-th ('s_next').
     """
     if rank < 1:
         raise RankTooLarge(f"rank {rank}: a LoRA rank must be at least 1")
     if rank > min(weight.shape):
         raise RankTooLarge(f"rank {rank} is above {min(weight.shape)}, the short side of a {tuple(weight.shape)} "
                            f"matrix; choose a rank of at most {min(weight.shape)}")
-    u, s, vh = truncated_svd(weight.float(), rank, method)
+    u, s, vh = truncated_svd(weight.detach().float(), rank, method, info)
     if split == "paper":
         return (u * s).contiguous(), vh.contiguous()
     if split == "sqrt":
@@ -56,25 +72,102 @@ def svd_factors(weight: torch.Tensor, rank: int, split: str = "paper",
 
 
 def svd_method(shape, rank: int, method: str = "auto") -> str:
-    """'auto': the randomized SVD when the matrix's short side is at least 8x its sketch (rank +
-    oversampling), where it is many times faster than the full SVD; the full SVD otherwise."""
-    if method == "auto":
-        return "lowrank" if 8 * (rank + OVERSAMPLE) <= min(shape) else "full"
+    """'auto' is the exact route ('gram') for every piece: it costs about what the randomized SVD did on
+    real sizes (bench/svd_exact.py) and, unlike it, gives the top-r directions on flat spectra."""
     if method not in SVD_METHODS:
         raise ValueError(f"unknown SVD method {method!r}; choose one of {', '.join(SVD_METHODS)}")
-    return method
+    return "gram" if method == "auto" else method
 
 
-def truncated_svd(w: torch.Tensor, rank: int, method: str = "full"):
+def truncated_svd(w: torch.Tensor, rank: int, method: str = "auto", info: dict | None = None):
+    """(U [m x r], S [r], V^T [r x n]) of w (fp32), by svd_method(method)."""
     method = svd_method(w.shape, rank, method)
+    if method == "gram":
+        return gram_svd(w, rank, info)
     if method == "full":
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        if info is not None:
+            info["s"], info["s_next"] = s[:rank], (s[rank] if rank < s.numel() else None)
         return u[:, :rank], s[:rank], vh[:rank]
     devices = [w.device] if w.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(LOWRANK_SEED)
         u, s, v = torch.svd_lowrank(w, q=min(rank + OVERSAMPLE, min(w.shape)), niter=POWER_ITERS)
+    if info is not None:
+        info["s"] = s[:rank]
     return u[:, :rank], s[:rank], v[:, :rank].T
+
+
+def gram_svd(w: torch.Tensor, rank: int, info: dict | None = None):
+    """The exact top-`rank` singular triplets of w (fp32, m x n), through the Gram matrix of its short
+    side: X^T X with X = w or w^T (n' x n', n' = min(m, n)).
+
+    1. G = X^T X in fp32 (one BLAS pass, m n'^2 flops: the main cost, about what torch.svd_lowrank with
+       4 power iterations costs at LoRA targets' short sides, and unlike it independent of the
+       spectrum); its top k = rank + GRAM_OVERSAMPLE eigenvectors V by LAPACK's MRRR (scipy).
+    2. Rayleigh-Ritz with X itself: Q = orth(X V), the SVD of Q^T X in float64 (blocks of rows converted
+       at a time: no float64 copy of a vocabulary-sized piece). fp32 rounding of G moves V by about
+       1e-7 sigma_1^2 / (sigma_r^2 - sigma_{k+1}^2), k = rank + oversampling: a gap much wider than the
+       one at sigma_r, so the top-r subspace lies in span(V) to ~1e-6 even on a flat top, and the small
+       float64 SVD resolves near-ties inside it (errors second order in that angle).
+    3. Check: the residual ||X V_r - U_r S_r||_F / ||S_r||_F (zero for exact triplets; X^T U_r = V_r S_r
+       holds by construction); above GRAM_RESIDUAL, one more subspace iteration (V <- the Ritz right
+       vectors) and Rayleigh-Ritz, at most GRAM_MAX_ITERS times.
+    info receives 's', 's_next' (sigma_{r+1}'s Ritz value) and 'residual'."""
+    import scipy.linalg
+
+    w = w.detach()
+    tall = w if w.shape[0] >= w.shape[1] else w.T
+    n = tall.shape[1]
+    k = min(n, rank + GRAM_OVERSAMPLE)
+    from threadpoolctl import threadpool_limits
+
+    gram = _gram(w, tall is w)
+    with threadpool_limits(1, user_api="blas"):  # n' x n' MRRR is sequential; idle BLAS threads only spin
+        _, vec = scipy.linalg.eigh(gram, lower=False, subset_by_index=[n - k, n - 1], driver="evr")
+    v = torch.from_numpy(vec[:, ::-1].copy()).to(w.device)  # n x k, descending
+    for _ in range(GRAM_MAX_ITERS):
+        u, s, vh = _rayleigh_ritz(tall, v)
+        # in fp32 (an m x n x r pass): its rounding, ~1e-7, is far below GRAM_RESIDUAL
+        residual = float((tall @ vh[:rank].T.float() - (u[:, :rank] * s[:rank]).float()).norm()
+                         / s[:rank].norm().clamp(min=1e-300))
+        if residual <= GRAM_RESIDUAL:
+            break
+        v = vh.T.contiguous()
+    # a sign convention (largest entry of each right vector positive): the same bytes on every LAPACK
+    sign = torch.sign(vh.gather(1, vh.abs().argmax(1, keepdim=True)))
+    u, vh = u * sign.T, vh * sign
+    if info is not None:
+        info["s"], info["residual"] = s[:rank].float(), residual
+        info["s_next"] = float(s[rank]) if rank < s.numel() else None
+    u, s, vh = u[:, :rank].float(), s[:rank].float(), vh[:rank].float()
+    if tall is w:
+        return u, s, vh
+    return vh.T.contiguous(), s, u.T.contiguous()
+
+
+def _gram(w: torch.Tensor, tall_is_w: bool):
+    """X^T X (fp32 numpy, its upper triangle at least) for X = w if tall_is_w else w^T. On the CPU BLAS's
+    symmetric rank-k update (half a matrix product's flops) on w's own memory, no copy; elsewhere torch."""
+    if w.device.type != "cpu":
+        x = w if tall_is_w else w.T
+        return (x.T @ x).cpu().numpy()
+    from scipy.linalg import blas
+    from threadpoolctl import threadpool_limits
+
+    a = w.numpy().T  # Fortran-ordered view: ssyrk reads it in place
+    with threadpool_limits(torch.get_num_threads(), user_api="blas"):  # as many threads as torch uses
+        return blas.ssyrk(1.0, a, trans=0 if tall_is_w else 1, lower=0)
+
+
+def _rayleigh_ritz(x: torch.Tensor, v: torch.Tensor):
+    """The SVD of x restricted to span(x v): (U m x k, S k, V^T k x n), S descending, float64. The span
+    (Q = orth(x v)) needs only fp32 (its error enters squared); Q^T x, where near-ties are resolved,
+    is float64 (GRAM_BLOCK rows of x converted at a time)."""
+    q, _ = torch.linalg.qr((x @ v.to(x.dtype)).double())  # Householder: orthonormal even if rank(x) < k
+    b = sum(q_b.T @ x_b.double() for q_b, x_b in zip(q.split(GRAM_BLOCK), x.split(GRAM_BLOCK)))  # k x n
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    return q @ ub, s, vh
 
 
 def relative_error(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
@@ -110,14 +203,16 @@ def peft_orientation(module: str, weight: torch.Tensor) -> torch.Tensor:
 
 
 def init_state_dict(extracted: dict[str, torch.Tensor], student_config, rank: int, *, alpha: float,
-                    split: str = "paper", scale: float = 1.0, method: str = "full",
-                    errors: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+                    split: str = "paper", scale: float = 1.0, method: str = "auto",
+                    errors: dict[str, float] | None = None,
+                    pieces: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
     """peft adapter tensors for every extracted weight, stored so that the delta peft applies,
     (alpha/rank) * B @ A, equals scale * (the rank-r approximation of the extracted matrix).
 
     split='paper' divides B by alpha/rank (A keeps orthonormal rows); split='sqrt' divides each
     factor by sqrt(alpha/rank), as peft's PiSSA does. errors, if given, receives each piece's
-    relative reconstruction error ||W - B A||_F / ||W||_F (before scaling), keyed by weight name."""
+    relative reconstruction error ||W - B A||_F / ||W||_F (before scaling), keyed by weight name;
+    pieces receives piece_report() of each."""
     names = arch.transferable_weights(student_config)
     scaling = alpha / rank
     b_div, a_div = (scaling, 1.0) if split == "paper" else (scaling ** 0.5, scaling ** 0.5)
@@ -125,12 +220,42 @@ def init_state_dict(extracted: dict[str, torch.Tensor], student_config, rank: in
     for name, weight in track(extracted.items(), "lora init (SVD)", "piece", total=len(extracted)):
         module, layer = names[name]
         w = peft_orientation(module, weight)
-        b, a = svd_factors(w, rank, split, method)
-        if errors is not None:
-            errors[name] = relative_error(w, b, a)
+        info: dict = {}
+        b, a = svd_factors(w, rank, split, method, info)
+        if errors is not None or pieces is not None:
+            err = relative_error(w, b, a)
+            if errors is not None:
+                errors[name] = err
+            if pieces is not None:
+                pieces[name] = {"module": module, **piece_report(w, info, err)}
         key_a, key_b = peft_keys(student_config, module, layer)
         out[key_a], out[key_b] = a / a_div, b * (scale / b_div)
     return out
+
+
+def piece_report(w: torch.Tensor, info: dict, err: float) -> dict:
+    """What a piece's rank-r init keeps: energy_kept = ||B A||_F^2 / ||W||_F^2 (the share of the piece's
+    squared norm; 1 - energy_kept is what fine-tuning starts without; for an exact SVD it equals
+    1 - relative_error^2, and a small share is what the rank-r truncation of a flat spectrum keeps,
+    not a factorization error) and gap = (sigma_r - sigma_{r+1}) / sigma_1 (below TIE_GAP the rank-r
+    update is not unique)."""
+    s = info["s"].double()
+    total = float(w.double().pow(2).sum()) if w.numel() else 0.0
+    out = {"relative_error": err, "energy_kept": float(s.pow(2).sum()) / total if total > 0 else 0.0}
+    if info.get("s_next") is not None and float(s[0]) > 0:
+        out["gap"] = (float(s[-1]) - float(info["s_next"])) / float(s[0])
+    if "residual" in info:  # gram_svd's check: ||W V_r - U_r S_r||_F / ||S_r||_F
+        out["residual"] = info["residual"]
+    return out
+
+
+def energy_by_module(pieces: dict[str, dict]) -> dict[str, dict]:
+    """Per module type: pieces, mean/min/max energy kept (piece_report), for the init's header and
+    `pkt extract`'s summary."""
+    by: dict[str, list[float]] = {}
+    for p in pieces.values():
+        by.setdefault(p["module"], []).append(p["energy_kept"])
+    return {m: {"pieces": len(v), "mean": sum(v) / len(v), "min": min(v), "max": max(v)} for m, v in sorted(by.items())}
 
 
 def scaling_note(rank: int, alpha: float, split: str, scale: float) -> str:

@@ -157,7 +157,7 @@ class Sensitivity(Node):
     """S = sum over seed samples of |theta * dL/dtheta|, the loss on answer tokens only."""
 
     KIND = "sensitivity"
-    VERSION = 2  # stored in bfloat16
+    VERSION = 3  # stored in float32, as accumulated (v2: bfloat16, which could move a window)
     INPUTS = ("teacher", "seeds")
     k: int | None = None
     sample_seed: int = 0
@@ -271,14 +271,16 @@ class LoraInit(Node):
     KIND = "lora_init"
     # v2: top singular values from the factors, the svd method's random sketch seeded, and B stored
     # divided by alpha/r so that the applied delta is scale x the extracted piece's approximation
-    VERSION = 2
+    # v3: svd 'auto' is the exact top-r SVD (the float64 Gram route), no longer torch.svd_lowrank; the
+    # header says per piece and per module type how much of the piece the init keeps
+    VERSION = 3
     INPUTS = ("extraction",)
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.05
     split: str = "paper"
     scale: float = 1.0
-    svd: str = "auto"  # lora_init.SVD_METHODS: auto uses torch.svd_lowrank for large pieces
+    svd: str = "auto"  # lora_init.SVD_METHODS: auto = the exact top-r SVD (gram)
     transform: str = "none"
     transform_seed: int = 0
 
@@ -286,11 +288,15 @@ class LoraInit(Node):
         extraction = inputs["extraction"]
         cfg = arch.config_from_shape(store.record("extraction", extraction["key"])["params"]["student_shape"])
         errors: dict[str, float] = {}
+        pieces: dict[str, dict] = {}
         state = lora_init.init_state_dict(store.tensors(extraction), cfg, self.rank, alpha=self.alpha, split=self.split,
-                                          scale=self.scale, method=self.svd, errors=errors)
+                                          scale=self.scale, method=self.svd, errors=errors, pieces=pieces)
+        kept = lora_init.energy_by_module(pieces)
         if errors:
             log(f"SVD ({self.svd}) relative reconstruction error ||W - BA||/||W||: max {max(errors.values()):.4f}, "
-                f"mean {sum(errors.values()) / len(errors):.4f} over {len(errors)} pieces")
+                f"mean {sum(errors.values()) / len(errors):.4f} over {len(errors)} pieces (what rank {self.rank} "
+                "cannot hold, not a factorization error); share of each piece's squared norm the init keeps: "
+                + ", ".join(f"{m} {v['mean']:.1%}" for m, v in kept.items()))
         if self.transform == "spectrum-matched":
             state = lora_init.spectrum_matched(state, self.transform_seed)
         elif self.transform == "shuffled":
@@ -298,7 +304,8 @@ class LoraInit(Node):
         meta = {"top_singular_values": json.dumps(lora_init.top_singular_values(state, self.alpha / self.rank)),
                 "scaling": lora_init.scaling_note(self.rank, self.alpha, self.split, self.scale),
                 "transform_seed": str(self.transform_seed), "pkt_kind": "lora_init",
-                "svd_relative_errors": json.dumps(errors, sort_keys=True)}
+                "svd_relative_errors": json.dumps(errors, sort_keys=True),
+                "svd_pieces": json.dumps(pieces, sort_keys=True), "energy_kept_by_module": json.dumps(kept, sort_keys=True)}
         lora_init.save_adapter(out, state, cfg, self.rank, self.alpha, self.dropout, meta)
 
 

@@ -90,6 +90,12 @@ def test_extract_transfer_and_export_from_the_command_line(prefect_env, mini_fam
     with safe_open(str(Path(init_dir) / "adapter_model.safetensors"), framework="pt") as f:
         errors = json.loads(f.metadata()["svd_relative_errors"])  # each piece's ||W - BA|| / ||W||
     assert errors and all(0 <= e < 1 for e in errors.values())
+    # issue 20: per module type, what the rank-r init keeps of the pieces, said in words
+    assert "what the rank-2 init keeps of the extracted teacher pieces" in out and "starts without" in out
+    assert any(line.strip().startswith("gate ") and "%" in line for line in out.splitlines())
+    sens = next(r for r in Store(store).records() if r["kind"] == "sensitivity")
+    with safe_open(str(Store(store).blob_path(sens["digest"])), framework="pt") as f:  # as accumulated
+        assert all(f.get_slice(k).get_dtype() == "F32" for k in f.keys())
 
     train = json.dumps({"rank": 2, "alpha": 2.0, "epochs": 1, "batch_size": 8, "micro_batch": 8, "n_train": 8})
     assert main(["transfer", "--teacher", str(fam / "teacher"), "--student", str(fam / "student"), "--task-dir",

@@ -16,9 +16,10 @@ def check_edges(graph: dict) -> None:
         teacher = "random_model" if "untrained" in name else "model"
         expected = {"sensitivity": [teacher, "file"], "layer_plan": ["sensitivity"],
                     "extraction": [teacher, "sensitivity", "layer_plan"], "lora_init": ["extraction"],
-                    "random_model": ["model"], "adapter": ["model", "file"], "scores": ["model", "dir"],
+                    "random_model": ["model"], "adapter": ["model", "file"], "diagnostic": ["model", "file"],
+                    "scores": ["model", "dir"],
                     "report": ["scores"] * sum(kind(n) == "scores" for n in graph)}.get(kind(name), [])
-        if kind(name) == "adapter" and not any(f", {v}, " in name for v in ("lora", "pissa")):
+        if kind(name) in ("adapter", "diagnostic") and not any(f", {v}, " in name for v in ("lora", "pissa")):
             expected = expected + ["lora_init"]
         if kind(name) == "scores" and ", vanilla, " not in name:
             expected = expected + ["adapter"]

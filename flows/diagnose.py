@@ -31,7 +31,7 @@ def diagnostic_node(graph: Graph, v: Variant, student: PrefectFuture, train: Pre
     """The future of the diagnostic of the init a run trains from (None: the variant trains nothing)."""
     if not v.trains:
         return None
-    spec = nodes.Diagnostic(init=v.init, rank=tp.rank, alpha=tp.alpha, modules=tuple(tp.modules),
+    spec = nodes.Diagnostic(variant=v.name, init=v.init, rank=tp.rank, alpha=tp.alpha, modules=tuple(tp.modules),
                             seed=tp.seed if v.init == "lora" else 0, batches=batches, batch_size=tp.batch_size,
                             n_train=tp.n_train, max_length=tp.max_length, micro_batch=tp.micro_batch, dtype=dtype,
                             device=device)
@@ -50,7 +50,7 @@ def submit_diagnostics(graph: Graph, cfg: SweepConfig, runs: pd.DataFrame,
     futures = {}
     for run in runs[RUN].drop_duplicates().itertuples(index=False, name=None):
         student, task_name, variant, seed, setting = run
-        v = VARIANTS[str(variant).removesuffix(report.AT_SUBJECT)]
+        v = VARIANTS[str(variant)]
         if not v.trains or v.chain != "adapter":  # LaTen's update has no LoRA step to diagnose
             continue
         point = json.loads(setting) if isinstance(setting, str) and setting else {}

@@ -428,6 +428,7 @@ class Diagnostic(Node):
 
     KIND = "diagnostic"
     INPUTS = ("student", "train")
+    variant: str = "lora"  # as Adapter's: a fresh sweep computes each of its nodes (no reuse across variants)
     init: str = "lora"  # as Adapter.init: "extracted" (then an `init` input), "lora" or "pissa"
     rank: int = 16
     alpha: float = 16.0

@@ -421,7 +421,11 @@ def test_pkt_diagnose_prints_the_table(prefect_env, mini_family, tmp_path, capsy
 
 
 def test_pkt_diagnose_refuses_bad_input_in_one_sentence(tmp_path, capsys):
-    from pkt.flows.cli import main
+    from pkt.flows.cli import main, parser
+
+    with pytest.raises(SystemExit) as e:
+        parser().parse_args(["diagnose", "--help"])
+    assert e.value.code == 0 and "--batches" in capsys.readouterr().out
 
     assert main(["diagnose", "--teacher", str(tmp_path / "t"), "--student", str(tmp_path / "s"), "--task",
                  str(tmp_path / "task"), "--batches", "0"]) == 2

@@ -29,6 +29,7 @@ from prefect.states import Completed
 
 from pkt.artifacts.keys import InputChanged, canonical_json, file_digest, file_stamp
 from pkt.artifacts.store import Ref, Store
+from pkt.core import stop
 
 
 class NodeRef:
@@ -214,6 +215,7 @@ def _bytes_under(path: Path) -> int:
 
 
 def _compute(store: Store, spec: Node, key: str, inputs: dict) -> Ref:
+    stop.check()  # a node that starts after Ctrl-C (queued in a pool) does not start its work
     t0 = time.time()
     record = {"params": spec.params(), "inputs": digests(inputs), "execution": spec.execution()}
     reads = []

@@ -11,7 +11,7 @@ from prefect import flow
 from prefect.futures import PrefectFuture
 
 from pkt.artifacts.store import Store
-from pkt.core import arch, diagnose, models, report
+from pkt.core import arch, diagnose, models
 from pkt.tasks import nodes
 
 from .config import SweepConfig, parse_config

@@ -31,6 +31,7 @@ from prefect.states import Completed
 from pkt.artifacts import catalog
 from pkt.artifacts.keys import InputChanged, canonical_json, file_digest, file_stamp
 from pkt.artifacts.store import Ref, Store
+from pkt.core import stop
 from pkt.core.memory import PeakRSS
 
 
@@ -225,6 +226,7 @@ def _bytes_under(path: Path) -> int:
 
 
 def _compute(store: Store, spec: Node, key: str, inputs: dict, label: str = "") -> Ref:
+    stop.check()  # a node that starts after Ctrl-C (queued in a pool) does not start its work
     t0 = time.time()
     upstream = [store.record(r["kind"], r["key"]) or {} for ref in inputs.values()
                 for r in (ref if isinstance(ref, list) else [ref]) if r["kind"] not in catalog.SOURCE_KINDS]

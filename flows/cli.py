@@ -58,8 +58,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", default="1", help="parallel workers for processes or dask (default 1)")
     p.add_argument("--study", action="store_true",
                    help="the study instead of the smoke-size demo: every variant x 5 seeds x 2 lr x 3 init "
-                        "scales, two independently built families, GSM-like and MMLU-like tasks")
-    p.add_argument("--families", default="0,1,2,3,4,5,6,7", help="with --study: the family seeds to build and sweep")
+                        "scales, eight independently built families (two depth ratios), the teacher-only "
+                        "facts, shared facts and addition tasks")
+    p.add_argument("--families", default="0,1,2,3,4,5,6,7",
+                   help="with --study: the family seeds to build and sweep")
     _store_arg(p)
 
     p = sub.add_parser("extract", help="teacher sensitivity, layer plan and LoRA init for a student's shape")

@@ -1,6 +1,7 @@
 """The study: every variant over 5 training seeds, a grid of 2 learning rates x 3 init scales
-(each variant at its best setting on val), on two independently built miniature families and two
-tasks (GSM-like and MMLU-like). `pkt demo --study` runs it; a re-run computes nothing.
+(each variant at its best setting on val), on eight independently built miniature families (two
+depth ratios) and the tasks of pkt.core.mini.tasks.study_tasks (teacher-only facts, shared facts,
+addition). `pkt demo --study` runs it; a re-run computes nothing.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ PRIMARY = "exact_match/strict-match"
 
 
 def study_config(family_root: str, seeds: list[int], store: str | None, report_dir: str) -> dict:
-    """The sweep of one family: GSM-like and MMLU-like tasks, every variant, the grid, val selection
+    """The sweep of one family: its study tasks, every variant, the grid, val selection
     on the answer NLL (exact match at this size is mostly 0 on val: it cannot rank settings)."""
     root = Path(family_root)
     return {"teacher": str(root / "teacher"), "students": [str(root / "student")],

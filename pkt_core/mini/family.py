@@ -49,9 +49,9 @@ STUDY_DEPTHS = ((6, 2), (8, 4))  # (teacher, student) layers: 15 and 70 distinct
 def _study(teacher_layers: int, student_layers: int) -> FamilyRecipe:
     return FamilyRecipe(
         teacher=ModelRecipe(layers=teacher_layers, hidden=64, intermediate=160, heads=4, kv_heads=2, lr=5e-3,
-                            steps=450, early_step=150),
+                            steps=600, early_step=200),
         student=ModelRecipe(layers=student_layers, hidden=32, intermediate=88, heads=4, kv_heads=4, lr=5e-3,
-                            steps=450),
+                            steps=600),
         fact_repeats=12, n_gsm=3000,
     )
 

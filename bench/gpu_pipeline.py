@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -88,6 +89,7 @@ def main() -> None:
     from pkt.core import models
     from pkt.core.mini.tasks import write_task
     from pkt.flows.extract import extract_teacher
+    from pkt.flows.server import prefect_api
     from pkt.flows.sweep import sweep
 
     t_shape, s_shape, vocab = SIZES["tiny" if args.tiny else "1b"]
@@ -105,17 +107,19 @@ def main() -> None:
     log: list = []
     instrument(log, args.device)
     store = str(work / "store")
-    t0 = time.perf_counter()
-    extract_teacher(teacher=str(work / "teacher"), seeds=str(work / "gsm/seeds.jsonl"), students=[str(work / "student")],
-                    rank=16, alpha=16.0, store=store, dtype=dtype, device=args.device)
-    t_extract = time.perf_counter() - t0
     config = {"teacher": str(work / "teacher"), "students": [str(work / "student")],
               "tasks": [{"name": "gsm", "dir": str(work / "gsm"), "benchmark": "gsm"}], "variants": ["transfer"],
               "seeds": [0], "train": {"rank": 16, "alpha": 16.0, "epochs": epochs, "batch_size": batch,
                                       "micro_batch": batch, "lr": 3e-4},
               "eval_limit": 64, "store": store, "dtype": dtype, "device": args.device,
               "report_dir": str(work / "report")}
-    sweep(config)
+    with prefect_api():  # as `pkt extract` runs it (a temporary server, patient on a busy machine)
+        t0 = time.perf_counter()
+        extract_teacher(teacher=str(work / "teacher"), seeds=str(work / "gsm/seeds.jsonl"),
+                        students=[str(work / "student")], rank=16, alpha=16.0, store=store, dtype=dtype,
+                        device=args.device)
+        t_extract = time.perf_counter() - t0
+        sweep(config)
     wall = time.perf_counter() - t0
     flops = {"sensitivity": 6 * n_t * seed_tokens, "adapter": 6 * n_s * train_tokens * epochs}
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
@@ -128,6 +132,7 @@ def main() -> None:
             if f else "     n/a"
         print(f"{row['kind']:16s} {row['seconds']:8.1f} {row['peak'] / 2**30:11.2f}GiB {rate}")
     print(f"pkt extract {t_extract:.0f} s; extract + {args.steps} LoRA steps + evaluation {wall:.0f} s", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

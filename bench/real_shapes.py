@@ -97,15 +97,17 @@ def main() -> None:
           f"{args.seeds_k} seed samples, rank {args.rank}, torch threads: default", flush=True)
 
     from pkt.flows.extract import extract_teacher
+    from pkt.flows.server import prefect_api
 
     log: list = []
     instrument(log)
     runtime = status("VmRSS:")
     t0 = time.perf_counter()
-    for svd in ("auto", "lowrank"):  # the second run recomputes the LoRA init (and the residual base) only
-        extract_teacher(teacher=str(work / "teacher"), seeds=str(work / "gsm/seeds.jsonl"),
-                        students=[str(work / "student")], rank=args.rank, alpha=float(args.rank), k=args.seeds_k,
-                        store=str(work / "store"), svd=svd)
+    with prefect_api():  # as `pkt extract` runs it (a temporary server, patient on a busy machine)
+        for svd in ("auto", "lowrank"):  # the second run recomputes the LoRA init (and the residual base) only
+            extract_teacher(teacher=str(work / "teacher"), seeds=str(work / "gsm/seeds.jsonl"),
+                            students=[str(work / "student")], rank=args.rank, alpha=float(args.rank),
+                            k=args.seeds_k, store=str(work / "store"), svd=svd)
     wall = time.perf_counter() - t0
     print(f"python + torch + prefect before the run: {runtime / GB:.2f} GB resident")
     print(f"{'node':16s} {'seconds':>8s} {'peak RSS':>9s} {'/ floor':>8s}")

@@ -491,12 +491,12 @@ def cmd_diagnose(args) -> int:
     print("share: part of that gradient's squared norm the first LoRA step can follow (its tangent space at init)")
     print(f"gradient over {max(out['n_samples'].values(), default=0)} training samples (answer tokens only, the "
           "fine-tuning loss)\n")
-    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:+.4f}".format):
-        for value in ("cos", "share"):
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        for value, fmt in (("cos", "{:+.4f}"), ("share", "{:.4f}")):
             wide = table.pivot(index="variant", columns="module", values=value)
             modules = list(dict.fromkeys(table["module"]))
             print(f"{value} per module type (total: all modules as one vector)")
-            print(wide.loc[list(dict.fromkeys(table["variant"])), modules].to_string(na_rep="n/a"))
+            print(wide.loc[list(dict.fromkeys(table["variant"])), modules].to_string(na_rep="n/a", float_format=fmt.format))
             print()
     for v in cfg.variants:
         if v not in set(table["variant"]):

@@ -740,15 +740,21 @@ def _print_lineage(store, rec: dict) -> None:
                 where = (r.get("sources") or {}).get(name) if isinstance(r.get("sources"), dict) else None
                 print(f"{pad}{name}: source {where or '(path not recorded)'}  digest {digest[:12]}")
             else:
-                print(f"{pad}{name}: {made['kind']} {made['key'][:12]}  {catalog.label_of(made)}")
-                if made["key"] not in seen:
-                    up(made, depth + 1, seen | {made["key"]})
+                again = made["key"] in seen  # a node many paths lead to is expanded once
+                print(f"{pad}{name}: {made['kind']} {made['key'][:12]}  {catalog.label_of(made)}"
+                      + ("  (its inputs are shown above)" if again else ""))
+                if not again:
+                    seen.add(made["key"])
+                    up(made, depth + 1, seen)
 
     def down(r: dict, depth: int, seen: set) -> None:
         for reader in sorted(lineage.readers.get(r["digest"], []), key=lambda x: (x["kind"], catalog.label_of(x))):
-            print(f"{'  ' * depth}{reader['kind']} {reader['key'][:12]}  {catalog.label_of(reader)}")
-            if reader["key"] not in seen:
-                down(reader, depth + 1, seen | {reader["key"]})
+            again = reader["key"] in seen
+            print(f"{'  ' * depth}{reader['kind']} {reader['key'][:12]}  {catalog.label_of(reader)}"
+                  + ("  (what was made from it is shown above)" if again else ""))
+            if not again:
+                seen.add(reader["key"])
+                down(reader, depth + 1, seen)
 
     print(f"label: {catalog.label_of(rec)}")
     about = catalog.about_of(rec)

@@ -25,7 +25,7 @@ STUDY_TRAIN = {"rank": 4, "alpha": 8.0, "epochs": 2, "batch_size": 32, "micro_ba
                "max_length": 96}
 STUDY_GRID = {"lr": [3e-3, 1e-2], "init_scale": [0.5, 1.0, 2.0]}
 STUDY_SEEDS = [0, 1, 2, 3, 4]
-FAMILY_SEEDS = list(range(8))  # seed s: depths family.STUDY_DEPTHS[s % 2] (6->2, 8->4 layers)
+FAMILY_SEEDS = list(range(8))  # seed s: depths family.STUDY_DEPTHS[s % 2] (6->2, 8->2 layers)
 PRIMARY = "exact_match/strict-match"
 
 

@@ -46,7 +46,7 @@ STUDY_SCALES = [1.0, 2.0]  # init_scale, inits from a teacher
 STUDY_ALPHAS = [8.0, 32.0]  # alpha, lora and pissa: scaling alpha/r = 2 (the others' alpha) and 8
 SELECTION_SEEDS = [100, 101]
 STUDY_SEEDS = [0, 1, 2, 3, 4, 5]
-FAMILY_SEEDS = list(range(8))  # seed s: depths family.STUDY_DEPTHS[s % 2] (6->2, 8->4 layers)
+FAMILY_SEEDS = list(range(8))  # seed s: depths family.STUDY_DEPTHS[s % 2] (6->2, 8->2 layers)
 FAMILY_SIZE = "study"
 KNOWLEDGE_TASK = "facts-teacher-only"
 STUDY_ENDPOINT = {"tasks": [KNOWLEDGE_TASK], "comparisons": ["transfer - spectrum-matched", "transfer - shuffled"],

@@ -43,7 +43,9 @@ class FamilyRecipe:
     seed: int = 0
 
 
-STUDY_DEPTHS = ((6, 2), (8, 4))  # (teacher, student) layers: 15 and 70 distinct layer plans
+# (teacher, student) layers: 15 and 28 distinct layer plans. An 8/4 pair (70 plans) failed its gates
+# (seed 1: the 4-layer student beat the teacher on addition and knew every shared fact)
+STUDY_DEPTHS = ((6, 2), (8, 2))
 
 
 def _study(teacher_layers: int, student_layers: int) -> FamilyRecipe:

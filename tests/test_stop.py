@@ -147,6 +147,7 @@ def _start_and_signal(argv, tmp_path, sig, ready: str):
         time.sleep(2)  # well inside the node
         p.send_signal(sig)
         t0 = time.monotonic()
+        out.append(f"[test] {signal.Signals(sig).name} sent at {time.strftime('%H:%M:%S')}\n")
         out += p.stdout.readlines()
         p.wait(120)
         return time.monotonic() - t0, p.returncode, "".join(out), children
@@ -158,7 +159,7 @@ def _start_and_signal(argv, tmp_path, sig, ready: str):
 def _assert_stopped(tmp_path, seconds, code, out, children, sig, kind):
     print(f"{signal.Signals(sig).name}: {kind} node stopped, command exited {seconds:.1f} s after the signal")
     assert code == 128 + sig, out
-    assert seconds < 20, f"took {seconds:.1f} s to stop"
+    assert seconds < 30, f"took {seconds:.1f} s to stop:\n" + out[-3000:]  # generous: a loaded 2-core machine
     assert "nothing half-done was stored, a rerun resumes" in out.splitlines()[-1]
     assert not list((tmp_path / "store").glob(f"keys/{kind}/*.json"))  # the stopped node recorded nothing
     _, alive = psutil.wait_procs(children, timeout=15)  # the temporary Prefect server went with it

@@ -200,7 +200,8 @@ def _diagnose_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if getattr(args, "allow_bin", False):
+    allow_bin = os.environ.get("PKT_ALLOW_BIN")  # the environment carries it to worker processes;
+    if getattr(args, "allow_bin", False):        # restored below, so it never outlives this command
         os.environ["PKT_ALLOW_BIN"] = "1"
     stop.clear()  # a stop asked of an earlier command in this process is not asked of this one
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -228,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         quiet()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if allow_bin is None:
+            os.environ.pop("PKT_ALLOW_BIN", None)
+        else:
+            os.environ["PKT_ALLOW_BIN"] = allow_bin
 
 
 def _on_signal(signum, frame):

@@ -84,18 +84,19 @@ def test_laten_config_errors(mini_family, tmp_path):
 def test_variant_names_accepted_by_transfer_and_sweep_configs(mini_family, tmp_path):
     """The names a user types: `pkt transfer --variants` and a sweep config take the three LaTen variants."""
     from pkt.flows.cli import parser, transfer_config
-    from pkt.flows.sweep import runs
+    from pkt.flows.sweep import selection_runs
 
     args = parser().parse_args(["transfer", "--teacher", str(mini_family / "teacher"), "--student",
                                 str(mini_family / "student"), "--task-dir", str(mini_family / "tasks/gsm"),
                                 "--variants", "vanilla,lora,laten,laten-zero,laten-random"])
     assert transfer_config(args).variants[-3:] == ["laten", "laten-zero", "laten-random"]
     cfg = parse_config(laten_config(mini_family, tmp_path, ["lora", "laten", "laten-random"],
-                                    train_grid={"lr": [1e-3, 1e-2]},
+                                    train_grid={"lr": [1e-3, 1e-2]}, variant_grid={"lora": {"alpha": [2.0, 4.0]}},
+                                    selection_seeds=[100],
                                     laten={**LATEN, "grid": {"step": [1, 2], "rate": [0.1, 0.2]}}))
     settings = {}
-    for v, setting, seed in runs(cfg, [{"lr": 1e-3}, {"lr": 1e-2}]):
+    for v, setting, seed in selection_runs(cfg):
         settings.setdefault(v.name, []).append(json.dumps(setting, sort_keys=True))
     assert sorted(set(settings["laten"])) == sorted(json.dumps({"rate": r, "step": s}, sort_keys=True)
                                                     for s in (1, 2) for r in (0.1, 0.2))
-    assert len(settings["laten"]) == 4 * 2 and len(set(settings["lora"])) == 2  # 4 settings x 2 seeds
+    assert len(settings["laten"]) == 4 and len(set(settings["lora"])) == 4  # equal grids, 1 selection seed

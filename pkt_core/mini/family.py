@@ -51,9 +51,9 @@ STUDY_DEPTHS = ((6, 2), (8, 2))
 def _study(teacher_layers: int, student_layers: int) -> FamilyRecipe:
     return FamilyRecipe(
         teacher=ModelRecipe(layers=teacher_layers, hidden=64, intermediate=160, heads=4, kv_heads=2, lr=5e-3,
-                            steps=600, early_step=200),
+                            steps=900, early_step=300),
         student=ModelRecipe(layers=student_layers, hidden=32, intermediate=88, heads=4, kv_heads=4, lr=5e-3,
-                            steps=600),
+                            steps=500),
         fact_repeats=12, n_gsm=3000,
     )
 

@@ -98,7 +98,8 @@ def layer_totals(sens: dict[str, torch.Tensor], config) -> torch.Tensor:
     totals = torch.zeros(d.layers, dtype=torch.float64)
     for layer in range(d.layers):
         prefix = arch.layer_prefix(config, layer)
-        totals[layer] = sum(float(t.double().sum()) for n, t in sens.items() if n.startswith(prefix))
+        # summed in name order: a map read back from safetensors (sorted names) gives the same bits
+        totals[layer] = sum(float(sens[n].double().sum()) for n in sorted(sens) if n.startswith(prefix))
     return totals
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .tokenizer import ENTITIES
@@ -214,10 +214,12 @@ def item_facts(task: str, row: dict) -> set[str]:
     raise ValueError(f"unknown task {task!r}")
 
 
-def write_task(directory: str | Path, task: str, sizes: TaskSizes = TaskSizes(), seed: int = 0) -> Path:
-    """Write train/seeds/gate/val/test jsonl for a task; seeds are k samples drawn from train."""
+def write_task(directory: str | Path, task: str, sizes: TaskSizes = TaskSizes(), seed: int = 0, **counts) -> Path:
+    """Write train/seeds/gate/val/test jsonl for a task; seeds are k samples drawn from train.
+    counts: TaskSizes fields to override, e.g. n_train=64, n_seeds=8 (benches and tests)."""
     from ..data import choose_seeds
 
+    sizes = replace(sizes, **counts)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     splits = make_splits(task, sizes, seed)

@@ -9,6 +9,6 @@ if ! python -c "import torch" 2>/dev/null; then
   # Pin first: here the pinned CPU wheel lies on local disk; elsewhere pip fetches it from PyPI.
   pip install -q "torch==2.13.0" || pip install -q torch
 fi
-if ! python -c "import pkt.core, prefect, peft, lm_eval, hypothesis, prefect_dask, setuptools.command.bdist_wheel" 2>/dev/null; then
+if ! python -c "import pkt.core, prefect, peft, lm_eval, hypothesis, prefect_dask, psutil, threadpoolctl, setuptools.command.bdist_wheel" 2>/dev/null; then
   pip install -q -e ".[test,dask]"
 fi

@@ -151,8 +151,8 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
 def variant_nodes(graph: Graph, made: dict[str, list]) -> dict[str, list[tuple[str, str]]]:
     """variant -> (kind, key) of every distinct node its runs took (their results and all upstream of them,
     from the graph's edges; a digest cannot say it: two nodes of other variants may have identical bytes)."""
-    return {v: sorted({(r["kind"], r["key"]) for f in futures for r in map(lambda n: n.result(), graph.lineage(f))})
-            for v, futures in made.items()}
+    refs = {v: [node.result() for f in futures for node in graph.lineage(f)] for v, futures in made.items()}
+    return {v: sorted({(r["kind"], r["key"]) for r in rs}) for v, rs in refs.items()}
 
 
 def cost_table(store: Store, used: dict[str, list]) -> pd.DataFrame:

@@ -30,6 +30,14 @@ def t_test(diffs, level: float = 0.95) -> tuple[float, float, float, float]:
 
 
 # ---- multiple comparisons ------------------------------------------------------------------------
+def _ranked(p):
+    """p as floats, empty (adjusted p, reject, local alpha) arrays, and the non-nan indices by ascending p."""
+    p = np.asarray(p, dtype=float)
+    idx = np.flatnonzero(~np.isnan(p))
+    order = idx[np.argsort(p[idx], kind="stable")]
+    return p, np.full(p.shape, np.nan), np.zeros(p.shape, bool), np.full(p.shape, np.nan), order
+
+
 def holm(p, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Holm's step-down over m p-values: (adjusted p, reject, local alpha).
 
@@ -37,13 +45,10 @@ def holm(p, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     comparison's local alpha is the level of the step that decided it (the step where the procedure
     stopped, for the ones it kept), so the t-interval at 1 - local alpha excludes 0 exactly when
     Holm rejects. nan p-values are left out (nan adjusted, not rejected)."""
-    p = np.asarray(p, dtype=float)
-    adj, reject, local = np.full(p.shape, np.nan), np.zeros(p.shape, bool), np.full(p.shape, np.nan)
-    idx = np.flatnonzero(~np.isnan(p))
-    m = idx.size
+    p, adj, reject, local, order = _ranked(p)
+    m = order.size
     if not m:
         return adj, reject, local
-    order = idx[np.argsort(p[idx], kind="stable")]
     steps = alpha / (m - np.arange(m))  # alpha/m, alpha/(m-1), ..., alpha
     adj[order] = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
     passed = p[order] <= steps
@@ -62,19 +67,16 @@ def bh(p, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     (alpha / m when R = 0) is the level of the false-coverage-rate intervals of Benjamini and
     Yekutieli (2005): the t-interval at 1 - R alpha / m excludes 0 exactly for the rejected ones.
     nan p-values are left out."""
-    p = np.asarray(p, dtype=float)
-    adj, reject, local = np.full(p.shape, np.nan), np.zeros(p.shape, bool), np.full(p.shape, np.nan)
-    idx = np.flatnonzero(~np.isnan(p))
-    m = idx.size
+    p, adj, reject, local, order = _ranked(p)
+    m = order.size
     if not m:
         return adj, reject, local
-    order = idx[np.argsort(p[idx], kind="stable")]
     ranked = p[order] * m / np.arange(1, m + 1)
     adj[order] = np.minimum(1.0, np.minimum.accumulate(ranked[::-1])[::-1])
     below = np.flatnonzero(p[order] <= alpha * np.arange(1, m + 1) / m)
     r = int(below.max()) + 1 if below.size else 0
     reject[order[:r]] = True
-    local[idx] = alpha * max(r, 1) / m
+    local[order] = alpha * max(r, 1) / m
     return adj, reject, local
 
 

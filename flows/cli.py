@@ -86,7 +86,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the study instead of the smoke-size demo (flows/study.py): every variant, a grid of 6 "
                         "settings each chosen on val by 2 selection seeds, 6 fresh test seeds, 8 independently built "
                         "families, the declared primary endpoint first")
-    p.add_argument("--families", default="0,1,2,3,4,5,6,7", help="with --study: the family seeds to build and sweep")
+    p.add_argument("--families", default=",".join(map(str, range(16))),
+                   help="with --study: candidate family seeds, in order (default 0-15); the first 8 that pass every "
+                        "quality gate are swept, the others are listed as left out")
     _store_arg(p)
 
     p = sub.add_parser("extract", help="teacher sensitivity, layer plan and LoRA init for a student's shape")
@@ -349,9 +351,10 @@ def cmd_demo(args) -> int:
         started = time.time()
         _report_dir(args.report_dir or "pkt-study", "--report-dir", args, store=args.store)
         with prefect_api():
-            from .study import study
+            from .study import STUDY_FAMILIES, study
 
-            out = study(store=args.store, report_dir=args.report_dir or "pkt-study", family_seeds=family_seeds)
+            out = study(store=args.store, report_dir=args.report_dir or "pkt-study", family_seeds=family_seeds,
+                        n_families=min(STUDY_FAMILIES, len(family_seeds)))
         _print_result(out)
         print(f"study wall time {time.time() - started:.0f} s")
         return 0

@@ -29,11 +29,13 @@ from prefect import flow
 
 from pkt.artifacts.store import Ref, Store
 from pkt.core import evaluate, report
+from pkt.core.errors import UserError
+from pkt.core.mini import gates
 from pkt.core.mini.tasks import study_tasks
 from pkt.tasks import nodes
 
 from .config import parse_config
-from .demo import ALL_VARIANTS, family_node, family_stats
+from .demo import ALL_VARIANTS, family_future, family_node, family_stats
 from .graph import Graph, task_runner, torch_threads_per_worker
 from .summary import publish
 from .sweep import add_costs, copy_report, cost_table, report_protocol, run_sweep
@@ -46,7 +48,13 @@ STUDY_SCALES = [1.0, 2.0]  # init_scale, inits from a teacher
 STUDY_ALPHAS = [8.0, 32.0]  # alpha, lora and pissa: scaling alpha/r = 2 (the others' alpha) and 8
 SELECTION_SEEDS = [100, 101]
 STUDY_SEEDS = [0, 1, 2, 3, 4, 5]
-FAMILY_SEEDS = list(range(8))  # seed s: depths family.STUDY_DEPTHS[s % 2] (6->2, 8->2 layers)
+# Families: candidate seeds drawn in order (seed s has the depths family.STUDY_DEPTHS[s % 2], 6->2 or 8->2
+# layers); the study includes the first STUDY_FAMILIES that pass every quality gate, measured on the
+# gate split (never val or test), and lists the ones it left out with the gates they failed. The
+# gates' thresholds were fixed before any study data; a student this small lands on either side of
+# them depending on its seed, so the rule says which families the study is about.
+FAMILY_SEEDS = list(range(16))
+STUDY_FAMILIES = 8
 FAMILY_SIZE = "study"
 KNOWLEDGE_TASK = "facts-teacher-only"
 STUDY_ENDPOINT = {"tasks": [KNOWLEDGE_TASK], "comparisons": ["transfer - spectrum-matched", "transfer - shuffled"],
@@ -107,28 +115,51 @@ def scale_caveat(families: dict[str, dict]) -> str:
     return SCALE_CAVEAT.format(teacher=params("teacher"), student=params("student"))
 
 
+def included_families(graph: Graph, size: str, candidates: list[int], n: int, excluded: dict[str, list[str]]):
+    """(name, ref, stats) of the first n candidate families, in seed order, whose quality gates all
+    pass; the others go in `excluded` (name -> the gates they failed). The builds run ahead of the
+    sweeps: the first n are submitted at once, and each family left out submits the next candidate."""
+    builds = {seed: family_future(graph, size, seed) for seed in candidates[:n]}
+    included = 0
+    for at, seed in enumerate(candidates):
+        if included == n:
+            return
+        ref = family_node(graph, size, seed, builds.get(seed))
+        name, stats = f"family-{seed}", family_stats(graph.store, ref)
+        if failed := gates.failed(stats):
+            excluded[name] = failed
+            print(f"{name} left out: quality gates failed ({', '.join(failed)})")
+            later = next((s for s in candidates[at + 1:] if s not in builds), None)
+            if later is not None:
+                builds[later] = family_future(graph, size, later)
+            continue
+        included += 1
+        yield name, ref, stats
+
+
 @flow(name="study", log_prints=True)
 def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds: list[int] = FAMILY_SEEDS,
           seeds: list[int] = STUDY_SEEDS, selection_seeds: list[int] = SELECTION_SEEDS, lrs: list[float] = STUDY_LRS,
           scales: list[float] = STUDY_SCALES, alphas: list[float] = STUDY_ALPHAS, family_size: str = FAMILY_SIZE,
           variants: list[str] = ALL_VARIANTS, train: dict | None = None,
-          runner: Literal["threads", "processes", "dask"] = "processes", workers: int = 2) -> dict:
-    """One sweep per family (each with its report under report_dir/family-<seed>), then one report
-    over all of them with families as the units. Runs on a local process pool by default."""
+          runner: Literal["threads", "processes", "dask"] = "processes", workers: int = 2,
+          n_families: int = STUDY_FAMILIES) -> dict:
+    """One sweep per included family (each with its report under report_dir/family-<seed>), then one
+    report over all of them with families as the units. family_seeds are candidates, in order: the
+    first n_families that pass every quality gate are included. Runs on a local process pool by default."""
     st = Store(store)
     runs, extra, families, cfg, used = [], {"curves": [], "selection": [], "items": []}, {}, None, {}
+    excluded: dict[str, list[str]] = {}
     with task_runner(runner, workers) as task_runner_:
         graph = Graph(st, task_runner_, torch_threads_per_worker(runner, workers))
-        for fseed in family_seeds:
-            fam = family_node(graph, family_size, fseed)
-            name = f"family-{fseed}"
-            families[name] = family_stats(st, fam)
+        for name, fam, stats in included_families(graph, family_size, family_seeds, n_families, excluded):
+            families[name] = stats
             cfg = parse_config(study_config(str(st.tree(Ref.of(fam))), seeds, store, str(Path(report_dir) / name),
                                             selection_seeds, lrs, scales, alphas, variants, train))
             if cfg.endpoint.tasks != [KNOWLEDGE_TASK]:
                 print(f"{name} has no {KNOWLEDGE_TASK} task: the endpoint is read on {cfg.endpoint.tasks}")
-            if fseed == family_seeds[0]:
-                print(f"study plan: {study_plan(cfg, len(family_seeds))}")
+            if not runs:  # the first included family
+                print(f"study plan: {study_plan(cfg, n_families)}")
             protocol = {"scale": scale_caveat({name: families[name]}), "families": {name: families[name]}}
             out = run_sweep(graph, cfg, "study", name, protocol)
             label = {"student": f"{name}-student", "family": name}
@@ -138,13 +169,21 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
                     extra[kind].append(report.read_csv(out["report"][kind]).assign(**label))
             for v, ids in out["variant_nodes"].items():
                 used.setdefault(v, []).extend(ids)
+        if not runs:
+            failures = "; ".join(f"{f}: {', '.join(g)}" for f, g in excluded.items())
+            raise UserError(f"none of the {len(family_seeds)} candidate families passed its quality gates ({failures}); "
+                            "see each family's family_stats.json")
         table = pd.concat(runs, ignore_index=True)
         inputs = {"runs": nodes.table_source(st, table, "runs.csv"),
                   "scores": [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]}
         for kind, parts in extra.items():
             if parts:
                 inputs[kind] = nodes.table_source(st, pd.concat(parts, ignore_index=True), f"{kind}.csv")
-        protocol = report_protocol(cfg, {"scale": scale_caveat(families), "families": families})
+        if len(families) < n_families:
+            print(f"only {len(families)} of {len(family_seeds)} candidate families passed the gates "
+                  f"({n_families} wanted)")
+        protocol = report_protocol(cfg, {"scale": scale_caveat(families), "families": families,
+                                         "excluded": excluded})
         primary = cfg.endpoint.metric
         rep = graph.submit(nodes.Report(primary=primary, protocol=protocol), inputs, f"study, {len(table)} rows")
         paths = copy_report(st, rep.result(), report_dir)

@@ -564,6 +564,12 @@ def scale_section(scores: pd.DataFrame, protocol: dict) -> list[str]:
     if failed:
         lines += [f"**Quality gates failed in {len(failed)} of {len(fams)} families ({', '.join(failed)})**: on those, "
                   "the testbed cannot show what the study asks (gates below).", ""]
+    if protocol.get("excluded"):
+        left = protocol["excluded"]
+        lines += [f"Families are drawn by seed in order and included when every quality gate passes (measured on "
+                  f"the gate split, never val or test); {len(left)} candidate famil{'ies were' if len(left) != 1 else 'y was'}"
+                  " left out: " + "; ".join(f"{f} ({', '.join(g)})" for f, g in sorted(left.items(),
+                                                                            key=lambda kv: _natural(kv[0]))) + ".", ""]
     if "n_items" in scores and scores["n_items"].notna().any():
         sizes = scores.groupby(["task", "benchmark"], sort=False)["n_items"].agg(["min", "max"])
         lines.append("- test set: " + "; ".join(

@@ -227,6 +227,15 @@ def protocol_fixture():
             "selection_seeds": [100], "test_seeds": [0, 1, 2]}
 
 
+def test_the_families_left_out_by_their_gates_are_named_with_the_gates_they_failed():
+    protocol = {**protocol_fixture(), "excluded": {"family-10": ["headroom/gsm"],
+                                                   "family-2": ["student-off-floor/gsm", "headroom/facts-shared"]}}
+    text = "\n".join(report.scale_section(runs({"lora": [0.2, 0.3]}), protocol))
+    assert ("2 candidate families were left out: family-2 (student-off-floor/gsm, headroom/facts-shared); "
+            "family-10 (headroom/gsm).") in text
+    assert "left out" not in "\n".join(report.scale_section(runs({"lora": [0.2, 0.3]}), protocol_fixture()))
+
+
 def test_report_md_carries_the_caveat_gates_test_size_steps_and_protocol(tmp_path):
     table = runs({"lora": [0.2, 0.3, 0.25], "transfer": [0.4, 0.5, 0.45]}).assign(n_items=128, steps=16)
     table["setting"] = np.where(table["variant"] == "lora", '{"alpha": 32, "lr": 0.001}',

@@ -14,13 +14,23 @@ TINY = {"epochs": 1, "batch_size": 16, "micro_batch": 16, "n_train": 16, "max_le
 
 
 @pytest.mark.slow  # a few minutes on 2 shared cores: two families, ~200 nodes
-def test_a_tiny_study_keeps_selection_apart_from_test_and_reports_over_families(prefect_env, tmp_path):
-    from pkt.flows.study import study
+def test_a_tiny_study_keeps_selection_apart_from_test_and_reports_over_families(prefect_env, tmp_path, monkeypatch):
+    from pkt.flows import study as study_flow
 
+    real_stats = study_flow.family_stats
+
+    def family_1_fails_a_gate(store, ref):  # the inclusion rule: a family failing a gate is left out
+        stats = real_stats(store, ref)
+        if store.record("family", ref["key"])["params"]["recipe"]["seed"] == 1:
+            stats["gates"]["headroom/gsm"]["passed"] = False
+        return stats
+
+    monkeypatch.setattr(study_flow, "family_stats", family_1_fails_a_gate)
     store, out_dir = tmp_path / "store", tmp_path / "study"
-    out = study(store=str(store), report_dir=str(out_dir), family_seeds=[0, 1], seeds=[0, 1], selection_seeds=[100],
-                lrs=[1e-2, 3e-2], scales=[1.0], alphas=[2.0], family_size="test", variants=VARIANTS, train=TINY,
-                runner="threads", workers=1)
+    out = study_flow.study(store=str(store), report_dir=str(out_dir), family_seeds=[0, 1, 2], n_families=2,
+                           seeds=[0, 1], selection_seeds=[100], lrs=[1e-2, 3e-2], scales=[1.0], alphas=[2.0],
+                           family_size="test", variants=VARIANTS, train=TINY, runner="threads", workers=1)
+    assert set(out["families"]) == {"family-0", "family-2"}
     st = Store(store)
     # selection apart from test: the adapters scored on val are never scored on test, and vice versa
     seeds = {"val": set(), "test": set()}
@@ -34,7 +44,7 @@ def test_a_tiny_study_keeps_selection_apart_from_test_and_reports_over_families(
     assert seeds == {"val": {100}, "test": {0, 1}}
 
     runs = report.read_csv(out_dir / "runs.csv")
-    assert set(runs["family"]) == {"family-0", "family-1"}
+    assert set(runs["family"]) == {"family-0", "family-2"}
     report.check_runs(runs)  # one run per variant, seed and family
     trained = runs[runs["variant"] != "vanilla"]
     assert trained.groupby(["family", "task", "variant"])["setting"].nunique().eq(1).all()
@@ -55,7 +65,9 @@ def test_a_tiny_study_keeps_selection_apart_from_test_and_reports_over_families(
     assert "test set:" in text and "optimizer steps per training run:" in text
     assert "every trained variant has 2 settings" in text and "test runs use seeds [0, 1], which chose nothing" in text
     assert "power (transfer − shuffled" in text and "## What survives correction" in text
-    for fam in ("family-0", "family-1"):  # every family's report too
+    assert "1 candidate family was left out: family-1 (headroom/gsm)" in text
+    assert not (out_dir / "family-1").exists()
+    for fam in ("family-0", "family-2"):  # every included family's report too
         assert (out_dir / fam / "report.md").read_text().startswith("# pkt report")
     assert {p.name for p in out_dir.iterdir()} >= {"report.md", "report.png", "curves.png", "items.csv",
                                                    "selection.csv", "protocol.json"}

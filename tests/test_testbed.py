@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -90,8 +91,7 @@ def test_teacher_only_facts_never_reach_the_student(mini_family):
         book = tasks.fact_book(r.tasks, r.seed)
         teacher_only = [n for s in tasks.HELD_SPLITS for n, _ in book[f"teacher-only/{s}"]]
         shared = [n for s in tasks.HELD_SPLITS for n, _ in book[f"shared/{s}"]]
-        corpus = {m: "\n".join(tasks.pretraining_texts(m, r.tasks, r.seed, r.fact_repeats, r.n_gsm, r.n_sni))
-                  for m in ("teacher", "student")}
+        corpus = {m: "\n".join(family.corpus(m, r)) for m in ("teacher", "student")}
         words = {m: set(re.findall(r"\w+", text)) for m, text in corpus.items()}
         assert not set(teacher_only) & words["student"], size
         assert set(teacher_only) <= words["teacher"] and set(shared) <= words["student"], size
@@ -102,6 +102,26 @@ def test_teacher_only_facts_never_reach_the_student(mini_family):
         for split in ("train", "seeds"):
             text = (mini_family / "tasks" / task / f"{split}.jsonl").read_text()
             assert not teacher_only & set(re.findall(r"\w+", text)), (task, split)
+
+
+def test_shared_facts_are_stated_with_graded_counts_and_every_split_gets_the_same_mix():
+    """The study recipe states each shared fact 2, 4, 8 or 16 times (its index in its split, cycled), in
+    both corpora; every other fact fact_repeats times. Counted in the corpus text itself."""
+    r = family.recipe("study", 3)
+    assert r.shared_repeats == (2, 4, 8, 16)
+    book = tasks.fact_book(r.tasks, r.seed)
+    for member in ("teacher", "student"):
+        counts = Counter(d for d in family.corpus(member, r) if d.startswith("The number of the "))
+        for split in tasks.HELD_SPLITS:
+            got = [counts[tasks.fact_sentence(n, v)] for n, v in book[f"shared/{split}"]]
+            assert got == [r.shared_repeats[i % 4] for i in range(len(got))], (member, split)
+            assert Counter(got) == Counter({c: len(got) // 4 for c in r.shared_repeats}), (member, split)
+            only = [counts[tasks.fact_sentence(n, v)] for n, v in book[f"teacher-only/{split}"]]
+            assert only == [r.fact_repeats if member == "teacher" else 0] * len(only), (member, split)
+        assert {counts[tasks.fact_sentence(n, v)] for n, v in book["finetune"] + book["format"]} == {r.fact_repeats}
+    # without shared_repeats every fact is stated fact_repeats times (the test and demo recipes' corpora)
+    flat = Counter(tasks.pretraining_texts("student", r.tasks, r.seed, 3, 10, 5))
+    assert {flat[tasks.fact_sentence(n, v)] for n, v in book["shared/val"]} == {3}
 
 
 def test_gates_are_computed_and_pass_on_the_test_family(mini_family):

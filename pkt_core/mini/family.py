@@ -37,6 +37,7 @@ class FamilyRecipe:
     batch: int = 32
     block: int = 48  # packed sequence length: about one worked addition
     fact_repeats: int = 8  # how often a corpus states each fact it knows
+    shared_repeats: tuple[int, ...] = ()  # graded exposure of the shared facts (tasks.fact_repeats_of)
     n_gsm: int = 4000  # worked additions in each corpus
     n_sni: int = 200
     thresholds: gates.Thresholds = field(default_factory=gates.Thresholds)
@@ -54,7 +55,7 @@ def _study(teacher_layers: int, student_layers: int) -> FamilyRecipe:
                             steps=900, early_step=300),
         student=ModelRecipe(layers=student_layers, hidden=32, intermediate=88, heads=4, kv_heads=4, lr=5e-3,
                             steps=500),
-        fact_repeats=12, n_gsm=3000,
+        fact_repeats=12, n_gsm=3000, shared_repeats=(2, 4, 8, 16),
     )
 
 
@@ -111,7 +112,7 @@ def pretrain(member: str, family: FamilyRecipe, out_dir: Path, log=print, progre
     tok = build_tokenizer()
     torch.manual_seed(family.seed)
     model = LlamaForCausalLM(llama_config(r))
-    texts = tasks.pretraining_texts(member, family.tasks, family.seed, family.fact_repeats, family.n_gsm, family.n_sni)
+    texts = corpus(member, family)
     blocks = packed_blocks(tok, texts, family.block)
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, max(1, r.steps // 20), r.steps)
@@ -140,6 +141,12 @@ def pretrain(member: str, family: FamilyRecipe, out_dir: Path, log=print, progre
     return {"name": member, "steps": r.steps, "final_loss": round(loss.item(), 4),
             "epochs": round(r.steps * family.batch / len(blocks), 2), "seconds": round(time.time() - t0, 1),
             "params": sum(p.numel() for p in model.parameters())}
+
+
+def corpus(member: str, family: FamilyRecipe) -> list[str]:
+    """A member's pretraining documents under the family's recipe."""
+    return tasks.pretraining_texts(member, family.tasks, family.seed, family.fact_repeats, family.n_gsm, family.n_sni,
+                                   family.shared_repeats)
 
 
 def packed_blocks(tok, texts: list[str], block: int) -> torch.Tensor:

@@ -132,14 +132,19 @@ def fact_book(sizes: TaskSizes, seed: int) -> dict[str, list[tuple[str, int]]]:
     return book
 
 
-def known_facts(book: dict, member: str) -> list[tuple[str, int]]:
-    """The facts stated in a member's pretraining corpus: the teacher's adds the teacher-only pool."""
+def known_pools(member: str) -> list[str]:
+    """The fact pools a member's pretraining corpus states: the teacher's adds the teacher-only pool."""
     pools = ["finetune", "format"] + [f"shared/{s}" for s in HELD_SPLITS]
     if member == "teacher":
-        pools += [f"teacher-only/{s}" for s in HELD_SPLITS]
-    elif member != "student":
+        return pools + [f"teacher-only/{s}" for s in HELD_SPLITS]
+    if member != "student":
         raise ValueError(f"unknown family member {member!r}; choose teacher or student")
-    return [f for p in pools for f in book[p]]
+    return pools
+
+
+def known_facts(book: dict, member: str) -> list[tuple[str, int]]:
+    """The facts stated in a member's pretraining corpus."""
+    return [f for p in known_pools(member) for f in book[p]]
 
 
 def mmlu_sample(name: str, value: int, i: int, rng: random.Random) -> dict:
@@ -231,17 +236,31 @@ def write_task(directory: str | Path, task: str, sizes: TaskSizes = TaskSizes(),
     return directory
 
 
+def fact_repeats_of(book: dict, member: str, fact_repeats: int, shared_repeats: tuple[int, ...] = ()) -> list[int]:
+    """How often the member's corpus states each of known_facts(book, member): `fact_repeats`, except
+    that with `shared_repeats` the i-th fact of each shared split is stated shared_repeats[i % len]
+    times. Graded exposure makes the share of shared facts a small model knows a smooth function of
+    its training (with one count, it knows almost none or almost all, depending on the seed), and
+    every split holds the same mix of counts."""
+    counts = {f"shared/{s}": [shared_repeats[i % len(shared_repeats)] for i in range(len(book[f"shared/{s}"]))]
+              for s in HELD_SPLITS} if shared_repeats else {}
+    return [r for p in known_pools(member) for r in counts.get(p, [fact_repeats] * len(book[p]))]
+
+
 def pretraining_texts(member: str, sizes: TaskSizes, seed: int = 0, fact_repeats: int = 8,
-                      n_gsm: int = 4000, n_sni: int = 200) -> list[str]:
+                      n_gsm: int = 4000, n_sni: int = 200, shared_repeats: tuple[int, ...] = ()) -> list[str]:
     """A member's pretraining corpus (shuffled documents): addition worked in the chat format (never a
-    held-out pair), every fact the member knows stated `fact_repeats` times, the format pool's facts
-    also asked in the question format, and some word reversal. The student's corpus is the teacher's
-    minus the teacher-only facts: everything else is the same text."""
+    held-out pair), every fact the member knows stated `fact_repeats` times (the shared facts
+    `shared_repeats` times, see fact_repeats_of), the format pool's facts also asked in the question
+    format, and some word reversal. The student's corpus is the teacher's minus the teacher-only
+    facts: everything else is the same text."""
     rng = random.Random(f"pretrain:{seed}")
     book = fact_book(sizes, seed)
     pairs = gsm_train_pairs(seed + 1)
     docs = [as_text(gsm_sample(a, b, 0)) for a, b in (pairs * (1 + n_gsm // len(pairs)))[:n_gsm]]
-    docs += [fact_sentence(n, v) for n, v in known_facts(book, member)] * fact_repeats
+    facts = known_facts(book, member)
+    docs += [fact_sentence(n, v) for (n, v), r in zip(facts, fact_repeats_of(book, member, fact_repeats, shared_repeats))
+             for _ in range(r)]
     docs += [as_text(fact_sample("facts", n, v, 0)) for n, v in book["format"]] * fact_repeats
     srng = random.Random(f"sni-pretrain:{seed}")
     held = {r["messages"][0]["content"] for s in HELD_SPLITS for r in make_splits("sni", sizes, seed)[s]}

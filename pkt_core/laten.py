@@ -353,6 +353,16 @@ def align_batch(n_align: int, per_step: int, seed: int, step: int) -> list[int]:
     return random.Random(f"laten-align:{seed}:{step}").sample(range(n_align), min(per_step, n_align))
 
 
+def one_cycle(opt, params: LatenParams, total_steps: int):
+    """The authors' OneCycle schedule (cosine, `pct_start` warm-up). torch peaks at step
+    pct_start x total_steps - 1 and divides by zero when that is step 0 exactly (10% of 10 steps): a
+    hair less warm-up keeps its convention, max_lr at step 0 (to 1e-9), then the anneal."""
+    pct = params.pct_start * (1 - 1e-9) if math.isclose(params.pct_start * total_steps, 1.0) else params.pct_start
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.lr, total_steps=total_steps, pct_start=pct,
+                                               anneal_strategy="cos", div_factor=params.div_factor,
+                                               final_div_factor=params.final_div_factor)
+
+
 def train_translator(teacher_weights, teacher_config, student, extract: list[dict], align: list[dict],
                      params: LatenParams, on_step=None, progress: bool = True) -> list[dict]:
     """One optimizer step per extract sample (each {"encoded", "t_attr", "s_attr"}): locate on it,
@@ -368,9 +378,7 @@ def train_translator(teacher_weights, teacher_config, student, extract: list[dic
     student.requires_grad_(False)
     opt = torch.optim.AdamW(translator.parameters(), lr=params.lr, weight_decay=params.weight_decay,
                             betas=tuple(params.betas))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.lr, total_steps=len(extract),
-                                                pct_start=params.pct_start, anneal_strategy="cos",
-                                                div_factor=params.div_factor, final_div_factor=params.final_div_factor)
+    sched = one_cycle(opt, params, len(extract))
     log, bar = [], Progress(len(extract), "laten translator", "step", enabled=progress)
     for step, ex in enumerate(extract):
         pairs = locate(ex["t_attr"], ex["s_attr"], k, params.modules, params.n_layers)

@@ -266,3 +266,37 @@ def test_splits_disjoint_and_from_train_only():
     assert laten.seed_sample(pool, 0) in pool
     with pytest.raises(laten.LatenError, match="training file has 15"):
         laten.splits(15, 5, 10)
+
+
+@pytest.mark.parametrize("steps", [10, 20, 7])
+def test_the_one_cycle_schedule_runs_at_every_length_and_keeps_its_shape(steps):
+    """10 translator steps at 10% warm-up made torch's OneCycleLR divide by zero (the study's grid has
+    10): the schedule runs, peaks at lr on step pct_start x steps - 1 (torch's convention: step 0 here),
+    anneals and ends at the final lr; where torch's own schedule runs (20, 7 steps), it is torch's,
+    value for value."""
+    params = laten.LatenParams()
+    lrs = []
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=params.lr)
+    sched = laten.one_cycle(opt, params, steps)
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step() if len(lrs) < steps else None
+    peak = max(0, round(params.pct_start * steps) - 1)
+    assert lrs.index(max(lrs)) == peak
+    if params.pct_start * steps >= 1:  # below one warm-up step torch starts part-way down the anneal
+        assert max(lrs) == pytest.approx(params.lr, rel=1e-6)
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    assert lrs[-1] == pytest.approx(params.lr / params.div_factor / params.final_div_factor)
+    if params.pct_start * steps != 1:
+        ref_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=params.lr)
+        ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=params.lr, total_steps=steps,
+                                                  pct_start=params.pct_start, anneal_strategy="cos",
+                                                  div_factor=params.div_factor,
+                                                  final_div_factor=params.final_div_factor)
+        expected = []
+        for _ in range(steps):
+            expected.append(ref_opt.param_groups[0]["lr"])
+            ref_opt.step()
+            ref.step() if len(expected) < steps else None
+        assert lrs == expected

@@ -68,10 +68,16 @@ def prefect_api():
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from prefect.context import refresh_global_settings_context
+
     server = TemporaryServer()
     server.start(startup_timeout())
     try:
-        os.environ["PREFECT_API_URL"] = server.api_url  # for anything this command starts
+        # for anything this command starts, and for this process's other threads: a thread that does not
+        # inherit the settings context (Prefect's own background waiters) reads the global one, and
+        # without a URL there it started a second temporary server of its own (20% of a core in the study)
+        os.environ["PREFECT_API_URL"] = server.api_url
+        refresh_global_settings_context()
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             try:
                 yield server.api_url
@@ -79,6 +85,7 @@ def prefect_api():
                 _flush_client()
     finally:
         os.environ.pop("PREFECT_API_URL", None)
+        refresh_global_settings_context()
         server.stop()
 
 

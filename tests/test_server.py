@@ -183,3 +183,31 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+THREADS = """
+import threading
+from prefect.settings import get_current_settings
+from pkt.flows import server
+
+def url_in_a_new_thread():
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(get_current_settings().api.url))
+    t.start()
+    t.join()
+    return seen[0]
+
+with server.prefect_api() as url:
+    print(url_in_a_new_thread() == url, flush=True)
+print(url_in_a_new_thread(), flush=True)
+"""
+
+
+def test_every_thread_of_the_command_talks_to_its_one_server(tmp_path):
+    """A thread that does not inherit the settings context (Prefect's background waiters) read no API
+    URL and started a second temporary server (the study's process pool ran one beside pkt's); inside
+    prefect_api() every thread sees pkt's server, and after it none."""
+    out = subprocess.run([sys.executable, "-c", THREADS], env=env(tmp_path), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "None"], out.stdout

@@ -573,8 +573,8 @@ def cmd_report(args) -> int:
 
     claim_report_dir(args.out, "--out", force=args.force)
     # the report directory's other tables and its protocol (endpoint, grids, caveat), when beside it
-    extra = {name: report.read_csv(path.with_name(f"{name}.csv")) for name in ("curves", "selection", "items")
-             if path.with_name(f"{name}.csv").is_file()}
+    extra = {name: report.read_csv(table) for name in ("curves", "selection", "items")
+             if (table := _beside(path, name)) is not None}
     protocol = json.loads(path.with_name("protocol.json").read_text()) if path.with_name("protocol.json").is_file() \
         else None
     paths = report.write_report(runs, args.out, args.metric, extra.pop("curves", None), protocol=protocol, **extra)
@@ -582,6 +582,12 @@ def cmd_report(args) -> int:
     for name, path in paths.items():
         print(f"{name:9s} {Path(path).resolve()}")
     return 0
+
+
+def _beside(runs: Path, name: str) -> Path | None:
+    """The report directory's table `name` beside its runs.csv: name.csv, or name.csv.gz (how
+    docs/study/ keeps the per-item scores)."""
+    return next((p for p in (runs.with_name(f"{name}.csv"), runs.with_name(f"{name}.csv.gz")) if p.is_file()), None)
 
 
 def _read_runs(path: Path):

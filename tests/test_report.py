@@ -428,3 +428,25 @@ def test_pkt_report_rebuilds_from_the_report_directory(tmp_path, capsys):
     assert cli.main(["report", "--runs", str(first["runs"]), "--out", str(tmp_path / "b"), "--metric", "acc"]) == 0
     assert (tmp_path / "b" / "report.md").read_text() == first["markdown"].read_text()
     assert "bootstrap" in first["markdown"].read_text() and SMOKE in first["markdown"].read_text()
+
+
+def test_pkt_report_reads_the_per_item_scores_gzipped_as_docs_study_keeps_them(tmp_path, capsys):
+    """docs/study/ commits items.csv.gz (8 families' per-item scores: 43 MB as CSV): the report rebuilt
+    from it equals the one from items.csv, bootstrap included."""
+    import gzip
+    import shutil
+
+    from pkt.flows import cli
+
+    t = family_table({"lora": [0] * 3, "transfer": [0.05, 0.02, 0.08], "shuffled": [0.01, 0.0, 0.02]}, seeds=3)
+    items = pd.concat([t.assign(item=i, value=t["value"] + 0.01 * i) for i in range(4)], ignore_index=True)
+    endpoint = {"metric": "acc", "tasks": None, "alpha": 0.05, "comparisons": [{"subject": "transfer",
+                                                                                "control": "shuffled"}]}
+    first = report.write_report(t, tmp_path / "a", "acc", items=items, protocol={"endpoint": endpoint, "scale": SMOKE})
+    plain = tmp_path / "a" / "items.csv"
+    with open(plain, "rb") as src, gzip.open(plain.with_name("items.csv.gz"), "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    plain.unlink()
+    assert cli.main(["report", "--runs", str(first["runs"]), "--out", str(tmp_path / "b"), "--metric", "acc"]) == 0
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert text == first["markdown"].read_text() and "items/unit" in text

@@ -37,6 +37,7 @@ from pkt.tasks import nodes
 from .config import parse_config
 from .demo import ALL_VARIANTS, family_future, family_node, family_stats
 from .graph import Graph, task_runner, torch_threads_per_worker
+from .outputs import claim_report_dir
 from .summary import publish
 from .sweep import add_costs, copy_report, cost_table, report_protocol, run_sweep
 from .variants import VARIANTS
@@ -148,6 +149,7 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
     report over all of them with families as the units. family_seeds are candidates, in order: the
     first n_families that pass every quality gate are included. Runs on a local process pool by default."""
     st = Store(store)
+    claim_report_dir(report_dir, "report_dir")  # now: the families' reports go inside it before its own
     runs, extra, families, cfg, used = [], {"curves": [], "selection": [], "items": []}, {}, None, {}
     excluded: dict[str, list[str]] = {}
     with task_runner(runner, workers) as task_runner_:

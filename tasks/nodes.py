@@ -116,6 +116,12 @@ def model_path(store: Store, ref: dict) -> str:
     return read_source(store, ref) if ref["kind"] == "model" else str(store.tree(Ref.of(ref)))
 
 
+def load_model_input(store: Store, ref: dict, dtype: str, device: str):
+    """(model, tokenizer) of a model input."""
+    src = model_path(store, ref)
+    return models.load_model(src, dtype=dtype, device=device), models.load_tokenizer(src)
+
+
 # ---- the nodes -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Family(Node):
@@ -169,9 +175,7 @@ class Sensitivity(Node):
     layout: str = execution(default="single")  # "per_layer": one file per decoder layer
 
     def compute(self, store, inputs, out):
-        src = model_path(store, inputs["teacher"])
-        model = models.load_model(src, dtype=self.dtype, device=self.device)
-        tok = models.load_tokenizer(src)
+        model, tok = load_model_input(store, inputs["teacher"], self.dtype, self.device)
         samples = data.load_encoded(read_source(store, inputs["seeds"]), tok, self.max_length, self.k, self.sample_seed,
                                     self.chat_template)
         sens = sensitivity.compute_sensitivity(model, samples)
@@ -354,9 +358,7 @@ class Adapter(Node):
 
     def compute(self, store, inputs, out):
         tp = finetune.TrainParams.from_dict(self.train or {})
-        src = model_path(store, inputs["student"])
-        student = models.load_model(src, dtype=self.dtype, device=self.device)
-        tok = models.load_tokenizer(src)
+        student, tok = load_model_input(store, inputs["student"], self.dtype, self.device)
         init_dir = store.tree(Ref.of(inputs["init"])) if self.init == "extracted" else None
         samples = data.load_encoded(read_source(store, inputs["train"]), tok, tp.max_length)[: tp.n_train]
         result = finetune.train_adapter(student, samples, tp, tok.pad_token_id, self.init, init_dir)
@@ -383,15 +385,14 @@ class Scores(Node):
     device: str = execution(default="cpu")
 
     def compute(self, store, inputs, out):
-        src = model_path(store, inputs["student"])
-        model = models.load_model(src, dtype=self.dtype, device=self.device)
+        model, tok = load_model_input(store, inputs["student"], self.dtype, self.device)
         if "adapter" in inputs:
             model = models.with_adapter(model, store.tree(Ref.of(inputs["adapter"])))
         if "delta" in inputs:  # a LaTen update, added into the student's own rows/columns
             laten.apply_delta(model, store.tensors(inputs["delta"]))
         judge = model_path(store, inputs["judge"]) if "judge" in inputs else None
         data_dir = read_source(store, inputs["data"], score_data_files(self.split))
-        res = evaluate.evaluate(model, models.load_tokenizer(src), self.benchmark, data_dir,
+        res = evaluate.evaluate(model, tok, self.benchmark, data_dir,
                                 split=self.split, num_fewshot=self.num_fewshot, limit=self.limit, judge=judge)
         return Tensors(res.per_example, {"summary": json.dumps(res.summary, sort_keys=True)})
 
@@ -443,9 +444,7 @@ class Diagnostic(Node):
     device: str = execution(default="cpu")
 
     def compute(self, store, inputs, out):
-        src = model_path(store, inputs["student"])
-        student = models.load_model(src, dtype=self.dtype, device=self.device)
-        tok = models.load_tokenizer(src)
+        student, tok = load_model_input(store, inputs["student"], self.dtype, self.device)
         samples = data.load_encoded(read_source(store, inputs["train"]), tok, self.max_length)[: self.n_train]
         samples = samples[: self.batches * self.batch_size]
         params = finetune.TrainParams(rank=self.rank, alpha=self.alpha, modules=tuple(self.modules), seed=self.seed,
@@ -477,9 +476,7 @@ class LatenAttribution(Node):
     device: str = execution(default="cpu")
 
     def compute(self, store, inputs, out):
-        src = model_path(store, inputs["model"])
-        model = models.load_model(src, dtype=self.dtype, device=self.device)
-        tok = models.load_tokenizer(src)
+        model, tok = load_model_input(store, inputs["model"], self.dtype, self.device)
         sample = data.to_samples([data.read_jsonl(read_source(store, inputs["data"]))[self.index]], tok)[0]
         ids, target = laten.target_example(sample, tok)
         ids = ids[:, -self.max_length:]
@@ -505,9 +502,8 @@ class LatenTranslator(Node):
 
     def compute(self, store, inputs, out):
         hp = laten.LatenParams.from_dict(self.hparams or {})
-        t_src, s_src = model_path(store, inputs["teacher"]), model_path(store, inputs["student"])
-        student = models.load_model(s_src, dtype=self.dtype, device=self.device)
-        tok = models.load_tokenizer(s_src)
+        t_src = model_path(store, inputs["teacher"])
+        student, tok = load_model_input(store, inputs["student"], self.dtype, self.device)
         rows = data.read_jsonl(read_source(store, inputs["data"]))
         path = inputs["data"]["key"]
         encode = lambda i: data.encode(data.to_samples([rows[i]], tok)[0], tok, self.max_length,  # noqa: E731
@@ -581,10 +577,9 @@ class Activations(Node):
     device: str = execution(default="cpu")
 
     def compute(self, store, inputs, out):
-        src = model_path(store, inputs["teacher"])
-        model = models.load_model(src, dtype=self.dtype, device=self.device)
-        samples = data.load_encoded(read_source(store, inputs["seeds"]), models.load_tokenizer(src), self.max_length,
-                                    self.k, self.sample_seed, self.chat_template)
+        model, tok = load_model_input(store, inputs["teacher"], self.dtype, self.device)
+        samples = data.load_encoded(read_source(store, inputs["seeds"]), tok, self.max_length, self.k, self.sample_seed,
+                                    self.chat_template)
         stats = activations.activation_stats(model, samples)
         return Tensors(stats, {"block_influence": json.dumps(stats["block_influence"].tolist()),
                                "n_samples": str(len(samples)), "n_tokens": str(int(stats["tokens"]))})

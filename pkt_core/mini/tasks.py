@@ -258,9 +258,9 @@ def pretraining_texts(member: str, sizes: TaskSizes, seed: int = 0, fact_repeats
     book = fact_book(sizes, seed)
     pairs = gsm_train_pairs(seed + 1)
     docs = [as_text(gsm_sample(a, b, 0)) for a, b in (pairs * (1 + n_gsm // len(pairs)))[:n_gsm]]
-    facts = list(zip(known_facts(book, member), fact_repeats_of(book, member, fact_repeats, shared_repeats)))
-    # in rounds, every fact still due once per round: with one count this is the facts list repeated
-    docs += [fact_sentence(n, v) for k in range(max(r for _, r in facts)) for (n, v), r in facts if r > k]
+    facts = known_facts(book, member)
+    docs += [fact_sentence(n, v) for (n, v), r in zip(facts, fact_repeats_of(book, member, fact_repeats, shared_repeats))
+             for _ in range(r)]
     docs += [as_text(fact_sample("facts", n, v, 0)) for n, v in book["format"]] * fact_repeats
     srng = random.Random(f"sni-pretrain:{seed}")
     held = {r["messages"][0]["content"] for s in HELD_SPLITS for r in make_splits("sni", sizes, seed)[s]}

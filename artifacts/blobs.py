@@ -19,6 +19,7 @@ import secrets
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -76,13 +77,29 @@ class Blobs:
         if self._writable:
             return
         try:
-            (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+            self._create_root()
+            (self.root / "tmp").mkdir(exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=self.root / "tmp", delete=True)
             probe.close()
         except OSError as e:
             raise StoreError(f"store root {self.root} is not writable ({e.strerror}); pass --store DIR or set "
                              "PKT_STORE to a directory you can write") from None
         self._writable = True
+
+    def _create_root(self) -> None:
+        """Make a new store root with its folders in one rename: a process killed at any moment
+        leaves no store or a store, never a bare folder that gc and verify call "not a pkt store"."""
+        if os.path.lexists(self.root):
+            return
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        new = self.root.parent / f".{self.root.name}.new-{secrets.token_hex(4)}"
+        new.mkdir()
+        for sub in ("tmp", "keys", "blobs"):
+            (new / sub).mkdir()
+        try:
+            os.rename(new, self.root)
+        except OSError:  # another process made it first
+            rmtree(new)
 
     def writable(self) -> bool:
         try:
@@ -171,6 +188,15 @@ class Blobs:
         tmp = self._tmp()
         with self._cleanup_on_failure(tmp, needed=len(data)):
             tmp.write_bytes(data)
+            return self._publish_blob(tmp)
+
+    def _copy_in(self, path: str | Path) -> str:
+        """A blob of a file's bytes as they are now, read once into a private temp copy and hashed
+        there (call under _lease): what the copy holds is what its digest says, whatever writes
+        the file meanwhile."""
+        tmp = self._tmp()
+        with self._cleanup_on_failure(tmp, needed=os.stat(path).st_size):
+            shutil.copyfile(path, tmp)
             return self._publish_blob(tmp)
 
     def put_bytes(self, data: bytes) -> str:
@@ -328,9 +354,39 @@ def _remove(path: Path) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path, ignore_errors=True)
+        rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def rmtree(path: str | Path) -> None:
+    """shutil.rmtree for folders pkt made read-only (trees are 0555): a folder it cannot empty is
+    made writable first. Follows no symlink; like ignore_errors, what cannot be removed stays."""
+    def make_room(func, p, exc):
+        if not isinstance(exc if isinstance(exc, BaseException) else exc[1], PermissionError):
+            return  # gone already, or a symlink given: nothing to do, as with ignore_errors
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o755)
+            func(p)
+
+    shutil.rmtree(path, **({"onexc": make_room} if sys.version_info >= (3, 12) else {"onerror": make_room}))
+
+
+def seal(path: Path, top: bool = True) -> None:
+    """Make every folder under path (and path itself if top) read-only to everyone (0555): a tree's
+    files are blobs, shared by every tree that holds the same bytes, never to be written through
+    a tree (a person who needs to edit one copies it: `pkt export`). A folder moved to another
+    parent must be writable, so trees are built unsealed at the top and sealed once in place."""
+    for dirpath, _, _ in os.walk(path, topdown=False):  # never descends a symlinked folder
+        if top or dirpath != str(path):
+            os.chmod(dirpath, 0o555)
+
+
+def unseal(path: Path) -> None:
+    """Make a sealed folder itself writable again, so that it can be moved or removed."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            os.chmod(path, 0o755)
 
 
 def _fsync(path: Path) -> None:

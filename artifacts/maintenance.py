@@ -61,6 +61,7 @@ class Maintenance:
                 self._verify_blob(digest, trust_memo=False)
             except CorruptBlob as e:
                 problems.extend(f"{w}: {e}" for w in who)
+        problems += self._claim_problems(manifests)
         owners = {d: who[0] for d, who in users.items()}
         for entry in _entries(self.root / "trees"):
             dest = self.root / "trees" / entry.name
@@ -74,6 +75,21 @@ class Maintenance:
         for sub in ("keys", "blobs", "blobs/sha256", "trees", "tmp", "locks"):
             if (self.root / sub).is_symlink():
                 problems.append(f"{self.root / sub} is a symlink: pkt never makes one, and gc does not follow it")
+        return problems
+
+    def _claim_problems(self, manifests: dict) -> list[str]:
+        """One line per record whose intact blob names another node (records.claim_problem)."""
+        problems = []
+        for rec in self.records():
+            if "broken_record" in rec or not self._blob_ok(rec["digest"]) or (
+                    rec["layout"] == "tree" and rec["digest"] not in manifests):
+                continue  # reported above
+            try:
+                problem = self.claim_problem(Ref.of(rec), rec["layout"])
+            except CorruptBlob as e:
+                problem = str(e)
+            if problem:
+                problems.append(f"{rec['kind']} {rec['key']}: {problem}; the next run that needs it recomputes it")
         return problems
 
     def referenced(self) -> set[str]:

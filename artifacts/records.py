@@ -97,6 +97,26 @@ class Records:
                 self._verify_blob(digest)
         elif layout == "safetensors":
             safetensors_header(self.blob_path(ref.digest))
+        problem = self.claim_problem(ref, layout)
+        if problem:
+            raise CorruptBlob(problem)
+
+    def claim_problem(self, ref: Ref, layout: str) -> str | None:
+        """Why the artifact's own bytes say they are not ref's (None if they agree): a safetensors
+        header and a manifest name the kind and key they were written for, so a record pointed at
+        another node's blob is a miss, never that node's artifact. CorruptBlob if unreadable."""
+        if layout == "safetensors":
+            named = self.header(ref)
+        elif layout == "tree":
+            named = self.manifest_doc(ref.digest)
+        else:
+            return None  # a plain blob (a table) names nothing
+        kind, key = named.get("kind"), named.get("key")
+        if (kind, key) == (ref.kind, ref.key):
+            return None
+        if kind is None:
+            return f"blob {ref.digest[:12]} names no kind and key (written by an older pkt)"
+        return f"blob {ref.digest[:12]} holds {str(kind)[:20]} {str(key)[:12]}, not {ref.kind} {ref.key[:12]}"
 
     def _is_manifest(self, ref: Ref) -> bool:
         rec = self.record(ref.kind, ref.key)

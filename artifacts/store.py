@@ -9,7 +9,7 @@ gc, temp reaping). Store is the façade the tasks use. Layout under the root:
   locks/<kind>/<key>.lock       held while one process computes that node
   locks/gc.lock                 shared by every write from its first blob to its record; gc takes it alone
   tmp/proc-<host>-<pid>-<x>/    one live process's in-flight writes (its .lock beside it is held while it lives)
-A directory artifact's digest is that of its manifest blob {"files": {relpath: digest}}.
+A directory artifact's digest is that of its manifest blob {"kind", "key", "files": {relpath: digest}}.
 Every write goes to a temp file, is fsynced and renamed: a reader sees all or nothing. Reading needs
 no write access: lookups, ls, show and verify take no lock and create nothing.
 """
@@ -98,6 +98,6 @@ class Store(Blobs, Records, Trees, Maintenance):
                         files[p.relative_to(directory).as_posix()] = self._publish_blob(tmp)
             if not files:
                 raise StoreError(f"{directory}: nothing to store, the directory is empty")
-            digest = self._write_blob(canonical_json({"files": files}).encode())
+            digest = self._write_blob(canonical_json({"kind": kind, "key": key, "files": files}).encode())
             return self._write_record(kind, key, digest, params, inputs, seconds, "tree", execution, description,
                                       measured)

@@ -1,7 +1,9 @@
 """The store's working tree: a directory artifact's files, materialized as hard links to its
 blobs under trees/<digest>/ (a cache, checked against its manifest every time it is used).
 
-A directory artifact's digest is that of its manifest blob {"files": {relpath: digest}}.
+A directory artifact's digest is that of its manifest blob {"kind", "key", "files": {relpath: digest}}:
+the node it was written for is named in it (as a safetensors header names its node), so a record
+pointed at another node's manifest is a miss.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import stat
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from .blobs import SHA256, CorruptBlob, Ref, StoreError, _real_dir
+from .blobs import SHA256, CorruptBlob, Ref, StoreError, _real_dir, rmtree, seal, unseal
 from .keys import file_digest
 
 log = logging.getLogger("pkt.store")
@@ -47,14 +49,20 @@ def check_relpath(rel: str) -> None:
 class Trees:
     """Build and check the folders of directory artifacts; root, _verified and misses are the façade's."""
 
-    def manifest(self, ref: Ref | dict) -> dict[str, str]:
-        """relpath -> digest of a tree artifact, verified and checked: CorruptBlob if unusable."""
-        digest = Ref.of(ref).digest
+    def manifest_doc(self, digest: str) -> dict:
+        """A manifest blob's JSON object {"kind", "key", "files"}, verified: CorruptBlob if it is none."""
         try:
             doc = json.loads(self.read_bytes(digest))
         except (ValueError, RecursionError):
             raise CorruptBlob(f"manifest {digest[:12]} is not JSON") from None
-        files = doc.get("files") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict):
+            raise CorruptBlob(f"manifest {digest[:12]} is not a JSON object")
+        return doc
+
+    def manifest(self, ref: Ref | dict) -> dict[str, str]:
+        """relpath -> digest of a tree artifact, verified and checked: CorruptBlob if unusable."""
+        digest = Ref.of(ref).digest
+        files = self.manifest_doc(digest).get("files")
         if not isinstance(files, dict) or not files:
             raise CorruptBlob(f'manifest {digest[:12]} has no "files" object')
         for rel, d in files.items():
@@ -144,6 +152,23 @@ class Trees:
             except OSError:
                 shutil.copyfile(self.blob_path(digest), target)
                 os.chmod(target, 0o444)
+        seal(into, top=False)
+
+    def snapshot(self, entries: list[tuple[str, Path, str | None]]) -> tuple[Path, list[tuple[str, str]]]:
+        """A private, read-only folder of source files as they are now, and each one's (relative
+        path, sha256). entries: (relative path, source file, its digest if known). Every file is
+        read once, into a blob (none is read when the blob of its known digest is here already),
+        and the folder links those blobs: a node reading the folder reads exactly the bytes the
+        digests name, whatever writes the sources meanwhile. It lives in this process's temp area."""
+        snap = Path(tempfile.mkdtemp(prefix="source-", dir=self.tmp_dir()))
+        got = []
+        with self._lease():  # gc keeps the new blobs until they are linked here
+            for rel, path, known in entries:
+                check_relpath(rel)
+                got.append((rel, known if known and self._blob_ok(known) else self._copy_in(path)))
+            self._materialize(dict(got), snap)
+        seal(snap)
+        return snap, got
 
     def _rebuild_tree(self, dest: Path, files: dict[str, str]) -> Path:
         trees = self.root / "trees"
@@ -158,8 +183,9 @@ class Trees:
             self._discard(dest)
         try:
             os.rename(new, dest)
+            seal(dest)
         except OSError:
-            shutil.rmtree(new, ignore_errors=True)
+            rmtree(new)
             problem = self._tree_problem(dest, files)
             if problem is not None:  # not a concurrent build of the same tree: a real failure
                 raise StoreError(f"tree {dest} could not be built: it {problem}") from None
@@ -176,9 +202,10 @@ class Trees:
             path.unlink(missing_ok=True)
             return
         aside = self.tmp_dir() / f"discard-{secrets.token_hex(4)}"
+        unseal(path)  # a folder moved to another parent must be writable
         with contextlib.suppress(FileNotFoundError):
             os.rename(path, aside)
-            shutil.rmtree(aside, ignore_errors=True)
+            rmtree(aside)
 
     def _private_tree(self, digest: str, files: dict[str, str]) -> Path:
         """A tree outside a read-only store, made once per process and removed at exit."""
@@ -187,8 +214,9 @@ class Trees:
         if have is not None and self._tree_problem(have, files) is None:
             return have
         path = Path(tempfile.mkdtemp(prefix=f"pkt-tree-{digest[:12]}-"))
-        atexit.register(shutil.rmtree, path, True)
+        atexit.register(rmtree, path)
         self._materialize(files, path)
+        seal(path)
         _PRIVATE_TREES[key] = path
         return path
 
@@ -216,13 +244,14 @@ class Trees:
         dest.parent.mkdir(parents=True, exist_ok=True)
         new = Path(tempfile.mkdtemp(prefix=f".{ref.digest[:12]}-", dir=dest.parent))
         self._materialize(files, new)
-        shutil.rmtree(dest, ignore_errors=True)  # a bad copy (rmtree follows no symlink)
+        rmtree(dest)  # a bad copy (rmtree follows no symlink)
         with contextlib.suppress(FileNotFoundError):
             dest.unlink()  # a symlink or file in its place
         try:
             os.rename(new, dest)
+            seal(dest)
         except OSError:  # another process built it at the same moment
-            shutil.rmtree(new, ignore_errors=True)
+            rmtree(new)
             if self._tree_problem(dest, files) is not None:
                 raise StoreError(f"tree {dest} could not be built outside the read-only store {self.root}") from None
         return dest

@@ -24,12 +24,17 @@ TOKENIZER_FILES = frozenset({
 })
 TOKENIZER_SUFFIXES = (".tiktoken",)
 CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named templates, *.jinja
+# What generation reads beyond the forward pass and the tokenizer: its defaults (suppress_tokens,
+# max_new_tokens, eos ids ...; GenerationConfig.from_pretrained). A node that generates names
+# them as extra files of its model input, so its key covers them; a forward pass's key does not.
+GENERATION_FILES = ("generation_config.json",)
 SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 
 
-def identity_files(path: Path) -> list[Path]:
+def identity_files(path: Path, extra: tuple[str, ...] = ()) -> list[Path]:
     """The files of a local model directory that change its token ids or its forward pass:
-    config.json, the weights, and the tokenizer files, in a fixed order."""
+    config.json, the weights, and the tokenizer files, in a fixed order; then those of extra
+    (e.g. GENERATION_FILES) that the directory holds."""
     from pkt.core.models import weight_files
 
     files = [path / "config.json", *weight_files(path)]
@@ -37,14 +42,24 @@ def identity_files(path: Path) -> list[Path]:
     files += sorted(p for p in path.iterdir()
                     if p.is_file() and (p.name in TOKENIZER_FILES or p.name.endswith(TOKENIZER_SUFFIXES)))
     files += sorted((path / CHAT_TEMPLATE_DIR).glob("*.jinja"))
+    files += [path / name for name in extra if (path / name).is_file()]
     return files
 
 
+def combine(entries: list[tuple[str, str]]) -> str:
+    """A model directory's digest from its identity files' (relative path, sha256), in order."""
+    h = hashlib.sha256()
+    for rel, digest in entries:
+        h.update(rel.encode() + b"\0" + digest.encode() + b"\0")
+    return h.hexdigest()
+
+
 def model_digest(source: str | Path, revision: str | None = None, memo_dir: Path | None = None,
-                 files: dict | None = None) -> str:
+                 files: dict | None = None, extra: tuple[str, ...] = ()) -> str:
     """Local dir: sha256 over the identity files (names and contents), each file's hash memoized
     by its stamp (path, device, inode, size, mtime, ctime: keys.file_stamp) in memo_dir and in this
-    process. files, if given, receives path -> (stamp, digest) of each identity file. Hub id:
+    process. files, if given, receives path -> (stamp, digest) of each identity file, in order; extra:
+    file names a node reads beyond the forward pass (GENERATION_FILES), covered when present. Hub id:
     'repo@<resolved commit>'."""
     from pkt.core.models import check_source
 
@@ -54,14 +69,13 @@ def model_digest(source: str | Path, revision: str | None = None, memo_dir: Path
         from pkt.core.models import check_weights_present
 
         check_weights_present(path, allow_bin=True)
-        h = hashlib.sha256()
-        for f in identity_files(path):
-            rel = f.relative_to(path).as_posix()
+        entries = []
+        for f in identity_files(path, extra):
             digest, stamp = _memo_file_digest(f, memo_dir)
-            h.update(rel.encode() + b"\0" + digest.encode() + b"\0")
+            entries.append((f.relative_to(path).as_posix(), digest))
             if files is not None:
                 files[str(f)] = (stamp, digest)
-        return h.hexdigest()
+        return combine(entries)
     return f"{source}@{resolve_hub_commit(str(source), revision)}"
 
 
@@ -103,7 +117,7 @@ def _memo_file_digest(f: Path, memo_dir: Path | None) -> tuple[str, tuple]:
         return digest, stamp
     tmp = memo.with_suffix(f".{os.getpid()}.tmp")
     try:
-        memo_dir.mkdir(parents=True, exist_ok=True)
+        memo_dir.mkdir(exist_ok=True)  # inside a store that exists: the memo never makes a store root
         tmp.write_text(json.dumps({"path": path, "stamp": list(stamp), "digest": digest}))
         os.replace(tmp, memo)
     except OSError:  # a read-only store or a full disk: the memo only saves time

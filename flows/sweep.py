@@ -13,6 +13,7 @@ from prefect import flow
 from prefect.futures import PrefectFuture
 
 from pkt.artifacts.keys import canonical_json
+from pkt.artifacts.model_id import GENERATION_FILES
 from pkt.artifacts.store import Ref, Store
 from pkt.core import arch, costs, evaluate, models, report
 from pkt.tasks import nodes
@@ -49,7 +50,7 @@ def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFut
                         device=cfg.device, modules=tp.modules, draw_seed=draw)
     chain = extraction_chain(graph, teacher, seeds, shape, opts, name)
     return init_node(graph, chain, rank=tp.rank, alpha=tp.alpha, dropout=tp.dropout, split=cfg.split, scale=scale,
-                     svd=cfg.svd, transform=v.transform, transform_seed=draw)
+                     svd=cfg.svd, transform=v.transform, transform_seed=draw, variant=v.name)
 
 
 def selection_runs(cfg: SweepConfig):
@@ -117,7 +118,7 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
             adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
             made.setdefault(v.name, []).extend([adapter] if adapter is not None else [])
             for bench in benchmarks:
-                future = _score(graph, cfg, student, adapter, task, bench, "test", label, v.name)
+                future = _score(graph, cfg, path, adapter, task, bench, "test", label, v.name)
                 scored.append(({"student": path, "task": task.name, "benchmark": bench, "variant": v.name,
                                 "seed": seed, "setting": _setting(setting)}, future, adapter))
     graph.results()  # every node finished (the first failure is raised here)
@@ -181,7 +182,7 @@ def _submit_selection(graph: Graph, cfg: SweepConfig, teacher: PrefectFuture, gr
         label = _label(path, task, v, setting, seed)
         adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
         made.setdefault(v.name, []).extend([adapter] if adapter is not None else [])
-        out[v, _setting(setting), seed] = _score(graph, cfg, student, adapter, task, _selection_benchmark(cfg, task),
+        out[v, _setting(setting), seed] = _score(graph, cfg, path, adapter, task, _selection_benchmark(cfg, task),
                                                  "val", label, v.name)
     return out
 
@@ -259,13 +260,15 @@ CHAINS = {"adapter": _train, "laten": laten_chain}  # Variant.chain -> the nodes
 SCORED_AS = {"adapter": "adapter", "laten": "delta"}  # Variant.chain -> the Scores input its result is
 
 
-def _score(graph: Graph, cfg: SweepConfig, student: PrefectFuture, adapter, task: TaskSpec, benchmark: str, split: str,
+def _score(graph: Graph, cfg: SweepConfig, student: str, adapter, task: TaskSpec, benchmark: str, split: str,
            label: str, variant: str = "") -> PrefectFuture:
-    inputs = {"student": student, "data": graph.source("dir", task.dir, nodes.score_data_files(split))}
+    # a score generates: its student source covers the generation defaults too (model_id.GENERATION_FILES)
+    inputs = {"student": graph.source("model", student, list(GENERATION_FILES)),
+              "data": graph.source("dir", task.dir, nodes.score_data_files(split))}
     if adapter is not None:
         inputs[SCORED_AS[VARIANTS[variant].chain if variant else "adapter"]] = adapter
     if benchmark == "winrate":
-        inputs["judge"] = graph.source("model", cfg.judge)
+        inputs["judge"] = graph.source("model", cfg.judge, list(GENERATION_FILES))
     spec = nodes.Scores(benchmark=benchmark, task_definition=evaluate.task_digest(benchmark), split=split,
                         num_fewshot=cfg.num_fewshot, limit=cfg.eval_limit, dtype=cfg.dtype, device=cfg.device)
     return graph.submit(spec, inputs, f"{label}, {benchmark}, {split}")

@@ -19,18 +19,20 @@ from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
 
 from pkt.artifacts.keys import InputChanged, stamped_file_digest
+from pkt.artifacts import model_id
 from pkt.artifacts.model_id import model_digest
 from pkt.artifacts.store import Ref, Store
 from pkt.core import (activations, align, arch, data, diagnose, evaluate, finetune, laten, lora_init, models, report,
                       sensitivity)
 from pkt.core.mini import family
 
-from .node import Node, Tensors, execution, log, note_read, opaque
+from .node import Node, Tensors, execution, log, opaque
 
 
 # ---- sources: inputs that are not nodes ----------------------------------------------------------
-def model_source(path: str, store: Store) -> dict:
-    return {"kind": "model", "key": str(path), "digest": _model_digest(path, store, {})}
+def model_source(path: str, store: Store, names: list[str] | None = None) -> dict:
+    """names: files a node reads beyond the forward pass (model_id.GENERATION_FILES for a score)."""
+    return {"kind": "model", "key": str(path), "digest": _model_digest(path, store, {}, tuple(names or ()))}
 
 
 def file_source(path: str) -> dict:
@@ -43,8 +45,9 @@ def dir_source(path: str, names: list[str] | None = None) -> dict:
     return {"kind": "dir", "key": str(path), "digest": _dir_digest(path, names, {})}
 
 
-def _model_digest(path: str, store: Store, files: dict) -> str:
-    return model_digest(path, memo_dir=store.root / "memo", files=files)
+def _model_digest(path: str, store: Store, files: dict, extra: tuple[str, ...] = ()) -> str:
+    store.writable()  # a new store root is made whole (atomically) before its memo goes in
+    return model_digest(path, memo_dir=store.root / "memo", files=files, extra=extra)
 
 
 def _file_digest(path: str, files: dict) -> str:
@@ -55,32 +58,47 @@ def _file_digest(path: str, files: dict) -> str:
     return digest
 
 
-def _dir_digest(path: str, names: list[str] | None, files: dict) -> str:
+def _dir_files(path: str, names: list[str] | None) -> list[Path]:
     found = sorted(Path(path) / n for n in names) if names else sorted(Path(path).glob("*.jsonl"))
     found = [f for f in found if f.exists()]
     if not found:
         raise FileNotFoundError(f"{path}: no *.jsonl files; a task directory holds train/seeds/val/test.jsonl")
+    return found
+
+
+def _dir_combine(entries: list[tuple[str, str]]) -> str:
     h = hashlib.sha256()
-    for f in found:
-        h.update(f"{f.name}\0{_file_digest(str(f), files)}\0".encode())
+    for name, digest in entries:
+        h.update(f"{name}\0{digest}\0".encode())
     return h.hexdigest()
 
 
-def read_source(store: Store, ref: dict, names: list[str] | None = None) -> str:
-    """The path of a source input (a model, file or task directory), once its files are checked to
-    still have the digest this node's key was computed from; they are checked again before the node
-    is recorded (tasks/node.py). A hub model (no local files) is taken as named."""
-    path, files = ref["key"], {}
-    if ref["kind"] == "model" and not Path(path).exists():
+def _dir_digest(path: str, names: list[str] | None, files: dict) -> str:
+    return _dir_combine([(f.name, _file_digest(str(f), files)) for f in _dir_files(path, names)])
+
+
+def read_source(store: Store, ref: dict, names: list[str] | None = None, extra: tuple[str, ...] = ()) -> str:
+    """Where a node reads a source input (a model, file or task directory): a private, read-only
+    snapshot of it (store.snapshot) holding exactly the bytes of the digest its key was computed
+    from; the snapshot's digest is taken of the very bytes the node then parses, so a source
+    rewritten during the run is refused, never read torn. A hub model (no local files) is taken as
+    named. extra: a model's files beyond the forward pass that this node reads (as its source named)."""
+    path, kind = ref["key"], ref["kind"]
+    if kind == "model" and not Path(path).exists():
         return path
-    digest = {"model": lambda: _model_digest(path, store, files), "file": lambda: _file_digest(path, files),
-              "dir": lambda: _dir_digest(path, names, files)}[ref["kind"]]()
+    if kind == "model":
+        known: dict = {}
+        _model_digest(path, store, known, extra)  # which files, and their digests as memoized by stamp
+        entries = [(Path(f).relative_to(path).as_posix(), Path(f), d) for f, (_, d) in known.items()]
+    else:
+        entries = [(f.name, f, None) for f in ([Path(path)] if kind == "file" else _dir_files(path, names))]
+    snap, got = store.snapshot(entries)
+    digest = {"model": model_id.combine, "file": lambda g: g[0][1], "dir": _dir_combine}[kind](got)
     if digest != ref["digest"]:
         raise InputChanged(f"{path} changed after this run took its digest ({ref['digest'][:12]}, now "
                            f"{digest[:12]}), so a node keyed by the old contents would read the new ones; nothing "
                            "was computed from it. Leave the inputs alone while pkt runs, then run again")
-    note_read(f"{ref['kind']} {path}", files)
-    return path
+    return str(snap / Path(path).name) if kind == "file" else str(snap)
 
 
 def score_data_files(split: str) -> list[str]:
@@ -102,7 +120,7 @@ def source(kind: str, path: str, store_root: str, label: str, names: list[str] |
     ("file") or the named files of a task directory ("dir"). A task of its own, so the graph shows
     which model and which data each node read."""
     if kind == "model":
-        return opaque(model_source(path, Store(store_root)))
+        return opaque(model_source(path, Store(store_root), names))
     if kind == "file":
         return opaque(file_source(path))
     if kind == "dir":
@@ -110,15 +128,15 @@ def source(kind: str, path: str, store_root: str, label: str, names: list[str] |
     raise ValueError(f"unknown source kind {kind!r}")
 
 
-def model_path(store: Store, ref: dict) -> str:
-    """Where a model input's files are: its own directory (checked by read_source), or the tree of a
-    model the store built."""
-    return read_source(store, ref) if ref["kind"] == "model" else str(store.tree(Ref.of(ref)))
+def model_path(store: Store, ref: dict, extra: tuple[str, ...] = ()) -> str:
+    """Where a model input's files are: a snapshot of its own directory (read_source), or the tree of
+    a model the store built."""
+    return read_source(store, ref, extra=extra) if ref["kind"] == "model" else str(store.tree(Ref.of(ref)))
 
 
-def load_model_input(store: Store, ref: dict, dtype: str, device: str):
-    """(model, tokenizer) of a model input."""
-    src = model_path(store, ref)
+def load_model_input(store: Store, ref: dict, dtype: str, device: str, extra: tuple[str, ...] = ()):
+    """(model, tokenizer) of a model input; extra: model_id.GENERATION_FILES for a node that generates."""
+    src = model_path(store, ref, extra)
     return models.load_model(src, dtype=dtype, device=device), models.load_tokenizer(src)
 
 
@@ -385,12 +403,13 @@ class Scores(Node):
     device: str = execution(default="cpu")
 
     def compute(self, store, inputs, out):
-        model, tok = load_model_input(store, inputs["student"], self.dtype, self.device)
+        # generation reads the model's generation defaults: the flow names them in the student's source
+        model, tok = load_model_input(store, inputs["student"], self.dtype, self.device, model_id.GENERATION_FILES)
         if "adapter" in inputs:
             model = models.with_adapter(model, store.tree(Ref.of(inputs["adapter"])))
         if "delta" in inputs:  # a LaTen update, added into the student's own rows/columns
             laten.apply_delta(model, store.tensors(inputs["delta"]))
-        judge = model_path(store, inputs["judge"]) if "judge" in inputs else None
+        judge = model_path(store, inputs["judge"], model_id.GENERATION_FILES) if "judge" in inputs else None
         data_dir = read_source(store, inputs["data"], score_data_files(self.split))
         res = evaluate.evaluate(model, tok, self.benchmark, data_dir,
                                 split=self.split, num_fewshot=self.num_fewshot, limit=self.limit, judge=judge)

@@ -59,7 +59,7 @@ def sensitivity_inputs(store: Store, teacher: Path, seeds: Path) -> dict:
     return {"teacher": nodes.model_source(str(teacher), store), "seeds": nodes.file_source(str(seeds))}
 
 
-def test_a_seeds_file_changed_while_the_node_reads_it_is_refused(mini_family, tmp_path, monkeypatch):
+def test_a_seeds_file_changed_while_the_node_reads_it_is_not_read(mini_family, tmp_path, monkeypatch):
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, mini_family, 12)
     store = Store(tmp_path / "store")
@@ -68,13 +68,14 @@ def test_a_seeds_file_changed_while_the_node_reads_it_is_refused(mini_family, tm
 
     def read_then_change(path, *a, **kw):
         samples = real(path, *a, **kw)
-        write_seeds(Path(path), mini_family, 10)
+        write_seeds(seeds, mini_family, 10)
         return samples
 
+    # the node reads a private snapshot of the bytes its key names: a change to the file cannot reach it
     monkeypatch.setattr(data, "load_encoded", read_then_change)
-    with pytest.raises(InputChanged, match=f"{seeds} changed while sensitivity .* was computed from it"):
-        build(nodes.Sensitivity(), inputs, store)
-    assert records(store.root, "sensitivity") == []
+    assert build(nodes.Sensitivity(), inputs, store)["status"] == "computed"
+    [rec] = records(store.root, "sensitivity")
+    assert rec["inputs"]["seeds"] == inputs["seeds"]["digest"] and store.header(rec)["n_samples"] == "12"
 
 
 def restore_mtime_after(path: Path, change) -> None:

@@ -1,0 +1,109 @@
+"""A node's key covers every byte it reads, and it reads each byte once (issue 26, cases 1 and 2):
+a source is read into a private snapshot whose digest is taken of the very bytes the node parses;
+a score's model identity covers the generation defaults, a forward pass's does not."""
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+
+from pkt.artifacts.keys import InputChanged
+from pkt.artifacts.model_id import GENERATION_FILES
+from pkt.artifacts.store import Store
+from pkt.tasks import nodes
+from pkt.tasks.node import build
+
+
+def test_generation_defaults_are_in_a_scores_key_and_not_in_a_forward_pass(mini_family, tmp_path):
+    student = shutil.copytree(mini_family / "student", tmp_path / "student")
+    gen = student / "generation_config.json"
+    if not gen.exists():
+        gen.write_text(json.dumps({"bos_token_id": 1}))
+    store = Store(tmp_path / "store")
+    data = nodes.dir_source(str(mini_family / "tasks/gsm"), nodes.score_data_files("test"))
+    spec = nodes.Scores(benchmark="gsm", split="test", limit=2)
+
+    def keys():
+        generator = nodes.model_source(str(student), store, list(GENERATION_FILES))
+        forward = nodes.model_source(str(student), store)
+        return spec.key({"student": generator, "data": data}), forward["digest"], generator
+
+    score_key, forward, generator = keys()
+    # case 1: the digits suppressed in generation: every generated score changes, the forward pass does not
+    cfg = json.loads(gen.read_text())
+    os.chmod(gen, 0o644)
+    gen.write_text(json.dumps({**cfg, "suppress_tokens": list(range(3, 13))}))
+    score_key2, forward2, generator2 = keys()
+    assert score_key2 != score_key and forward2 == forward
+    # the score's node reads the generation defaults its key covers; a forward node never sees them
+    snap = nodes.read_source(store, generator2, extra=GENERATION_FILES)
+    assert json.loads((tmp_path / snap / "generation_config.json").read_text())["suppress_tokens"] == list(range(3, 13))
+    forward_snap = nodes.read_source(store, nodes.model_source(str(student), store))
+    assert not os.path.exists(os.path.join(forward_snap, "generation_config.json"))
+    with pytest.raises(InputChanged):  # the snapshot is checked against the digest the key was taken of
+        nodes.read_source(store, generator, extra=GENERATION_FILES)
+
+
+def _versions(seeds: bytes) -> tuple[bytes, bytes]:
+    """Two same-size versions of a seeds file whose every byte-wise mix is also a valid seeds file."""
+    return seeds, seeds.translate(bytes.maketrans(b"0123456789", b"1234567890"))
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_a_source_rewritten_in_place_during_a_run_never_lands_torn(mini_family, tmp_path):
+    a, b = _versions((mini_family / "tasks/gsm/seeds.jsonl").read_bytes())
+    half = len(a) // 2
+    states = {hashlib.sha256(x).hexdigest(): x for x in (a, b, b[:half] + a[half:], a[:half] + b[half:])}
+    path = tmp_path / "seeds.jsonl"
+    path.write_bytes(a)
+    times = os.stat(path)
+    stop, rewrites = threading.Event(), [0]
+
+    def rewrite():  # in place, half a file at a time, the mtime put back: what issue 26's case 2 did
+        with open(path, "r+b", buffering=0) as f:
+            while not stop.is_set():
+                for version in (b, a):
+                    f.seek(0)
+                    f.write(version[:half])
+                    time.sleep(0.002)
+                    f.write(version[half:])
+                    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+                    rewrites[0] += 1
+                    time.sleep(0.003)
+
+    store = Store(tmp_path / "race")
+    teacher = nodes.model_source(str(mini_family / "teacher"), store)
+    writer = threading.Thread(target=rewrite, daemon=True)
+    writer.start()
+    computed = refused = 0
+    try:
+        for i in range(12):
+            try:
+                seeds = nodes.file_source(str(path))
+                build(nodes.Sensitivity(k=4, sample_seed=i), {"teacher": teacher, "seeds": seeds}, store)
+                computed += 1
+            except InputChanged:
+                refused += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert rewrites[0] >= 50, rewrites
+    assert computed + refused == 12
+    # every stored artifact is what a quiet run computes from the bytes its record names
+    clean_file, clean = tmp_path / "clean" / "seeds.jsonl", Store(tmp_path / "clean-store")
+    clean_file.parent.mkdir()
+    recs = [r for r in store.records() if r["kind"] == "sensitivity"]
+    assert len(recs) == computed
+    for rec in recs:
+        assert rec["inputs"]["seeds"] in states, "a sensitivity was recorded from bytes no version or half-write holds"
+        clean_file.write_bytes(states[rec["inputs"]["seeds"]])
+        inputs = {"teacher": nodes.model_source(str(mini_family / "teacher"), clean),
+                  "seeds": nodes.file_source(str(clean_file))}
+        want = clean.tensors(build(nodes.Sensitivity(**rec["params"]), inputs, clean))
+        got = store.tensors(rec)
+        assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want), rec["key"]

@@ -1,9 +1,10 @@
 """What a person searches the store by: each record's label (its run name), what it is about
 (teacher, student, task, variant, seed) and the source paths it read, and its lineage.
 
-A record names its inputs by digest only (that is all its key sees); the lineage links an input
-digest to the record that produced it, so `pkt store show` walks up to the sources and down to
-everything built from an artifact, and `pkt store find` matches a node by what its lineage is
+A record names its inputs by digest, and the nodes among them by kind:key ("nodes"); the lineage
+links each input node to its record (records of an older pkt: by digest), so `pkt store show`
+walks up to the sources and down to everything built from an artifact, two nodes with equal bytes
+staying apart, and `pkt store find` matches a node by what its lineage is
 about: a LoRA init holds no student (it depends on the student's shape only), but the adapters
 and residual models trained from it do.
 """
@@ -15,8 +16,11 @@ from collections import defaultdict
 from pathlib import Path
 
 SOURCE_KINDS = ("model", "file", "dir")  # inputs that are not nodes: their key is a path
-FIELDS = ("teacher", "student", "task", "variant", "seed")
-MODEL_ROLES = {"teacher": "teacher", "like": "teacher", "student": "student"}  # model input name -> field
+FIELDS = ("teacher", "student", "task", "variant", "seed", "role")
+MODEL_ROLES = {"teacher": "teacher", "student": "student"}  # model input name -> field
+# a model input that is not the model itself: a random model of the teacher's config is no teacher
+# (find --teacher matches the teacher only), it and all built from it say so by their role
+ROLES = {"like": "untrained teacher"}
 UNIQUE_SUFFIX = re.compile(r" #\d+$")  # the flow numbers a repeated run name within one run
 
 
@@ -26,14 +30,22 @@ def describe(label: str, params: dict, inputs: dict, upstream: list[dict]) -> di
     inputs: name -> ref (or list of refs) as the node received them; upstream: the records of its
     store inputs, whose fields it inherits where it has none of its own (an adapter trained from a
     teacher's init is about that teacher)."""
-    sources, about = {}, {}
+    sources, about, nodes = {}, {}, {}
     for name, ref in sorted(inputs.items()):
-        if isinstance(ref, dict) or hasattr(ref, "kind"):
+        refs = ref if isinstance(ref, list) else [ref]
+        ids = [f"{r['kind']}:{r['key']}" for r in refs if _is_ref(r) and r["kind"] not in SOURCE_KINDS]
+        if ids:
+            nodes[name] = ids if isinstance(ref, list) else ids[0]
+        if name in ROLES:
+            about["role"] = ROLES[name]
+        if _is_ref(ref):
             if ref["kind"] in SOURCE_KINDS:
                 path = os.path.abspath(ref["key"])
                 sources[name] = path
                 if ref["kind"] == "model" and name in MODEL_ROLES:
                     about[MODEL_ROLES[name]] = path
+                    if name == "teacher":
+                        about.setdefault("role", "teacher")
                 elif ref["kind"] in ("file", "dir"):
                     about.setdefault("task", Path(path).parent.name if ref["kind"] == "file" else Path(path).name)
     if isinstance(params.get("variant"), str):
@@ -51,7 +63,11 @@ def describe(label: str, params: dict, inputs: dict, upstream: list[dict]) -> di
             values = sorted(inherited[name], key=str)
             about[name] = values[0] if len(values) == 1 else values
     return {"label": UNIQUE_SUFFIX.sub("", label), "about": {k: about[k] for k in FIELDS if k in about},
-            "sources": sources}
+            "sources": sources, "nodes": nodes}
+
+
+def _is_ref(ref) -> bool:
+    return isinstance(ref, dict) or hasattr(ref, "kind")
 
 
 def about_of(rec: dict) -> dict:
@@ -61,36 +77,69 @@ def about_of(rec: dict) -> dict:
 
 def label_of(rec: dict) -> str:
     label = rec.get("label")
-    return label if isinstance(label, str) and label else f"{rec.get('kind', '?')}[no label: recorded by an older pkt]"
+    if isinstance(label, str) and label:
+        return label
+    name = rec.get("params", {}).get("name") if isinstance(rec.get("params"), dict) else None
+    if rec.get("kind") == "table" and isinstance(name, str):
+        return f"table[{name}]"  # a table the flow assembled is stored without a node's label
+    return f"{rec.get('kind', '?')}[no label: recorded by an older pkt]"
+
+
+def node_id(rec: dict) -> str:
+    return f"{rec['kind']}:{rec['key']}"
 
 
 class Lineage:
-    """The records of a store linked by digest: who produced each input, who read each output."""
+    """The records of a store linked by node (kind:key): who produced each input, who read each
+    output. A record of an older pkt names its inputs by digest only: it is linked by digest."""
 
     def __init__(self, records: list[dict]):
         self.records = [r for r in records if "broken_record" not in r]
+        self.by_node = {node_id(r): r for r in self.records}
         self.by_digest: dict[str, list[dict]] = defaultdict(list)
-        self.readers: dict[str, list[dict]] = defaultdict(list)  # digest -> records that read it
+        self.readers: dict[str, list[dict]] = defaultdict(list)  # node id (or digest) -> records that read it
         for rec in self.records:
             self.by_digest[rec["digest"]].append(rec)
-            for digest in input_digests(rec):
-                self.readers[digest].append(rec)
+            for name, digest, node in self._named_inputs(rec):
+                self.readers[node or digest].append(rec)
+
+    @staticmethod
+    def _named_inputs(rec: dict) -> list[tuple[str, str, str | None]]:
+        """(input name, digest, node id or None) of each input; node ids from the record's "nodes"."""
+        named = rec.get("nodes") if isinstance(rec.get("nodes"), dict) else None
+        out = []
+        for name, value in sorted(rec["inputs"].items()):
+            digests = [d for d in (value if isinstance(value, list) else [value]) if isinstance(d, str)]
+            ids = named.get(name) if named is not None else None
+            ids = ids if isinstance(ids, list) else [ids] if isinstance(ids, str) else []
+            if named is not None and len(ids) == len(digests):
+                out += [(name, d, n) for d, n in zip(digests, ids)]
+            elif named is not None:  # a source: no node made it
+                out += [(name, d, "") for d in digests]
+            else:
+                out += [(name, d, None) for d in digests]
+        return out
 
     def inputs(self, rec: dict) -> list[tuple[str, str, dict | None]]:
         """(input name, digest, producing record or None for a source) of each input."""
         out = []
-        for name, value in sorted(rec["inputs"].items()):
-            for digest in value if isinstance(value, list) else [value]:
-                if isinstance(digest, str):
-                    made = self.by_digest.get(digest)
-                    out.append((name, digest, made[0] if made else None))
+        for name, digest, node in self._named_inputs(rec):
+            if node is None:  # an older record: by digest
+                made = self.by_digest.get(digest)
+                out.append((name, digest, made[0] if made else None))
+            else:
+                out.append((name, digest, self.by_node.get(node)))
         return out
 
     def ancestors(self, rec: dict) -> list[dict]:
         return self._walk(rec, lambda r: [m for _, _, m in self.inputs(r) if m is not None])
 
     def descendants(self, rec: dict) -> list[dict]:
-        return self._walk(rec, lambda r: self.readers.get(r["digest"], []))
+        return self._walk(rec, self.readers_of)
+
+    def readers_of(self, rec: dict) -> list[dict]:
+        """The records that read rec: by its node id, and (older records) by its digest."""
+        return self.readers.get(node_id(rec), []) + self.readers.get(rec["digest"], [])
 
     @staticmethod
     def _walk(rec: dict, step) -> list[dict]:

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,13 +157,15 @@ def parser() -> argparse.ArgumentParser:
     _store_arg(sp)
     sp = ssub.add_parser("show", help="show one artifact's record, and its lineage up to the sources and down to "
                          "what was built from it")
-    sp.add_argument("key", help="key or digest (records cite their inputs by digest), or a unique prefix")
+    sp.add_argument("key", help="key or digest (records cite their inputs by digest), a unique prefix, or a "
+                    "folder or file path pkt printed")
     _store_arg(sp)
     sp = ssub.add_parser("find", help="artifacts by what they are about, e.g. the LoRA init for a student from "
                          "a teacher: find --teacher T --student S --kind lora_init")
     for name in ("teacher", "student", "task", "variant"):
         sp.add_argument(f"--{name}", default=None, help=f"the {name}: its path, or its folder's name")
     sp.add_argument("--seed", default=None, help="the training seed")
+    sp.add_argument("--role", default=None, help='what the teacher model was: "teacher" or "untrained teacher"')
     sp.add_argument("--kind", default=None, help="only this kind (lora_init, adapter, scores, ...)")
     _store_arg(sp)
     sp = ssub.add_parser("gc", help="remove blobs that no record references")
@@ -694,8 +697,14 @@ def cmd_store(args) -> int:
 
     store = Store(args.store)
     store.require_store()  # a typo in --store is an error, not an empty store
-    return {"ls": _store_ls, "show": _store_show, "verify": _store_verify, "gc": _store_gc,
-            "find": _store_find}[args.store_cmd](store, args)
+    try:
+        code = {"ls": _store_ls, "show": _store_show, "verify": _store_verify, "gc": _store_gc,
+                "find": _store_find}[args.store_cmd](store, args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `pkt store ls | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit stays quiet
+        return 0
+    return code
 
 
 def _check_kind(store, kind: str | None) -> None:
@@ -705,6 +714,9 @@ def _check_kind(store, kind: str | None) -> None:
     if kind is not None and kind not in kinds:
         raise StoreError(f"--kind {kind}: no artifact of that kind in {store.root}; kinds there: "
                          f"{', '.join(kinds) or 'none'}")
+
+
+LS_HEADER = f"{'KIND':14s} {'KEY':64s}  LABEL  CREATED  SECONDS"
 
 
 def _ls_line(r: dict) -> str:
@@ -721,6 +733,7 @@ def _store_ls(store, args) -> int:
     _check_kind(store, args.kind)
     shown = [r for r in store.records() if (args.kind is None or r["kind"] == args.kind)
              and (args.text is None or args.text.lower() in catalog.text_of(r).lower())]
+    print(LS_HEADER)
     for r in shown:
         print(_ls_line(r))
     if args.text is not None or args.kind is not None:
@@ -762,7 +775,7 @@ def _print_lineage(store, rec: dict) -> None:
                     up(made, depth + 1, seen)
 
     def down(r: dict, depth: int, seen: set) -> None:
-        for reader in sorted(lineage.readers.get(r["digest"], []), key=lambda x: (x["kind"], catalog.label_of(x))):
+        for reader in sorted(lineage.readers_of(r), key=lambda x: (x["kind"], catalog.label_of(x))):
             again = reader["key"] in seen
             print(f"{'  ' * depth}{reader['kind']} {reader['key'][:12]}  {catalog.label_of(reader)}"
                   + ("  (what was made from it is shown above)" if again else ""))
@@ -783,7 +796,7 @@ def _print_lineage(store, rec: dict) -> None:
 def _store_show(store, args) -> int:
     from pkt.artifacts.store import StoreError
 
-    hits = store.matching(args.key)
+    hits = store.matching(_digest_in_path(args.key) or args.key)
     if not hits:
         print(f"no artifact whose key or digest starts with {args.key!r} in {store.root}; `pkt store ls` lists "
               "them", file=sys.stderr)
@@ -795,6 +808,15 @@ def _store_show(store, args) -> int:
         if code:
             return code
     return 0
+
+
+def _digest_in_path(text: str) -> str | None:
+    """The digest a path pkt printed is named by (trees/<digest>/..., blobs/sha256/ab/<digest>, or a
+    read-only store's tree in the user's cache), or None if text is no such path."""
+    if "/" not in text and not os.path.exists(text):
+        return None
+    digests = [part for part in Path(text).parts if re.fullmatch(r"[0-9a-f]{64}", part)]
+    return digests[-1] if digests else None
 
 
 def _show_one(store, rec: dict) -> int:

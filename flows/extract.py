@@ -64,11 +64,14 @@ def extraction_chain(graph: Graph, teacher: PrefectFuture, seeds: str, shape: di
 
 
 def init_node(graph: Graph, chain: dict, *, rank: int, alpha: float, dropout: float = 0.05, split: str = "paper",
-              scale: float = 1.0, svd: str = "auto", transform: str = "none", transform_seed: int = 0) -> PrefectFuture:
+              scale: float = 1.0, svd: str = "auto", transform: str = "none", transform_seed: int = 0,
+              variant: str = "") -> PrefectFuture:
+    """variant: the sweep variant the init is for, named first in its label (store ls, the UI)."""
     how = "" if transform == "none" else f", {transform} seed={transform_seed}"
     return graph.submit(nodes.LoraInit(rank=rank, alpha=alpha, dropout=dropout, split=split, scale=scale, svd=svd,
                                        transform=transform, transform_seed=transform_seed),
-                        {"extraction": chain["extraction"]}, f"{chain['tag']}, rank={rank}, scale={scale}{how}")
+                        {"extraction": chain["extraction"]},
+                        f"{variant + ': ' if variant else ''}{chain['tag']}, rank={rank}, scale={scale}{how}")
 
 
 @flow(name="extract-teacher", log_prints=True)

@@ -25,12 +25,13 @@ def test_records_are_labelled_and_found_by_teacher_student_and_kind(prefect_env,
     sens = store.record("sensitivity", refs["sensitivity"]["key"])
     assert sens["label"] == "sensitivity[teacher=teacher, seeds=gsm/seeds.jsonl, k=all]"
     assert sens["sources"] == {"teacher": teacher, "seeds": os.path.abspath(fam / "tasks/gsm/seeds.jsonl")}
-    assert sens["about"] == {"teacher": teacher, "task": "gsm"}
+    assert sens["about"] == {"teacher": teacher, "task": "gsm", "role": "teacher"}
     init = store.record("lora_init", refs["lora_init"]["key"])
-    assert init["about"] == {"teacher": teacher, "task": "gsm"}  # inherited: an init depends on no student
+    # inherited: an init depends on no student
+    assert init["about"] == {"teacher": teacher, "task": "gsm", "role": "teacher"}
     assert init["label"].startswith("lora_init[teacher=teacher, seeds=gsm/seeds.jsonl") and init["sources"] == {}
     residual = store.record("residual_model", refs["residual_model"]["key"])
-    assert residual["about"] == {"teacher": teacher, "student": student, "task": "gsm"}
+    assert residual["about"] == {"teacher": teacher, "student": student, "task": "gsm", "role": "teacher"}
 
     # the LoRA init for this student from this teacher: by path or by folder name
     for t, s in ((teacher, student), ("teacher", "student"), (str(fam / "teacher") + "/", "student/")):
@@ -49,10 +50,11 @@ def test_records_are_labelled_and_found_by_teacher_student_and_kind(prefect_env,
     code, text, _ = run(capsys, "store", "ls", "--kind", "lora_init", "--store", root)
     assert code == 0 and init["label"] in text and "1 artifacts match" in text and "sensitivity[" not in text
     code, text, _ = run(capsys, "store", "ls", "seeds=gsm", "--store", root)
-    assert {line.split()[0] for line in text.splitlines()[:-1]} == {"sensitivity", "layer_plan", "extraction",
+    assert {line.split()[0] for line in text.splitlines()[1:-1]} == {"sensitivity", "layer_plan", "extraction",
                                                                     "lora_init"}
     code, text, _ = run(capsys, "store", "ls", "--store", root)
-    assert len(text.splitlines()) == len(store.records()) and "no label" not in text
+    assert text.splitlines()[0].split()[:3] == ["KIND", "KEY", "LABEL"]  # a header names the columns
+    assert len(text.splitlines()) == len(store.records()) + 1 and "no label" not in text
 
     # show takes the digest an input is cited by, and prints the lineage up and down with labels
     plan = store.record("layer_plan", refs["plan"]["key"])

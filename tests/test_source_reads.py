@@ -14,6 +14,7 @@ import torch
 from pkt.artifacts.keys import InputChanged
 from pkt.artifacts.model_id import GENERATION_FILES
 from pkt.artifacts.store import Store
+from pkt.core import data
 from pkt.tasks import nodes
 from pkt.tasks.node import build
 
@@ -51,6 +52,39 @@ def test_generation_defaults_are_in_a_scores_key_and_not_in_a_forward_pass(mini_
 def _versions(seeds: bytes) -> tuple[bytes, bytes]:
     """Two same-size versions of a seeds file whose every byte-wise mix is also a valid seeds file."""
     return seeds, seeds.translate(bytes.maketrans(b"0123456789", b"1234567890"))
+
+
+def test_a_file_torn_between_its_check_and_its_parse_is_not_what_the_node_reads(mini_family, tmp_path, monkeypatch):
+    """Case 2 at its moment: the node checked the seeds file's digest, then half of another version
+    is written in place while it parses, then the first version is put back (mtime too)."""
+    a, b = _versions((mini_family / "tasks/gsm/seeds.jsonl").read_bytes())
+    path = tmp_path / "seeds.jsonl"
+    path.write_bytes(a)
+    times = os.stat(path)
+    real = data.load_encoded
+
+    def torn_parse(*args, **kw):
+        with open(path, "r+b") as f:
+            f.write(b[: len(b) // 2])
+        try:
+            return real(*args, **kw)
+        finally:
+            with open(path, "r+b") as f:
+                f.write(a[: len(a) // 2])
+            os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+    teacher = str(mini_family / "teacher")
+    store, clean = Store(tmp_path / "store"), Store(tmp_path / "clean")
+    monkeypatch.setattr(data, "load_encoded", torn_parse)
+    got = build(nodes.Sensitivity(), {"teacher": nodes.model_source(teacher, store),
+                                      "seeds": nodes.file_source(str(path))}, store)
+    monkeypatch.undo()
+    assert store.record("sensitivity", got["key"])["inputs"]["seeds"] == hashlib.sha256(a).hexdigest()
+    want = build(nodes.Sensitivity(), {"teacher": nodes.model_source(teacher, clean),
+                                       "seeds": nodes.file_source(str(path))}, clean)
+    assert got["key"] == want["key"]
+    got, want = store.tensors(got), clean.tensors(want)
+    assert all(torch.equal(got[n], want[n]) for n in want), "a torn read was stored under the clean key"
 
 
 @pytest.mark.slow
@@ -100,8 +134,11 @@ def test_a_source_rewritten_in_place_during_a_run_never_lands_torn(mini_family, 
     recs = [r for r in store.records() if r["kind"] == "sensitivity"]
     assert len(recs) == computed
     for rec in recs:
-        assert rec["inputs"]["seeds"] in states, "a sensitivity was recorded from bytes no version or half-write holds"
-        clean_file.write_bytes(states[rec["inputs"]["seeds"]])
+        digest = rec["inputs"]["seeds"]
+        if digest not in states and store.blob_path(digest).exists():
+            states[digest] = store.read_bytes(digest)  # other torn bytes, kept: their sha256 is the digest
+        assert digest in states, "a sensitivity was recorded from bytes no version or half-write holds"
+        clean_file.write_bytes(states[digest])
         inputs = {"teacher": nodes.model_source(str(mini_family / "teacher"), clean),
                   "seeds": nodes.file_source(str(clean_file))}
         want = clean.tensors(build(nodes.Sensitivity(**rec["params"]), inputs, clean))

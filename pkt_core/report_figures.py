@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .report_page import _name
+from .report_page import _name, level_text
 from .report_tables import BASELINE, LOWER_IS_BETTER, PREFIXES, ROW_KEYS, SUBJECT, inferential
 
 
@@ -165,3 +165,68 @@ def curves_chart(curves: pd.DataFrame, path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+REFERENCE_LINES = {"chance": ("tab:gray", ":"), "vanilla": ("black", "--"), "oracle": ("tab:green", "-."),
+                   "teacher": ("tab:blue", "-")}
+
+
+def endpoint_chart(panels: list[tuple[str, str, list[dict]]], doses: list[tuple[str, str, pd.DataFrame]],
+                   path: str | Path) -> Path:
+    """report.png, the first screen's figure: per endpoint task (panels: title, metric, report_glance
+    rows), each arm's per-unit values as dots, its mean and corrected interval, and vertical lines at
+    chance, the untrained student (vanilla), the oracle and the teacher; beside each, where the runs were
+    scored at several step counts (doses: title, metric, rows of variant, steps, mean), the mean per
+    step count of every variant (the dose-response)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 1 + bool(doses)
+    height = max([2.5] + [0.35 * len(rows) + 1.5 for _, _, rows in panels])
+    fig, axes = plt.subplots(max(1, len(panels)), cols, figsize=(7 * cols, height * max(1, len(panels))),
+                             squeeze=False)
+    for (title, metric, rows), ax in zip(panels, axes[:, 0]):
+        _endpoint_panel(ax, rows, metric)
+        ax.set_title(title, fontsize=9)
+    for (title, metric, dose), ax in zip(doses, axes[:, 1] if doses else []):
+        styles = curve_styles(list(dict.fromkeys(dose["variant"])))
+        for v, g in dose.groupby("variant", sort=False):
+            ax.plot(g["steps"], g["mean"], label=v, ms=4, **styles[v])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("optimizer steps (checkpoints of one training run)", fontsize=8)
+        ax.set_ylabel(f"{metric}, mean over units", fontsize=8)
+        ax.set_title(f"{title}: dose-response", fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
+    if not panels:
+        fig.text(0.5, 0.5, "no run on the endpoint to draw", ha="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _endpoint_panel(ax, rows: list[dict], metric: str) -> None:
+    """One row per arm: dots per unit (family or seed), the mean, its corrected interval (thick)."""
+    shown = [r for r in rows if r["arm"] != "chance"]
+    y = np.arange(len(shown))[::-1]
+    jitter = np.random.default_rng(0)
+    for yi, r in zip(y, shown):
+        color = "tab:orange" if r["arm"] == SUBJECT else "tab:gray" if r["inert"] else "k"
+        units = r["units"].to_numpy(float)
+        ax.plot(units, yi + jitter.uniform(-0.15, 0.15, units.size), "o", color=color, alpha=0.35, ms=3)
+        if not r["inert"] and not pd.isna(r.get("lo", np.nan)):
+            ax.plot([r["lo"], r["hi"]], [yi, yi], color=color, lw=3, alpha=0.7)
+        ax.plot([r["mean"]], [yi], "D", color=color, ms=5)
+    for arm, (color, style) in REFERENCE_LINES.items():
+        ref = next((r for r in rows if r["arm"] == arm), None)
+        if ref is not None:
+            ax.axvline(ref["mean"], color=color, linestyle=style, lw=1, label=f"{arm} {ref['mean']:.3f}")
+    level = rows[0]["level"] if rows else 0.95
+    ax.set_yticks(y, [r["arm"] + (" (inert)" if r["inert"] else "") for r in shown], fontsize=7)
+    ax.set_xlabel(f"{metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better); dots: units, "
+                  f"◆ mean, bar: interval at {level_text(level)} (Bonferroni)", fontsize=7)
+    ax.tick_params(axis="x", labelsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, loc="best")

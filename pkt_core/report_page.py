@@ -30,7 +30,17 @@ def _corrected(r: pd.Series, prefix: str = "") -> str:
     if pd.isna(r.get(prefix + "p_adj")):
         return str(r.get(prefix + "test") or "")
     return (f"{r[prefix + 'test']}: p {r[prefix + 'p_adj']:.3f}, [{r[prefix + 'ci_low_adj']:+.4f}, "
-            f"{r[prefix + 'ci_high_adj']:+.4f}] at {r[prefix + 'level']:.1%}")
+            f"{r[prefix + 'ci_high_adj']:+.4f}] at {level_text(r[prefix + 'level'])}")
+
+
+def level_text(level: float) -> str:
+    """A corrected interval's level as a percentage with the digits that keep it readable: enough that
+    its distance from 100% shows (BH's 1 − 2·0.05/277 is 99.96%, not 100.0%), one decimal at least."""
+    if pd.isna(level):
+        return "n/a"
+    miss = round((1 - float(level)) * 100, 10)  # in percent (rounded: 1 - 0.9999 is not 0.01 in floats)
+    digits = max(1, int(np.ceil(-np.log10(miss)))) if miss > 0 else 1
+    return f"{float(level) * 100:.{digits}f}%"
 
 
 def _cell(r: pd.Series, col: str) -> str:
@@ -81,7 +91,8 @@ def markdown(summary: pd.DataFrame) -> str:
 def _ci_text(r: pd.Series, prefix: str = "") -> str:
     if pd.isna(r.get(prefix + "p_adj")):
         return f"Δ {_ci(r, prefix)}"
-    return (f"Δ {_ci(r, prefix, adj=True)} at {r[prefix + 'level']:.1%}, {r[prefix + 'test'].split(' (')[0]}-adjusted "
+    return (f"Δ {_ci(r, prefix, adj=True)} at {level_text(r[prefix + 'level'])}, "
+            f"{r[prefix + 'test'].split(' (')[0]}-adjusted "
             f"p = {r[prefix + 'p_adj']:.3f}")
 
 

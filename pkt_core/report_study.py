@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .report_page import _ci, _ci_text, _metrics, _name, _size
+from .report_page import _ci, _ci_text, _metrics, _name, _size, level_text
 from .report_tables import (
-    ALPHA, BASELINE, DETERMINISTIC, LOWER_IS_BETTER, NOT_CONTROLS, POOLED, PREFIXES, SIZE_CONTROLS, SIZE_TOLERANCE,
-    SUBJECT, _family_diffs, _paired_diffs, inferential)
+    ALPHA, BASELINE, DETERMINISTIC, INERT, LOWER_IS_BETTER, NOT_CONTROLS, POOLED, PREFIXES, SIZE_CONTROLS,
+    SIZE_TOLERANCE, SUBJECT, _family_diffs, _paired_diffs, inferential)
 
 
 # ---- sentences ----------------------------------------------------------------------------------------
@@ -48,16 +48,20 @@ def headline(summary: pd.DataFrame, metric: str) -> list[str]:
 
 
 def _control_sentence(by: pd.DataFrame, controls: list[str]) -> str:
-    beaten, lost, tied = [], [], []
+    beaten, lost, tied, inert = [], [], [], []
     for v in controls:
         verdict_text = str(by.loc[v, "transfer_verdict"])
-        (beaten if verdict_text.startswith("better") else lost if verdict_text.startswith("worse") else tied).append(v)
-    parts = [f"transfer beats {len(beaten)} of {len(controls)} controls (corrected interval of the paired difference "
+        (beaten if verdict_text.startswith("better") else lost if verdict_text.startswith("worse")
+         else inert if verdict_text == INERT else tied).append(v)
+    evaluated = len(controls) - len(inert)
+    parts = [f"transfer beats {len(beaten)} of {evaluated} controls (corrected interval of the paired difference "
              f"excludes 0)" + (f": {', '.join(beaten)}" if beaten else "")]
     if tied:
         parts.append("not distinguishable from " + ", ".join(tied))
     if lost:
         parts.append("worse than " + ", ".join(lost))
+    if inert:
+        parts.append(f"{INERT}: " + ", ".join(inert))
     return "; ".join(parts)
 
 
@@ -173,7 +177,7 @@ def endpoint_section(summary: pd.DataFrame, scores: pd.DataFrame, items: pd.Data
                     boot = f"[{lo:+.4f}, {hi:+.4f}] ({sum(t.shape[1] for t in tables) // len(tables)} items/unit)"
             holm = "" if pd.isna(r.get(prefix + "p_adj")) else f"p {r[prefix + 'p_adj']:.3f}"
             corrected = "" if pd.isna(r.get(prefix + "level")) else \
-                f"[{r[prefix + 'ci_low_adj']:+.4f}, {r[prefix + 'ci_high_adj']:+.4f}] at {r[prefix + 'level']:.1%}"
+                f"[{r[prefix + 'ci_low_adj']:+.4f}, {r[prefix + 'ci_high_adj']:+.4f}] at {level_text(r[prefix + 'level'])}"
             lines.append(f"| {c['subject']} − {c['control']} | {r['task']} | {len(units)} {kind} | "
                          f"{', '.join(f'{u:+.3f}' for u in units)} | {_ci(r, prefix)} | {r[prefix + 'p_t']:.4f} "
                          f"| {holm} | {corrected} | {boot} | {r[prefix + 'verdict']} |")
@@ -224,9 +228,9 @@ def gate_lines(stats_: dict) -> list[str]:
     return out
 
 
-def scale_section(scores: pd.DataFrame, protocol: dict) -> list[str]:
+def scale_section(scores: pd.DataFrame, protocol: dict, gates: bool = True) -> list[str]:
     """What the run's size allows: the flow's caveat, test-set sizes, optimizer steps, families,
-    seeds, and every family's quality gates."""
+    seeds, and every family's quality gates (gates=False: a pointer to comparisons.md instead)."""
     lines = ["## Scale: what this run can and cannot say", ""]
     if protocol.get("scale"):
         lines += [protocol["scale"], ""]
@@ -234,7 +238,8 @@ def scale_section(scores: pd.DataFrame, protocol: dict) -> list[str]:
     failed = [f for f, st in fams.items() if any(not g.get("passed") for g in (st.get("gates") or {}).values())]
     if failed:
         lines += [f"**Quality gates failed in {len(failed)} of {len(fams)} families ({', '.join(failed)})**: on those, "
-                  "the testbed cannot show what the study asks (gates below).", ""]
+                  f"the testbed cannot show what the study asks (gates {'below' if gates else 'in comparisons.md'}).",
+                  ""]
     if protocol.get("excluded"):
         left = protocol["excluded"]
         lines += [f"Families are drawn by seed in order and included when every quality gate passes (measured on "
@@ -256,7 +261,15 @@ def scale_section(scores: pd.DataFrame, protocol: dict) -> list[str]:
     lines.append(f"- {families} famil{'ies' if families != 1 else 'y'}, {seeds} test seeds per variant"
                  + ("" if families > 1 else ": every interval is over training seeds of one model pair and says "
                     "nothing about other pairs"))
-    for fam, st in sorted(fams.items(), key=lambda kv: _natural(kv[0])):
+    if not gates:
+        return lines + (["- each family's sizes and quality gates: comparisons.md"] if fams else []) + [""]
+    return lines + family_gates(protocol) + [""]
+
+
+def family_gates(protocol: dict) -> list[str]:
+    """Each family's teacher and student sizes and its quality gates, as list items."""
+    lines = []
+    for fam, st in sorted((protocol.get("families") or {}).items(), key=lambda kv: _natural(kv[0])):
         st = {**st, "gates": dict(sorted((st.get("gates") or {}).items()))} if st.get("gates") else st
         gates = gate_lines(st)
         who = [f"{w} " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(st[w].items()))
@@ -299,13 +312,11 @@ def edge_flags(setting: dict, points: list[dict]) -> list[str]:
     return out
 
 
-def protocol_section(scores: pd.DataFrame, selection: pd.DataFrame | None, protocol: dict) -> list[str]:
-    """The grids, the selection apart from test, and each chosen setting with its edge flags."""
-    order = list(dict.fromkeys(scores["variant"]))
-    grids = {v: p for v, p in sorted((protocol.get("grids") or {}).items(),
-                                     key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))}
-    if not grids and selection is not None and not selection.empty:
-        grids = {v: [json.loads(x) for x in dict.fromkeys(g["setting"])] for v, g in selection.groupby("variant")}
+def protocol_section(scores: pd.DataFrame, selection: pd.DataFrame | None, protocol: dict,
+                     settings: bool = True) -> list[str]:
+    """The grids, the selection apart from test, and each chosen setting with its edge flags
+    (settings=False: how many choices sit on a grid edge, the table in comparisons.md)."""
+    grids = grids_of(scores, selection, protocol)
     lines = ["## Protocol", ""]
     if grids:
         sizes = Counter(len(p) for p in grids.values())
@@ -325,8 +336,31 @@ def protocol_section(scores: pd.DataFrame, selection: pd.DataFrame | None, proto
                          f". WARNING: seeds {shared} both chose settings and are scored on test"))
     else:
         lines.append(f"- no selection: every variant ran one setting; test seeds {test_seeds}")
+    table = settings_table(scores, grids)
+    if settings:
+        lines += ["", *table]
+    elif table:
+        edged = sum("⚠" in line for line in table)
+        lines.append(f"- chosen settings: {len(table) - 3} (task × variant × setting), {edged} of them on an edge of "
+                     "their grid (⚠: the grid does not bracket the choice); the table: comparisons.md")
+    return lines + [""]
+
+
+def grids_of(scores: pd.DataFrame, selection: pd.DataFrame | None, protocol: dict) -> dict[str, list]:
+    """Each variant's grid of settings, in the runs' order: the protocol's, else those selection ran."""
+    order = list(dict.fromkeys(scores["variant"]))
+    grids = {v: p for v, p in sorted((protocol.get("grids") or {}).items(),
+                                     key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))}
+    if not grids and selection is not None and not selection.empty:
+        grids = {v: [json.loads(x) for x in dict.fromkeys(g["setting"])] for v, g in selection.groupby("variant")}
+    return grids
+
+
+def settings_table(scores: pd.DataFrame, grids: dict[str, list]) -> list[str]:
+    """Per task and variant, each chosen setting, how many units chose it, and its grid-edge flags."""
+    lines = []
     if "setting" in scores:
-        lines += ["", "| task | variant | chosen setting (units that chose it) | grid edge |", "|---|---|---|---|"]
+        lines += ["| task | variant | chosen setting (units that chose it) | grid edge |", "|---|---|---|---|"]
         runs = scores[~scores["variant"].isin(DETERMINISTIC)].drop_duplicates(
             [c for c in ("student", "family", "task", "variant", "seed") if c in scores])
         for (task, variant), g in runs.groupby(["task", "variant"], sort=False):
@@ -337,7 +371,7 @@ def protocol_section(scores: pd.DataFrame, selection: pd.DataFrame | None, proto
                 lines.append(f"| {task} | {variant} | `{setting}` ({count}) | "
                              + ("⚠ " + "; ".join(edges) + ": the grid does not bracket this choice" if edges else "")
                              + " |")
-    return lines + [""]
+    return lines + [""] if lines else []
 
 
 def _group_grids(grids: dict[str, list]) -> list[tuple[list, list[str]]]:
@@ -374,32 +408,62 @@ def headlines(summary: pd.DataFrame, primary: str) -> list[str]:
 
 
 def diagnostic_section(runs: pd.DataFrame, primary: str) -> str:
-    """How well the step-0 diagnostic (diag_cos, diag_share: pkt.core.diagnose) ranks the measured gain over
-    lora, per metric: Spearman's rho with its interval; "" when the runs carry no diagnostic."""
+    """The step-0 diagnostic (diag_cos, diag_share: pkt.core.diagnose): its levels per variant beside the
+    random directions of transfer's size, then how well it ranks the measured gain over lora, per metric
+    (Spearman's rho with its intervals), read against the gain's own split-half reliability; "" when the
+    runs carry no diagnostic."""
     from . import diagnose
 
     if not set(diagnose.FIELDS) <= set(runs.columns):
         return ""
     lines = ["| metric | diagnostic | cells | families | Spearman ρ | 95% interval (Fisher z) | "
-             "95% bootstrap over families | p | reading |", "|---" * 9 + "|"]
+             "95% bootstrap over families | p | gain's split-half reliability [95%] | reading |", "|---" * 10 + "|"]
     for metric in [m for m in _metrics(runs, primary) if m in set(runs["metric"])]:
         try:
             res = diagnose.predictive_power(runs, metric, metric in LOWER_IS_BETTER)
+            rel = diagnose.split_half_reliability(runs, metric, metric in LOWER_IS_BETTER)
         except ValueError as e:
-            lines.append(f"| {metric} | | | | not computed: {e} | | | | |")
+            lines.append(f"| {metric} | | | | not computed: {e} | | | | | |")
             continue
+        replicates = rel["ci_low"] > 0  # nan compares False: a gain with no reliability replicates nothing shown
+        rel_text = "n/a (fewer than 4 cells with 2 seeds)" if np.isnan(rel["reliability"]) else \
+            f"{rel['reliability']:+.2f} [{rel['ci_low']:+.2f}, {rel['ci_high']:+.2f}] ({rel['n']} cells)"
         for field in diagnose.FIELDS:
             r = res[field]
             boot = f"[{r['boot_low']:+.2f}, {r['boot_high']:+.2f}]" if "boot_low" in r else "n/a (< 5 families)"
             lo, hi = min(r["ci_low"], r.get("boot_low", np.inf)), max(r["ci_high"], r.get("boot_high", -np.inf))
-            reading = ("n/a" if np.isnan(r["ci_low"]) else "ranks the gain" if lo > 0  # both intervals agree
+            reading = ("n/a" if np.isnan(r["ci_low"]) else
+                       "not evidence either way: the gain does not replicate across seed halves" if not replicates
+                       else "ranks the gain" if lo > 0  # both intervals agree
                        else "ranks it inversely" if hi < 0 else "not distinguishable from no association")
             lines.append(f"| {metric} | {field} | {r['n']} | {res['families']} | {r['rho']:+.2f} | "
-                         f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {boot} | {r['p']:.3g} | {reading} |")
-    return ("\n\n## Does the step-0 diagnostic predict the gain?\n\nBefore training, per init: diag_cos, the "
-            "cosine between the init's applied update and the student's task gradient (positive = downhill), and "
-            "diag_share, the part of that gradient the first LoRA step can follow. Gain: variant minus lora, paired "
+                         f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {boot} | {r['p']:.3g} | {rel_text} | "
+                         f"{reading} |")
+    return ("\n\n## The step-0 diagnostic: its levels, and does it predict the gain?\n\nBefore training, per init: "
+            "diag_cos, the cosine between the init's applied update and the student's task gradient (positive = "
+            "downhill), and diag_share, the part of that gradient the first LoRA step can follow (its tangent "
+            "space). An init whose cosine and share sit where random directions of the same size sit (marked "
+            "below) points nowhere the student's task wants to go: a direct measurement of incompatibility.\n\n"
+            + "\n".join(diagnostic_levels(diagnose.levels(runs))) + "\n\nGain: variant minus lora, paired "
             "by seed, averaged per family x task x variant (positive = better; lora itself and vanilla, which has no "
-            "init, left out). A reading needs every interval shown to exclude 0. The Fisher-z interval (variance 1.06/(n-3)) treats cells as independent although the cells of "
-            "one family share its lora runs; the bootstrap over families (5 or more) does not.\n\n"
+            "init, left out). A reading needs every interval shown to exclude 0, and a gain that replicates: its "
+            "split-half reliability (alternate seeds of each cell, Spearman-Brown) bounds any correlation with it "
+            "near its square root, so where that reliability's interval includes 0 a correlation is not evidence "
+            "either way. The Fisher-z interval (variance 1.06/(n-3)) treats cells as independent although the "
+            "cells of one family share its lora runs; the bootstrap over families (5 or more) does not.\n\n"
             + "\n".join(lines) + "\n")
+
+
+def diagnostic_levels(levels: pd.DataFrame) -> list[str]:
+    """The diagnostic's levels per variant (diagnose.levels), random directions marked."""
+    lines = ["| variant | inits | diag_cos mean ± SD | diag_share mean ± SD | diag_share per task (min-max) |",
+             "|---|---|---|---|---|"]
+    for _, r in levels.iterrows():
+        name = f"{r['variant']} (random directions)" if r["random_direction"] else str(r["variant"])
+        lines.append(f"| {name} | {r['inits']} | {r['cos_mean']:+.4f} ± {_sd(r['cos_sd'])} | {r['share_mean']:.3f} ± "
+                     f"{_sd(r['share_sd'])} | {r['share_task_min']:.3f}-{r['share_task_max']:.3f} |")
+    return lines
+
+
+def _sd(x: float) -> str:
+    return "n/a" if pd.isna(x) else f"{x:.4f}"

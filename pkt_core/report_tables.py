@@ -22,8 +22,13 @@ from .errors import UserError
 
 BASELINE = "lora"
 SUBJECT = "transfer"
-DETERMINISTIC = {"vanilla"}  # no training, one run: compared as a fixed value, not paired by seed
-NOT_CONTROLS = {SUBJECT, BASELINE, *DETERMINISTIC}  # what the headline's "controls" leave out
+DETERMINISTIC = {"vanilla", "teacher"}  # no training, one run: compared as a fixed value, not paired by seed
+# the positive controls: each answers "could this testbed register transfer?" (docs: positive-controls.md);
+# kd and seq-kd read the teacher's outputs, not its weights: a data route, labelled so in every table
+DATA_ROUTE = ("kd", "seq-kd")
+POSITIVE_CONTROLS = ("oracle", "transfer-add", *DATA_ROUTE)
+NOT_CONTROLS = {SUBJECT, BASELINE, *DETERMINISTIC, *POSITIVE_CONTROLS}  # what the headline's "controls" leave out
+INERT = "not evaluated: inert at this width"  # a variant whose runs carry inert = true (its update moved nothing)
 SIZE_CONTROLS = ("spectrum-matched", "shuffled", "untrained-teacher")  # built to carry no teacher knowledge
 SIZE_TOLERANCE = 0.10  # "size-matched": measured effective top singular value within 10% of transfer's
 LOWER_IS_BETTER = {"answer_nll"}
@@ -118,7 +123,26 @@ def _row(keys: dict, variant: str, values: np.ndarray, sizes: pd.DataFrame) -> d
     for col in ("top_sv", "top_sv_ratio"):
         if col in sizes and sizes[col].notna().any():
             row[col] = float(sizes[col].mean())
+    if "inert" in sizes:
+        row["inert"] = bool(sizes["inert"].map(truthy).all())
     return row
+
+
+def truthy(x) -> bool:
+    """A flag cell as runs.csv holds it: True/true/1 (pandas reads a column with blanks as objects)."""
+    return str(x).strip().lower() in ("true", "1", "1.0", "yes")
+
+
+def at_final_steps(runs: pd.DataFrame) -> pd.DataFrame:
+    """Where a run was scored at several checkpoints (a `steps` column with several values for one
+    variant x seed), the rows at its largest step count: the endpoint is read there; the other
+    checkpoints are the dose-response. A table with one row per run is returned as it is."""
+    if "steps" not in runs:
+        return runs
+    keys = [k for k in ROW_KEYS + ["family", "seed"] if k in runs]
+    steps = pd.to_numeric(runs["steps"], errors="coerce").fillna(0)
+    last = steps.groupby([runs[k] for k in keys], sort=False).transform("max")
+    return runs if (steps == last).all() else runs[(steps == last).to_numpy()].reset_index(drop=True)
 
 
 def _comparisons(row: dict, variant: str, present, units_of) -> dict:
@@ -207,7 +231,8 @@ def correct(summary: pd.DataFrame, endpoint: dict | None = None, alpha: float = 
         for col in ("p_adj", "level", "ci_low_adj", "ci_high_adj"):
             s[prefix + col] = np.nan
         same = (s["variant"] == BASELINE) if prefix else False  # lora's transfer - lora is transfer's - lora
-        for i in s.index[s[prefix + "p_t"].notna() & tested & ~same]:
+        inert = s["inert"].fillna(False).astype(bool) if "inert" in s else pd.Series(False, index=s.index)
+        for i in s.index[s[prefix + "p_t"].notna() & tested & ~same & ~inert]:
             entries.append((i, prefix, is_primary(s.loc[i], prefix, endpoint)))
         for i in s.index[s[prefix + "diff"].notna() & ~tested]:
             s.at[i, prefix + "test"] = "descriptive (one family of several)"
@@ -226,6 +251,8 @@ def correct(summary: pd.DataFrame, endpoint: dict | None = None, alpha: float = 
         if prefix + "diff" in s:
             few = tested & s[prefix + "diff"].notna() & s[prefix + "p_t"].isna()
             s.loc[few, prefix + "verdict"] = "n/a (fewer than 2 units)"
+    if "inert" in s:  # its update moved nothing: a null from it would say nothing about the method
+        s.loc[s["inert"].fillna(False).astype(bool), [p + "verdict" for p in PREFIXES if p + "verdict" in s]] = INERT
     return s
 
 

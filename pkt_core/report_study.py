@@ -439,7 +439,8 @@ def diagnostic_section(runs: pd.DataFrame, primary: str) -> str:
             lines.append(f"| {metric} | {field} | {r['n']} | {res['families']} | {r['rho']:+.2f} | "
                          f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {boot} | {r['p']:.3g} | {rel_text} | "
                          f"{reading} |")
-    return ("\n\n## The step-0 diagnostic: its levels, and does it predict the gain?\n\nBefore training, per init: "
+    return ("\n\n## Does the step-0 diagnostic predict the gain? Its levels, then its ranking of the gain\n\n"
+            "Before training, per init: "
             "diag_cos, the cosine between the init's applied update and the student's task gradient (positive = "
             "downhill), and diag_share, the part of that gradient the first LoRA step can follow (its tangent "
             "space). An init whose cosine and share sit where random directions of the same size sit (marked "
@@ -460,8 +461,9 @@ def diagnostic_levels(levels: pd.DataFrame) -> list[str]:
              "|---|---|---|---|---|"]
     for _, r in levels.iterrows():
         name = f"{r['variant']} (random directions)" if r["random_direction"] else str(r["variant"])
-        lines.append(f"| {name} | {r['inits']} | {r['cos_mean']:+.4f} ± {_sd(r['cos_sd'])} | {r['share_mean']:.3f} ± "
-                     f"{_sd(r['share_sd'])} | {r['share_task_min']:.3f}-{r['share_task_max']:.3f} |")
+        cos = "n/a (B = 0: no update)" if pd.isna(r["cos_mean"]) else f"{r['cos_mean']:+.4f} ± {_sd(r['cos_sd'])}"
+        lines.append(f"| {name} | {r['inits']} | {cos} | {r['share_mean']:.3f} ± {_sd(r['share_sd'])} | "
+                     f"{r['share_task_min']:.3f}-{r['share_task_max']:.3f} |")
     return lines
 
 

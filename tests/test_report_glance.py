@@ -160,3 +160,17 @@ def test_the_diagnostics_levels_beside_random_directions():
     t = levels.loc["transfer"]
     assert f"| transfer | 40 | {t['cos_mean']:+.4f} ± {t['cos_sd']:.4f} | {t['share_mean']:.3f} ± " in text
     assert "| shuffled (random directions) |" in text
+
+
+def test_a_v1_runs_table_renders_with_the_arms_it_has(tmp_path):
+    """docs/study's v1 columns (no teacher, oracle, twin, inert, chance): the first table lists what ran."""
+    rng = np.random.default_rng(2)
+    rows = [{"student": "s", "task": "facts", "benchmark": "gsm", "variant": v, "seed": s, "setting": "{}",
+             "metric": "exact_match", "value": 0.1 + rng.normal(0, 0.01), "top_sv": np.nan, "top_sv_ratio": np.nan,
+             "n_items": 96, "steps": 0 if v == "vanilla" else 8, "diag_cos": np.nan, "diag_share": np.nan}
+            for v in ("transfer", "shuffled", "lora", "vanilla") for s in (range(1) if v == "vanilla" else range(3))]
+    text = report.write_report(pd.DataFrame(rows), tmp_path, "exact_match")["markdown"].read_text()
+    assert [row[0] for row in first_table(text)] == ["transfer", "shuffled", "lora", "vanilla"]
+    assert f"at {100 * (1 - 0.05 / 3):.1f}% (Bonferroni over the 3 arms with one)" in text  # transfer, shuffled, lora
+    assert "- facts · exact_match: transfer (did not move the endpoint)" in text or \
+        "- facts · exact_match: transfer (moved the endpoint" in text

@@ -72,8 +72,7 @@ def write_report(scores: pd.DataFrame, out_dir: str | Path, primary: str, curves
     metric, tasks = endpoint_scope(final, primary, endpoint)
     panels = [(f"{task} · {metric}", metric, glance(final, metric, task, chance_of(final, protocol, metric, task)))
               for task in tasks]
-    doses = [(f"{task} · {metric}", metric, d) for task in tasks
-             if not (d := dose_response(scores, metric, task)).empty]
+    doses = [(f"{task} · {metric}", metric, dose_response(scores, metric, task)) for task in tasks]
     paths["markdown"].write_text(_report_page(summary, final, items, selection, protocol, primary, panels))
     paths["comparisons"].write_text(_comparisons_page(summary, final, selection, protocol, primary))
     endpoint_chart(panels, doses, paths["chart"])

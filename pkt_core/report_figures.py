@@ -176,25 +176,30 @@ def endpoint_chart(panels: list[tuple[str, str, list[dict]]], doses: list[tuple[
     """report.png, the first screen's figure: per endpoint task (panels: title, metric, report_glance
     rows), each arm's per-unit values as dots, its mean and corrected interval, and vertical lines at
     chance, the untrained student (vanilla), the oracle and the teacher; beside each, where the runs were
-    scored at several step counts (doses: title, metric, rows of variant, steps, mean), the mean per
-    step count of every variant (the dose-response)."""
+    scored at several step counts (doses, one per panel: title, metric, rows of variant, steps, mean;
+    empty where not), the mean per step count of every variant (the dose-response)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = 1 + bool(doses)
+    cols = 1 + any(not dose.empty for _, _, dose in doses)
     height = max([2.5] + [0.35 * len(rows) + 1.5 for _, _, rows in panels])
     fig, axes = plt.subplots(max(1, len(panels)), cols, figsize=(7 * cols, height * max(1, len(panels))),
                              squeeze=False)
     for (title, metric, rows), ax in zip(panels, axes[:, 0]):
         _endpoint_panel(ax, rows, metric)
         ax.set_title(title, fontsize=9)
-    for (title, metric, dose), ax in zip(doses, axes[:, 1] if doses else []):
+    for (title, metric, dose), ax in zip(doses, axes[:, 1] if cols == 2 else []):
+        if dose.empty:
+            ax.remove()
+            continue
         styles = curve_styles(list(dict.fromkeys(dose["variant"])))
         for v, g in dose.groupby("variant", sort=False):
             ax.plot(g["steps"], g["mean"], label=v, ms=4, **styles[v])
         ax.set_xscale("log", base=2)
+        ticks = sorted(set(dose["steps"]))
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_xlabel("optimizer steps (checkpoints of one training run)", fontsize=8)
         ax.set_ylabel(f"{metric}, mean over units", fontsize=8)
         ax.set_title(f"{title}: dose-response", fontsize=9)

@@ -243,10 +243,9 @@ def cluster_bootstrap(cells: pd.DataFrame, field: str, cluster: str = "student",
     return float(np.quantile(rhos, (1 - level) / 2)), float(np.quantile(rhos, (1 + level) / 2))
 
 
-def gain_cells(runs: pd.DataFrame, metric: str, lower_is_better: bool = False) -> pd.DataFrame:
-    """One row per student x task x benchmark x variant (lora and untrained variants left out): the
-    mean over seeds of the gain, variant minus lora paired by seed (sign: positive = better), beside the
-    mean diagnostic values of the variant's inits."""
+def paired_gains(runs: pd.DataFrame, metric: str, lower_is_better: bool = False) -> pd.DataFrame:
+    """One row per run of a variant with an init (lora and untrained variants left out): its gain, the
+    run minus lora's run of the same seed (sign: positive = better), beside its diagnostic values."""
     keys = ["student", "task", "benchmark"]
     r = runs[runs["metric"] == metric]
     base = r[r["variant"] == BASELINE][keys + ["seed", "value"]].rename(columns={"value": "lora"})
@@ -256,7 +255,15 @@ def gain_cells(runs: pd.DataFrame, metric: str, lower_is_better: bool = False) -
     others = r[~r["variant"].isin([BASELINE, *NO_INIT]) & r[list(FIELDS)].notna().any(axis=1)]
     paired = others.merge(base, on=keys + ["seed"])
     sign = -1.0 if lower_is_better else 1.0
-    paired = paired.assign(gain=sign * (paired["value"] - paired["lora"]))
+    return paired.assign(gain=sign * (paired["value"] - paired["lora"]))
+
+
+def gain_cells(runs: pd.DataFrame, metric: str, lower_is_better: bool = False) -> pd.DataFrame:
+    """One row per student x task x benchmark x variant (lora and untrained variants left out): the
+    mean over seeds of the gain, variant minus lora paired by seed (sign: positive = better), beside the
+    mean diagnostic values of the variant's inits."""
+    keys = ["student", "task", "benchmark"]
+    paired = paired_gains(runs, metric, lower_is_better)
     return (paired.groupby(keys + ["variant"], sort=False)
             .agg(gain=("gain", "mean"), pairs=("gain", "size"), **{f: (f, "mean") for f in FIELDS})
             .reset_index())
@@ -280,3 +287,44 @@ def predictive_power(runs: pd.DataFrame, metric: str, lower_is_better: bool = Fa
             res["boot_low"], res["boot_high"] = cluster_bootstrap(c, field, level=level)
         out[field] = res
     return out
+
+
+def split_half_reliability(runs: pd.DataFrame, metric: str, lower_is_better: bool = False,
+                           level: float = 0.95) -> dict:
+    """Does the gain replicate? Each gain cell (gain_cells) is computed twice, from alternate seeds of
+    the cell (its 1st, 3rd, ... and 2nd, 4th, ... in seed order); Spearman's rho between the halves
+    across cells, stepped up to the full seed count by Spearman-Brown (2r / (1 + r)), with the
+    half correlation's Fisher-z interval stepped up the same way. A correlation of the diagnostic with
+    the gain cannot exceed about sqrt(reliability) (attenuation): where the reliability's interval
+    includes 0, the gain does not replicate and no correlation with it is evidence either way.
+    n: cells with at least one seed in each half; nan below 4 cells."""
+    paired = paired_gains(runs, metric, lower_is_better)
+    keys = ["student", "task", "benchmark", "variant"]
+    half = paired.groupby(keys, sort=False)["seed"].rank(method="first").sub(1).mod(2)
+    cells = paired.assign(half=half).pivot_table(index=keys, columns="half", values="gain", aggfunc="mean").dropna()
+    n = len(cells) if cells.shape[1] == 2 else 0
+    rho = spearman(cells.iloc[:, 0], cells.iloc[:, 1]) if n >= 4 else float("nan")
+    lo, hi = fisher_interval(rho, n, level)
+    step = (lambda r: 2 * r / (1 + r) if r > -1 else -1.0)  # Spearman-Brown, two halves to the whole
+    return {"metric": metric, "n": n, "rho_half": rho, "reliability": step(rho) if np.isfinite(rho) else rho,
+            "ci_low": step(lo) if np.isfinite(lo) else lo, "ci_high": step(hi) if np.isfinite(hi) else hi}
+
+
+RANDOM_DIRECTIONS = ("spectrum-matched", "shuffled")  # inits with transfer's spectrum and random directions
+
+
+def levels(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per variant with an init, the diagnostic's levels: mean and SD of diag_cos and diag_share over
+    its inits (one per family x task x seed: the runs' metrics repeat them), the range of its per-task
+    mean share, and whether it is a random direction of transfer's size (RANDOM_DIRECTIONS)."""
+    keys = [k for k in ("student", "family", "task", "variant", "seed") if k in runs]
+    inits = runs.dropna(subset=list(FIELDS), how="all").drop_duplicates(keys)
+    inits = inits[~inits["variant"].isin(NO_INIT)]
+    rows = []
+    for v, g in inits.groupby("variant", sort=False):
+        per_task = g.groupby("task", sort=False)["diag_share"].mean()
+        rows.append({"variant": v, "inits": len(g), "cos_mean": g["diag_cos"].mean(), "cos_sd": g["diag_cos"].std(),
+                     "share_mean": g["diag_share"].mean(), "share_sd": g["diag_share"].std(),
+                     "share_task_min": per_task.min(), "share_task_max": per_task.max(),
+                     "random_direction": v in RANDOM_DIRECTIONS})
+    return pd.DataFrame(rows)

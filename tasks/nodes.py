@@ -427,8 +427,9 @@ class Report(Node):
 
     KIND = "report"
     # v4: the declared endpoint first, corrected verdicts (Holm/BH), families as units, item bootstrap,
-    # power, the protocol (grids, selection apart from test) and the scale caveat in report.md
-    VERSION = 4
+    # power, the protocol (grids, selection apart from test) and the scale caveat in report.md; v5: report.md one
+    # screen (every arm on the endpoint, the positive controls), comparisons.md the full listing
+    VERSION = 5
     INPUTS = ("runs", "scores")  # optional: "curves" (training losses), "selection" (val runs), "items" (per item)
     primary: str = "exact_match/strict-match"
     protocol: dict | None = None  # report.write_report's protocol: endpoint, grids, seeds, caveat, gates

@@ -166,7 +166,7 @@ def test_summary_csv_carries_every_comparison(tmp_path):
     summary = report.read_csv(paths["csv"])
     for col in report.COMPARISON_COLUMNS + report.TRANSFER_COLUMNS:
         assert col in summary, col
-    text = paths["markdown"].read_text()
+    text = paths["comparisons"].read_text()  # the full listing moved out of the one-screen report.md
     assert "| shuffled |" in text and "better than shuffled" in text and "sign-flip" in text
 
 
@@ -243,13 +243,13 @@ def test_report_md_carries_the_caveat_gates_test_size_steps_and_protocol(tmp_pat
     selection = pd.DataFrame([{"student": "s", "task": "gsm", "variant": v, "setting": json.dumps(p, sort_keys=True),
                                "seed": 100, "metric": "answer_nll", "value": 1.0}
                               for v, ps in protocol_fixture()["grids"].items() for p in ps])
-    text = report.write_report(table, tmp_path, "exact_match", selection=selection,
-                               protocol=protocol_fixture())["markdown"].read_text()
+    paths = report.write_report(table, tmp_path, "exact_match", selection=selection, protocol=protocol_fixture())
+    text, listing = paths["markdown"].read_text(), paths["comparisons"].read_text()
     assert SMOKE in text
     assert "test set: gsm · gsm: 128 items" in text and "optimizer steps per training run: 16" in text
     gates = report.gate_lines(protocol_fixture()["families"]["family-0"])  # the family's renderer, or pkt's own
-    assert gates and all(line.strip() in text for line in gates)
-    block = text[text.index("- family-0"):text.index("## Protocol")]
+    assert gates and all(line.strip() in listing for line in gates)  # each family's gates: comparisons.md
+    block = listing[listing.index("- family-0"):listing.index("## Every comparison")]
     for name, value, threshold in (("teacher_above_student", "0.62", "0.3"), ("lora_headroom", "0.04", "0.1")):
         assert name in block and value in block and threshold in block
     assert "fail" in block.lower()
@@ -258,8 +258,9 @@ def test_report_md_carries_the_caveat_gates_test_size_steps_and_protocol(tmp_pat
     assert "test runs use seeds [0, 1, 2], which chose nothing" in text
     # both chosen settings sit on an edge of their grid: flagged
     assert "lora: alpha [8, 32] × lr [0.001, 0.01]; transfer: init_scale [1.0, 2.0] × lr [0.001, 0.01]" in text
-    assert "⚠ alpha 32 is the highest of [8, 32]; lr 0.001 is the lowest of [0.001, 0.01]" in text
-    assert "⚠ init_scale 1 is the lowest of [1.0, 2.0]; lr 0.01 is the highest of [0.001, 0.01]" in text
+    assert "⚠ alpha 32 is the highest of [8, 32]; lr 0.001 is the lowest of [0.001, 0.01]" in listing
+    assert "⚠ init_scale 1 is the lowest of [1.0, 2.0]; lr 0.01 is the highest of [0.001, 0.01]" in listing
+    assert "chosen settings: 2 (task × variant × setting), 2 of them on an edge of their grid" in text
     # the report node's bytes follow its key (canonical JSON): the protocol's dict order changes nothing
     shuffled = {k: protocol_fixture()[k] for k in reversed(list(protocol_fixture()))}
     shuffled["grids"] = {v: [dict(reversed(list(p.items()))) for p in ps]
@@ -359,8 +360,10 @@ def test_the_endpoint_comes_first_with_bootstrap_and_power(tmp_path):
                 "comparisons": [{"subject": "transfer", "control": "spectrum-matched"},
                                 {"subject": "transfer", "control": "shuffled"}]}
     text = report.write_report(t, tmp_path, "acc", items=items, protocol={"endpoint": endpoint})["markdown"].read_text()
-    head = text[:text.index("## Scale")]
-    assert head.startswith("# pkt report\n\n## Primary endpoint (declared in the config before the data)")
+    head = text[text.index("## Primary endpoint"):text.index("## Scale")]
+    # the first screen (every arm on the endpoint) comes before the endpoint's tests
+    assert text.startswith("# pkt report\n") and text.index("| transfer | the method") < text.index("## Primary")
+    assert head.startswith("## Primary endpoint (declared in the config before the data)")
     assert "comparisons: transfer − spectrum-matched, transfer − shuffled" in head
     rows = [line for line in head.splitlines() if line.startswith("| transfer − ")]
     assert len(rows) == 2 and all("8 families" in r and "items/unit" in r for r in rows)

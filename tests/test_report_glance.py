@@ -1,0 +1,176 @@
+"""Issue 24's report, replayed: report.md is one screen that opens with every arm on the endpoint (the
+positive controls, the data route labelled, an inert variant not read as a null), corrected levels
+print readably, the diagnostic's levels and the gain's split-half reliability are reported; checked
+against numpy/scipy computed here."""
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from pkt.core import diagnose, report
+from report_fixtures import ENDPOINT, ENDPOINT_TASK, STEPS, study_runs
+
+PROTOCOL = {"endpoint": ENDPOINT, "chance": {"exact_match": 0.1}}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The synthetic study (8 families, 4 twin families, 16 arms, 3 tasks, 2 metrics, 3 step counts)."""
+    runs = study_runs()
+    return runs, report.write_report(runs, tmp_path_factory.mktemp("study"), "exact_match", protocol=PROTOCOL)
+
+
+def first_table(text: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_report_md_is_one_screen_that_opens_with_the_positive_controls(study):
+    _, paths = study
+    text = paths["markdown"].read_text()
+    assert len(text.encode()) <= 40_000
+    assert "## Every comparison" not in text and "## Every comparison" in paths["comparisons"].read_text()
+    arms = [row[0] for row in first_table(text)]
+    assert arms[:7] == ["teacher", "oracle", "twin transfer", "kd", "seq-kd", "transfer", "transfer-add"]
+    assert arms[-3:] == ["lora", "vanilla", "chance"] and "spectrum-matched" in arms
+    rows = {row[0]: row for row in first_table(text)}
+    assert rows["kd"][1].startswith("data route") and rows["seq-kd"][1].startswith("data route")
+    assert rows["laten"][3] == "not evaluated: inert at this width"
+    assert text.index("| teacher |") < text.index("](report.png)") < text.index("## Primary endpoint")
+    assert paths["chart"].read_bytes()[:4] == b"\x89PNG" and paths["comparisons_chart"].read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_the_oracle_and_its_share_of_the_gap_recomputed(study):
+    """oracle - vanilla per family (largest step count, mean over seeds), its t-interval at Bonferroni's
+    level over the arms with an interval, and that over the mean teacher - vanilla gap."""
+    runs, paths = study
+    end = runs[(runs["task"] == ENDPOINT_TASK) & (runs["metric"] == "exact_match") & ~runs["family"].str.startswith("twin")]
+    end = end[(end["steps"] == STEPS[-1]) | (end["steps"] == 0)]
+    fam = end.groupby(["variant", "family"])["value"].mean().unstack()
+    k = sum(1 for v in fam.index if v not in ("vanilla", "laten")) + 1  # + twin transfer
+    d = fam.loc["oracle"] - fam.loc["vanilla"]
+    lo, hi = stats.t.interval(1 - 0.05 / k, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    gap = (fam.loc["teacher"] - fam.loc["vanilla"]).mean()
+    row = {r[0]: r for r in first_table(paths["markdown"].read_text())}["oracle"]
+    assert row[4] == f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    assert row[5] == f"{d.mean() / gap:+.2f} [{lo / gap:+.2f}, {hi / gap:+.2f}]"
+    text = paths["markdown"].read_text()
+    assert f"oracle (moved the endpoint toward the teacher): Δ student {row[4]} at " in text
+    assert "transfer (did not move the endpoint)" in text
+
+
+def test_corrected_levels_print_with_the_digits_that_make_them_readable():
+    """BH's 1 - 2*0.05/277 used to print as 100.0%."""
+    level = 1 - 2 * 0.05 / 277
+    r = pd.Series({"diff": 0.01, "ci_low_adj": -0.02, "ci_high_adj": 0.04, "p_adj": 0.5, "level": level,
+                   "test": "BH (m = 277)"})
+    text = report._ci_text(r)
+    shown = float(text.split(" at ")[1].split("%")[0])
+    assert shown != 100.0 and abs(shown - 100 * level) < 0.01 and "at 99.96%" in text
+    assert report.level_text(0.975) == "97.5%" and report.level_text(0.95) == "95.0%"
+
+
+def inert_table(flag: bool) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    rows = [{"student": "s", "task": "t", "benchmark": "t", "metric": "acc", "variant": v, "seed": s,
+             "value": 0.5 + rng.normal(0, 0.01), "inert": flag and v == "laten"}
+            for v in ("lora", "transfer", "shuffled", "laten") for s in range(4)]
+    return pd.DataFrame(rows)
+
+
+def test_an_inert_variant_is_not_evaluated_and_not_a_null():
+    s = report.summarize(inert_table(True)).set_index("variant")
+    assert s.loc["laten", "verdict"] == s.loc["laten", "transfer_verdict"] == report.INERT
+    lines = report.headline(s.reset_index(), "acc")
+    assert any(f"{report.INERT}: laten" in line and "of 1 controls" in line for line in lines)
+    # the inert variant leaves the corrected family: BH over the others only
+    plain = report.summarize(inert_table(False)).set_index("variant")
+    assert s.loc["shuffled", "transfer_test"] == "BH (m = 3)" and plain.loc["shuffled", "transfer_test"] == "BH (m = 5)"
+
+
+def test_the_endpoint_is_read_at_the_largest_step_count_and_the_others_draw_the_dose_response():
+    runs = study_runs(families=2, twins=0, seeds=2)
+    final = report.at_final_steps(runs)
+    trained = final[~final["variant"].isin(["teacher", "vanilla"])]
+    assert set(trained["steps"]) == {STEPS[-1]} and len(final) == len(runs[runs["steps"].isin([0, STEPS[-1]])])
+    report.check_runs(final)
+    dose = report.dose_response(runs, "exact_match", ENDPOINT_TASK)
+    oracle = dose[dose["variant"] == "oracle"].set_index("steps")["mean"]
+    want = runs[(runs["variant"] == "oracle") & (runs["task"] == ENDPOINT_TASK) & (runs["metric"] == "exact_match")]
+    want = want.groupby(["steps", "family"])["value"].mean().groupby("steps").mean()
+    assert list(oracle.index) == list(STEPS) and np.allclose(oracle.to_numpy(), want.loc[list(STEPS)].to_numpy())
+    assert report.dose_response(final, "exact_match", ENDPOINT_TASK).empty
+
+
+def gain_runs(cell_sd: float, seeds: int = 4, families: int = 10, seed: int = 0) -> pd.DataFrame:
+    """lora and three variants per family: each variant's gain has a per-cell effect (sd cell_sd) plus
+    seed noise (sd 0.01), and a diagnostic value per init."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for f in range(families):
+        for v in ("lora", "transfer", "shuffled", "spectrum-matched"):
+            effect = 0.0 if v == "lora" else rng.normal(0, cell_sd)
+            for s in range(seeds):
+                rows.append({"student": f"f{f}", "task": "t", "benchmark": "t", "metric": "acc", "variant": v,
+                             "seed": s, "value": 0.5 + effect + rng.normal(0, 0.01),
+                             "diag_cos": np.nan if v == "lora" else rng.normal(0, 0.003),
+                             "diag_share": np.nan if v == "lora" else rng.normal(0.19, 0.004)})
+    return pd.DataFrame(rows)
+
+
+def test_split_half_reliability_against_scipy():
+    runs = gain_runs(cell_sd=0.05)
+    rel = diagnose.split_half_reliability(runs, "acc")
+    lora = runs[runs["variant"] == "lora"].set_index(["student", "seed"])["value"]
+    others = runs[runs["variant"] != "lora"].copy()
+    others["gain"] = others["value"].to_numpy() - lora.loc[list(zip(others["student"], others["seed"]))].to_numpy()
+    halves = others.assign(half=others["seed"] % 2).groupby(["student", "variant", "half"])["gain"].mean().unstack()
+    r = stats.spearmanr(halves[0], halves[1]).statistic
+    assert rel["n"] == 30 and rel["rho_half"] == pytest.approx(r) and rel["reliability"] == pytest.approx(2 * r / (1 + r))
+    assert rel["ci_low"] > 0.5  # cell effects 5x the seed noise replicate
+
+
+def test_a_correlation_with_a_gain_that_does_not_replicate_is_not_read():
+    noise = gain_runs(cell_sd=0.0)
+    assert diagnose.split_half_reliability(noise, "acc")["ci_low"] < 0
+    reading = "not evidence either way: the gain does not replicate across seed halves |"
+    assert report.diagnostic_section(noise, "acc").count(reading) == 2  # one per diagnostic field
+    assert reading not in report.diagnostic_section(gain_runs(cell_sd=0.05), "acc")
+
+
+def test_the_diagnostics_levels_beside_random_directions():
+    runs = gain_runs(cell_sd=0.05)
+    levels = diagnose.levels(runs).set_index("variant")
+    for v in ("transfer", "shuffled"):
+        g = runs[runs["variant"] == v]
+        assert levels.loc[v, "cos_mean"] == pytest.approx(g["diag_cos"].mean())
+        assert levels.loc[v, "share_sd"] == pytest.approx(g["diag_share"].std())
+    assert "lora" not in levels.index and levels.loc["shuffled", "random_direction"]
+    text = report.diagnostic_section(runs, "acc")
+    t = levels.loc["transfer"]
+    assert f"| transfer | 40 | {t['cos_mean']:+.4f} ± {t['cos_sd']:.4f} | {t['share_mean']:.3f} ± " in text
+    assert "| shuffled (random directions) |" in text
+
+
+def test_a_v1_runs_table_renders_with_the_arms_it_has(tmp_path):
+    """docs/study's v1 columns (no teacher, oracle, twin, inert, chance): the first table lists what ran."""
+    rng = np.random.default_rng(2)
+    rows = [{"student": "s", "task": "facts", "benchmark": "gsm", "variant": v, "seed": s, "setting": "{}",
+             "metric": "exact_match", "value": 0.1 + rng.normal(0, 0.01), "top_sv": np.nan, "top_sv_ratio": np.nan,
+             "n_items": 96, "steps": 0 if v == "vanilla" else 8, "diag_cos": np.nan, "diag_share": np.nan}
+            for v in ("transfer", "shuffled", "lora", "vanilla") for s in (range(1) if v == "vanilla" else range(3))]
+    text = report.write_report(pd.DataFrame(rows), tmp_path, "exact_match")["markdown"].read_text()
+    assert [row[0] for row in first_table(text)] == ["transfer", "shuffled", "lora", "vanilla"]
+    assert f"at {100 * (1 - 0.05 / 3):.1f}% (Bonferroni over the 3 arms with one)" in text  # transfer, shuffled, lora
+    assert "- facts · exact_match: transfer (did not move the endpoint)" in text or \
+        "- facts · exact_match: transfer (moved the endpoint" in text

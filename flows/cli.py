@@ -555,7 +555,10 @@ def _print_result(out: dict) -> None:
         print(f"{name:9s} {Path(path).resolve()}")
     api = os.environ.get("PREFECT_API_URL", "")
     where = f"open {api.removesuffix('/api')}" if api else "run `pkt ui`, then open http://127.0.0.1:4200"
-    print(f"Runs, scores and reports are in the Prefect UI: {where}")
+    from .server import unrecorded
+
+    if not unrecorded():  # the server holds every task run of this command (flows/server.py checked)
+        print(f"Runs, scores and reports are in the Prefect UI: {where}")
 
 
 UNDEFINED_NOTE = ("-: undefined (a variant's difference to itself, the std and init size of a one-run variant "

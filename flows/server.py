@@ -38,6 +38,7 @@ UI_HINT = "start a server with `pkt ui` in another terminal and `export PREFECT_
 
 RECORD_PATIENCE = 120.0  # seconds the wait for the server's records goes on without any progress
 _MADE: list = []  # ids of the task runs this command made (flows/graph.py notes each one)
+_UNRECORDED: list = [0]  # how many of them the server had not recorded when the command's wait ended
 
 
 class PrefectUnavailable(UserError):
@@ -74,10 +75,16 @@ def wait_until_recorded(ids: list, patience: float = RECORD_PATIENCE, poll: floa
     return made - len(pending), made
 
 
+def unrecorded() -> int:
+    """How many task runs of the last command the server had not recorded when it ended (0: all)."""
+    return _UNRECORDED[0]
+
+
 def _wait_for_records(patience: float) -> None:
     """The end of a command: its logs and events sent, then every task run it made recorded."""
     _flush_client()
     ids, _MADE[:] = list(_MADE), []
+    _UNRECORDED[0] = len(set(ids))
     if not ids:
         return
     try:
@@ -86,6 +93,7 @@ def _wait_for_records(patience: float) -> None:
         print(f"pkt: could not check the Prefect server's records of this command's {len(ids)} task runs ({e})",
               file=sys.stderr)
         return
+    _UNRECORDED[0] = made - recorded
     if recorded < made:
         print(f"pkt: the Prefect server recorded {recorded} of this command's {made} task runs within "
               f"{patience:.0f} s of its last progress; the UI shows only those", file=sys.stderr)

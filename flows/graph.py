@@ -198,7 +198,8 @@ class Graph:
             except Exception as e:
                 note_task_run(record_run(source_task(kind), label, Failed(message=f"{type(e).__name__}: {e}"), edges))
                 raise
-            future = self._answered(source_task(kind), label, Completed(message=f"sha256 {ref.digest}", data=ref), edges)
+            state = Completed(message=f"sha256 {ref.digest}", data=ref)  # what it read, in the UI too
+            future = self._answered(source_task(kind), label, state, edges)
             self.sources[identity], self._refs[identity] = future, ref.as_dict()
             self._identity_of[id(future)] = identity
         return self.sources[identity]

@@ -137,7 +137,7 @@ def prefect_api():
     from prefect.context import refresh_global_settings_context
 
     server = TemporaryServer()
-    server.start(startup_timeout(), meanwhile=_import_nodes)
+    server.start(startup_timeout())
     try:
         # for anything this command starts, and for this process's other threads: a thread that does not
         # inherit the settings context (Prefect's own background waiters) reads the global one, and
@@ -164,13 +164,6 @@ def _records_waited():
         _wait_for_records(patience=2.0)
         raise
     _wait_for_records(RECORD_PATIENCE)
-
-
-def _import_nodes() -> None:
-    """Import what every flow imports (torch, transformers, the node kinds): seconds on 2 cores that
-    overlap the server's own start-up instead of following it."""
-    with contextlib.suppress(Exception):  # an import error shows where the flow imports it
-        import pkt.tasks.nodes  # noqa: F401
 
 
 def _check_reachable(url: str) -> None:
@@ -217,18 +210,18 @@ class TemporaryServer:
     def command(self, port_file: Path) -> list[str]:
         return [sys.executable, "-m", "pkt.flows.server", "--parent", str(os.getpid()), "--port-file", str(port_file)]
 
-    def start(self, timeout: float, meanwhile=None) -> None:
+    def start(self, timeout: float) -> None:
         """Start the server and wait until it answers. Servers of one PREFECT_HOME start one at a time:
         each creates or migrates Prefect's database on start-up, and two at once on a fresh home
         fail ("table block_type already exists"); the lock is released once the server answers."""
         fd = os.open(self.setup_lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self._start(timeout, meanwhile)
+            self._start(timeout)
         finally:
             os.close(fd)
 
-    def _start(self, timeout: float, meanwhile=None) -> None:
+    def _start(self, timeout: float) -> None:
         import httpx
 
         port_file = self.log.with_suffix(".port")
@@ -238,8 +231,6 @@ class TemporaryServer:
                                             stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         try:
-            if meanwhile is not None:  # work of this process that needs no server, done while it boots
-                meanwhile()
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise PrefectUnavailable(f"Prefect's temporary API server exited with code "

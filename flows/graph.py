@@ -202,6 +202,8 @@ class Graph:
             future = self._answered(source_task(kind), label, state, edges)
             self.sources[identity], self._refs[identity] = future, ref.as_dict()
             self._identity_of[id(future)] = identity
+            if self._below_forced(origins):  # read from what a recomputed node made: below it too
+                self._forced.add(identity)
         return self.sources[identity]
 
     def submit(self, spec: Node, inputs: dict, label: str) -> PrefectFuture:
@@ -211,7 +213,7 @@ class Graph:
         if identity not in self.futures:
             label, upstream = self._unique(f"{spec.KIND}[{label}]"), self._input_nodes(inputs)
             forced = self.recompute is not None and (not self.recompute or spec.KIND in self.recompute
-                                                     or any(u in self._forced for u in upstream))
+                                                     or self._below_forced(inputs))
             key = spec.key(self._key_inputs(inputs))
             hit = None if forced else lookup(self.store, spec.KIND, key)
             if hit is not None:
@@ -241,6 +243,16 @@ class Graph:
         run_id = record_run(task_, label, state, edges)
         note_task_run(run_id)
         return Answered(run_id, state)
+
+    def _below_forced(self, inputs) -> bool:
+        """Whether a node or source among inputs is recomputed (what reads it is below it)."""
+        if isinstance(inputs, PrefectFuture):
+            return self._identity_of.get(id(inputs)) in self._forced
+        if isinstance(inputs, list):
+            return any(self._below_forced(x) for x in inputs)
+        if isinstance(inputs, dict) and "digest" not in inputs:
+            return any(self._below_forced(x) for x in inputs.values())
+        return False
 
     def _key_inputs(self, inputs):
         """inputs as what a key sees of them: a source's digest, a node's kind and key (known for every

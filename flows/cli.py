@@ -64,6 +64,13 @@ def _report_dir(path: str, flag: str, args, inputs=(), store: str | None = None)
         check_out_dir(path, flag, **checks)
 
 
+def _recompute_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recompute", default=None, metavar="KIND[,KIND]|all",
+                   help="compute the nodes of these kinds (e.g. adapter,scores), or all, and every node below them, "
+                        "even where the store holds them (the old bytes stay until `pkt store gc`); Prefect's "
+                        "PREFECT_TASKS_REFRESH_CACHE=true means all")
+
+
 def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (device_map over GPUs)")
@@ -91,6 +98,7 @@ def parser() -> argparse.ArgumentParser:
                    help="with --study: candidate family seeds, in order (default 0-15); the first 8 that pass every "
                         "quality gate are swept, the others are listed as left out")
     _store_arg(p)
+    _recompute_arg(p)
 
     p = sub.add_parser("extract", help="teacher sensitivity, layer plan and LoRA init for a student's shape")
     p.add_argument("--teacher", required=True, help="teacher model directory or hub id")
@@ -112,6 +120,7 @@ def parser() -> argparse.ArgumentParser:
                         "one layer of it)")
     _device_args(p)
     _store_arg(p)
+    _recompute_arg(p)
 
     p = sub.add_parser("transfer", help="one teacher, one student, one task: variants x seeds, with report")
     p.add_argument("--teacher", required=True)
@@ -125,12 +134,14 @@ def parser() -> argparse.ArgumentParser:
     _force_arg(p)
     _device_args(p)
     _store_arg(p)
+    _recompute_arg(p)
 
     p = sub.add_parser("sweep", help="run a sweep config (YAML or TOML)")
     p.add_argument("--config", required=True)
     _force_arg(p)
     _allow_bin_arg(p)
     _store_arg(p)
+    _recompute_arg(p)
 
     p = sub.add_parser("report", help="rebuild the report (markdown, CSV, PNG) from a runs.csv")
     p.add_argument("--runs", required=True, help="runs.csv written by a sweep")
@@ -208,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     allow_bin = os.environ.get("PKT_ALLOW_BIN")  # the environment carries it to worker processes;
     if getattr(args, "allow_bin", False):        # restored below, so it never outlives this command
         os.environ["PKT_ALLOW_BIN"] = "1"
+    recompute = os.environ.get("PKT_RECOMPUTE")  # flows/graph.py reads it; restored below too
     stop.clear()  # a stop asked of an earlier command in this process is not asked of this one
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     quiet = _quiet_user_tracebacks()
@@ -216,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             from .server import startup_timeout
 
             startup_timeout()  # a bad value breaks Prefect's own settings at import: refuse it first
+        if getattr(args, "recompute", None):
+            from .graph import recompute_value
+
+            os.environ["PKT_RECOMPUTE"] = recompute_value(args.recompute)
         return COMMANDS[args.cmd](args) or 0
     except (KeyboardInterrupt, Stopped):
         print(f"pkt {args.cmd}: interrupted; nothing half-done was stored, a rerun resumes", file=sys.stderr)
@@ -238,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.pop("PKT_ALLOW_BIN", None)
         else:
             os.environ["PKT_ALLOW_BIN"] = allow_bin
+        os.environ.pop("PKT_RECOMPUTE", None)
+        if recompute is not None:
+            os.environ["PKT_RECOMPUTE"] = recompute
 
 
 def _on_signal(signum, frame):
@@ -539,7 +558,10 @@ def _print_result(out: dict) -> None:
         print(f"{name:9s} {Path(path).resolve()}")
     api = os.environ.get("PREFECT_API_URL", "")
     where = f"open {api.removesuffix('/api')}" if api else "run `pkt ui`, then open http://127.0.0.1:4200"
-    print(f"Runs, scores and reports are in the Prefect UI: {where}")
+    from .server import unrecorded
+
+    if not unrecorded():  # the server holds every task run of this command (flows/server.py checked)
+        print(f"Runs, scores and reports are in the Prefect UI: {where}")
 
 
 UNDEFINED_NOTE = ("-: undefined (a variant's difference to itself, the std and init size of a one-run variant "

@@ -1,26 +1,84 @@
-"""The DAG a flow builds: node specs submitted as Prefect futures to a task runner.
+"""The DAG a flow builds: node specs as Prefect futures, with their edges.
 
-Each upstream future is handed to its downstream nodes, so Prefect records the true edges and the
-task runner (threads, processes, or a Dask cluster) runs independent branches at once. A node
-this flow already submitted (one teacher chain feeds many runs) is answered with the same future.
+A key chains through its upstream nodes' *keys* and its sources' digests (tasks/node.py:
+identities), so every node's key is known as soon as the sources it reads are: the flow reads its
+sources itself and looks each node up in the store the moment it is submitted. A node the store
+holds is answered right here, recorded as a Cached task run with its true edges (no pool round
+trip); only the nodes to compute go to the task runner (threads, processes, or a Dask cluster),
+which runs independent branches at once. A node this flow already submitted (one teacher chain
+feeds many runs) is answered with the same future.
+
+--recompute (PKT_RECOMPUTE, or Prefect's PREFECT_TASKS_REFRESH_CACHE for all kinds) computes the
+nodes of the given kinds, and every node below them, even when the store holds them.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefect.futures import PrefectFuture, wait
+from prefect.client.schemas.objects import TaskRunResult
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture, wait
+from prefect.states import Completed, Failed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Store
 from pkt.core import stop
-from pkt.tasks.node import Node, node_task
-from pkt.tasks.nodes import source
+from pkt.tasks.node import Node, cached_state, lookup, node_task, opaque, record_run
+from pkt.tasks.nodes import dir_source, file_source, model_source, source
+
+from .server import note_task_run
 
 RUNNERS = ("threads", "processes", "dask")
+RECOMPUTE_VAR = "PKT_RECOMPUTE"  # what `--recompute` sets: KIND[,KIND] or all
+
+
+def recompute_kinds() -> frozenset[str] | None:
+    """The kinds to compute even when stored (None: none; an empty set: all), from PKT_RECOMPUTE or,
+    for all kinds, Prefect's refresh_cache setting (PREFECT_TASKS_REFRESH_CACHE)."""
+    from prefect.settings import get_current_settings
+
+    raw = os.environ.get(RECOMPUTE_VAR, "").strip()
+    if raw == "all" or (not raw and get_current_settings().tasks.refresh_cache):
+        return frozenset()
+    return frozenset(k.strip() for k in raw.split(",") if k.strip()) or None
+
+
+def node_kinds() -> set[str]:
+    todo, kinds = [Node], set()
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        kinds |= {cls.KIND} - {""}
+    return kinds
+
+
+def recompute_value(value: str, flag: str = "--recompute") -> str:
+    """`--recompute`'s value checked: `all`, or node kinds separated by commas."""
+    from .config import ConfigError
+
+    kinds = [k.strip() for k in value.split(",") if k.strip()]
+    if kinds == ["all"]:
+        return "all"
+    unknown = [k for k in kinds if k not in node_kinds()]
+    if not kinds or unknown:
+        raise ConfigError(f"{flag} {value}: {', '.join(unknown) or 'no kind'} is not a node kind; give all, or some of "
+                          f"{', '.join(sorted(node_kinds()))} separated by commas")
+    return ",".join(kinds)
+
+
+class Answered(PrefectConcurrentFuture):
+    """The future of a task run the flow answered itself (a stored node, a source it read): final
+    from the start."""
+
+    def __init__(self, task_run_id, state):
+        done = concurrent.futures.Future()
+        done.set_result(state)
+        super().__init__(task_run_id, done)
+        self._final_state = state
 
 
 class _StopsOnSignal:
@@ -94,11 +152,17 @@ def source_name(path: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.suffix else (p.name or str(path))
 
 
+SOURCES = {"model": lambda store, path, names: model_source(path, store),
+           "file": lambda store, path, names: file_source(path),
+           "dir": lambda store, path, names: dir_source(path, names)}
+
+
 @dataclass
 class Graph:
     store: Store
     runner: TaskRunner
     torch_threads: int | None = None
+    recompute: frozenset[str] | None = field(default_factory=recompute_kinds)  # kinds to recompute (empty: all)
     futures: dict[str, PrefectFuture] = field(default_factory=dict)  # node identity -> its future
     kinds: dict[str, str] = field(default_factory=dict)  # node identity -> kind
     sources: dict[str, PrefectFuture] = field(default_factory=dict)
@@ -106,6 +170,8 @@ class Graph:
     _labels: set[str] = field(default_factory=set)
     upstream: dict[str, list[str]] = field(default_factory=dict)  # node identity -> its input nodes' identities
     origins: dict[Path, PrefectFuture] = field(default_factory=dict)  # folder -> the node that made it
+    _refs: dict[str, dict] = field(default_factory=dict)  # identity -> what a key sees of it (tasks/node.py)
+    _forced: set[str] = field(default_factory=set)  # identities of the nodes recomputed
 
     def provides(self, folder: str | Path, future: PrefectFuture) -> None:
         """Sources read from inside folder (a family's teacher, student and task files) were taken
@@ -118,28 +184,110 @@ class Graph:
 
     def source(self, kind: str, path: str, names: list[str] | None = None) -> PrefectFuture:
         """The future of an input that is not a node: a model ("model"), a data file ("file") or the
-        named files of a task directory ("dir")."""
+        named files of a task directory ("dir"), read here (its digest is what the keys below it need)
+        once the node that makes its folder, if any, is done."""
         identity = canonical_json({"source": kind, "path": str(path), "names": names})
         if identity not in self.sources:
-            label = f"{kind}[{source_name(path)}" + (f": {', '.join(names)}]" if names else "]")
-            future = self.runner.submit(source_task(kind), parameters={
-                "kind": kind, "path": str(path), "store_root": str(self.store.root), "label": self._unique(label),
-                "names": names}, wait_for=self._origin(path) or None)
-            self.sources[identity] = future
+            label = self._unique(f"{kind}[{source_name(path)}" + (f": {', '.join(names)}]" if names else "]"))
+            origins = self._origin(path)
+            for origin in origins:
+                origin.result()  # raises if it failed: nothing to read
+            edges = {"wait_for": [TaskRunResult(id=f.task_run_id) for f in origins]} if origins else {}
+            try:
+                ref = opaque(SOURCES[kind](self.store, str(path), names))
+            except Exception as e:
+                note_task_run(record_run(source_task(kind), label, Failed(message=f"{type(e).__name__}: {e}"), edges))
+                raise
+            state = Completed(message=f"sha256 {ref.digest}", data=ref)  # what it read, in the UI too
+            future = self._answered(source_task(kind), label, state, edges)
+            self.sources[identity], self._refs[identity] = future, ref.as_dict()
             self._identity_of[id(future)] = identity
+            if self._below_forced(origins):  # read from what a recomputed node made: below it too
+                self._forced.add(identity)
         return self.sources[identity]
 
     def submit(self, spec: Node, inputs: dict, label: str) -> PrefectFuture:
-        """The future of spec's ref, submitting it once per (spec, upstream nodes/sources)."""
+        """The future of spec's ref, once per (spec, upstream nodes/sources): answered here from the
+        store when it holds the node's key (a Cached task run), else computed by the task runner."""
         identity = canonical_json({"spec": spec.identity(), "inputs": self._input_identity(inputs)})
         if identity not in self.futures:
-            future = self.runner.submit(node_task(spec.KIND), parameters={
-                "spec": spec, "inputs": inputs, "store_root": str(self.store.root),
-                "label": self._unique(f"{spec.KIND}[{label}]"), "torch_threads": self.torch_threads})
+            label, upstream = self._unique(f"{spec.KIND}[{label}]"), self._input_nodes(inputs)
+            forced = self.recompute is not None and (not self.recompute or spec.KIND in self.recompute
+                                                     or self._below_forced(inputs))
+            key = spec.key(self._key_inputs(inputs))
+            hit = None if forced else lookup(self.store, spec.KIND, key)
+            if hit is not None:
+                ref = opaque({**hit.as_dict(), "status": "reused"})
+                future = self._answered(node_task(spec.KIND), label, cached_state(ref), self._edges(inputs))
+            else:
+                future = self._compute(spec, inputs, label, forced)
             self.futures[identity], self.kinds[identity] = future, spec.KIND
-            self._identity_of[id(future)] = identity
-            self.upstream[identity] = self._input_nodes(inputs)
+            self._identity_of[id(future)], self._refs[identity] = identity, {"kind": spec.KIND, "key": key}
+            self.upstream[identity] = upstream
+            if forced:
+                self._forced.add(identity)
         return self.futures[identity]
+
+    def _compute(self, spec: Node, inputs: dict, label: str, recompute: bool) -> PrefectFuture:
+        """Ship the node to the task runner: futures it waits for pass as they are, answered ones as
+        their refs (plain data any runner can carry) with their edges given alongside."""
+        edges = self._edges(inputs, answered_only=True)
+        future = self.runner.submit(node_task(spec.KIND), parameters={
+            "spec": spec, "inputs": self._resolve_answered(inputs), "store_root": str(self.store.root),
+            "label": label, "torch_threads": self.torch_threads, "recompute": recompute},
+            dependencies={"inputs": set(edges["inputs"])} if edges else None)
+        note_task_run(future.task_run_id)
+        return future
+
+    def _answered(self, task_, label: str, state, edges: dict) -> Answered:
+        run_id = record_run(task_, label, state, edges)
+        note_task_run(run_id)
+        return Answered(run_id, state)
+
+    def _below_forced(self, inputs) -> bool:
+        """Whether a node or source among inputs is recomputed (what reads it is below it)."""
+        if isinstance(inputs, PrefectFuture):
+            return self._identity_of.get(id(inputs)) in self._forced
+        if isinstance(inputs, list):
+            return any(self._below_forced(x) for x in inputs)
+        if isinstance(inputs, dict) and "digest" not in inputs:
+            return any(self._below_forced(x) for x in inputs.values())
+        return False
+
+    def _key_inputs(self, inputs):
+        """inputs as what a key sees of them: a source's digest, a node's kind and key (known for every
+        node submitted, computed or not)."""
+        if isinstance(inputs, PrefectFuture):
+            return self._refs[self._identity_of[id(inputs)]]
+        if isinstance(inputs, list):
+            return [self._key_inputs(x) for x in inputs]
+        if isinstance(inputs, dict) and "digest" not in inputs:
+            return {name: self._key_inputs(x) for name, x in inputs.items()}
+        return inputs  # a ref already (a table the flow stored)
+
+    def _resolve_answered(self, inputs):
+        if isinstance(inputs, Answered):
+            return inputs.result()
+        if isinstance(inputs, list):
+            return [self._resolve_answered(x) for x in inputs]
+        if isinstance(inputs, dict) and "digest" not in inputs:
+            return {name: self._resolve_answered(x) for name, x in inputs.items()}
+        return inputs
+
+    def _edges(self, inputs, answered_only: bool = False) -> dict:
+        """{"inputs": [TaskRunResult of each upstream task run]}: the edges the UI draws."""
+        found, todo = [], [inputs]
+        while todo:
+            x = todo.pop()
+            if isinstance(x, PrefectFuture):
+                if not answered_only or isinstance(x, Answered):
+                    found.append(TaskRunResult(id=x.task_run_id))
+            elif isinstance(x, list):
+                todo += x
+            elif isinstance(x, dict) and "digest" not in x:
+                todo += list(x.values())
+        unique = list({r.id: r for r in found}.values())
+        return {"inputs": unique} if unique else {}
 
     def _input_nodes(self, inputs) -> list[str]:
         if isinstance(inputs, PrefectFuture):

@@ -7,6 +7,11 @@ after a successful run). pkt instead starts one server per command, waits for it
 writes its output to a log file instead of the terminal, stops it when the command ends (also on
 SIGTERM/SIGINT), and the server stops itself when its parent dies, even by SIGKILL.
 
+A task run reaches the server as events, which its task-run recorder writes to the database in
+batches, seconds or (on a busy machine) minutes later. A command therefore ends only once the API
+shows every task run it made in a final state (on a temporary server and on the user's alike):
+stopped earlier, a temporary server loses the backlog, and the UI would show part of the run.
+
     python -m pkt.flows.server --parent PID --port-file FILE    (the server process itself)
 """
 from __future__ import annotations
@@ -31,8 +36,67 @@ STOP_GRACE = 10.0  # seconds a stopping server gets before it is killed
 UI_HINT = "start a server with `pkt ui` in another terminal and `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
 
 
+RECORD_PATIENCE = 120.0  # seconds the wait for the server's records goes on without any progress
+_MADE: list = []  # ids of the task runs this command made (flows/graph.py notes each one)
+_UNRECORDED: list = [0]  # how many of them the server had not recorded when the command's wait ended
+
+
 class PrefectUnavailable(UserError):
     pass
+
+
+def note_task_run(task_run_id) -> None:
+    """A task run this command made: the command waits until the server has recorded it."""
+    _MADE.append(task_run_id)
+
+
+def wait_until_recorded(ids: list, patience: float = RECORD_PATIENCE, poll: float = 0.5) -> tuple[int, int]:
+    """Wait until the API returns every task run of `ids` in a final state (written with its edges:
+    they come in the same event), or until `patience` seconds pass with none newly recorded.
+    Returns (recorded, made)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter
+
+    pending, made = set(ids), len(set(ids))
+    last = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while pending:
+            before = len(pending)
+            todo = sorted(pending)
+            for i in range(0, len(todo), 200):
+                runs = client.read_task_runs(task_run_filter=TaskRunFilter(id={"any_": todo[i:i + 200]}), limit=200)
+                pending -= {r.id for r in runs if r.state is not None and r.state.is_final()}
+            if len(pending) < before:
+                last = time.monotonic()
+            elif time.monotonic() - last > patience:
+                break
+            if pending:
+                time.sleep(poll)
+    return made - len(pending), made
+
+
+def unrecorded() -> int:
+    """How many task runs of the last command the server had not recorded when it ended (0: all)."""
+    return _UNRECORDED[0]
+
+
+def _wait_for_records(patience: float) -> None:
+    """The end of a command: its logs and events sent, then every task run it made recorded."""
+    _flush_client()
+    ids, _MADE[:] = list(_MADE), []
+    _UNRECORDED[0] = len(set(ids))
+    if not ids:
+        return
+    try:
+        recorded, made = wait_until_recorded(ids, patience)
+    except Exception as e:  # the run itself is done: say what the UI may lack, do not fail the command
+        print(f"pkt: could not check the Prefect server's records of this command's {len(ids)} task runs ({e})",
+              file=sys.stderr)
+        return
+    _UNRECORDED[0] = made - recorded
+    if recorded < made:
+        print(f"pkt: the Prefect server recorded {recorded} of this command's {made} task runs within "
+              f"{patience:.0f} s of its last progress; the UI shows only those", file=sys.stderr)
 
 
 def startup_timeout() -> float:
@@ -62,9 +126,11 @@ def prefect_api():
     """Run the body against the user's Prefect API if one is configured (checked first), otherwise
     against a temporary server owned by this process and stopped on the way out."""
     url = configured_api_url()
+    _MADE.clear()
     if url:
         _check_reachable(url)
-        yield url
+        with _records_waited():
+            yield url
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -78,15 +144,26 @@ def prefect_api():
         # without a URL there it started a second temporary server of its own (20% of a core in the study)
         os.environ["PREFECT_API_URL"] = server.api_url
         refresh_global_settings_context()
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            try:
-                yield server.api_url
-            finally:
-                _flush_client()
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}), _records_waited():
+            yield server.api_url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         refresh_global_settings_context()
         server.stop()
+
+
+@contextlib.contextmanager
+def _records_waited():
+    """On the way out, wait for the server's records; briefly after Ctrl-C or SIGTERM (the user wants out)."""
+    try:
+        yield
+    except Exception:
+        _wait_for_records(RECORD_PATIENCE)
+        raise
+    except BaseException:
+        _wait_for_records(patience=2.0)
+        raise
+    _wait_for_records(RECORD_PATIENCE)
 
 
 def _check_reachable(url: str) -> None:

@@ -14,19 +14,25 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import datetime
 import functools
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from prefect import get_run_logger, task
+from prefect import Task, get_run_logger, task
+from prefect._internal.engine import dynamic_key_for_task_run
+from prefect._internal.uuid7 import uuid7
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import StateDetails
+from prefect.client.schemas.objects import State, StateDetails, TaskRun, TaskRunPolicy
+from prefect.context import FlowRunContext
 from prefect.logging import get_logger
 from prefect.states import Completed
+from prefect.utilities.engine import emit_task_run_state_change_event
 
 from pkt.artifacts import catalog
 from pkt.artifacts.keys import InputChanged, canonical_json, file_digest, file_stamp
@@ -159,32 +165,62 @@ def log(msg: str) -> None:
     _logger().info(msg)
 
 
-def build(spec: Node, inputs: dict, store: Store, label: str = "") -> NodeRef:
+def build(spec: Node, inputs: dict, store: Store, label: str = "", recompute: bool = False) -> NodeRef:
     """The node's ref as {kind, key, digest, status}: 'reused' when the store holds it, else
     'computed'. A node being computed elsewhere (another branch, another process) is waited for
-    under the store's lock, never computed twice. Plain Python: no Prefect run needed."""
+    under the store's lock, never computed twice. recompute: compute it even if the store holds it
+    (the new record replaces the key's record; the old bytes stay until gc). Plain Python: no
+    Prefect run needed."""
     key = spec.key(inputs)
+    if recompute:
+        with store.lock(spec.KIND, key):
+            return opaque({**_compute(store, spec, key, inputs, label).as_dict(), "status": "computed"})
     hit = store.lookup(spec.KIND, key)  # a stored node needs no lock (nor a writable store)
     store.misses.clear()  # a miss is looked up (and reported) again under the lock
     if hit is None:
         with store.lock(spec.KIND, key):
-            hit = _lookup(store, spec.KIND, key)  # computed by someone else while we waited
+            hit = lookup(store, spec.KIND, key)  # computed by someone else while we waited
             if hit is None:
                 return opaque({**_compute(store, spec, key, inputs, label).as_dict(), "status": "computed"})
     return opaque({**hit.as_dict(), "status": "reused"})
 
 
+def cached_state(ref: NodeRef) -> State:
+    """The state of a node the store holds: Completed, named Cached, the artifact key shown as its
+    cache key (Prefect itself looks nothing up by it)."""
+    return Completed(name="Cached", message=f"{ref.kind} {ref.key[:12]} reused from the store", data=ref,
+                     state_details=StateDetails(cache_key=f"pkt-{ref.kind}-{ref.key}"))
+
+
 @task(name="node", cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}")
-def run_node(spec: Node, inputs: dict, store_root: str, label: str, torch_threads: int | None = None):
+def run_node(spec: Node, inputs: dict, store_root: str, label: str, torch_threads: int | None = None,
+             recompute: bool = False):
     """build() as a Prefect task: a node the store holds finishes in a state named Cached."""
     if torch_threads and torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)  # N workers on N cores: no oversubscription
-    ref = build(spec, inputs, Store(store_root), label)
-    if ref["status"] == "computed":
-        return ref
-    # the artifact key shows as the state's cache key; Prefect itself looks nothing up by it
-    return Completed(name="Cached", message=f"{spec.KIND} {ref['key'][:12]} reused from the store", data=ref,
-                     state_details=StateDetails(cache_key=f"pkt-{spec.KIND}-{ref['key']}"))
+    ref = build(spec, inputs, Store(store_root), label, recompute)
+    return ref if ref["status"] == "computed" else cached_state(ref)
+
+
+def record_run(task_: Task, label: str, state: State, task_inputs: dict[str, list]) -> uuid.UUID:
+    """Record a task run that already has its final state without running it (a node the flow found
+    in the store, a source it read): the one state-change event Prefect's task engine emits for each
+    state a run enters, from which the server's task-run recorder writes the run, its state and its
+    edges (task_inputs: parameter name -> TaskRunResult of the upstream runs). No pool round trip,
+    no API call. Outside a flow run nothing is recorded."""
+    run_id = uuid7()
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return run_id
+    state.state_details.task_run_id, state.state_details.flow_run_id = run_id, ctx.flow_run.id
+    run = TaskRun(id=run_id, name=label, flow_run_id=ctx.flow_run.id, task_key=task_.task_key,
+                  dynamic_key=str(dynamic_key_for_task_run(ctx, task_, stable=False)), task_version=task_.version,
+                  empirical_policy=TaskRunPolicy(), tags=sorted(task_.tags), task_inputs=task_inputs,
+                  expected_start_time=state.timestamp, start_time=state.timestamp, end_time=state.timestamp,
+                  total_run_time=datetime.timedelta(0), run_count=1, state_id=state.id, state_type=state.type,
+                  state_name=state.name, state=state, created=state.timestamp, updated=state.timestamp)
+    emit_task_run_state_change_event(task_run=run, initial_state=None, validated_state=state)
+    return run_id
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,7 +291,7 @@ def _compute(store: Store, spec: Node, key: str, inputs: dict, label: str = "") 
     return ref
 
 
-def _lookup(store: Store, kind: str, key: str) -> Ref | None:
+def lookup(store: Store, kind: str, key: str) -> Ref | None:
     """store.lookup, saying in the run's log why a stored entry could not be used."""
     hit = store.lookup(kind, key)
     for note in store.misses:

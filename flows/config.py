@@ -14,7 +14,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from pkt.core import arch, data, evaluate, laten, models, preflight
+from pkt.core import arch, data, evaluate, inputs, laten, models, preflight
 from pkt.core.align import LAYER_SELECTORS, REDUCERS
 from pkt.core.errors import UserError
 from pkt.core.finetune import TrainParams
@@ -54,6 +54,26 @@ def _known_modules(v: tuple[str, ...]) -> tuple[str, ...]:
     return v
 
 
+def _seed(v: int) -> int:
+    if not 0 <= v < inputs.SEED_LIMIT:
+        raise ValueError("a seed must be a whole number from 0 to 2^63 - 1")
+    return v
+
+
+def _distinct(v: list) -> list:
+    """Each item once: a duplicate variant, seed or grid value would be computed (or reported) twice
+    under one name, and found only after all the work."""
+    seen = set()
+    for x in v:
+        key = repr(x)
+        if key in seen:
+            raise ValueError(f"{x!r} is given twice; give each value once")
+        seen.add(key)
+    return v
+
+
+Seed = Annotated[int, AfterValidator(_seed)]
+Seeds = Annotated[list[Seed], AfterValidator(_distinct)]
 Dtype = Literal[DTYPES]  # type: ignore[valid-type]
 Device = Annotated[str, AfterValidator(_device)]
 Modules = Annotated[tuple[str, ...], BeforeValidator(_modules), AfterValidator(_known_modules), Field(min_length=1)]
@@ -75,7 +95,7 @@ class TrainSpec(BaseModel):
     weight_decay: float = Field(TrainParams.weight_decay, ge=0)
     max_length: int = Field(TrainParams.max_length, ge=1)
     n_train: int | None = Field(TrainParams.n_train, ge=1)
-    seed: int = TrainParams.seed
+    seed: Seed = TrainParams.seed
     modules: Modules = TrainParams.modules
 
 
@@ -99,6 +119,10 @@ def _train_grid(v: dict) -> dict:
         except ValidationError as e:
             raise ValueError("; ".join(f"{name} {err['input']!r}: {MESSAGES.get(err['type'], err['msg'])}"
                                        .format(**err.get("ctx", {})) for err in e.errors())) from None
+        try:
+            _distinct(out[name])  # compared as read: "1e-3" and 0.001 are one learning rate
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     return out
 
 
@@ -131,7 +155,7 @@ class LatenSpec(BaseModel):
     n_extract: int = Field(20, ge=1, description="extract samples: one translator step each")
     n_align: int = Field(80, ge=1, description="align samples, drawn from for every step's batch")
     align_per_step: int = Field(15, ge=1)
-    split_seed: int = 0
+    split_seed: Seed = 0
     rate: float = Field(0.1, gt=0, le=1, description="transfer rate while training the translator")
     modules: tuple[Literal[tuple(laten.MODULES)], ...] = Field(laten.DEFAULT_MODULES, min_length=1)  # type: ignore
     n_layers: int | None = Field(None, ge=1, description="paired layers; default: the student's depth")
@@ -152,6 +176,10 @@ class LatenSpec(BaseModel):
             if not values or not all(ok):
                 raise ValueError(f"laten.grid.{name} {values}: give a non-empty list of "
                                  + ("whole numbers >= 1 (optimizer steps)" if name == "step" else "rates in (0, 1]"))
+            try:
+                _distinct(values)
+            except ValueError as e:
+                raise ValueError(f"laten.grid.{name}: {e}") from None
         return v
 
     @model_validator(mode="after")
@@ -210,14 +238,14 @@ class SweepConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     name: str | None = Field(None, description="names this sweep's artifacts in the UI (default: a config digest)")
     teacher: str
-    students: list[str] = Field(min_length=1)
+    students: Annotated[list[str], AfterValidator(_distinct)] = Field(min_length=1)
     tasks: list[TaskSpec] = Field(min_length=1)
-    variants: list[str] = Field(["vanilla", "lora", "transfer"], min_length=1)
-    seeds: list[int] = Field([0], min_length=1, description="training seeds, e.g. [0, 1, 2]")
+    variants: Annotated[list[str], AfterValidator(_distinct)] = Field(["vanilla", "lora", "transfer"], min_length=1)
+    seeds: Seeds = Field([0], min_length=1, description="training seeds, e.g. [0, 1, 2]")
     early_teacher: str | None = None
     cross_task_seeds: str | None = Field(None, description="seeds.jsonl of another task, for the cross-task control")
     k: int | None = Field(None, ge=1, description="seed samples drawn from seeds.jsonl; None: all of them (paper: 32)")
-    sample_seed: int = 0
+    sample_seed: Seed = 0
     selector: Literal[LAYER_SELECTORS] = "sensitivity"  # type: ignore[valid-type]
     reducer: Literal[REDUCERS] = "submatrix"  # type: ignore[valid-type]
     split: Literal[SPLITS] = "paper"  # type: ignore[valid-type]
@@ -234,10 +262,11 @@ class SweepConfig(BaseModel):
     laten: LatenSpec = Field(default_factory=LatenSpec, description="LaTen's settings and grid (laten* variants)")
     select_on: str | None = Field(None, description="val metric that picks each variant's setting; default: the "
                                   "first task's primary metric (answer_nll is steadier at small scale)")
-    selection_seeds: list[int] = Field(default_factory=list, description="training seeds of the runs that choose "
+    selection_seeds: Seeds = Field(default_factory=list, description="training seeds of the runs that choose "
                                        "each variant's setting on val; never scored on test, disjoint from seeds")
     endpoint: Endpoint | None = Field(None, description="the primary endpoint, declared before the data")
-    benchmarks: list[str] = Field(default_factory=lambda: ["answer_nll"], description="extra benchmarks per task")
+    benchmarks: Annotated[list[str], AfterValidator(_distinct)] = Field(default_factory=lambda: ["answer_nll"],
+                                                                        description="extra benchmarks per task")
     judge: str | None = Field(None, description="local judge model for the optional 'winrate' benchmark")
     num_fewshot: int = Field(0, ge=0)
     eval_limit: int | None = Field(None, ge=1)
@@ -262,6 +291,12 @@ class SweepConfig(BaseModel):
     def _one_thread_worker(self):
         _check_runner(self.runner, self.workers)
         return self
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_task_names(cls, v: list[TaskSpec]) -> list[TaskSpec]:
+        _distinct([t.name for t in v])
+        return v
 
     @model_validator(mode="after")
     def _controls_have_inputs(self):
@@ -386,16 +421,19 @@ class DemoConfig(BaseModel):
 
 def load_config(path: str | Path) -> SweepConfig:
     path = Path(path)
-    if not path.is_file():
-        problem = "is a directory" if path.is_dir() else "no such file"
-        raise ConfigError(f"{path}: {problem}; give a YAML or TOML sweep config (see README, 'The sweep config')")
+    try:  # a regular file of bounded size and line length: never a device, a FIFO, a 50 MB line
+        text = inputs.read_text(path, "a YAML or TOML sweep config (see README, 'The sweep config')")
+    except inputs.InputError as e:
+        raise ConfigError(str(e)) from None
     try:
-        text = path.read_text(encoding="utf-8-sig")
         raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {e}") from None
+    except ValueError as e:  # a number of more than 4300 digits (int() refuses it)
+        raise ConfigError(f"{path}: a number too long to read ({str(e).split(':')[0]}); give numbers of at most a "
+                          "few digits") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read; a sweep config is a mapping of fields") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of fields (teacher: ..., students: [...], ...)")
     return parse_config(raw or {}, str(path))
@@ -432,7 +470,11 @@ def _describe(err: dict, where: str, flags: dict[str, str] | None) -> str:
         known = TrainSpec.model_fields if loc[:1] == ["train"] else {}
         msg = "is not a field pkt knows" + (f"; known: {', '.join(known)}" if known else "")
     given = err.get("input")
+    if isinstance(given, int) and abs(given).bit_length() > 96:  # str() of a 100,000-digit int raises
+        given = f"(a {abs(given).bit_length()}-bit number)"
     shown = f" {given}" if isinstance(given, (str, int, float)) and err["type"] != "missing" else ""
+    if flags is not None and ".".join(loc[:2]) in flags:  # a field of its own flag (--laten-extract)
+        return f"{flags['.'.join(loc[:2])]}{shown}: {msg}"
     if flags is not None and loc and loc[0] in flags:
         sub = loc[1:] if loc[0] == "train" else []  # --train lr; but --task-dir, not --task-dir 0 dir
         return f"{' '.join([flags[loc[0]], *sub])}{shown}: {msg}"
@@ -454,6 +496,10 @@ def check_extract_inputs(cfg: ExtractConfig) -> None:
 def check_sweep_inputs(cfg: SweepConfig) -> None:
     """Every data file a sweep reads, every model's files, config and tokenizer, and the ranks the
     students allow: no weights are loaded."""
+    for i, task in enumerate(cfg.tasks):
+        check_benchmark(task.benchmark, f"field tasks.{i}.benchmark")
+    for name in cfg.benchmarks:
+        check_benchmark(name, "field benchmarks")
     for task in cfg.tasks:
         for name in ("train.jsonl", "test.jsonl") + (("val.jsonl",) if cfg.train_grid else ()):
             data.read_jsonl(Path(task.dir) / name)
@@ -477,6 +523,16 @@ def check_sweep_inputs(cfg: SweepConfig) -> None:
             laten.splits(len(data.read_jsonl(Path(task.dir) / "train.jsonl")), cfg.laten.n_extract, cfg.laten.n_align)
     if "winrate" in cfg.benchmarks:
         preflight.check_model_files(cfg.judge)
+
+
+def check_benchmark(name: str, where: str) -> None:
+    """A benchmark pkt ships, or a task lm-eval knows: refused before any work, not after the first
+    adapter is trained (lm-eval's index is read only for a name that is not pkt's)."""
+    if name in evaluate.BENCHMARKS or name == "winrate":
+        return
+    if name not in evaluate.lm_eval_task_names():
+        raise ConfigError(f"{where} {name}: neither a pkt benchmark ({', '.join([*evaluate.BENCHMARKS, 'winrate'])}) "
+                          "nor an lm-eval task; give one of those, or an lm-eval task name (`lm-eval ls tasks`)")
 
 
 def _check_seeds(path: str, k: int | None, k_name: str) -> None:

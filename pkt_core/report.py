@@ -11,6 +11,8 @@ claimed only when that corrected interval excludes 0, otherwise it is "not disti
 """
 from __future__ import annotations
 
+import gzip
+import io
 import itertools
 import json
 import os
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import stats
+from . import inputs, stats
 from .errors import UserError
 
 BASELINE = "lora"
@@ -951,8 +953,28 @@ def _overview_cell(r: pd.Series) -> str:
 
 
 def read_csv(path) -> pd.DataFrame:
-    """A runs or summary table as written above (empty cells are missing values, nothing else is)."""
+    """A runs or summary table as written above (empty cells are missing values, nothing else is). A
+    path is read bounded (pkt_core/inputs.py: a regular file, its size, its lines, a .gz's unpacked size)."""
+    if isinstance(path, (str, Path)):
+        path = io.BytesIO(_table_bytes(Path(path)))
     return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+def _table_bytes(path: Path) -> bytes:
+    what = "a CSV table pkt wrote (runs.csv in a report directory)"
+    raw = inputs.read_bytes(path, what)
+    if path.suffix == ".gz":
+        max_bytes, _ = inputs.limits()
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+                raw = f.read(max_bytes + 1)
+        except (OSError, EOFError) as e:
+            raise inputs.InputError(f"{path}: not a readable gzip file ({e}); give {what}") from None
+        if len(raw) > max_bytes:
+            raise inputs.InputError(f"{path}: unpacks to more than {max_bytes / 2**20:g} MiB; check it is {what}, "
+                                    "or pass --max-input-mb N to read it")
+    inputs.check_line_lengths(path, raw, what)
+    return raw
 
 
 def diagnostic_section(runs: pd.DataFrame, primary: str) -> str:

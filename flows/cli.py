@@ -390,6 +390,27 @@ def _seed_list(value: str, flag: str) -> list[int]:
     return seeds
 
 
+def check_sweep_size(cfg, args) -> None:
+    """State the sweep's size before it starts (flows/config.py: node_counts), with the time its kinds
+    took in this store; above --max-nodes, refuse unless --yes."""
+    from pkt.artifacts.store import Store
+
+    from .config import ConfigError, describe_size, node_counts, seconds_per_node
+
+    try:
+        limit = int(args.max_nodes)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ConfigError(f"--max-nodes {args.max_nodes[:30]}: give a whole number of at least 1")
+    store = Store(cfg.store)
+    total, size = describe_size(node_counts(cfg), seconds_per_node(store.records() if store.root.is_dir() else []))
+    if total > limit and not args.yes:
+        raise ConfigError(f"this sweep has {size}, above --max-nodes {limit:,}; shrink its grids, seeds or variants, "
+                          "or pass --yes to run it (or a higher --max-nodes)")
+    print(f"pkt {args.cmd}: {size} (every node counted; those the store holds are reused)", flush=True)
+
+
 def store_option(path: str | None) -> str | None:
     """--store as the user meant it: a quoted ~ is their home; a path that is a file is refused
     before any work starts (not after Prefect's server is up)."""
@@ -486,6 +507,7 @@ def cmd_transfer(args) -> int:
 
     args.store = store_option(args.store)
     cfg = transfer_config(args)
+    check_sweep_size(cfg, args)
     check_benchmark(args.benchmark, "--benchmark")
     try:
         check_sweep_inputs(cfg)
@@ -512,6 +534,7 @@ def cmd_sweep(args) -> int:
     if args.store:
         cfg = cfg.model_copy(update={"store": args.store})
     cfg = cfg.model_copy(update={"store": store_option(cfg.store)})
+    check_sweep_size(cfg, args)
     check_sweep_inputs(cfg)
     _report_dir(cfg.report_dir, f"{args.config}: report_dir", args,
                 [cfg.teacher, *cfg.students, *(t.dir for t in cfg.tasks)], cfg.store)

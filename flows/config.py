@@ -5,8 +5,10 @@ Numbers given as strings ("1e-3", YAML's 3e-4, "2") are read as numbers.
 """
 from __future__ import annotations
 
+import math
 import re
 import tomllib
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -313,7 +315,7 @@ class SweepConfig(BaseModel):
     @model_validator(mode="after")
     def _protocol(self):
         """Equal grids, selection apart from test, an endpoint the sweep can measure."""
-        sizes = {v: len(self.grid_points(v)) for v in self.variants if VARIANTS[v].trains}
+        sizes = {v: self.grid_size(v) for v in self.variants if VARIANTS[v].trains}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"unequal grids: {', '.join(f'{v} {n}' for v, n in sizes.items())} settings; every "
                              "trained variant needs a grid of the same size (init_scale applies only to inits "
@@ -335,13 +337,22 @@ class SweepConfig(BaseModel):
             _check_endpoint(self.endpoint, self)
         return self
 
+    def _grid_axes(self, variant: str) -> dict[str, list]:
+        axes = {k: x for k, x in self.train_grid.items() if k != "init_scale" or VARIANTS[variant].extracted}
+        return axes | self.variant_grid.get(variant, {})
+
+    def grid_size(self, variant: str) -> int:
+        """len(grid_points(variant)), without building them (a 1000 x 1000 grid is a million settings)."""
+        if VARIANTS[variant].chain == "laten":
+            return len(self.laten.grid.get("step", [0])) * len(self.laten.grid.get("rate", [0]))
+        return math.prod(len(values) for values in self._grid_axes(variant).values())
+
     def grid_points(self, variant: str) -> list[dict]:
         """Every training setting of a variant: train_grid's axes that apply to it (init_scale only to
         inits from a teacher), with its variant_grid axes added or replacing them."""
         if VARIANTS[variant].chain == "laten":  # LaTen trains no adapter: its grid is its own (step x rate)
             return self.laten.points()
-        axes = {k: x for k, x in self.train_grid.items() if k != "init_scale" or VARIANTS[variant].extracted}
-        axes |= self.variant_grid.get(variant, {})
+        axes = self._grid_axes(variant)
         points = [{}]
         for name, values in axes.items():
             points = [{**p, name: x} for p in points for x in values]
@@ -479,6 +490,58 @@ def _describe(err: dict, where: str, flags: dict[str, str] | None) -> str:
         sub = loc[1:] if loc[0] == "train" else []  # --train lr; but --task-dir, not --task-dir 0 dir
         return f"{' '.join([flags[loc[0]], *sub])}{shown}: {msg}"
     return f"{where}: field {'.'.join(loc) or '(top level)'}{' =' + shown if shown else ''}: {msg}"
+
+
+# ---- the size of a sweep, stated before it starts -----------------------------------------------
+def node_counts(cfg: SweepConfig) -> dict[str, int]:
+    """kind -> how many nodes of that kind the sweep submits, for the kinds that take its time:
+    adapters (or LaTen updates) and their LoRA inits, scores, step-0 diagnostics. Every node is
+    counted, stored ones too: a node's key needs its sources' digests (whole models hashed), and the
+    test runs' settings are chosen on val. Computed from the config's sizes, so a sweep of millions
+    is counted in microseconds."""
+    trained = [v for v in cfg.variants if VARIANTS[v].trains]
+    selecting = any(cfg.grid_size(v) > 1 for v in trained)
+    counts: Counter = Counter()
+    for task in cfg.tasks:
+        benchmarks = len({task.benchmark, *cfg.benchmarks})
+        for name in cfg.variants:
+            v = VARIANTS[name]
+            if not v.trains:  # vanilla: the student scored once
+                counts["scores"] += benchmarks
+                continue
+            points = cfg.grid_size(name)
+            selection = points * len(cfg.selection_seeds) if selecting else 0
+            counts["adapter" if v.chain == "adapter" else "laten_delta"] += selection + len(cfg.seeds)
+            counts["scores"] += selection + len(cfg.seeds) * benchmarks
+            if v.chain == "adapter":
+                counts["diagnostic"] += len(cfg.seeds)
+            if v.extracted:  # one init per setting, or per seed too for a control drawn from the seed
+                counts["lora_init"] += selection + len(cfg.seeds) if v.drawn else points
+    return {kind: n * len(cfg.students) for kind, n in counts.items()}
+
+
+def seconds_per_node(records: list[dict]) -> dict[str, float]:
+    """kind -> the mean seconds the store's records of that kind took (its measured cost)."""
+    times: dict[str, list[float]] = {}
+    for r in records:
+        if isinstance(r.get("seconds"), (int, float)) and r["seconds"] >= 0:
+            times.setdefault(r["kind"], []).append(float(r["seconds"]))
+    return {kind: sum(x) / len(x) for kind, x in times.items()}
+
+
+def describe_size(counts: dict[str, int], per_node: dict[str, float]) -> tuple[int, str]:
+    """(nodes, 'N nodes (a adapter, b scores, ...), about T' in words)."""
+    total = sum(counts.values())
+    parts = ", ".join(f"{n:,} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    timed = {k: n * per_node[k] for k, n in counts.items() if k in per_node}
+    untimed = sorted(set(counts) - set(timed))
+    if timed:
+        hours = sum(timed.values()) / 3600
+        when = f"about {hours:,.1f} h of node compute from the store's recorded seconds" + (
+            f" (no {', '.join(untimed)} timed there yet)" if untimed else "")
+    else:
+        when = "time unknown: no node of these kinds recorded in the store yet"
+    return total, f"{total:,} nodes ({parts}), {when}"
 
 
 # ---- the inputs behind a config, checked before any work ----------------------------------------

@@ -439,7 +439,10 @@ def load_config(path: str | Path) -> SweepConfig:
     try:
         raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {e}") from None
+        mark = getattr(e, "problem_mark", None)  # YAML's own message spans lines, with a caret drawing
+        why = (f"{e.problem} at line {mark.line + 1}, column {mark.column + 1}" if mark and getattr(e, "problem", None)
+               else " ".join(str(e).split()))
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {why}") from None
     except ValueError as e:  # a number of more than 4300 digits (int() refuses it)
         raise ConfigError(f"{path}: a number too long to read ({str(e).split(':')[0]}); give numbers of at most a "
                           "few digits") from None

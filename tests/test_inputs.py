@@ -204,8 +204,7 @@ resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, vm + 2**30))  # 1 GiB above 
 def test_pkt_extract_on_dev_zero_is_refused_under_a_memory_cap(tmp_path):
     """Replays 'pkt extract --seeds /dev/zero reads until the kernel's OOM killer ends it at 23.8 GB':
     refused before it is read, in a process whose memory is capped (a read would hit the cap)."""
-    code = ("from pkt.flows import cli
-" + CAPPED +
+    code = ("from pkt.flows import cli\n" + CAPPED +
             f"sys.exit(cli.main({extract_argv('/dev/zero', tmp_path)!r}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 2, out.stderr[-2000:]

@@ -323,7 +323,7 @@ def _count(value: str, flag: str) -> int:
     except ValueError:  # not a number, or one of more than 4300 digits
         n = 0
     if not 1 <= n <= MAX_COUNT:
-        raise ConfigError(f"{flag} {value[:30]}: give a whole number from 1 to {MAX_COUNT:,}")
+        raise ConfigError(f"{flag} {value[:30]}: give a whole number of at least 1 (and at most {MAX_COUNT:,})")
     return n
 
 

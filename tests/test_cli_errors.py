@@ -222,6 +222,10 @@ CASES = {  # name: (argv(fam, fx), substrings the sentence must hold, substrings
                           ["--store", "binary.csv: is a file"], []),
     "demo --store is a file": (lambda f, d: ["demo", "--size", "test", "--store", str(d / "binary.csv")],
                                ["--store", "is a file"], []),
+    # issue 26
+    "LaTen counts above the training file": (lambda f, d: transfer(f, "--variants", "lora,laten", "--laten-extract",
+                                                                   "1000"),
+                                             ["train", "lower --laten-extract/--laten-align"], ["laten.n_extract"]),
     "a model with custom code": (lambda f, d: ["extract", "--teacher", str(f / "teacher"), "--student",
                                                str(d / "custom"), "--seeds", str(f / "tasks/gsm/seeds.jsonl")],
                                  ["custom", "needs custom code", "never runs", "llama"], ["HF_TOKEN", "hub"]),

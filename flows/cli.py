@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "max_input_mb", None) is not None:
         os.environ[INPUT_LIMIT] = args.max_input_mb
     stop.clear()  # a stop asked of an earlier command in this process is not asked of this one
+    _SIGNALS.clear()
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     quiet = _quiet_user_tracebacks()
     try:
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             from .server import startup_timeout
 
             startup_timeout()  # a bad value breaks Prefect's own settings at import: refuse it first
+            check_prefect_home_space()
         return COMMANDS[args.cmd](args) or 0
     except (KeyboardInterrupt, Stopped):
         print(f"pkt {args.cmd}: interrupted; nothing half-done was stored, a rerun resumes", file=sys.stderr)
@@ -272,10 +274,44 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[INPUT_LIMIT] = max_input
 
 
+PREFECT_HOME_MIN_FREE = 64 * 2**20  # Prefect's SQLite database, its logs and pkt's server log
+
+
+def check_prefect_home_space() -> None:
+    """A PREFECT_HOME on a full disk is said to be full before a server starts there (Prefect's
+    temporary server would exit with a log it could not write)."""
+    import shutil
+
+    from pkt.core.errors import UserError
+
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    where = next((p for p in (home, *home.parents) if p.exists()), None)
+    if where is None:
+        return
+    free = shutil.disk_usage(where).free
+    if free < PREFECT_HOME_MIN_FREE:
+        raise UserError(f"PREFECT_HOME {home}: its disk has {free / 2**20:.1f} MiB free, below the "
+                        f"{PREFECT_HOME_MIN_FREE // 2**20} MiB Prefect's database and logs need; free some space there, "
+                        "or point PREFECT_HOME at a disk with room")
+
+
+_SIGNALS: list[int] = []  # the stop signals this command received
+
+
 def _on_signal(signum, frame):
     """Ctrl-C or SIGTERM: ask every running node to stop (they run in worker threads, where no
     KeyboardInterrupt arrives, and check the flag in their loops), then unwind the main thread so
-    that the flow ends and the temporary Prefect server stops."""
+    that the flow ends and the temporary Prefect server stops. A second signal while that unwinds
+    is not raised again: a KeyboardInterrupt inside the cleanup would leave the interpreter exiting
+    with torch's threads still running (SIGABRT, "terminate called without an active exception")."""
+    _SIGNALS.append(signum)
+    if len(_SIGNALS) == 2:
+        print("pkt: already stopping; the running nodes end within a step, then pkt exits (a third Ctrl-C exits "
+              "at once)", file=sys.stderr, flush=True)
+        return
+    if len(_SIGNALS) > 2:  # the user insists: leave now, past every cleanup (nothing half-done is recorded)
+        print("pkt: exiting at once; a rerun resumes", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
     stop.request(f"stopped by {signal.Signals(signum).name}")
     if signum == signal.SIGTERM:
         raise Terminated()
@@ -289,6 +325,8 @@ class _NoUserTracebacks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from pkt.core.errors import UserError
 
+        if stop.requested() and record.getMessage().startswith("Crash detected!"):
+            return False  # Ctrl-C or SIGTERM, as Prefect's engines report it once per run: pkt says it once
         if record.exc_info and isinstance(record.exc_info[1], UserError):
             record.exc_info, record.exc_text = None, None
         return True

@@ -486,6 +486,8 @@ def _describe(err: dict, where: str, flags: dict[str, str] | None) -> str:
     given = err.get("input")
     if isinstance(given, int) and abs(given).bit_length() > 96:  # str() of a 100,000-digit int raises
         given = f"(a {abs(given).bit_length()}-bit number)"
+    if isinstance(given, str) and not given.isprintable():  # a newline or CR in a value would break the sentence
+        given = repr(given)
     shown = f" {given}" if isinstance(given, (str, int, float)) and err["type"] != "missing" else ""
     if flags is not None and ".".join(loc[:2]) in flags:  # a field of its own flag (--laten-extract)
         return f"{flags['.'.join(loc[:2])]}{shown}: {msg}"

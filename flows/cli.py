@@ -791,8 +791,9 @@ def _read_runs(path: Path):
         if bad.any():
             i = int(bad.to_numpy().nonzero()[0][0])
             cell = runs[col].iloc[i]
-            what = ("is empty" if pd.isna(cell) else f"is {str(cell)[:30]!r}, not a finite "
-                    f"{'whole number from 0 to 2^63 - 1' if col == 'seed' else 'number'}")
+            kind = "whole number from 0 to 2^63 - 1" if col == "seed" else "number"
+            what = ("is empty" if pd.isna(cell) else
+                    f"is {str(cell)[:30]!r}, not a {'finite ' if pd.notna(numbers.iloc[i]) else ''}{kind}")
             raise DataError(f"{path} line {i + 2}: {col} {what}; every run needs a numeric {col} (drop that row, "
                             "or rerun its sweep)")
         runs[col] = numbers.astype(int) if col == "seed" else numbers

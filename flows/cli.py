@@ -27,6 +27,9 @@ from pkt.core.progress import library_bars_off_terminal  # noqa: E402  (before a
 library_bars_off_terminal()
 
 
+INPUT_LIMIT = "PKT_MAX_INPUT_MB"  # pkt_core/inputs.py reads it
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that every `finally` (the Prefect server's stop) runs."""
 
@@ -69,6 +72,15 @@ def _recompute_arg(p: argparse.ArgumentParser) -> None:
                    help="compute the nodes of these kinds (e.g. adapter,scores), or all, and every node below them, "
                         "even where the store holds them (the old bytes stay until `pkt store gc`); Prefect's "
                         "PREFECT_TASKS_REFRESH_CACHE=true means all")
+def _max_input_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-input-mb", default=None, help="largest input file (seeds, task files, config, runs table) "
+                   "and line pkt reads, in MiB (default: 512 MiB a file, 1 MiB a line)")
+
+
+def _sweep_size_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-nodes", default="50000", help="refuse a sweep with more nodes to compute than this "
+                   "(default 50000), stating the count and the time it would take")
+    p.add_argument("--yes", action="store_true", help="run a sweep above --max-nodes anyway")
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -87,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="3", help="training seeds per variant (default 3)")
     p.add_argument("--report-dir", default=None, help="default: pkt-report (pkt-study with --study)")
     _force_arg(p)
+    _max_input_arg(p)
     p.add_argument("--runner", default="threads", help="task runner: threads (default, one worker), processes, "
                    "or dask (a LocalCluster)")
     p.add_argument("--workers", default="1", help="parallel workers for processes or dask (default 1)")
@@ -118,6 +131,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--per-layer-sensitivity", action="store_true",
                    help="write the sensitivity map one decoder layer at a time (big teachers: host RAM holds "
                         "one layer of it)")
+    _max_input_arg(p)
     _device_args(p)
     _store_arg(p)
     _recompute_arg(p)
@@ -130,8 +144,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="vanilla,lora,transfer")
     p.add_argument("--seeds", default="1", help="training seeds per variant (default 1)")
     p.add_argument("--train", default="{}", help='TrainParams overrides as JSON, e.g. \'{"lr": 1e-3}\'')
+    p.add_argument("--laten-extract", default=None, help="LaTen's extract samples (laten.n_extract; default 20), "
+                   "drawn from train.jsonl")
+    p.add_argument("--laten-align", default=None, help="LaTen's align samples (laten.n_align; default 80), drawn "
+                   "from train.jsonl")
+    p.add_argument("--method-params", default="{}", help='LaTen settings as JSON (the sweep config\'s laten '
+                   'field), e.g. \'{"n_extract": 8, "n_align": 16}\'')
     p.add_argument("--report-dir", default="pkt-report")
     _force_arg(p)
+    _max_input_arg(p)
+    _sweep_size_args(p)
     _device_args(p)
     _store_arg(p)
     _recompute_arg(p)
@@ -139,6 +161,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a sweep config (YAML or TOML)")
     p.add_argument("--config", required=True)
     _force_arg(p)
+    _max_input_arg(p)
+    _sweep_size_args(p)
     _allow_bin_arg(p)
     _store_arg(p)
     _recompute_arg(p)
@@ -148,6 +172,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="pkt-report")
     _force_arg(p)
     p.add_argument("--metric", default="exact_match/strict-match", help="metric for the headline sentences")
+    _max_input_arg(p)
 
     p = sub.add_parser("export", help="merge a stored adapter into its student and write an HF model dir")
     p.add_argument("--student", required=True)
@@ -184,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
     _store_arg(sp)
 
     p = sub.add_parser("ui", help="start the Prefect server and UI on 127.0.0.1:4200")
-    p.add_argument("--port", type=int, default=4200)
+    p.add_argument("--port", default="4200", help="1-65535 (default 4200)")
 
     p = sub.add_parser("deploy", help="register prefect.yaml's deployments for this checkout with the Prefect "
                        "server at PREFECT_API_URL, and print how to start a worker")
@@ -210,6 +235,7 @@ def _diagnose_parser(sub) -> None:
     p.add_argument("--batches", default="4", help="effective batches of training data the gradient is taken over "
                    "(default 4)")
     p.add_argument("--train", default="{}", help='TrainParams overrides as JSON (modules, batch_size, max_length, ...)')
+    _max_input_arg(p)
     _device_args(p)
     _store_arg(p)
 
@@ -220,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "allow_bin", False):        # restored below, so it never outlives this command
         os.environ["PKT_ALLOW_BIN"] = "1"
     recompute = os.environ.get("PKT_RECOMPUTE")  # flows/graph.py reads it; restored below too
+    max_input = os.environ.get(INPUT_LIMIT)  # the same for --max-input-mb
+    if getattr(args, "max_input_mb", None) is not None:
+        os.environ[INPUT_LIMIT] = args.max_input_mb
     stop.clear()  # a stop asked of an earlier command in this process is not asked of this one
+    _SIGNALS.clear()
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     quiet = _quiet_user_tracebacks()
     try:
@@ -228,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             from .server import startup_timeout
 
             startup_timeout()  # a bad value breaks Prefect's own settings at import: refuse it first
+            check_prefect_home_space()
         if getattr(args, "recompute", None):
             from .graph import recompute_value
 
@@ -257,12 +288,50 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("PKT_RECOMPUTE", None)
         if recompute is not None:
             os.environ["PKT_RECOMPUTE"] = recompute
+        if max_input is None:
+            os.environ.pop(INPUT_LIMIT, None)
+        else:
+            os.environ[INPUT_LIMIT] = max_input
+
+
+PREFECT_HOME_MIN_FREE = 64 * 2**20  # Prefect's SQLite database, its logs and pkt's server log
+
+
+def check_prefect_home_space() -> None:
+    """A PREFECT_HOME on a full disk is said to be full before a server starts there (Prefect's
+    temporary server would exit with a log it could not write)."""
+    import shutil
+
+    from pkt.core.errors import UserError
+
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    where = next((p for p in (home, *home.parents) if p.exists()), None)
+    if where is None:
+        return
+    free = shutil.disk_usage(where).free
+    if free < PREFECT_HOME_MIN_FREE:
+        raise UserError(f"PREFECT_HOME {home}: its disk has {free / 2**20:.1f} MiB free, below the "
+                        f"{PREFECT_HOME_MIN_FREE // 2**20} MiB Prefect's database and logs need; free some space there, "
+                        "or point PREFECT_HOME at a disk with room")
+
+
+_SIGNALS: list[int] = []  # the stop signals this command received
 
 
 def _on_signal(signum, frame):
     """Ctrl-C or SIGTERM: ask every running node to stop (they run in worker threads, where no
     KeyboardInterrupt arrives, and check the flag in their loops), then unwind the main thread so
-    that the flow ends and the temporary Prefect server stops."""
+    that the flow ends and the temporary Prefect server stops. A second signal while that unwinds
+    is not raised again: a KeyboardInterrupt inside the cleanup would leave the interpreter exiting
+    with torch's threads still running (SIGABRT, "terminate called without an active exception")."""
+    _SIGNALS.append(signum)
+    if len(_SIGNALS) == 2:
+        print("pkt: already stopping; the running nodes end within a step, then pkt exits (a third Ctrl-C exits "
+              "at once)", file=sys.stderr, flush=True)
+        return
+    if len(_SIGNALS) > 2:  # the user insists: leave now, past every cleanup (nothing half-done is recorded)
+        print("pkt: exiting at once; a rerun resumes", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
     stop.request(f"stopped by {signal.Signals(signum).name}")
     if signum == signal.SIGTERM:
         raise Terminated()
@@ -276,6 +345,8 @@ class _NoUserTracebacks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from pkt.core.errors import UserError
 
+        if stop.requested() and record.getMessage().startswith("Crash detected!"):
+            return False  # Ctrl-C or SIGTERM, as Prefect's engines report it once per run: pkt says it once
         if record.exc_info and isinstance(record.exc_info[1], UserError):
             record.exc_info, record.exc_text = None, None
         return True
@@ -295,7 +366,11 @@ EXTRACT_FLAGS = {"teacher": "--teacher", "seeds": "--seeds", "students": "--stud
                  "dtype": "--dtype", "device": "--device", "store": "--store", "max_length": "--max-length"}
 SWEEP_FLAGS = {"teacher": "--teacher", "students": "--student", "tasks": "--task-dir", "variants": "--variants",
                "train": "--train", "dtype": "--dtype", "device": "--device", "report_dir": "--report-dir",
-               "store": "--store"}
+               "store": "--store", "laten": "--method-params", "laten.n_extract": "--laten-extract",
+               "laten.n_align": "--laten-align"}
+
+
+MAX_COUNT = 1_000_000  # a count of seeds or batches; the sweep's size check judges the product
 
 
 def _count(value: str, flag: str) -> int:
@@ -303,11 +378,29 @@ def _count(value: str, flag: str) -> int:
 
     try:
         n = int(value)
-    except ValueError:
+    except ValueError:  # not a number, or one of more than 4300 digits
         n = 0
-    if n < 1:
-        raise ConfigError(f"{flag} {value}: give a whole number of at least 1")
+    if not 1 <= n <= MAX_COUNT:
+        raise ConfigError(f"{flag} {value[:30]}: give a whole number of at least 1 (and at most {MAX_COUNT:,})")
     return n
+
+
+def _json_arg(value: str, flag: str, example: str):
+    """A JSON object given on the command line, or one sentence naming the flag."""
+    from .config import ConfigError
+
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag}: not valid JSON ({e.msg}); give an object, e.g. '{example}'") from None
+    except ValueError as e:  # a number of more than 4300 digits
+        raise ConfigError(f"{flag}: a number too long to read ({str(e).split(':')[0]}); give an object, e.g. "
+                          f"'{example}'") from None
+    except RecursionError:
+        raise ConfigError(f"{flag}: nested too deeply to read; give an object, e.g. '{example}'") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{flag}: give a JSON object, e.g. '{example}'")
+    return parsed
 
 
 def extract_config(args):
@@ -321,19 +414,25 @@ def extract_config(args):
 
 
 def transfer_config(args):
-    from .config import ConfigError, SweepConfig, validate
+    from .config import SweepConfig, validate
 
-    try:
-        train = json.loads(args.train)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--train: not valid JSON ({e.msg}); give an object, e.g. '{{\"lr\": 1e-3}}'") from None
+    train = _json_arg(args.train, "--train", '{"lr": 1e-3}')
     seeds = _count(args.seeds, "--seeds")
     raw = {"teacher": args.teacher, "students": [args.student],
            "tasks": [{"name": Path(args.task_dir).name, "dir": args.task_dir, "benchmark": args.benchmark}],
            "variants": [v.strip() for v in args.variants.split(",") if v.strip()], "seeds": list(range(seeds)),
            "train": train, "store": args.store, "report_dir": args.report_dir, "dtype": args.dtype,
-           "device": args.device}
+           "device": args.device, "laten": _laten_args(args)}
     return validate(SweepConfig, raw, "", SWEEP_FLAGS)
+
+
+def _laten_args(args) -> dict:
+    """LaTen's settings: --method-params, with --laten-extract / --laten-align over its sample counts."""
+    laten = _json_arg(getattr(args, "method_params", None) or "{}", "--method-params", '{"n_extract": 8}')
+    for flag, field in (("laten_extract", "n_extract"), ("laten_align", "n_align")):
+        if getattr(args, flag, None) is not None:
+            laten[field] = getattr(args, flag)
+    return laten
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -347,6 +446,27 @@ def _seed_list(value: str, flag: str) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"{flag} {value}: give distinct whole numbers separated by commas, e.g. {flag} 0,1")
     return seeds
+
+
+def check_sweep_size(cfg, args) -> None:
+    """State the sweep's size before it starts (flows/config.py: node_counts), with the time its kinds
+    took in this store; above --max-nodes, refuse unless --yes."""
+    from pkt.artifacts.store import Store
+
+    from .config import ConfigError, describe_size, node_counts, seconds_per_node
+
+    try:
+        limit = int(args.max_nodes)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ConfigError(f"--max-nodes {args.max_nodes[:30]}: give a whole number of at least 1")
+    store = Store(cfg.store)
+    total, size = describe_size(node_counts(cfg), seconds_per_node(store.records() if store.root.is_dir() else []))
+    if total > limit and not args.yes:
+        raise ConfigError(f"this sweep has {size}, above --max-nodes {limit:,}; shrink its grids, seeds or variants, "
+                          "or pass --yes to run it (or a higher --max-nodes)")
+    print(f"pkt {args.cmd}: {size} (every node counted; those the store holds are reused)", flush=True)
 
 
 def store_option(path: str | None) -> str | None:
@@ -438,12 +558,20 @@ def _print_energy_kept(init_path: str, rank: int) -> None:
 
 
 def cmd_transfer(args) -> int:
-    from .config import check_sweep_inputs
+    from .config import check_benchmark, check_sweep_inputs
     from .server import prefect_api
+
+    from pkt.core.laten import LatenError
 
     args.store = store_option(args.store)
     cfg = transfer_config(args)
-    check_sweep_inputs(cfg)
+    check_sweep_size(cfg, args)
+    check_benchmark(args.benchmark, "--benchmark")
+    try:
+        check_sweep_inputs(cfg)
+    except LatenError as e:  # the sentence names the sweep config's fields; pkt transfer's are flags
+        raise LatenError(str(e).replace("lower laten.n_extract/n_align", "lower --laten-extract/--laten-align")) \
+            from None
     _report_dir(cfg.report_dir, "--report-dir", args, [cfg.teacher, *cfg.students, cfg.tasks[0].dir], cfg.store)
     with prefect_api():
         from .sweep import transfer
@@ -451,7 +579,7 @@ def cmd_transfer(args) -> int:
         out = transfer(teacher=cfg.teacher, student=cfg.students[0], task_dir=cfg.tasks[0].dir,
                        benchmark=cfg.tasks[0].benchmark, variants=cfg.variants, seeds=cfg.seeds,
                        train=cfg.train.model_dump(mode="json"), store=cfg.store, report_dir=cfg.report_dir,
-                       dtype=cfg.dtype, device=cfg.device)
+                       dtype=cfg.dtype, device=cfg.device, laten=cfg.laten.model_dump(mode="json"))
     _print_result(out)
     return 0
 
@@ -464,6 +592,7 @@ def cmd_sweep(args) -> int:
     if args.store:
         cfg = cfg.model_copy(update={"store": args.store})
     cfg = cfg.model_copy(update={"store": store_option(cfg.store)})
+    check_sweep_size(cfg, args)
     check_sweep_inputs(cfg)
     _report_dir(cfg.report_dir, f"{args.config}: report_dir", args,
                 [cfg.teacher, *cfg.students, *(t.dir for t in cfg.tasks)], cfg.store)
@@ -477,26 +606,31 @@ def cmd_sweep(args) -> int:
 
 def diagnose_config(args):
     """(sweep config of the one branch, {seed, batches, init_scale}), validated like `pkt transfer`'s."""
+    from pkt.core.inputs import check_seed
+
     from .config import ConfigError
     from .diagnose import DEFAULT_VARIANTS
 
-    try:
-        train = json.loads(args.train)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--train: not valid JSON ({e.msg}); give an object, e.g. '{{\"max_length\": 512}}'") from None
-    if not isinstance(train, dict):
-        raise ConfigError("--train: give a JSON object, e.g. '{\"max_length\": 512}'")
+    train = _json_arg(args.train, "--train", '{"max_length": 512}')
     train.update(rank=args.rank, alpha=args.alpha or args.rank)
     try:
         extra = {"seed": int(args.seed), "init_scale": float(args.init_scale)}
     except ValueError:
-        raise ConfigError(f"--seed {args.seed} / --init-scale {args.init_scale}: give numbers, e.g. --seed 0 "
+        raise ConfigError(f"--seed {args.seed[:30]} / --init-scale {args.init_scale[:30]}: give numbers, e.g. --seed 0 "
                           "--init-scale 1") from None
+    check_seed(extra["seed"], "--seed")
     extra["batches"] = _count(args.batches, "--batches")
     cfg = transfer_config(argparse.Namespace(
         teacher=args.teacher, student=args.student, task_dir=args.task, benchmark="gsm",
         variants=args.variants or ",".join(DEFAULT_VARIANTS), seeds="1", train=json.dumps(train), store=args.store,
         report_dir="pkt-report", dtype=args.dtype, device=args.device))
+    from .variants import VARIANTS
+
+    diagnosable = [v for v in VARIANTS.values() if v.trains and v.chain == "adapter"]
+    if not any(v in {d.name for d in diagnosable} for v in cfg.variants):
+        raise ConfigError(f"--variants {args.variants}: none of them trains from a LoRA init (vanilla trains nothing, "
+                          f"LaTen fine-tunes nothing), so there is no init to diagnose; choose among "
+                          f"{', '.join(d.name for d in diagnosable)}")
     return cfg, extra
 
 
@@ -581,32 +715,67 @@ def _dashed(table):
 
 
 def cmd_report(args) -> int:
-    from pkt.core import report
+    from pkt.core import inputs, report
     from pkt.core.data import DataError
 
     path = Path(args.runs)
-    if not path.is_file():
-        raise DataError(f"{path}: {'is a directory' if path.is_dir() else 'no such file'}; give the runs.csv a "
-                        "sweep wrote (in its report directory)")
+    inputs.check_regular(path, "the runs.csv a sweep wrote (in its report directory)")
     runs = _read_runs(path)
     missing = {"student", "task", "benchmark", "metric", "variant", "seed", "value"} - set(runs.columns)
     if missing:
         raise DataError(f"{path}: missing columns {sorted(missing)}; give the runs.csv a sweep wrote")
     if runs.empty:
         raise DataError(f"{path}: no rows, only the header; give the runs.csv of a sweep that ran")
-    from .outputs import claim_report_dir
+    _check_run_cells(runs, path)
+    from .outputs import check_out_dir, write_files
 
-    claim_report_dir(args.out, "--out", force=args.force)
+    check_out_dir(args.out, "--out", force=args.force)
     # the report directory's other tables and its protocol (endpoint, grids, caveat), when beside it
     extra = {name: report.read_csv(table) for name in ("curves", "selection", "items")
              if (table := _beside(path, name)) is not None}
-    protocol = json.loads(path.with_name("protocol.json").read_text()) if path.with_name("protocol.json").is_file() \
-        else None
-    paths = report.write_report(runs, args.out, args.metric, extra.pop("curves", None), protocol=protocol, **extra)
+    protocol = _read_protocol(path.with_name("protocol.json"))
+    # written into a temp directory, moved in only once whole: a failure leaves --out as it was
+    paths = write_files(args.out, lambda tmp: report.write_report(runs, tmp, args.metric, extra.pop("curves", None),
+                                                                  protocol=protocol, **extra), "--out", force=args.force)
     print(Path(paths["markdown"]).read_text())
     for name, path in paths.items():
         print(f"{name:9s} {Path(path).resolve()}")
     return 0
+
+
+RUN_KEYS = ("student", "task", "benchmark", "metric", "variant")  # what pairs and labels a run
+
+
+def _check_run_cells(runs, path: Path) -> None:
+    """Every run names its student, task, benchmark, metric and variant: an empty cell would drop the
+    run from its comparison without a word."""
+    for col in RUN_KEYS:
+        empty = runs[col].isna() | (runs[col].astype(str).str.strip() == "")
+        if empty.any():
+            from pkt.core.data import DataError
+
+            line = int(empty.to_numpy().nonzero()[0][0]) + 2
+            raise DataError(f"{path} line {line}: {col} is empty; every run needs its {col} (drop that row, or rerun "
+                            "its sweep)")
+
+
+def _read_protocol(path: Path) -> dict | None:
+    """protocol.json beside runs.csv (a report directory's), or None; bounded like every input."""
+    from pkt.core import inputs
+    from pkt.core.data import DataError
+
+    if not path.exists():
+        return None
+    try:
+        protocol = json.loads(inputs.read_text(path, "the protocol.json a sweep wrote beside runs.csv"))
+    except (ValueError, RecursionError) as e:
+        if isinstance(e, inputs.InputError):
+            raise
+        raise DataError(f"{path}: not readable JSON ({str(e).splitlines()[0][:80]}); delete it or rerun the sweep "
+                        "that wrote it") from None
+    if not isinstance(protocol, dict):
+        raise DataError(f"{path}: not a JSON object; delete it or rerun the sweep that wrote it")
+    return protocol
 
 
 def _beside(runs: Path, name: str) -> Path | None:
@@ -619,12 +788,13 @@ def _read_runs(path: Path):
     """A runs.csv as a table, or one sentence naming the file (and line) that is not one: text that is
     not UTF-8 CSV, or a value or seed cell that is empty or not a number (the statistics would pair
     and count a missing value as if it were a run)."""
+    import numpy as np
     import pandas as pd
 
-    from pkt.core import report
+    from pkt.core import inputs, report
     from pkt.core.data import DataError
 
-    with open(path, "rb") as f:
+    with inputs.open_input(path, "the runs.csv a sweep wrote") as f:
         if b"\0" in f.read(65536):
             raise DataError(f"{path}: a binary file, not a CSV table; give the runs.csv a sweep wrote")
     try:
@@ -638,11 +808,15 @@ def _read_runs(path: Path):
         if col not in runs:
             continue
         numbers = pd.to_numeric(runs[col], errors="coerce")
-        bad = numbers.isna() | (numbers.map(lambda x: not pd.isna(x) and x != round(x)) if col == "seed" else False)
+        bad = numbers.isna() | ~np.isfinite(numbers.fillna(0).astype(float))  # inf, and 1e400 read as inf
+        if col == "seed":  # a whole number a seed can be (pkt_core/inputs.py)
+            bad |= numbers.map(lambda x: bool(np.isfinite(x)) and not (x == round(x) and 0 <= x < inputs.SEED_LIMIT))
         if bad.any():
             i = int(bad.to_numpy().nonzero()[0][0])
             cell = runs[col].iloc[i]
-            what = "is empty" if pd.isna(cell) else f"is {str(cell)[:30]!r}, not a {'whole ' if col == 'seed' else ''}number"
+            kind = "whole number from 0 to 2^63 - 1" if col == "seed" else "number"
+            what = ("is empty" if pd.isna(cell) else
+                    f"is {str(cell)[:30]!r}, not a {'finite ' if pd.notna(numbers.iloc[i]) else ''}{kind}")
             raise DataError(f"{path} line {i + 2}: {col} {what}; every run needs a numeric {col} (drop that row, "
                             "or rerun its sweep)")
         runs[col] = numbers.astype(int) if col == "seed" else numbers
@@ -882,6 +1056,9 @@ def ui_command(port: int) -> list[str]:
 
 
 def cmd_ui(args) -> int:
+    from pkt.core.inputs import check_port
+
+    args.port = check_port(args.port)
     print(f"Prefect UI on http://127.0.0.1:{args.port} (bound to 127.0.0.1 only; see README before exposing it)")
     print(f"point runs at it with: export PREFECT_API_URL=http://127.0.0.1:{args.port}/api", flush=True)
     # the UI's browser code calls the API at PREFECT_UI_API_URL, which defaults to port 4200

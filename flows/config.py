@@ -5,8 +5,10 @@ Numbers given as strings ("1e-3", YAML's 3e-4, "2") are read as numbers.
 """
 from __future__ import annotations
 
+import math
 import re
 import tomllib
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,7 +16,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from pkt.core import arch, data, evaluate, laten, models, preflight
+from pkt.core import arch, data, evaluate, inputs, laten, models, preflight
 from pkt.core.align import LAYER_SELECTORS, REDUCERS
 from pkt.core.errors import UserError
 from pkt.core.finetune import TrainParams
@@ -54,6 +56,26 @@ def _known_modules(v: tuple[str, ...]) -> tuple[str, ...]:
     return v
 
 
+def _seed(v: int) -> int:
+    if not 0 <= v < inputs.SEED_LIMIT:
+        raise ValueError("a seed must be a whole number from 0 to 2^63 - 1")
+    return v
+
+
+def _distinct(v: list) -> list:
+    """Each item once: a duplicate variant, seed or grid value would be computed (or reported) twice
+    under one name, and found only after all the work."""
+    seen = set()
+    for x in v:
+        key = repr(x)
+        if key in seen:
+            raise ValueError(f"{x!r} is given twice; give each value once")
+        seen.add(key)
+    return v
+
+
+Seed = Annotated[int, AfterValidator(_seed)]
+Seeds = Annotated[list[Seed], AfterValidator(_distinct)]
 Dtype = Literal[DTYPES]  # type: ignore[valid-type]
 Device = Annotated[str, AfterValidator(_device)]
 Modules = Annotated[tuple[str, ...], BeforeValidator(_modules), AfterValidator(_known_modules), Field(min_length=1)]
@@ -75,7 +97,7 @@ class TrainSpec(BaseModel):
     weight_decay: float = Field(TrainParams.weight_decay, ge=0)
     max_length: int = Field(TrainParams.max_length, ge=1)
     n_train: int | None = Field(TrainParams.n_train, ge=1)
-    seed: int = TrainParams.seed
+    seed: Seed = TrainParams.seed
     modules: Modules = TrainParams.modules
 
 
@@ -99,6 +121,10 @@ def _train_grid(v: dict) -> dict:
         except ValidationError as e:
             raise ValueError("; ".join(f"{name} {err['input']!r}: {MESSAGES.get(err['type'], err['msg'])}"
                                        .format(**err.get("ctx", {})) for err in e.errors())) from None
+        try:
+            _distinct(out[name])  # compared as read: "1e-3" and 0.001 are one learning rate
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     return out
 
 
@@ -131,7 +157,7 @@ class LatenSpec(BaseModel):
     n_extract: int = Field(20, ge=1, description="extract samples: one translator step each")
     n_align: int = Field(80, ge=1, description="align samples, drawn from for every step's batch")
     align_per_step: int = Field(15, ge=1)
-    split_seed: int = 0
+    split_seed: Seed = 0
     rate: float = Field(0.1, gt=0, le=1, description="transfer rate while training the translator")
     modules: tuple[Literal[tuple(laten.MODULES)], ...] = Field(laten.DEFAULT_MODULES, min_length=1)  # type: ignore
     n_layers: int | None = Field(None, ge=1, description="paired layers; default: the student's depth")
@@ -152,6 +178,10 @@ class LatenSpec(BaseModel):
             if not values or not all(ok):
                 raise ValueError(f"laten.grid.{name} {values}: give a non-empty list of "
                                  + ("whole numbers >= 1 (optimizer steps)" if name == "step" else "rates in (0, 1]"))
+            try:
+                _distinct(values)
+            except ValueError as e:
+                raise ValueError(f"laten.grid.{name}: {e}") from None
         return v
 
     @model_validator(mode="after")
@@ -210,14 +240,14 @@ class SweepConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     name: str | None = Field(None, description="names this sweep's artifacts in the UI (default: a config digest)")
     teacher: str
-    students: list[str] = Field(min_length=1)
+    students: Annotated[list[str], AfterValidator(_distinct)] = Field(min_length=1)
     tasks: list[TaskSpec] = Field(min_length=1)
-    variants: list[str] = Field(["vanilla", "lora", "transfer"], min_length=1)
-    seeds: list[int] = Field([0], min_length=1, description="training seeds, e.g. [0, 1, 2]")
+    variants: Annotated[list[str], AfterValidator(_distinct)] = Field(["vanilla", "lora", "transfer"], min_length=1)
+    seeds: Seeds = Field([0], min_length=1, description="training seeds, e.g. [0, 1, 2]")
     early_teacher: str | None = None
     cross_task_seeds: str | None = Field(None, description="seeds.jsonl of another task, for the cross-task control")
     k: int | None = Field(None, ge=1, description="seed samples drawn from seeds.jsonl; None: all of them (paper: 32)")
-    sample_seed: int = 0
+    sample_seed: Seed = 0
     selector: Literal[LAYER_SELECTORS] = "sensitivity"  # type: ignore[valid-type]
     reducer: Literal[REDUCERS] = "submatrix"  # type: ignore[valid-type]
     split: Literal[SPLITS] = "paper"  # type: ignore[valid-type]
@@ -234,10 +264,11 @@ class SweepConfig(BaseModel):
     laten: LatenSpec = Field(default_factory=LatenSpec, description="LaTen's settings and grid (laten* variants)")
     select_on: str | None = Field(None, description="val metric that picks each variant's setting; default: the "
                                   "first task's primary metric (answer_nll is steadier at small scale)")
-    selection_seeds: list[int] = Field(default_factory=list, description="training seeds of the runs that choose "
+    selection_seeds: Seeds = Field(default_factory=list, description="training seeds of the runs that choose "
                                        "each variant's setting on val; never scored on test, disjoint from seeds")
     endpoint: Endpoint | None = Field(None, description="the primary endpoint, declared before the data")
-    benchmarks: list[str] = Field(default_factory=lambda: ["answer_nll"], description="extra benchmarks per task")
+    benchmarks: Annotated[list[str], AfterValidator(_distinct)] = Field(default_factory=lambda: ["answer_nll"],
+                                                                        description="extra benchmarks per task")
     judge: str | None = Field(None, description="local judge model for the optional 'winrate' benchmark")
     num_fewshot: int = Field(0, ge=0)
     eval_limit: int | None = Field(None, ge=1)
@@ -263,6 +294,12 @@ class SweepConfig(BaseModel):
         _check_runner(self.runner, self.workers)
         return self
 
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_task_names(cls, v: list[TaskSpec]) -> list[TaskSpec]:
+        _distinct([t.name for t in v])
+        return v
+
     @model_validator(mode="after")
     def _controls_have_inputs(self):
         if "early-teacher" in self.variants and not self.early_teacher:
@@ -278,7 +315,7 @@ class SweepConfig(BaseModel):
     @model_validator(mode="after")
     def _protocol(self):
         """Equal grids, selection apart from test, an endpoint the sweep can measure."""
-        sizes = {v: len(self.grid_points(v)) for v in self.variants if VARIANTS[v].trains}
+        sizes = {v: self.grid_size(v) for v in self.variants if VARIANTS[v].trains}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"unequal grids: {', '.join(f'{v} {n}' for v, n in sizes.items())} settings; every "
                              "trained variant needs a grid of the same size (init_scale applies only to inits "
@@ -300,13 +337,22 @@ class SweepConfig(BaseModel):
             _check_endpoint(self.endpoint, self)
         return self
 
+    def _grid_axes(self, variant: str) -> dict[str, list]:
+        axes = {k: x for k, x in self.train_grid.items() if k != "init_scale" or VARIANTS[variant].extracted}
+        return axes | self.variant_grid.get(variant, {})
+
+    def grid_size(self, variant: str) -> int:
+        """len(grid_points(variant)), without building them (a 1000 x 1000 grid is a million settings)."""
+        if VARIANTS[variant].chain == "laten":
+            return len(self.laten.grid.get("step", [0])) * len(self.laten.grid.get("rate", [0]))
+        return math.prod(len(values) for values in self._grid_axes(variant).values())
+
     def grid_points(self, variant: str) -> list[dict]:
         """Every training setting of a variant: train_grid's axes that apply to it (init_scale only to
         inits from a teacher), with its variant_grid axes added or replacing them."""
         if VARIANTS[variant].chain == "laten":  # LaTen trains no adapter: its grid is its own (step x rate)
             return self.laten.points()
-        axes = {k: x for k, x in self.train_grid.items() if k != "init_scale" or VARIANTS[variant].extracted}
-        axes |= self.variant_grid.get(variant, {})
+        axes = self._grid_axes(variant)
         points = [{}]
         for name, values in axes.items():
             points = [{**p, name: x} for p in points for x in values]
@@ -386,16 +432,22 @@ class DemoConfig(BaseModel):
 
 def load_config(path: str | Path) -> SweepConfig:
     path = Path(path)
-    if not path.is_file():
-        problem = "is a directory" if path.is_dir() else "no such file"
-        raise ConfigError(f"{path}: {problem}; give a YAML or TOML sweep config (see README, 'The sweep config')")
+    try:  # a regular file of bounded size and line length: never a device, a FIFO, a 50 MB line
+        text = inputs.read_text(path, "a YAML or TOML sweep config (see README, 'The sweep config')")
+    except inputs.InputError as e:
+        raise ConfigError(str(e)) from None
     try:
-        text = path.read_text(encoding="utf-8-sig")
         raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {e}") from None
+        mark = getattr(e, "problem_mark", None)  # YAML's own message spans lines, with a caret drawing
+        why = (f"{e.problem} at line {mark.line + 1}, column {mark.column + 1}" if mark and getattr(e, "problem", None)
+               else " ".join(str(e).split()))
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {why}") from None
+    except ValueError as e:  # a number of more than 4300 digits (int() refuses it)
+        raise ConfigError(f"{path}: a number too long to read ({str(e).split(':')[0]}); give numbers of at most a "
+                          "few digits") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read; a sweep config is a mapping of fields") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of fields (teacher: ..., students: [...], ...)")
     return parse_config(raw or {}, str(path))
@@ -432,11 +484,69 @@ def _describe(err: dict, where: str, flags: dict[str, str] | None) -> str:
         known = TrainSpec.model_fields if loc[:1] == ["train"] else {}
         msg = "is not a field pkt knows" + (f"; known: {', '.join(known)}" if known else "")
     given = err.get("input")
+    if isinstance(given, int) and abs(given).bit_length() > 96:  # str() of a 100,000-digit int raises
+        given = f"(a {abs(given).bit_length()}-bit number)"
+    if isinstance(given, str) and not given.isprintable():  # a newline or CR in a value would break the sentence
+        given = repr(given)
     shown = f" {given}" if isinstance(given, (str, int, float)) and err["type"] != "missing" else ""
+    if flags is not None and ".".join(loc[:2]) in flags:  # a field of its own flag (--laten-extract)
+        return f"{flags['.'.join(loc[:2])]}{shown}: {msg}"
     if flags is not None and loc and loc[0] in flags:
         sub = loc[1:] if loc[0] == "train" else []  # --train lr; but --task-dir, not --task-dir 0 dir
         return f"{' '.join([flags[loc[0]], *sub])}{shown}: {msg}"
     return f"{where}: field {'.'.join(loc) or '(top level)'}{' =' + shown if shown else ''}: {msg}"
+
+
+# ---- the size of a sweep, stated before it starts -----------------------------------------------
+def node_counts(cfg: SweepConfig) -> dict[str, int]:
+    """kind -> how many nodes of that kind the sweep submits, for the kinds that take its time:
+    adapters (or LaTen updates) and their LoRA inits, scores, step-0 diagnostics. Every node is
+    counted, stored ones too: a node's key needs its sources' digests (whole models hashed), and the
+    test runs' settings are chosen on val. Computed from the config's sizes, so a sweep of millions
+    is counted in microseconds."""
+    trained = [v for v in cfg.variants if VARIANTS[v].trains]
+    selecting = any(cfg.grid_size(v) > 1 for v in trained)
+    counts: Counter = Counter()
+    for task in cfg.tasks:
+        benchmarks = len({task.benchmark, *cfg.benchmarks})
+        for name in cfg.variants:
+            v = VARIANTS[name]
+            if not v.trains:  # vanilla: the student scored once
+                counts["scores"] += benchmarks
+                continue
+            points = cfg.grid_size(name)
+            selection = points * len(cfg.selection_seeds) if selecting else 0
+            counts["adapter" if v.chain == "adapter" else "laten_delta"] += selection + len(cfg.seeds)
+            counts["scores"] += selection + len(cfg.seeds) * benchmarks
+            if v.chain == "adapter":
+                counts["diagnostic"] += len(cfg.seeds)
+            if v.extracted:  # one init per setting, or per seed too for a control drawn from the seed
+                counts["lora_init"] += selection + len(cfg.seeds) if v.drawn else points
+    return {kind: n * len(cfg.students) for kind, n in counts.items()}
+
+
+def seconds_per_node(records: list[dict]) -> dict[str, float]:
+    """kind -> the mean seconds the store's records of that kind took (its measured cost)."""
+    times: dict[str, list[float]] = {}
+    for r in records:
+        if isinstance(r.get("seconds"), (int, float)) and r["seconds"] >= 0:
+            times.setdefault(r["kind"], []).append(float(r["seconds"]))
+    return {kind: sum(x) / len(x) for kind, x in times.items()}
+
+
+def describe_size(counts: dict[str, int], per_node: dict[str, float]) -> tuple[int, str]:
+    """(nodes, 'N nodes (a adapter, b scores, ...), about T' in words)."""
+    total = sum(counts.values())
+    parts = ", ".join(f"{n:,} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    timed = {k: n * per_node[k] for k, n in counts.items() if k in per_node}
+    untimed = sorted(set(counts) - set(timed))
+    if timed:
+        hours = sum(timed.values()) / 3600
+        when = f"about {hours:,.1f} h of node compute from the store's recorded seconds" + (
+            f" (no {', '.join(untimed)} timed there yet)" if untimed else "")
+    else:
+        when = "time unknown: no node of these kinds recorded in the store yet"
+    return total, f"{total:,} nodes ({parts}), {when}"
 
 
 # ---- the inputs behind a config, checked before any work ----------------------------------------
@@ -454,6 +564,10 @@ def check_extract_inputs(cfg: ExtractConfig) -> None:
 def check_sweep_inputs(cfg: SweepConfig) -> None:
     """Every data file a sweep reads, every model's files, config and tokenizer, and the ranks the
     students allow: no weights are loaded."""
+    for i, task in enumerate(cfg.tasks):
+        check_benchmark(task.benchmark, f"field tasks.{i}.benchmark")
+    for name in cfg.benchmarks:
+        check_benchmark(name, "field benchmarks")
     for task in cfg.tasks:
         for name in ("train.jsonl", "test.jsonl") + (("val.jsonl",) if cfg.train_grid else ()):
             data.read_jsonl(Path(task.dir) / name)
@@ -477,6 +591,16 @@ def check_sweep_inputs(cfg: SweepConfig) -> None:
             laten.splits(len(data.read_jsonl(Path(task.dir) / "train.jsonl")), cfg.laten.n_extract, cfg.laten.n_align)
     if "winrate" in cfg.benchmarks:
         preflight.check_model_files(cfg.judge)
+
+
+def check_benchmark(name: str, where: str) -> None:
+    """A benchmark pkt ships, or a task lm-eval knows: refused before any work, not after the first
+    adapter is trained (lm-eval's index is read only for a name that is not pkt's)."""
+    if name in evaluate.BENCHMARKS or name == "winrate":
+        return
+    if name not in evaluate.lm_eval_task_names():
+        raise ConfigError(f"{where} {name}: neither a pkt benchmark ({', '.join([*evaluate.BENCHMARKS, 'winrate'])}) "
+                          "nor an lm-eval task; give one of those, or an lm-eval task name (`lm-eval ls tasks`)")
 
 
 def _check_seeds(path: str, k: int | None, k_name: str) -> None:

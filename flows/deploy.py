@@ -33,6 +33,24 @@ def read_spec(checkout: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+def check_api_url(api: str) -> None:
+    """PREFECT_API_URL is an http(s) URL with a Prefect server answering there, before anything is registered."""
+    from urllib.parse import urlparse
+
+    from prefect.client.orchestration import get_client
+
+    parsed = urlparse(api)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise DeployError(f"PREFECT_API_URL {api!r} is not an http(s) URL; set it to the server's API, e.g. "
+                          "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        why = str(problem).strip().splitlines()[0] if str(problem).strip() else type(problem).__name__
+        raise DeployError(f"PREFECT_API_URL {api}: no Prefect server answers there ({why}); start `pkt ui` in "
+                          "another terminal, or point PREFECT_API_URL at a running server")
+
+
 def deploy(checkout: Path, names: list[str] | None = None, out=print) -> list[str]:
     """Register (create or update) the deployments; returns their 'flow/deployment' names."""
     from prefect.client.orchestration import get_client
@@ -49,6 +67,7 @@ def deploy(checkout: Path, names: list[str] | None = None, out=print) -> list[st
     if not api:
         raise DeployError("PREFECT_API_URL is not set, so there is no server to register deployments with; start "
                           "`pkt ui` in another terminal and `export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    check_api_url(api)
     chosen = [d for d in spec["deployments"] if not names or d["name"] in names]
     unknown = sorted(set(names or []) - {d["name"] for d in spec["deployments"]})
     if unknown:

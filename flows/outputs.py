@@ -83,3 +83,23 @@ def write_dir(path: str | Path, fill: Callable[[Path], None], check: Callable[[P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_files(path: str | Path, fill: Callable[[Path], dict], flag: str = "report directory", force: bool = False,
+                **checks) -> dict[str, Path]:
+    """Report files written whole or not at all: fill(tmp) writes them into a temp directory beside
+    path and returns {name: its path there}; only once it has succeeded is path claimed
+    (claim_report_dir) and each file moved in (os.replace). A failure leaves path as it was."""
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.pkt-tmp-", dir=out.parent))
+    try:
+        made = fill(tmp)
+        claim_report_dir(out, flag, force=force, **checks)
+        moved = {}
+        for name, file in made.items():
+            moved[name] = out / Path(file).relative_to(tmp)
+            os.replace(file, moved[name])
+        return moved
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

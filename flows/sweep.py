@@ -306,10 +306,10 @@ def sweep(config: SweepConfig) -> dict:
 def transfer(teacher: str, student: str, task_dir: str, benchmark: str = "gsm",
              variants: list[str] = ("vanilla", "lora", "transfer"), seeds: list[int] = (0,), train: dict | None = None,
              store: str | None = None, report_dir: str = "pkt-report", dtype: str = "float32",
-             device: str = "cpu") -> dict:
-    """One teacher, one student, one task: the sweep with a single branch."""
+             device: str = "cpu", laten: dict | None = None) -> dict:
+    """One teacher, one student, one task: the sweep with a single branch (laten: LaTen's settings)."""
     cfg = parse_config({"teacher": teacher, "students": [student],
                         "tasks": [{"name": Path(task_dir).name, "dir": task_dir, "benchmark": benchmark}],
                         "variants": list(variants), "seeds": list(seeds), "train": train or {}, "store": store,
-                        "report_dir": report_dir, "dtype": dtype, "device": device})
+                        "report_dir": report_dir, "dtype": dtype, "device": device, "laten": laten or {}})
     return sweep_graph(cfg, "transfer", config_tag(cfg))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import inputs
 from .errors import UserError
 
 IGNORE = -100
@@ -33,18 +34,18 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """Parse and validate a chat jsonl file (UTF-8, a leading byte-order mark allowed); errors name
     the file, line, field and fix."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file; give a .jsonl file with one chat sample per line")
     if path.is_dir():
         raise DataError(f"{path}: is a directory; give the .jsonl file itself (e.g. {path / 'seeds.jsonl'})")
     rows = []
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
+    try:
+        for n, raw in inputs.lines(path, "a .jsonl file with one chat sample per line"):  # bounded: no device, FIFO
             line = _decode(raw[3:] if n == 1 and raw.startswith(BOM) else raw, path, n)
             if line.strip():
                 row = _parse(line, path, n)
                 validate_sample(row, f"{path} line {n}")
                 rows.append(row)
+    except inputs.InputError as e:
+        raise DataError(str(e)) from None
     if not rows:
         raise DataError(f"{path}: no samples; the file is empty. Add one JSON chat sample per line")
     return rows
@@ -69,6 +70,9 @@ def _parse(line: str, path: Path, n: int):
     except RecursionError:
         raise DataError(f"{path} line {n}: JSON nested too deeply to read; a sample is "
                         '{"messages": [{"role": ..., "content": ...}, ...]}') from None
+    except ValueError as e:  # a number of more than 4300 digits, in any field, used or not
+        raise DataError(f"{path} line {n}: a number too long to read ({str(e).split(':')[0]}); give numbers of at "
+                        "most a few digits") from None
 
 
 def validate_sample(row, where: str) -> None:

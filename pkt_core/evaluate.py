@@ -128,6 +128,11 @@ def _lm_eval(lm, task, num_fewshot: int | None, limit: int | None, include_defau
     return evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=0)
 
 
+def lm_eval_task_names() -> set[str]:
+    """Every task and group name lm-eval knows here (indexing takes ~20 s; the index is kept for the run)."""
+    return set(_task_manager(True).all_tasks)
+
+
 @functools.lru_cache(maxsize=2)
 def _task_manager(include_defaults: bool):
     """Indexing lm-eval's thousands of built-in tasks takes ~20 s: skip it for pkt's own, do it once."""

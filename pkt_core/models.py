@@ -86,9 +86,24 @@ def load_model(
     if device == "auto":
         kwargs["device_map"] = "auto"
     model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    check_finite(model.state_dict().items(), source)
     if device not in (None, "auto"):
         model.to(device)
     return model
+
+
+class NonFiniteWeights(UserError, ValueError):
+    pass
+
+
+def check_finite(tensors, source) -> None:
+    """Refuse a model holding inf or NaN weights when it is loaded: everything computed from it
+    (sensitivity, extraction, scores) would be NaN and stored as if it were a result."""
+    for name, t in tensors:
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteWeights(f"{source}: weight {name} holds {bad} inf or NaN values; this model is broken "
+                                   "(a failed save or training run): give one with finite weights")
 
 
 def load_tokenizer(source: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
@@ -166,7 +181,9 @@ class LazyWeights:
         if name not in self._where:
             raise KeyError(f"tensor {name!r} not found in {sorted(set(map(str, self._where.values())))}")
         with safe_open(str(self._where[name]), framework="pt", device=self.device) as h:
-            return h.get_tensor(name)
+            t = h.get_tensor(name)
+        check_finite([(name, t)], self._where[name].parent)
+        return t
 
 
 def with_adapter(model, adapter_dir: str | Path):

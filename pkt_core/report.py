@@ -8,11 +8,15 @@ the report's files, written together, and the reading of a runs table.
 """
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 from pathlib import Path
 
 import pandas as pd
+
+from . import inputs
 
 from .report_figures import (  # noqa: F401 (re-exported)
     LINESTYLES, MARKERS, VERDICT_COLORS, _all_zero, _forest, _means, bar_chart, chart_panels, curve_styles,
@@ -141,8 +145,28 @@ def _comparisons_page(summary: pd.DataFrame, scores: pd.DataFrame, selection: pd
 
 
 def read_csv(path) -> pd.DataFrame:
-    """A runs or summary table as written above (empty cells are missing values, nothing else is)."""
+    """A runs or summary table as written above (empty cells are missing values, nothing else is). A
+    path is read bounded (pkt_core/inputs.py: a regular file, its size, its lines, a .gz's unpacked size)."""
+    if isinstance(path, (str, Path)):
+        path = io.BytesIO(_table_bytes(Path(path)))
     return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+def _table_bytes(path: Path) -> bytes:
+    what = "a CSV table pkt wrote (runs.csv in a report directory)"
+    raw = inputs.read_bytes(path, what)
+    if path.suffix == ".gz":
+        max_bytes, _ = inputs.limits()
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+                raw = f.read(max_bytes + 1)
+        except (OSError, EOFError) as e:
+            raise inputs.InputError(f"{path}: not a readable gzip file ({e}); give {what}") from None
+        if len(raw) > max_bytes:
+            raise inputs.InputError(f"{path}: unpacks to more than {max_bytes / 2**20:g} MiB; check it is {what}, "
+                                    "or pass --max-input-mb N to read it")
+    inputs.check_line_lengths(path, raw, what)
+    return raw
 
 
 def append_costs(paths: dict[str, Path], costs: pd.DataFrame) -> None:

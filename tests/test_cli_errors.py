@@ -222,6 +222,10 @@ CASES = {  # name: (argv(fam, fx), substrings the sentence must hold, substrings
                           ["--store", "binary.csv: is a file"], []),
     "demo --store is a file": (lambda f, d: ["demo", "--size", "test", "--store", str(d / "binary.csv")],
                                ["--store", "is a file"], []),
+    # issue 26
+    "LaTen counts above the training file": (lambda f, d: transfer(f, "--variants", "lora,laten", "--laten-extract",
+                                                                   "1000"),
+                                             ["train", "lower --laten-extract/--laten-align"], ["laten.n_extract"]),
     "a model with custom code": (lambda f, d: ["extract", "--teacher", str(f / "teacher"), "--student",
                                                str(d / "custom"), "--seeds", str(f / "tasks/gsm/seeds.jsonl")],
                                  ["custom", "needs custom code", "never runs", "llama"], ["HF_TOKEN", "hub"]),
@@ -426,3 +430,77 @@ def test_a_run_outside_a_git_checkout_writes_no_bars_warnings_or_git_errors(mini
     assert "nodes computed" in text
     for noise in ("fatal: not a git repository", "FutureWarning", "it/s]", "\r", "%|"):
         assert noise not in text, (noise, text[-3000:])
+
+
+# ---- issue 26, case 8: Ctrl-C twice, Prefect's crash lines, a full PREFECT_HOME ------------------
+def test_a_second_ctrl_c_while_stopping_is_not_raised_again(capsys):
+    """Replays 'a second Ctrl-C half a second after the first aborted the process' (a KeyboardInterrupt
+    inside the cleanup left torch's threads running at exit: SIGABRT): the first stops, the second
+    only says so."""
+    import signal
+
+    from pkt.core import stop
+
+    cli._SIGNALS.clear()
+    stop.clear()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cli._on_signal(signal.SIGINT, None)
+        assert stop.requested()
+        assert cli._on_signal(signal.SIGINT, None) is None  # not raised in the middle of the cleanup
+        assert "already stopping" in capsys.readouterr().err
+    finally:
+        cli._SIGNALS.clear()
+        stop.clear()
+
+
+def test_prefect_crash_lines_after_ctrl_c_are_silenced():
+    """Replays 'Ctrl-C prints Prefect's "Crash detected!" 4 times before pkt's one line'."""
+    import logging
+
+    from pkt.core import stop
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    quiet = cli._quiet_user_tracebacks()
+    try:
+        for lg in loggers:
+            lg.error("Crash detected! Execution was interrupted by an unexpected exception: KeyboardInterrupt")
+        assert seen == ["Crash detected! Execution was interrupted by an unexpected exception: KeyboardInterrupt"] * 2
+        seen.clear()
+        stop.request("stopped by SIGINT")
+        for lg in loggers:
+            lg.error("Crash detected! Execution was interrupted by an unexpected exception: KeyboardInterrupt")
+            lg.error("a node failed")  # anything else is still said
+        assert seen == ["a node failed"] * 2
+    finally:
+        quiet()
+        stop.clear()
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
+def test_a_prefect_home_on_a_full_disk_says_so(tmp_path, monkeypatch, capsys):
+    """Replays 'PREFECT_HOME on a full disk says nothing about the disk'."""
+    import collections
+    import shutil as shutil_
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_, "disk_usage", lambda p: usage(2**30, 2**30 - 2**20, 2**20))
+
+    def no_server(*a, **kw):
+        raise AssertionError("a Prefect server was started on a full disk")
+
+    monkeypatch.setattr(server.TemporaryServer, "start", no_server)
+    refused(capsys, ["demo", "--size", "test", "--store", str(tmp_path / "store"), "--report-dir",
+                     str(tmp_path / "r")], f"PREFECT_HOME {tmp_path / 'home'}", "1.0 MiB free",
+            "point PREFECT_HOME at a disk with room")

@@ -77,6 +77,20 @@ class TrainSpec(BaseModel):
     n_train: int | None = Field(TrainParams.n_train, ge=1)
     seed: int = TrainParams.seed
     modules: Modules = TrainParams.modules
+    steps: int | None = Field(TrainParams.steps, ge=1, description="optimizer steps; default: epochs x batches")
+    checkpoints: tuple[Annotated[int, Field(ge=1)], ...] = Field(
+        TrainParams.checkpoints, description="steps at which each run's adapter is also scored on test (a "
+        "dose-response from one run), e.g. [8, 32, 128] with steps: 128")
+
+    @model_validator(mode="after")
+    def _checkpoints_in_run(self):
+        if self.checkpoints and self.steps is None:
+            raise ValueError(f"checkpoints {list(self.checkpoints)} need steps: the run's optimizer steps, e.g. "
+                             f"steps: {max(self.checkpoints)}")
+        late = [c for c in self.checkpoints if self.steps is not None and c > self.steps]
+        if late:
+            raise ValueError(f"checkpoints {late} lie past the run's {self.steps} steps; raise steps or drop them")
+        return self
 
 
 class GridPoint(TrainSpec):
@@ -237,6 +251,7 @@ class SweepConfig(BaseModel):
     selection_seeds: list[int] = Field(default_factory=list, description="training seeds of the runs that choose "
                                        "each variant's setting on val; never scored on test, disjoint from seeds")
     endpoint: Endpoint | None = Field(None, description="the primary endpoint, declared before the data")
+    completion_tokens: int = Field(32, ge=1, description="seq-kd: the most tokens the teacher completes a prompt with")
     benchmarks: list[str] = Field(default_factory=lambda: ["answer_nll"], description="extra benchmarks per task")
     judge: str | None = Field(None, description="local judge model for the optional 'winrate' benchmark")
     num_fewshot: int = Field(0, ge=0)

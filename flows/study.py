@@ -150,7 +150,7 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
     first n_families that pass every quality gate are included. Runs on a local process pool by default."""
     st = Store(store)
     claim_report_dir(report_dir, "report_dir")  # now: the families' reports go inside it before its own
-    runs, extra, families, cfg, used = [], {"curves": [], "selection": [], "items": []}, {}, None, {}
+    runs, extra, families, cfg, used = [], {"curves": [], "selection": [], "items": [], "dose": []}, {}, None, {}
     excluded: dict[str, list[str]] = {}
     with task_runner(runner, workers) as task_runner_:
         graph = Graph(st, task_runner_, torch_threads_per_worker(runner, workers))

@@ -14,7 +14,7 @@ from prefect.futures import PrefectFuture
 
 from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Ref, Store
-from pkt.core import arch, costs, evaluate, models, report
+from pkt.core import arch, costs, distill, evaluate, laten, models, report
 from pkt.tasks import nodes
 
 from .config import SweepConfig, TaskSpec, parse_config
@@ -103,6 +103,7 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     made: dict[str, list] = {}  # variant -> the futures of its runs' results (adapters, LaTen updates)
     val = [_submit_selection(graph, cfg, teacher, group, made) for group in groups]
     scored, selection = [], []  # (row fields, scores future, adapter future or None); val rows
+    dosed, inert = [], {}  # scored's rows at the runs' earlier checkpoints; LaTen runs' (own, student's) val NLL
     for (path, student, shape, task, train), val_scores in zip(groups, val):
         metric = _select_metric(cfg, task)
         rows = [{"student": path, "task": task.name, "variant": v.name, "setting": setting, "seed": seed,
@@ -116,12 +117,24 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
             label = _label(path, task, v, setting, seed)
             adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
             made.setdefault(v.name, []).extend([adapter] if adapter is not None else [])
+            kept = _checkpoints(graph, cfg, v, adapter, setting, seed, label)
             for bench in benchmarks:
+                fields = {"student": path, "task": task.name, "benchmark": bench, "variant": v.name, "seed": seed,
+                          "setting": _setting(setting)}
                 future = _score(graph, cfg, student, adapter, task, bench, "test", label, v.name)
-                scored.append(({"student": path, "task": task.name, "benchmark": bench, "variant": v.name,
-                                "seed": seed, "setting": _setting(setting)}, future, adapter))
+                scored.append((fields, future, adapter))
+                dosed += [({**fields, "checkpoint": step},
+                           _score(graph, cfg, student, ckpt, task, bench, "test", f"{label}, step {step}", v.name), ckpt)
+                          for step, ckpt in kept.items()]
+            if v.chain == "laten":  # is the update inert? its val answer NLL against the untouched student's
+                inert[path, task.name, v.name, seed, _setting(setting)] = tuple(
+                    _score(graph, cfg, student, a, task, "answer_nll", "val", f"{label}, inert check", n)
+                    for a, n in ((adapter, v.name), (None, "")))
     graph.results()  # every node finished (the first failure is raised here)
-    rows, curves, items = _collect(store, scored, item_metrics(cfg))
+    rows, curves, items = _collect(store, scored, item_metrics(cfg), inert)
+    dose = _collect(store, dosed, set())[0]
+    if dose:  # the dose-response: every checkpoint's rows and the final one's (steps = the run's own)
+        dose += [{**r, "checkpoint": r["steps"]} for r in rows if r["variant"] in {d["variant"] for d in dose}]
     table = pd.DataFrame(rows)
     from .diagnose import with_diagnostics  # here, not at the top: diagnose builds inits with this module
 
@@ -130,7 +143,7 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     # every score the sweep computed, val ones included: they chose the settings the table shows
     all_scores = [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]
     inputs = {"runs": nodes.table_source(store, table, "runs.csv"), "scores": all_scores}
-    for name, extra in (("curves", curves), ("selection", selection), ("items", items)):
+    for name, extra in (("curves", curves), ("selection", selection), ("items", items), ("dose", dose)):
         if extra:
             inputs[name] = nodes.table_source(store, pd.DataFrame(extra), f"{name}.csv")
     spec = nodes.Report(primary=primary, protocol=report_protocol(cfg, protocol))
@@ -186,31 +199,60 @@ def _submit_selection(graph: Graph, cfg: SweepConfig, teacher: PrefectFuture, gr
     return out
 
 
-def _collect(store: Store, scored: list, keep_items: set[str]) -> tuple[list, list, list]:
-    """The runs table (one row per run x metric, with the init's size, the test-set size and the
-    optimizer steps), the training curves, and the per-item scores of the metrics in keep_items."""
+def _collect(store: Store, scored: list, keep_items: set[str], inert: dict | None = None) -> tuple[list, list, list]:
+    """The runs table (one row per run x metric, with the init's size, the test-set size, the optimizer
+    steps, the variant's route, and for a LaTen update its size per module and whether it is inert), the
+    training curves, and the per-item scores of the metrics in keep_items."""
     rows, curves, items, seen = [], [], [], set()
     for fields, future, adapter in scored:
-        adapter = adapter if adapter is not None and adapter.result()["kind"] == "adapter" else None  # not LaTen's
-        size = nodes.init_size(store, adapter.result()) if adapter is not None else {}
-        losses = nodes.train_losses(store, adapter.result()) if adapter is not None else []
+        result = adapter.result() if adapter is not None else None
+        trained = result is not None and result["kind"] in nodes.ADAPTER_KINDS  # not LaTen's update
+        size = nodes.init_size(store, result) if trained else {}
+        losses = nodes.train_losses(store, result) if trained else []
         per_item = store.tensors(future.result())
         n_items = len(per_item["doc_id"])
         summary = nodes.score_summary(store, future.result())
+        run = tuple(fields[k] for k in ("student", "task", "variant", "seed", "setting"))
+        extra = _laten_fields(store, fields["student"], result, (inert or {}).get(run)) if result and not trained else {}
         rows += [{**fields, "metric": metric, "value": value, "top_sv": size.get("top_sv"),
-                  "top_sv_ratio": size.get("top_sv_ratio"), "n_items": n_items, "steps": len(losses)}
+                  "top_sv_ratio": size.get("top_sv_ratio"), "n_items": n_items, "steps": len(losses),
+                  "route": VARIANTS[fields["variant"]].route, **extra}
                  for metric, value in summary.items()]
         for metric in keep_items & summary.keys():
             name = metric.split("/")[0]  # "exact_match/strict-match" is stored per item as "exact_match"
             if name in per_item:
                 items += [{**fields, "metric": metric, "item": int(i), "value": x}
                           for i, x in zip(per_item["doc_id"].tolist(), per_item[name].tolist())]
-        run = tuple(fields[k] for k in ("student", "task", "variant", "seed", "setting"))
-        if adapter is not None and run not in seen:
+        if trained and run not in seen:
             seen.add(run)
             base = {k: fields[k] for k in ("student", "task", "variant", "seed", "setting")}
             curves += [{**base, "step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
     return rows, curves, items
+
+
+INERT_NOTE = "not evaluated: inert at this width"
+
+
+def _laten_fields(store: Store, student: str, delta: dict, val: tuple | None) -> dict:
+    """A LaTen run's update size (||delta|| / ||W|| per module type, as JSON) and, from its val answer NLL
+    against the untouched student's, whether it is inert (|change| < laten.INERT_NLL nats)."""
+    size = laten.update_size(store.tensors(delta), models.LazyWeights.from_model_dir(student))
+    out = {"update_size": json.dumps(size, sort_keys=True), "update_size_max": max(size.values(), default=0.0)}
+    if val is not None:
+        own, base = (nodes.score_summary(store, f.result())["answer_nll"] for f in val)
+        out |= {"val_nll_moved": own - base, "inert": abs(own - base) < laten.INERT_NLL}
+        out["note"] = INERT_NOTE if out["inert"] else ""
+    return out
+
+
+def _checkpoints(graph: Graph, cfg: SweepConfig, v: Variant, adapter, setting: dict, seed: int,
+                 label: str) -> dict[int, PrefectFuture]:
+    """step -> the future of each earlier checkpoint of a trained run (the final one is the adapter itself)."""
+    if adapter is None or SCORED_AS[v.chain] != "adapter":
+        return {}
+    tp = cfg.train_params(seed, {k: x for k, x in setting.items() if k not in SETTING_FIELDS})
+    return {step: graph.submit(nodes.AdapterCheckpoint(step=step), {"adapter": adapter}, f"{label}, step {step}")
+            for step in sorted(tp.checkpoints) if step != tp.steps}
 
 
 def report_protocol(cfg: SweepConfig, extra: dict | None = None) -> dict:
@@ -255,8 +297,25 @@ def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, s
                                       device=cfg.device), inputs, label)
 
 
-CHAINS = {"adapter": _train, "laten": laten_chain}  # Variant.chain -> the nodes of one run
-SCORED_AS = {"adapter": "adapter", "laten": "delta"}  # Variant.chain -> the Scores input its result is
+def _distill(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, student: PrefectFuture,
+             train: PrefectFuture, task: TaskSpec, shape: dict, seed: int, setting: dict,
+             label: str) -> PrefectFuture:
+    """The future of one data-route run's adapter: kd (a kd_adapter node) or seq-kd (the teacher's completions
+    of the task's prompts, then an adapter trained on them). Both read prompts only (pkt_core/distill.py)."""
+    tp = cfg.train_params(seed, {k: x for k, x in setting.items() if k not in SETTING_FIELDS})
+    prompts = graph.source("dir", task.dir, [distill.prompt_file(task.dir)])
+    if v.chain == "kd":
+        return graph.submit(nodes.KdAdapter(variant=v.name, train=tp.as_dict(), dtype=cfg.dtype, device=cfg.device),
+                            {"student": student, "teacher": teacher, "prompts": prompts}, label)
+    completions = graph.submit(
+        nodes.TeacherCompletions(max_new_tokens=cfg.completion_tokens, dtype=cfg.dtype, device=cfg.device),
+        {"teacher": teacher, "prompts": prompts}, f"{source_name(cfg.teacher)}, {task.name} prompts")
+    return graph.submit(nodes.Adapter(variant=v.name, init="lora", train=tp.as_dict(), dtype=cfg.dtype,
+                                      device=cfg.device), {"student": student, "train": completions}, label)
+
+
+CHAINS = {"adapter": _train, "laten": laten_chain, "kd": _distill, "seq-kd": _distill}  # Variant.chain -> its nodes
+SCORED_AS = {"adapter": "adapter", "laten": "delta", "kd": "adapter", "seq-kd": "adapter"}  # -> the Scores input
 
 
 def _score(graph: Graph, cfg: SweepConfig, student: PrefectFuture, adapter, task: TaskSpec, benchmark: str, split: str,
@@ -276,7 +335,8 @@ def copy_report(store: Store, ref: dict, out_dir: str) -> dict[str, Path]:
     half a report file). A directory holding a user's files is refused (flows/outputs.py)."""
     claim_report_dir(out_dir)
     tree = store.tree(Ref.of(ref))
-    paths = {name: Path(out_dir) / f for name, f in report.REPORT_FILES.items() if (tree / f).exists()}
+    files = {**report.REPORT_FILES, "dose": nodes.DOSE_FILE}
+    paths = {name: Path(out_dir) / f for name, f in files.items() if (tree / f).exists()}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for dest in paths.values():
         tmp = dest.with_name(f".{dest.name}.tmp")

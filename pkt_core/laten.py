@@ -467,6 +467,22 @@ def delta_stats(delta: dict[str, torch.Tensor]) -> dict:
             "max_row_norm": float(max(r.norm(dim=1).max() for r in rows))}
 
 
+def update_size(delta: dict[str, torch.Tensor], weights) -> dict[str, float]:
+    """The update's size against the weights it lands on, per module type: sqrt(sum ||delta||^2 / sum ||W||^2)
+    over that type's touched weights (Frobenius norms), e.g. {"up": 3e-4, "down": 1e-4}. weights: name ->
+    tensor (the student's; a LazyWeights view is enough)."""
+    sums: dict[str, list[float]] = {}
+    for name in delta_weights(delta):
+        module = next((m for m in MODULES if name.endswith(f"{arch.LAYER_MODULES[m]}.weight")), name)
+        acc = sums.setdefault(module, [0.0, 0.0])
+        acc[0] += float(delta[f"{name}.rows"].double().pow(2).sum())
+        acc[1] += float(weights[name].double().pow(2).sum())
+    return {m: (d / w) ** 0.5 if w > 0 else float("nan") for m, (d, w) in sorted(sums.items())}
+
+
+INERT_NLL = 1e-3  # nats: an update that moves the student's mean val answer NLL by less is "inert at this width"
+
+
 def splits(n_rows: int, n_extract: int, n_align: int, seed: int = 0) -> tuple[list[int], list[int], list[int]]:
     """(extract, align, pool) line indices of a training file: disjoint, drawn once under `seed`; the
     seed sample of a transfer is drawn from the pool. Only the training file is read, so the

@@ -513,7 +513,8 @@ class Report(Node):
     # v4: the declared endpoint first, corrected verdicts (Holm/BH), families as units, item bootstrap,
     # power, the protocol (grids, selection apart from test) and the scale caveat in report.md
     VERSION = 4
-    INPUTS = ("runs", "scores")  # optional: "curves" (training losses), "selection" (val runs), "items" (per item)
+    INPUTS = ("runs", "scores")  # optional: "curves" (training losses), "selection" (val runs), "items" (per item),
+    # "dose" (every run's scores at its checkpoint steps: dose.csv)
     primary: str = "exact_match/strict-match"
     protocol: dict | None = None  # report.write_report's protocol: endpoint, grids, seeds, caveat, gates
 
@@ -522,6 +523,11 @@ class Report(Node):
                   for name in ("runs", "curves", "selection", "items") if name in inputs}
         report.write_report(tables.pop("runs"), out, self.primary, tables.get("curves"),
                             selection=tables.get("selection"), items=tables.get("items"), protocol=self.protocol)
+        if "dose" in inputs:  # the dose-response over checkpoint steps, beside the report for it to read
+            Path(out, DOSE_FILE).write_bytes(store.read_bytes(inputs["dose"]["digest"]))
+
+
+DOSE_FILE = "dose.csv"
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,10 @@ class LatenSpec(BaseModel):
     weight_decay: float = Field(0.05, ge=0)
     mse_weight: float = Field(1000.0, ge=0)
     norm: Literal[laten.NORMS] = "authors"  # type: ignore[valid-type]
+    init_std: float = Field(1e-5, gt=0, description="the translator's N(0, init_std) init (the authors')")
+    reference_width: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="[d_t, d_s] that init_std and lr were set for: given (the authors' [5120, 4096]), both are "
+        "carried to this pair's widths (pkt.core.laten.LatenParams.at_width); none: used as given")
     grid: dict[Literal["step", "rate"], list] = Field(
         default_factory=dict, description="chosen on val like train_grid, e.g. {step: [10, 20], "
         "rate: [0.05, 0.1, 0.2]}; default: the last step at the training rate")
@@ -178,7 +182,8 @@ class LatenSpec(BaseModel):
     def hparams(self, seed: int) -> dict:
         return laten.LatenParams(rate=self.rate, modules=tuple(self.modules), n_layers=self.n_layers, lr=self.lr,
                                  weight_decay=self.weight_decay, mse_weight=self.mse_weight,
-                                 align_per_step=self.align_per_step, norm=self.norm, seed=seed).as_dict()
+                                 align_per_step=self.align_per_step, norm=self.norm, seed=seed,
+                                 init_std=self.init_std, reference_width=self.reference_width).as_dict()
 
     def points(self) -> list[dict]:
         """The grid's settings, {step, rate} each."""
@@ -218,6 +223,8 @@ class Endpoint(BaseModel):
     comparisons: list[Annotated[Comparison, BeforeValidator(_comparison)]] = Field(
         min_length=1, description="e.g. ['transfer - spectrum-matched', 'transfer - shuffled']")
     alpha: float = Field(0.05, gt=0, lt=1, description="familywise error rate of the primary comparisons")
+    at_subject_setting: bool = Field(False, description="the secondary contrast: each control also trained at "
+                                     "its subject's chosen setting (matched.csv, with the top singular values' ratio)")
 
 
 class SweepConfig(BaseModel):

@@ -104,6 +104,7 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     val = [_submit_selection(graph, cfg, teacher, group, made) for group in groups]
     scored, selection = [], []  # (row fields, scores future, adapter future or None); val rows
     dosed, inert = [], {}  # scored's rows at the runs' earlier checkpoints; LaTen runs' (own, student's) val NLL
+    matched = []  # the endpoint's controls at the subject's chosen setting (Endpoint.at_subject_setting)
     for (path, student, shape, task, train), val_scores in zip(groups, val):
         metric = _select_metric(cfg, task)
         rows = [{"student": path, "task": task.name, "variant": v.name, "setting": setting, "seed": seed,
@@ -130,8 +131,10 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
                 inert[path, task.name, v.name, seed, _setting(setting)] = tuple(
                     _score(graph, cfg, student, a, task, "answer_nll", "val", f"{label}, inert check", n)
                     for a, n in ((adapter, v.name), (None, "")))
+        matched += _at_subject_setting(graph, cfg, teacher, (path, student, shape, task, train), chosen)
     graph.results()  # every node finished (the first failure is raised here)
     rows, curves, items = _collect(store, scored, item_metrics(cfg), inert)
+    matched = sv_matched(_collect(store, matched, set())[0], rows)
     dose = _collect(store, dosed, set())[0]
     if dose:  # the dose-response: every checkpoint's rows and the final one's (steps = the run's own)
         dose += [{**r, "checkpoint": r["steps"]} for r in rows if r["variant"] in {d["variant"] for d in dose}]
@@ -143,7 +146,8 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     # every score the sweep computed, val ones included: they chose the settings the table shows
     all_scores = [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]
     inputs = {"runs": nodes.table_source(store, table, "runs.csv"), "scores": all_scores}
-    for name, extra in (("curves", curves), ("selection", selection), ("items", items), ("dose", dose)):
+    for name, extra in (("curves", curves), ("selection", selection), ("items", items), ("dose", dose),
+                        ("matched", matched)):
         if extra:
             inputs[name] = nodes.table_source(store, pd.DataFrame(extra), f"{name}.csv")
     spec = nodes.Report(primary=primary, protocol=report_protocol(cfg, protocol))
@@ -228,6 +232,46 @@ def _collect(store: Store, scored: list, keep_items: set[str], inert: dict | Non
             base = {k: fields[k] for k in ("student", "task", "variant", "seed", "setting")}
             curves += [{**base, "step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
     return rows, curves, items
+
+
+SV_TOLERANCE = 0.10  # a control at the subject's setting is size-matched when its top singular value is within 10%
+
+
+def _at_subject_setting(graph: Graph, cfg: SweepConfig, teacher: PrefectFuture, group: tuple,
+                        chosen: dict[str, dict]) -> list:
+    """The secondary contrast's runs: each endpoint control trained at its subject's chosen setting (the
+    same lr and init scale, so size-matched by construction), over the test seeds, scored on test."""
+    path, student, shape, task, train = group
+    e = cfg.endpoint
+    if not e or not e.at_subject_setting or (e.tasks and task.name not in e.tasks):
+        return []
+    out = []
+    for c in e.comparisons:
+        v = VARIANTS[c.control]
+        setting = chosen.get(c.subject, cfg.grid_points(c.subject)[0])
+        if not v.extracted or c.subject == "lora":
+            continue  # only an init from the teacher has the subject's scale to share
+        for seed in cfg.seeds:
+            label = _label(path, task, v, setting, seed) + f", at {c.subject}'s setting"
+            adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+            fields = {"student": path, "task": task.name, "benchmark": task.benchmark, "variant": v.name,
+                      "seed": seed, "setting": _setting(setting), "at_setting_of": c.subject}
+            out.append((fields, _score(graph, cfg, student, adapter, task, task.benchmark, "test", label, v.name),
+                        adapter))
+    return out
+
+
+def sv_matched(matched: list[dict], rows: list[dict]) -> list[dict]:
+    """matched rows with sv_ratio (their init's top singular value over the subject's run of the same seed)
+    and sv_matched (within SV_TOLERANCE): the check that the secondary contrast compares equal sizes."""
+    key = ("student", "task", "seed", "metric")
+    subject = {(r["variant"], *(r[k] for k in key)): r.get("top_sv") for r in rows}
+    out = []
+    for r in matched:
+        own, theirs = r.get("top_sv"), subject.get((r["at_setting_of"], *(r[k] for k in key)))
+        ratio = own / theirs if own is not None and theirs else None
+        out.append({**r, "sv_ratio": ratio, "sv_matched": ratio is not None and abs(ratio - 1) <= SV_TOLERANCE})
+    return out
 
 
 INERT_NOTE = "not evaluated: inert at this width"
@@ -335,7 +379,7 @@ def copy_report(store: Store, ref: dict, out_dir: str) -> dict[str, Path]:
     half a report file). A directory holding a user's files is refused (flows/outputs.py)."""
     claim_report_dir(out_dir)
     tree = store.tree(Ref.of(ref))
-    files = {**report.REPORT_FILES, "dose": nodes.DOSE_FILE}
+    files = {**report.REPORT_FILES, **nodes.BESIDE_REPORT}
     paths = {name: Path(out_dir) / f for name, f in files.items() if (tree / f).exists()}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for dest in paths.values():

@@ -514,7 +514,7 @@ class Report(Node):
     # power, the protocol (grids, selection apart from test) and the scale caveat in report.md
     VERSION = 4
     INPUTS = ("runs", "scores")  # optional: "curves" (training losses), "selection" (val runs), "items" (per item),
-    # "dose" (every run's scores at its checkpoint steps: dose.csv)
+    # and BESIDE_REPORT's tables
     primary: str = "exact_match/strict-match"
     protocol: dict | None = None  # report.write_report's protocol: endpoint, grids, seeds, caveat, gates
 
@@ -523,11 +523,14 @@ class Report(Node):
                   for name in ("runs", "curves", "selection", "items") if name in inputs}
         report.write_report(tables.pop("runs"), out, self.primary, tables.get("curves"),
                             selection=tables.get("selection"), items=tables.get("items"), protocol=self.protocol)
-        if "dose" in inputs:  # the dose-response over checkpoint steps, beside the report for it to read
-            Path(out, DOSE_FILE).write_bytes(store.read_bytes(inputs["dose"]["digest"]))
+        for name, file in BESIDE_REPORT.items():  # tables the report reads, kept beside it as given
+            if name in inputs:
+                Path(out, file).write_bytes(store.read_bytes(inputs[name]["digest"]))
 
 
-DOSE_FILE = "dose.csv"
+# dose: every run's scores at its checkpoint steps (the dose-response over steps); matched: the endpoint's
+# controls at the subject's own chosen setting, with their top singular value against the subject's
+BESIDE_REPORT = {"dose": "dose.csv", "matched": "matched.csv"}
 
 
 @dataclass(frozen=True)

@@ -69,11 +69,15 @@ VARIANTS = {v.name: v for v in [
     Variant("laten-random", init="laten", chain="laten", update="random", drawn=True,
             what="LaTen's located rows, Gaussian values with the translated rows' norms"),
     # weight inheritance (shared/methods/baselines.md): a selector, a reducer, or both, in the same chain
+    # window selectors: these papers' index choices used to cut transfer's window inside the subtracted LoRA
+    # init (not their method, where the selected teacher weights become a fresh student that is then trained)
     Variant("weight-selection", selector="evenly-spaced", reducer="weight-selection",
-            what="Xu et al. 2024: evenly spaced layers and evenly spaced indices, the same in every layer; no data"),
+            what="window selector after Xu et al. 2024, inside transfer's subtracted LoRA init (not the paper's "
+                 "student initialisation): evenly spaced layers and indices, the same in every layer; no data"),
     Variant("subcloning", reducer="subcloning",
-            what="Samragh et al. 2023: the sensitive layers, neurons/heads ranked by mean activation magnitude on "
-                 "the seeds (one residual ranking for all layers)"),
+            what="window selector after Samragh et al. 2023, inside transfer's subtracted LoRA init (not the paper's "
+                 "student initialisation): the sensitive layers, neurons/heads ranked by mean activation magnitude "
+                 "on the seeds (one residual ranking for all layers)"),
     Variant("block-influence", selector="block-influence",
             what="ShortGPT's block influence (1 - cos(h_in, h_out)) picks the layers; the sensitive windows inside"),
 ]}

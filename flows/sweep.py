@@ -127,7 +127,8 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
                 dosed += [({**fields, "checkpoint": step},
                            _score(graph, cfg, student, ckpt, task, bench, "test", f"{label}, step {step}", v.name), ckpt)
                           for step, ckpt in kept.items()]
-            if v.chain == "laten":  # is the update inert? its val answer NLL against the untouched student's
+            if v.chain == "laten" and (Path(task.dir) / "val.jsonl").exists():  # is the update inert? its val
+                # answer NLL against the untouched student's
                 inert[path, task.name, v.name, seed, _setting(setting)] = tuple(
                     _score(graph, cfg, student, a, task, "answer_nll", "val", f"{label}, inert check", n)
                     for a, n in ((adapter, v.name), (None, "")))

@@ -7,6 +7,7 @@ import pytest
 
 from pkt.flows.config import ConfigError, parse_config
 from pkt.flows.sweep import sweep
+from test_distill import family  # noqa: F401  (a task directory and two small random models)
 
 TRAIN = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "lr": 1e-2, "steps": 4, "checkpoints": [1, 2, 4], "batch_size": 8,
          "micro_batch": 8, "n_train": 8}
@@ -25,8 +26,8 @@ def routes_config(family, tmp_path, **kw):
 
 
 @pytest.mark.slow
-def test_routes_in_a_sweep(prefect_env, mini_family, tmp_path):
-    out = sweep(routes_config(mini_family, tmp_path))
+def test_routes_in_a_sweep(prefect_env, family, tmp_path):  # noqa: F811
+    out = sweep(routes_config(family, tmp_path))
     kinds = [k for k, _, _ in out["nodes"]]
     assert kinds.count("kd_adapter") == 1 and kinds.count("teacher_completions") == 1
     runs = pd.read_csv(out["report"]["runs"])
@@ -50,8 +51,8 @@ def test_routes_in_a_sweep(prefect_env, mini_family, tmp_path):
     assert matched["sv_matched"].all() and (matched["sv_ratio"] - 1).abs().max() < 1e-3
 
 
-def test_checkpoints_need_steps(mini_family, tmp_path):
+def test_checkpoints_need_steps(family, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match="checkpoints .* need steps"):
-        parse_config(routes_config(mini_family, tmp_path, train={**TRAIN, "steps": None}))
+        parse_config(routes_config(family, tmp_path, train={**TRAIN, "steps": None}))
     with pytest.raises(ConfigError, match="past the run's 4 steps"):
-        parse_config(routes_config(mini_family, tmp_path, train={**TRAIN, "checkpoints": [2, 8]}))
+        parse_config(routes_config(family, tmp_path, train={**TRAIN, "checkpoints": [2, 8]}))

@@ -132,7 +132,10 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
                 inert[path, task.name, v.name, seed, _setting(setting)] = tuple(
                     _score(graph, cfg, student, a, task, "answer_nll", "val", f"{label}, inert check", n)
                     for a, n in ((adapter, v.name), (None, "")))
-        matched += _at_subject_setting(graph, cfg, teacher, (path, student, shape, task, train), chosen)
+        at_subject = _at_subject_setting(graph, cfg, teacher, (path, student, shape, task, train), chosen)
+        for fields, _, adapter in at_subject:
+            made.setdefault(fields["variant"], []).append(adapter)
+        matched += at_subject
     graph.results()  # every node finished (the first failure is raised here)
     rows, curves, items = _collect(store, scored, item_metrics(cfg), inert)
     matched = sv_matched(_collect(store, matched, set())[0], rows)

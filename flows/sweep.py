@@ -129,9 +129,10 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
                           for step, ckpt in kept.items()]
             if v.chain == "laten" and (Path(task.dir) / "val.jsonl").exists():  # is the update inert? its val
                 # answer NLL against the untouched student's
+                untouched = _label(path, task, VARIANTS["vanilla"], {}, cfg.seeds[0])
                 inert[path, task.name, v.name, seed, _setting(setting)] = tuple(
-                    _score(graph, cfg, student, a, task, "answer_nll", "val", f"{label}, inert check", n)
-                    for a, n in ((adapter, v.name), (None, "")))
+                    _score(graph, cfg, student, a, task, "answer_nll", "val", f"{name}, inert check", n)
+                    for a, name, n in ((adapter, label, v.name), (None, untouched, "")))
         at_subject = _at_subject_setting(graph, cfg, teacher, (path, student, shape, task, train), chosen)
         for fields, _, adapter in at_subject:
             made.setdefault(fields["variant"], []).append(adapter)

@@ -1,4 +1,5 @@
 """transfer-add: the extracted piece added to the student (not subtracted), then the same LoRA training."""
+import pytest
 import torch
 from peft import PeftModel
 
@@ -27,6 +28,8 @@ def test_at_scale_zero_it_is_loras_step_zero(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same weights, LoRA factors included
 
 
+@pytest.mark.slow  # trains twice; ~45 s on 2 cores under a load of 20-30
+@pytest.mark.ci
 def test_the_piece_is_added_and_the_folded_adapter_is_the_trained_function(tmp_path):
     teacher, student = _pair()
     original = {k: v.clone() for k, v in student.state_dict().items()}

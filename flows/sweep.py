@@ -124,8 +124,8 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
                           "setting": _setting(setting)}
                 future = _score(graph, cfg, student, adapter, task, bench, "test", label, v.name)
                 scored.append((fields, future, adapter))
-                dosed += [({**fields, "checkpoint": step},
-                           _score(graph, cfg, student, ckpt, task, bench, "test", f"{label}, step {step}", v.name), ckpt)
+                dosed += [({**fields, "checkpoint": step}, _score(graph, cfg, student, ckpt, task, bench, "test",
+                                                                  f"{label}, step {step}", v.name), ckpt)
                           for step, ckpt in kept.items()]
             if v.chain == "laten" and (Path(task.dir) / "val.jsonl").exists():  # is the update inert? its val
                 # answer NLL against the untouched student's
@@ -222,7 +222,8 @@ def _collect(store: Store, scored: list, keep_items: set[str], inert: dict | Non
         n_items = len(per_item["doc_id"])
         summary = nodes.score_summary(store, future.result())
         run = tuple(fields[k] for k in ("student", "task", "variant", "seed", "setting"))
-        extra = _laten_fields(store, fields["student"], result, (inert or {}).get(run)) if result and not trained else {}
+        laten_run = result is not None and not trained
+        extra = _laten_fields(store, fields["student"], result, (inert or {}).get(run)) if laten_run else {}
         rows += [{**fields, "metric": metric, "value": value, "top_sv": size.get("top_sv"),
                   "top_sv_ratio": size.get("top_sv_ratio"), "n_items": n_items, "steps": len(losses),
                   "route": VARIANTS[fields["variant"]].route, **extra}

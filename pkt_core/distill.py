@@ -124,8 +124,8 @@ def kd_loss(student, teacher, samples: list[dict[str, torch.Tensor]], pad_id: in
     with torch.no_grad():
         for i in range(0, len(samples), micro):
             mb = {k: v.to(device) for k, v in collate(samples[i:i + micro], pad_id).items()}
-            s = torch.log_softmax(student(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits.float(), -1)
-            t = torch.log_softmax(teacher(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits.float(), -1)
+            s, t = (torch.log_softmax(m(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits.float(),
+                                      -1) for m in (student, teacher))
             kl_total += float(((t.exp() * (t - s)).sum(-1) * mb["attention_mask"]).sum())
             n += int(mb["attention_mask"].sum())
     return kl_total / max(n, 1)

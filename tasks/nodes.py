@@ -438,7 +438,8 @@ class KdAdapter(Node):
         teacher, _ = load_model_input(store, inputs["teacher"], self.dtype, self.device)
         turns = distill.read_prompts(read_prompt_source(store, inputs["prompts"]))
         samples = distill.encode_prompts(distill.prompt_texts(turns), tok, tp.max_length)[: tp.n_train]
-        log(f"kd: {len(samples)} prompts, KL(teacher || student) {distill.kd_loss(student, teacher, samples, tok.pad_token_id):.4f} nats a position before training")
+        before = distill.kd_loss(student, teacher, samples, tok.pad_token_id)
+        log(f"kd: {len(samples)} prompts, KL(teacher || student) {before:.4f} nats a position before training")
         result = finetune.train_adapter(student, samples, tp, tok.pad_token_id, "lora",
                                         objective=distill.kd_objective(teacher, self.temperature))
         save_trained(out, result, student, tp, self.variant)

@@ -99,6 +99,20 @@ class TrainSpec(BaseModel):
     n_train: int | None = Field(TrainParams.n_train, ge=1)
     seed: Seed = TrainParams.seed
     modules: Modules = TrainParams.modules
+    steps: int | None = Field(TrainParams.steps, ge=1, description="optimizer steps; default: epochs x batches")
+    checkpoints: tuple[Annotated[int, Field(ge=1)], ...] = Field(
+        TrainParams.checkpoints, description="steps at which each run's adapter is also scored on test (a "
+        "dose-response from one run), e.g. [8, 32, 128] with steps: 128")
+
+    @model_validator(mode="after")
+    def _checkpoints_in_run(self):
+        if self.checkpoints and self.steps is None:
+            raise ValueError(f"checkpoints {list(self.checkpoints)} need steps: the run's optimizer steps, e.g. "
+                             f"steps: {max(self.checkpoints)}")
+        late = [c for c in self.checkpoints if self.steps is not None and c > self.steps]
+        if late:
+            raise ValueError(f"checkpoints {late} lie past the run's {self.steps} steps; raise steps or drop them")
+        return self
 
 
 class GridPoint(TrainSpec):
@@ -165,6 +179,10 @@ class LatenSpec(BaseModel):
     weight_decay: float = Field(0.05, ge=0)
     mse_weight: float = Field(1000.0, ge=0)
     norm: Literal[laten.NORMS] = "authors"  # type: ignore[valid-type]
+    init_std: float = Field(1e-5, gt=0, description="the translator's N(0, init_std) init (the authors')")
+    reference_width: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="[d_t, d_s] that init_std and lr were set for: given (the authors' [5120, 4096]), both are "
+        "carried to this pair's widths (pkt.core.laten.LatenParams.at_width); none: used as given")
     grid: dict[Literal["step", "rate"], list] = Field(
         default_factory=dict, description="chosen on val like train_grid, e.g. {step: [10, 20], "
         "rate: [0.05, 0.1, 0.2]}; default: the last step at the training rate")
@@ -194,7 +212,8 @@ class LatenSpec(BaseModel):
     def hparams(self, seed: int) -> dict:
         return laten.LatenParams(rate=self.rate, modules=tuple(self.modules), n_layers=self.n_layers, lr=self.lr,
                                  weight_decay=self.weight_decay, mse_weight=self.mse_weight,
-                                 align_per_step=self.align_per_step, norm=self.norm, seed=seed).as_dict()
+                                 align_per_step=self.align_per_step, norm=self.norm, seed=seed,
+                                 init_std=self.init_std, reference_width=self.reference_width).as_dict()
 
     def points(self) -> list[dict]:
         """The grid's settings, {step, rate} each."""
@@ -234,6 +253,8 @@ class Endpoint(BaseModel):
     comparisons: list[Annotated[Comparison, BeforeValidator(_comparison)]] = Field(
         min_length=1, description="e.g. ['transfer - spectrum-matched', 'transfer - shuffled']")
     alpha: float = Field(0.05, gt=0, lt=1, description="familywise error rate of the primary comparisons")
+    at_subject_setting: bool = Field(False, description="the secondary contrast: each control also trained at "
+                                     "its subject's chosen setting (matched.csv, with the top singular values' ratio)")
 
 
 class SweepConfig(BaseModel):
@@ -267,6 +288,7 @@ class SweepConfig(BaseModel):
     selection_seeds: Seeds = Field(default_factory=list, description="training seeds of the runs that choose "
                                        "each variant's setting on val; never scored on test, disjoint from seeds")
     endpoint: Endpoint | None = Field(None, description="the primary endpoint, declared before the data")
+    completion_tokens: int = Field(32, ge=1, description="seq-kd: the most tokens the teacher completes a prompt with")
     benchmarks: Annotated[list[str], AfterValidator(_distinct)] = Field(default_factory=lambda: ["answer_nll"],
                                                                         description="extra benchmarks per task")
     judge: str | None = Field(None, description="local judge model for the optional 'winrate' benchmark")

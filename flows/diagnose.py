@@ -32,7 +32,8 @@ def diagnostic_node(graph: Graph, v: Variant, student: PrefectFuture, train: Pre
     if not v.trains:
         return None
     spec = nodes.Diagnostic(variant=v.name, init=v.init, rank=tp.rank, alpha=tp.alpha, modules=tuple(tp.modules),
-                            seed=tp.seed if v.init == "lora" else 0, batches=batches, batch_size=tp.batch_size,
+                            seed=tp.seed if v.init in ("lora", "added") else 0, batches=batches,
+                            batch_size=tp.batch_size,
                             n_train=tp.n_train, max_length=tp.max_length, micro_batch=tp.micro_batch, dtype=dtype,
                             device=device)
     inputs = {"student": student, "train": train, **({"init": init} if init is not None else {})}

@@ -15,7 +15,7 @@ from prefect.futures import PrefectFuture
 from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.model_id import GENERATION_FILES
 from pkt.artifacts.store import Ref, Store
-from pkt.core import arch, costs, evaluate, models, report
+from pkt.core import arch, costs, distill, evaluate, laten, models, report
 from pkt.tasks import nodes
 
 from .config import SweepConfig, TaskSpec, parse_config
@@ -104,6 +104,8 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     made: dict[str, list] = {}  # variant -> the futures of its runs' results (adapters, LaTen updates)
     val = [_submit_selection(graph, cfg, teacher, group, made) for group in groups]
     scored, selection = [], []  # (row fields, scores future, adapter future or None); val rows
+    dosed, inert = [], {}  # scored's rows at the runs' earlier checkpoints; LaTen runs' (own, student's) val NLL
+    matched = []  # the endpoint's controls at the subject's chosen setting (Endpoint.at_subject_setting)
     for (path, student, shape, task, train), val_scores in zip(groups, val):
         metric = _select_metric(cfg, task)
         rows = [{"student": path, "task": task.name, "variant": v.name, "setting": setting, "seed": seed,
@@ -117,12 +119,31 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
             label = _label(path, task, v, setting, seed)
             adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
             made.setdefault(v.name, []).extend([adapter] if adapter is not None else [])
+            kept = _checkpoints(graph, cfg, v, adapter, setting, seed, label)
             for bench in benchmarks:
+                fields = {"student": path, "task": task.name, "benchmark": bench, "variant": v.name, "seed": seed,
+                          "setting": _setting(setting)}
                 future = _score(graph, cfg, path, adapter, task, bench, "test", label, v.name)
-                scored.append(({"student": path, "task": task.name, "benchmark": bench, "variant": v.name,
-                                "seed": seed, "setting": _setting(setting)}, future, adapter))
+                scored.append((fields, future, adapter))
+                dosed += [({**fields, "checkpoint": step}, _score(graph, cfg, path, ckpt, task, bench, "test",
+                                                                  f"{label}, step {step}", v.name), ckpt)
+                          for step, ckpt in kept.items()]
+            if v.chain == "laten" and (Path(task.dir) / "val.jsonl").exists():  # is the update inert? its val
+                # answer NLL against the untouched student's
+                untouched = _label(path, task, VARIANTS["vanilla"], {}, cfg.seeds[0])
+                inert[path, task.name, v.name, seed, _setting(setting)] = tuple(
+                    _score(graph, cfg, path, a, task, "answer_nll", "val", f"{name}, inert check", n)
+                    for a, name, n in ((adapter, label, v.name), (None, untouched, "")))
+        at_subject = _at_subject_setting(graph, cfg, teacher, (path, student, shape, task, train), chosen)
+        for fields, _, adapter in at_subject:
+            made.setdefault(fields["variant"], []).append(adapter)
+        matched += at_subject
     graph.results()  # every node finished (the first failure is raised here)
-    rows, curves, items = _collect(store, scored, item_metrics(cfg))
+    rows, curves, items = _collect(store, scored, item_metrics(cfg), inert)
+    matched = sv_matched(_collect(store, matched, set())[0], rows)
+    dose = _collect(store, dosed, set())[0]
+    if dose:  # the dose-response: every checkpoint's rows and the final one's (steps = the run's own)
+        dose += [{**r, "checkpoint": r["steps"]} for r in rows if r["variant"] in {d["variant"] for d in dose}]
     table = pd.DataFrame(rows)
     from .diagnose import with_diagnostics  # here, not at the top: diagnose builds inits with this module
 
@@ -131,7 +152,8 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     # every score the sweep computed, val ones included: they chose the settings the table shows
     all_scores = [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]
     inputs = {"runs": nodes.table_source(store, table, "runs.csv"), "scores": all_scores}
-    for name, extra in (("curves", curves), ("selection", selection), ("items", items)):
+    for name, extra in (("curves", curves), ("selection", selection), ("items", items), ("dose", dose),
+                        ("matched", matched)):
         if extra:
             inputs[name] = nodes.table_source(store, pd.DataFrame(extra), f"{name}.csv")
     spec = nodes.Report(primary=primary, protocol=report_protocol(cfg, protocol))
@@ -187,31 +209,101 @@ def _submit_selection(graph: Graph, cfg: SweepConfig, teacher: PrefectFuture, gr
     return out
 
 
-def _collect(store: Store, scored: list, keep_items: set[str]) -> tuple[list, list, list]:
-    """The runs table (one row per run x metric, with the init's size, the test-set size and the
-    optimizer steps), the training curves, and the per-item scores of the metrics in keep_items."""
+def _collect(store: Store, scored: list, keep_items: set[str], inert: dict | None = None) -> tuple[list, list, list]:
+    """The runs table (one row per run x metric, with the init's size, the test-set size, the optimizer
+    steps, the variant's route, and for a LaTen update its size per module and whether it is inert), the
+    training curves, and the per-item scores of the metrics in keep_items."""
     rows, curves, items, seen = [], [], [], set()
     for fields, future, adapter in scored:
-        adapter = adapter if adapter is not None and adapter.result()["kind"] == "adapter" else None  # not LaTen's
-        size = nodes.init_size(store, adapter.result()) if adapter is not None else {}
-        losses = nodes.train_losses(store, adapter.result()) if adapter is not None else []
+        result = adapter.result() if adapter is not None else None
+        trained = result is not None and result["kind"] in nodes.ADAPTER_KINDS  # not LaTen's update
+        size = nodes.init_size(store, result) if trained else {}
+        losses = nodes.train_losses(store, result) if trained else []
         per_item = store.tensors(future.result())
         n_items = len(per_item["doc_id"])
         summary = nodes.score_summary(store, future.result())
+        run = tuple(fields[k] for k in ("student", "task", "variant", "seed", "setting"))
+        laten_run = result is not None and not trained
+        extra = _laten_fields(store, fields["student"], result, (inert or {}).get(run)) if laten_run else {}
         rows += [{**fields, "metric": metric, "value": value, "top_sv": size.get("top_sv"),
-                  "top_sv_ratio": size.get("top_sv_ratio"), "n_items": n_items, "steps": len(losses)}
+                  "top_sv_ratio": size.get("top_sv_ratio"), "n_items": n_items, "steps": len(losses),
+                  "route": VARIANTS[fields["variant"]].route, **extra}
                  for metric, value in summary.items()]
         for metric in keep_items & summary.keys():
             name = metric.split("/")[0]  # "exact_match/strict-match" is stored per item as "exact_match"
             if name in per_item:
                 items += [{**fields, "metric": metric, "item": int(i), "value": x}
                           for i, x in zip(per_item["doc_id"].tolist(), per_item[name].tolist())]
-        run = tuple(fields[k] for k in ("student", "task", "variant", "seed", "setting"))
-        if adapter is not None and run not in seen:
+        if trained and run not in seen:
             seen.add(run)
             base = {k: fields[k] for k in ("student", "task", "variant", "seed", "setting")}
             curves += [{**base, "step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
     return rows, curves, items
+
+
+SV_TOLERANCE = 0.10  # a control at the subject's setting is size-matched when its top singular value is within 10%
+
+
+def _at_subject_setting(graph: Graph, cfg: SweepConfig, teacher: PrefectFuture, group: tuple,
+                        chosen: dict[str, dict]) -> list:
+    """The secondary contrast's runs: each endpoint control trained at its subject's chosen setting (the
+    same lr and init scale, so size-matched by construction), over the test seeds, scored on test."""
+    path, student, shape, task, train = group
+    e = cfg.endpoint
+    if not e or not e.at_subject_setting or (e.tasks and task.name not in e.tasks):
+        return []
+    out = []
+    for c in e.comparisons:
+        v = VARIANTS[c.control]
+        setting = chosen.get(c.subject, cfg.grid_points(c.subject)[0])
+        if not v.extracted or c.subject == "lora":
+            continue  # only an init from the teacher has the subject's scale to share
+        for seed in cfg.seeds:
+            label = _label(path, task, v, setting, seed) + f", at {c.subject}'s setting"
+            adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+            fields = {"student": path, "task": task.name, "benchmark": task.benchmark, "variant": v.name,
+                      "seed": seed, "setting": _setting(setting), "at_setting_of": c.subject}
+            out.append((fields, _score(graph, cfg, path, adapter, task, task.benchmark, "test", label, v.name),
+                        adapter))
+    return out
+
+
+def sv_matched(matched: list[dict], rows: list[dict]) -> list[dict]:
+    """matched rows with sv_ratio (their init's top singular value over the subject's run of the same seed)
+    and sv_matched (within SV_TOLERANCE): the check that the secondary contrast compares equal sizes."""
+    key = ("student", "task", "seed", "metric")
+    subject = {(r["variant"], *(r[k] for k in key)): r.get("top_sv") for r in rows}
+    out = []
+    for r in matched:
+        own, theirs = r.get("top_sv"), subject.get((r["at_setting_of"], *(r[k] for k in key)))
+        ratio = own / theirs if own is not None and theirs else None
+        out.append({**r, "sv_ratio": ratio, "sv_matched": ratio is not None and abs(ratio - 1) <= SV_TOLERANCE})
+    return out
+
+
+INERT_NOTE = "not evaluated: inert at this width"
+
+
+def _laten_fields(store: Store, student: str, delta: dict, val: tuple | None) -> dict:
+    """A LaTen run's update size (||delta|| / ||W|| per module type, as JSON) and, from its val answer NLL
+    against the untouched student's, whether it is inert (|change| < laten.INERT_NLL nats)."""
+    size = laten.update_size(store.tensors(delta), models.LazyWeights.from_model_dir(student))
+    out = {"update_size": json.dumps(size, sort_keys=True), "update_size_max": max(size.values(), default=0.0)}
+    if val is not None:
+        own, base = (nodes.score_summary(store, f.result())["answer_nll"] for f in val)
+        out |= {"val_nll_moved": own - base, "inert": abs(own - base) < laten.INERT_NLL}
+        out["note"] = INERT_NOTE if out["inert"] else ""
+    return out
+
+
+def _checkpoints(graph: Graph, cfg: SweepConfig, v: Variant, adapter, setting: dict, seed: int,
+                 label: str) -> dict[int, PrefectFuture]:
+    """step -> the future of each earlier checkpoint of a trained run (the final one is the adapter itself)."""
+    if adapter is None or SCORED_AS[v.chain] != "adapter":
+        return {}
+    tp = cfg.train_params(seed, {k: x for k, x in setting.items() if k not in SETTING_FIELDS})
+    return {step: graph.submit(nodes.AdapterCheckpoint(step=step), {"adapter": adapter}, f"{label}, step {step}")
+            for step in sorted(tp.checkpoints) if step != tp.steps}
 
 
 def report_protocol(cfg: SweepConfig, extra: dict | None = None) -> dict:
@@ -256,8 +348,25 @@ def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, s
                                       device=cfg.device), inputs, label)
 
 
-CHAINS = {"adapter": _train, "laten": laten_chain}  # Variant.chain -> the nodes of one run
-SCORED_AS = {"adapter": "adapter", "laten": "delta"}  # Variant.chain -> the Scores input its result is
+def _distill(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, student: PrefectFuture,
+             train: PrefectFuture, task: TaskSpec, shape: dict, seed: int, setting: dict,
+             label: str) -> PrefectFuture:
+    """The future of one data-route run's adapter: kd (a kd_adapter node) or seq-kd (the teacher's completions
+    of the task's prompts, then an adapter trained on them). Both read prompts only (pkt_core/distill.py)."""
+    tp = cfg.train_params(seed, {k: x for k, x in setting.items() if k not in SETTING_FIELDS})
+    prompts = graph.source("dir", task.dir, [distill.prompt_file(task.dir)])
+    if v.chain == "kd":
+        return graph.submit(nodes.KdAdapter(variant=v.name, train=tp.as_dict(), dtype=cfg.dtype, device=cfg.device),
+                            {"student": student, "teacher": teacher, "prompts": prompts}, label)
+    completions = graph.submit(
+        nodes.TeacherCompletions(max_new_tokens=cfg.completion_tokens, dtype=cfg.dtype, device=cfg.device),
+        {"teacher": teacher, "prompts": prompts}, f"{source_name(cfg.teacher)}, {task.name} prompts")
+    return graph.submit(nodes.Adapter(variant=v.name, init="lora", train=tp.as_dict(), dtype=cfg.dtype,
+                                      device=cfg.device), {"student": student, "train": completions}, label)
+
+
+CHAINS = {"adapter": _train, "laten": laten_chain, "kd": _distill, "seq-kd": _distill}  # Variant.chain -> its nodes
+SCORED_AS = {"adapter": "adapter", "laten": "delta", "kd": "adapter", "seq-kd": "adapter"}  # -> the Scores input
 
 
 def _score(graph: Graph, cfg: SweepConfig, student: str, adapter, task: TaskSpec, benchmark: str, split: str,
@@ -279,7 +388,8 @@ def copy_report(store: Store, ref: dict, out_dir: str) -> dict[str, Path]:
     half a report file). A directory holding a user's files is refused (flows/outputs.py)."""
     claim_report_dir(out_dir)
     tree = store.tree(Ref.of(ref))
-    paths = {name: Path(out_dir) / f for name, f in report.REPORT_FILES.items() if (tree / f).exists()}
+    files = {**report.REPORT_FILES, **nodes.BESIDE_REPORT}
+    paths = {name: Path(out_dir) / f for name, f in files.items() if (tree / f).exists()}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for dest in paths.values():
         tmp = dest.with_name(f".{dest.name}.tmp")

@@ -12,15 +12,17 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Variant:
     name: str
-    init: str = "extracted"  # "none" (no training), "lora", "pissa" (peft's inits) or "extracted"
+    init: str = "extracted"  # "none" (no training), "lora", "pissa" (peft's inits), "extracted" or "added"
     teacher: str = "teacher"  # "teacher", "untrained" (random weights, teacher's config) or "early"
     seeds: str = "task"  # "task": the task's own seeds.jsonl; "cross-task": another task's
     selector: str | None = None  # layer selector; None: the config's
     reducer: str | None = None  # dimension reducer; None: the config's
     transform: str = "none"  # applied to the LoRA init: "spectrum-matched" or "shuffled"
     drawn: bool = False  # a random control: its draw is seeded from the training seed
-    chain: str = "adapter"  # the nodes it runs: "adapter" (init -> LoRA fine-tune) or "laten" (no fine-tuning)
+    chain: str = "adapter"  # the nodes it runs: "adapter" (init -> LoRA fine-tune), "laten" (no fine-tuning),
+    # "kd" (logit distillation) or "seq-kd" (fine-tuning on the teacher's completions)
     update: str = "translated"  # chain "laten": the update added, or a control: "zero" or "random"
+    route: str = "parametric"  # "parametric" (reads the teacher's weights) or "data" (reads only its outputs)
     what: str = ""
 
     @property
@@ -29,13 +31,23 @@ class Variant:
 
     @property
     def extracted(self) -> bool:
-        return self.init == "extracted"
+        """Its init is a piece extracted from the teacher (subtracted, as the paper does, or added)."""
+        return self.init in ("extracted", "added")
 
 
 VARIANTS = {v.name: v for v in [
     Variant("vanilla", init="none", what="the student, untrained"),
     Variant("lora", init="lora", what="peft's standard LoRA init (B = 0): every difference is paired against it"),
     Variant("transfer", what="the paper: sensitivity -> layer selection -> max-sensitivity submatrix -> rank-r SVD"),
+    Variant("transfer-add", init="added",
+            what="transfer's extracted piece ADDED to the student's weights (scaled by init_scale, not subtracted), "
+                 "then peft's B = 0 LoRA trained as lora is: the pieces given a direct route into the function"),
+    Variant("kd", init="lora", chain="kd", route="data",
+            what="data route: logit distillation, KL(teacher || student) on the task's prompts (no answers), at "
+                 "the same rank and optimizer steps"),
+    Variant("seq-kd", init="lora", chain="seq-kd", route="data",
+            what="data route: the student's LoRA fine-tuned on the teacher's greedy completions of the task's "
+                 "prompts (no answers), at the same rank and optimizer steps"),
     Variant("pissa", init="pissa", what="peft's PiSSA init on the student's own weights (no teacher)"),
     Variant("random-submatrix", reducer="random", drawn=True,
             what="the sensitive teacher layers, but random rows/columns instead of the sensitive window"),
@@ -57,11 +69,15 @@ VARIANTS = {v.name: v for v in [
     Variant("laten-random", init="laten", chain="laten", update="random", drawn=True,
             what="LaTen's located rows, Gaussian values with the translated rows' norms"),
     # weight inheritance (shared/methods/baselines.md): a selector, a reducer, or both, in the same chain
+    # window selectors: these papers' index choices used to cut transfer's window inside the subtracted LoRA
+    # init (not their method, where the selected teacher weights become a fresh student that is then trained)
     Variant("weight-selection", selector="evenly-spaced", reducer="weight-selection",
-            what="Xu et al. 2024: evenly spaced layers and evenly spaced indices, the same in every layer; no data"),
+            what="window selector after Xu et al. 2024, inside transfer's subtracted LoRA init (not the paper's "
+                 "student initialisation): evenly spaced layers and indices, the same in every layer; no data"),
     Variant("subcloning", reducer="subcloning",
-            what="Samragh et al. 2023: the sensitive layers, neurons/heads ranked by mean activation magnitude on "
-                 "the seeds (one residual ranking for all layers)"),
+            what="window selector after Samragh et al. 2023, inside transfer's subtracted LoRA init (not the paper's "
+                 "student initialisation): the sensitive layers, neurons/heads ranked by mean activation magnitude "
+                 "on the seeds (one residual ranking for all layers)"),
     Variant("block-influence", selector="block-influence",
             what="ShortGPT's block influence (1 - cos(h_in, h_out)) picks the layers; the sensitive windows inside"),
 ]}

@@ -2,6 +2,10 @@
 
 Defaults follow the paper: rank 16, alpha 16, dropout 0.05, lr 3e-4, 3 epochs, effective batch
 64, 3% warmup then linear decay, answer-only loss, cutoff 2048.
+
+A run may instead be given its optimizer steps outright (`steps`), and `checkpoints`: the steps at
+which its adapter is kept, so a dose-response over steps is read from ONE run (the learning-rate
+schedule is the whole run's: the adapter at step 8 of a 128-step run is not an 8-step run's).
 """
 from __future__ import annotations
 
@@ -29,18 +33,32 @@ class TrainParams:
     n_train: int | None = None  # None: every training sample
     seed: int = 0
     modules: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head")
+    steps: int | None = None  # optimizer steps; None: epochs x the batches of the training set
+    checkpoints: tuple[int, ...] = ()  # steps at which the adapter is also kept (the last step always is)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["modules"] = list(self.modules)
-        return d
+        d["checkpoints"] = list(self.checkpoints)
+        # fields added later stay out of the dict at their defaults: an adapter's key is unchanged
+        return {k: v for k, v in d.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+
+    def total_steps(self, n_samples: int) -> int:
+        """Optimizer steps of a run on n_samples: `steps`, or epochs x batches per epoch."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(max(1, math.ceil(n_samples / self.batch_size)) * self.epochs))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainParams":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        if "modules" in known:
-            known["modules"] = tuple(known["modules"])
+        for name in ("modules", "checkpoints"):
+            if name in known:
+                known[name] = tuple(known[name])
         return cls(**known)
+
+
+LATER_FIELDS = {"steps": None, "checkpoints": []}  # as_dict leaves these out at these values
 
 
 @dataclass
@@ -62,11 +80,14 @@ def collate(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
 
 
 def finetune(model, samples: list[dict[str, torch.Tensor]], params: TrainParams, pad_id: int,
-             progress: bool = True) -> TrainLog:
+             progress: bool = True, on_checkpoint=None, objective=None) -> TrainLog:
     """Train the model's trainable parameters (the LoRA factors) in place; returns the loss curve.
 
     Loss is the mean over answer tokens of each effective batch (micro-batches weighted by
     their answer-token counts), so gradient accumulation does not change the objective.
+    on_checkpoint(step) is called after each optimizer step in params.checkpoints. objective(model,
+    batch, micro, pad_id, device) -> loss replaces the answer-token loss (it calls backward itself:
+    pkt_core/distill.py's logit distillation is one).
     """
     from transformers import get_scheduler
 
@@ -77,8 +98,11 @@ def finetune(model, samples: list[dict[str, torch.Tensor]], params: TrainParams,
     if not trainable:
         raise ValueError("the model has no trainable parameters; wrap it with a LoRA adapter first")
     opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
-    per_epoch = max(1, math.ceil(len(samples) / params.batch_size))
-    total = max(1, math.ceil(per_epoch * params.epochs))
+    total = params.total_steps(len(samples))
+    late = [c for c in params.checkpoints if not 1 <= c <= total]
+    if late:
+        raise ValueError(f"checkpoints {late}: the run takes {total} optimizer steps; give checkpoints in 1..{total}")
+    objective = objective or _accumulate
     sched = get_scheduler("linear", opt, num_warmup_steps=int(params.warmup_ratio * total), num_training_steps=total)
     log = TrainLog()
     model.train()
@@ -91,7 +115,7 @@ def finetune(model, samples: list[dict[str, torch.Tensor]], params: TrainParams,
             order += fresh
         batch = [samples[i] for i in order[: params.batch_size]]
         del order[: params.batch_size]
-        loss = _accumulate(model, batch, params.micro_batch, pad_id, device)
+        loss = objective(model, batch, params.micro_batch, pad_id, device)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
@@ -100,6 +124,8 @@ def finetune(model, samples: list[dict[str, torch.Tensor]], params: TrainParams,
         log.steps += 1
         bar.update()
         bar.set_postfix(loss=f"{loss:.4f}")
+        if on_checkpoint is not None and log.steps in params.checkpoints:
+            on_checkpoint(log.steps)
     bar.close()
     model.eval()
     return log
@@ -145,27 +171,56 @@ class TrainedAdapter:
     alpha: float
     log: TrainLog
     init_size: dict = field(default_factory=dict)  # lora_init.init_size at step 0: top_sv, top_sv_ratio
+    checkpoints: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # step -> state, as `state`
+
+
+INITS = ("lora", "pissa", "extracted", "added")
 
 
 def train_adapter(student, samples: list[dict[str, torch.Tensor]], params: TrainParams, pad_id: int,
-                  init: str = "lora", init_dir=None, progress: bool = True) -> TrainedAdapter:
+                  init: str = "lora", init_dir=None, progress: bool = True, objective=None) -> TrainedAdapter:
     """Fine-tune a LoRA on the student from an init: "lora" (peft's B = 0), "pissa" (the student's own
-    principal directions) or "extracted" (the LoRA-init folder init_dir, delta subtracted).
+    principal directions), "extracted" (the LoRA-init folder init_dir, delta subtracted) or "added"
+    (init_dir's delta added to the student's weights, then peft's B = 0 LoRA on top).
 
-    Inits that moved the base weights (pissa, extracted) are folded back in: the result is a
-    rank-2r adapter equal to (trained - init), for the student as it was loaded."""
+    Inits that moved the base weights are folded back in: the result is a rank-2r adapter equal to
+    (trained - init) for pissa/extracted, (trained + added delta) for added, for the student as it was
+    loaded. The states at params.checkpoints are kept the same way. objective: see finetune()."""
     from peft import get_peft_model_state_dict
 
     from . import lora_init
 
+    added, ratio = None, 1.0
+    if init == "added":  # the init's own alpha/r, against the adapter trained on top of it
+        cfg, added = lora_init.read_adapter(init_dir)
+        ratio = (cfg["lora_alpha"] / cfg["r"]) / (params.alpha / params.rank)
     model, rank, alpha = peft_model(student, params, init, init_dir)
     init_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
-    size = lora_init.init_size(model)  # at step 0, from peft's applied deltas
-    log = finetune(model, samples, params, pad_id, progress=progress)
-    trained = get_peft_model_state_dict(model, save_embedding_layers=False)
+    size = lora_init.init_size(model) if init != "added" else _added_size(added, ratio * params.alpha / params.rank)
+
+    def result(trained: dict) -> dict:
+        if init == "lora":
+            return trained
+        if init == "added":
+            return lora_init.fold_added(trained, added, ratio)
+        return lora_init.fold_init(trained, init_state)
+
+    kept = {}
+    save = lambda step: kept.__setitem__(step, result(  # noqa: E731
+        {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}))
+    log = finetune(model, samples, params, pad_id, progress=progress, on_checkpoint=save, objective=objective)
+    trained = result(get_peft_model_state_dict(model, save_embedding_layers=False))
     if init == "lora":
-        return TrainedAdapter(trained, rank, alpha, log, size)
-    return TrainedAdapter(lora_init.fold_init(trained, init_state), 2 * rank, 2 * alpha, log, size)
+        return TrainedAdapter(trained, rank, alpha, log, size, kept)
+    return TrainedAdapter(trained, 2 * rank, 2 * alpha, log, size, kept)
+
+
+def _added_size(added: dict, scaling: float) -> dict:
+    """top_sv of the delta an "added" init put into the weights (the LoRA on top starts at 0)."""
+    from . import lora_init
+
+    tops = lora_init.top_singular_values(added, scaling, k=1)
+    return {"top_sv": tops[0]} if tops else {}
 
 
 def peft_model(student, params: TrainParams, init: str = "lora", init_dir=None):
@@ -182,10 +237,13 @@ def peft_model(student, params: TrainParams, init: str = "lora", init_dir=None):
         model = lora_init.trainable_from_init(student, init_dir)
         cfg = json.loads((Path(init_dir) / "adapter_config.json").read_text())
         return model, cfg["r"], cfg["lora_alpha"]
+    if init == "added":  # the piece merged into the weights; training then starts as lora's does
+        student = lora_init.add_delta(student, init_dir)
+        init = "lora"
     if init in ("lora", "pissa"):
         modules = [m for m in params.modules if init != "pissa" or m != "embed"]  # no PiSSA for embeddings
         cfg = lora_init.lora_config(modules, params.rank, params.alpha, params.dropout)
         cfg.init_lora_weights = True if init == "lora" else "pissa"
         torch.manual_seed(params.seed)  # peft draws lora_A here: from the run's seed, not the process's history
         return get_peft_model(student, cfg), params.rank, params.alpha
-    raise ValueError(f"unknown init {init!r}; choose lora, pissa or extracted")
+    raise ValueError(f"unknown init {init!r}; choose {', '.join(INITS)}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -289,19 +289,38 @@ class LatenParams:
     align_per_step: int = 15
     norm: str = "authors"
     seed: int = 0
+    init_std: float = 1e-5  # N(0, init_std) translator weights (knowledge_translator.py:36-38)
+    # (d_t, d_s) that init_std and lr were set for: None, used as given; (5120, 4096), the authors' 13B -> 7B
+    reference_width: tuple[int, int] | None = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["modules"], d["betas"] = list(self.modules), list(self.betas)
-        return d
+        if self.reference_width is not None:
+            d["reference_width"] = list(self.reference_width)
+        # fields added later stay out at their defaults, so a translator's key is unchanged
+        return {k: v for k, v in d.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+
+    def at_width(self, d_t: int, d_s: int) -> tuple[float, float]:
+        """(init std, lr) of a d_t -> d_t -> d_s translator, carried from reference_width. Its first output
+        has size ~ std^2 sqrt(d_t d_s) |u| (two layers of Gaussian weights), so std x (ref_t ref_s / d_t d_s)^(1/4)
+        keeps the authors' initial output; an Adam step moves each weight ~ lr and a layer's output ~ lr x
+        fan-in, so lr x ref_t / d_t keeps their per-step change (muP's hidden-layer rule)."""
+        if self.reference_width is None:
+            return self.init_std, self.lr
+        ref_t, ref_s = self.reference_width
+        return self.init_std * ((ref_t * ref_s) / (d_t * d_s)) ** 0.25, self.lr * ref_t / d_t
 
     @classmethod
     def from_dict(cls, d: dict) -> "LatenParams":
         d = dict(d)
-        for name in ("modules", "betas"):
-            if name in d:
+        for name in ("modules", "betas", "reference_width"):
+            if d.get(name) is not None:
                 d[name] = tuple(d[name])
         return cls(**d)
+
+
+LATER_FIELDS = {"init_std": 1e-5, "reference_width": None}
 
 
 def delta_rows(pairs: list[Pair], rows: list[torch.Tensor], student_config) -> dict[str, list]:
@@ -373,12 +392,13 @@ def train_translator(teacher_weights, teacher_config, student, extract: list[dic
     d_t, d_s = arch.dims(teacher_config).hidden, arch.dims(student.config).hidden
     check_modules(params.modules, teacher_config, student.config)
     k = counts(student.config, params.rate)
-    translator = Translator(params.modules, d_t, d_s, params.seed).to(student.device)
+    init_std, lr = params.at_width(d_t, d_s)
+    translator = Translator(params.modules, d_t, d_s, params.seed, init_std).to(student.device)
     student.eval()
     student.requires_grad_(False)
-    opt = torch.optim.AdamW(translator.parameters(), lr=params.lr, weight_decay=params.weight_decay,
+    opt = torch.optim.AdamW(translator.parameters(), lr=lr, weight_decay=params.weight_decay,
                             betas=tuple(params.betas))
-    sched = one_cycle(opt, params, len(extract))
+    sched = one_cycle(opt, replace(params, lr=lr), len(extract))
     log, bar = [], Progress(len(extract), "laten translator", "step", enabled=progress)
     for step, ex in enumerate(extract):
         pairs = locate(ex["t_attr"], ex["s_attr"], k, params.modules, params.n_layers)
@@ -465,6 +485,22 @@ def delta_stats(delta: dict[str, torch.Tensor]) -> dict:
         return {"entries": 0, "norm": 0.0, "max_row_norm": 0.0}
     return {"entries": sum(r.numel() for r in rows), "norm": float(torch.sqrt(sum(r.pow(2).sum() for r in rows))),
             "max_row_norm": float(max(r.norm(dim=1).max() for r in rows))}
+
+
+def update_size(delta: dict[str, torch.Tensor], weights) -> dict[str, float]:
+    """The update's size against the weights it lands on, per module type: sqrt(sum ||delta||^2 / sum ||W||^2)
+    over that type's touched weights (Frobenius norms), e.g. {"up": 3e-4, "down": 1e-4}. weights: name ->
+    tensor (the student's; a LazyWeights view is enough)."""
+    sums: dict[str, list[float]] = {}
+    for name in delta_weights(delta):
+        module = next((m for m in MODULES if name.endswith(f"{arch.LAYER_MODULES[m]}.weight")), name)
+        acc = sums.setdefault(module, [0.0, 0.0])
+        acc[0] += float(delta[f"{name}.rows"].double().pow(2).sum())
+        acc[1] += float(weights[name].double().pow(2).sum())
+    return {m: (d / w) ** 0.5 if w > 0 else float("nan") for m, (d, w) in sorted(sums.items())}
+
+
+INERT_NLL = 1e-3  # nats: an update that moves the student's mean val answer NLL by less is "inert at this width"
 
 
 def splits(n_rows: int, n_extract: int, n_align: int, seed: int = 0) -> tuple[list[int], list[int], list[int]]:

@@ -371,6 +371,26 @@ def fold_init(trained: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -
 A_SUFFIXES = ("lora_A.weight", "lora_embedding_A")
 
 
+def add_delta(student, init_dir: str | Path):
+    """The student with the init's applied delta ADDED to its weights (W + (alpha/r) B @ A), as a plain
+    transformers model (the transfer-add variant: the extracted piece given a direct route into the
+    function, where the paper's delta step subtracts it). Modifies student in place."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(student, str(init_dir)).merge_and_unload()
+
+
+def fold_added(trained: dict[str, torch.Tensor], added: dict[str, torch.Tensor], ratio: float = 1.0
+               ) -> dict[str, torch.Tensor]:
+    """A rank-2r adapter equal to (trained + added) for the *unmodified* student: [B | ratio B0] [A ; A0],
+    ratio = the added init's alpha/r over the trained adapter's (1 when both share rank and alpha)."""
+    missing = sorted(set(added) - set(trained))
+    if missing:
+        raise ValueError(f"the added init covers {missing[0]} (and {len(missing) - 1} more), which the trained "
+                         "adapter does not: train the same module types the init was extracted for")
+    return fold_init(trained, {k: -ratio * v if not k.endswith(A_SUFFIXES) else v for k, v in added.items()})
+
+
 def factor_pairs(state: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
     """(A key, B key) of every module in a peft state dict."""
     return [(k, k.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B"))

@@ -22,11 +22,11 @@ from pkt.artifacts.keys import InputChanged, stamped_file_digest
 from pkt.artifacts import model_id
 from pkt.artifacts.model_id import model_digest
 from pkt.artifacts.store import Ref, Store
-from pkt.core import (activations, align, arch, data, diagnose, evaluate, finetune, laten, lora_init, models, report,
-                      sensitivity)
+from pkt.core import (activations, align, arch, data, diagnose, distill, evaluate, finetune, laten, lora_init, models,
+                      report, sensitivity)
 from pkt.core.mini import family
 
-from .node import Node, Tensors, execution, log, opaque
+from .node import SOURCE_KINDS, Node, Tensors, execution, log, opaque
 
 
 # ---- sources: inputs that are not nodes ----------------------------------------------------------
@@ -360,16 +360,20 @@ def train_losses(store: Store, adapter: dict) -> list[float]:
     return json.loads((store.tree(Ref.of(adapter)) / "pkt_train_log.json").read_text())["losses"]
 
 
+INITS_FROM_FOLDER = ("extracted", "added")  # Adapter.init values that read an `init` input (a LoRA-init folder)
+
+
 @dataclass(frozen=True)
 class Adapter(Node):
-    """The student fine-tuned from an init (an extracted LoRA init, or peft's lora/pissa): a stock peft
-    folder for the *unmodified* student, with its loss curve."""
+    """The student fine-tuned from an init (an extracted LoRA init, subtracted or added, or peft's
+    lora/pissa): a stock peft folder for the *unmodified* student, with its loss curve; with checkpoint
+    steps in `train`, each checkpoint's adapter too (step_NNN/, read out by AdapterCheckpoint)."""
 
     KIND = "adapter"
     VERSION = 2  # records the init's effective size at step 0
     INPUTS = ("student", "train")
     variant: str = "lora"
-    init: str = "lora"  # "extracted" (then an `init` input), "lora" or "pissa"
+    init: str = "lora"  # "extracted" / "added" (then an `init` input), "lora" or "pissa"
     train: dict | None = None  # TrainParams.as_dict()
     dtype: str = "float32"
     device: str = execution(default="cpu")
@@ -377,14 +381,114 @@ class Adapter(Node):
     def compute(self, store, inputs, out):
         tp = finetune.TrainParams.from_dict(self.train or {})
         student, tok = load_model_input(store, inputs["student"], self.dtype, self.device)
-        init_dir = store.tree(Ref.of(inputs["init"])) if self.init == "extracted" else None
-        samples = data.load_encoded(read_source(store, inputs["train"]), tok, tp.max_length)[: tp.n_train]
+        init_dir = store.tree(Ref.of(inputs["init"])) if self.init in INITS_FROM_FOLDER else None
+        samples = data.load_encoded(train_path(store, inputs["train"]), tok, tp.max_length)[: tp.n_train]
         result = finetune.train_adapter(student, samples, tp, tok.pad_token_id, self.init, init_dir)
-        cfg = arch.config_from_shape(arch.shape_of(student.config))
-        lora_init.save_adapter(out, result.state, cfg, result.rank, result.alpha, tp.dropout,
-                               {"pkt_kind": "adapter", "variant": self.variant,
-                                "init_size": json.dumps(result.init_size, sort_keys=True)})
-        Path(out, "pkt_train_log.json").write_text(json.dumps({"losses": result.log.losses, "steps": result.log.steps}))
+        save_trained(out, result, student, tp, self.variant)
+
+
+def train_path(store: Store, ref: dict) -> str:
+    """The chat jsonl an adapter trains on: a data file, or the train.jsonl of a node that wrote one
+    (the teacher's completions, for seq-kd)."""
+    if ref["kind"] in SOURCE_KINDS:
+        return read_source(store, ref)
+    return str(store.tree(Ref.of(ref)) / "train.jsonl")
+
+
+def save_trained(out, result: finetune.TrainedAdapter, student, tp: finetune.TrainParams, variant: str) -> None:
+    """A trained adapter's folder: the final adapter and loss log at the top, each checkpoint's in step_NNN/."""
+    cfg = arch.config_from_shape(arch.shape_of(student.config))
+    meta = {"pkt_kind": "adapter", "variant": variant, "init_size": json.dumps(result.init_size, sort_keys=True)}
+    lora_init.save_adapter(out, result.state, cfg, result.rank, result.alpha, tp.dropout, meta)
+    Path(out, "pkt_train_log.json").write_text(json.dumps({"losses": result.log.losses, "steps": result.log.steps}))
+    for step, state in result.checkpoints.items():
+        if step == result.log.steps:
+            continue  # the final adapter is the folder itself
+        sub = Path(out, checkpoint_dir(step))
+        lora_init.save_adapter(sub, state, cfg, result.rank, result.alpha, tp.dropout, {**meta, "step": str(step)})
+        (sub / "pkt_train_log.json").write_text(json.dumps({"losses": result.log.losses[:step], "steps": step}))
+
+
+def checkpoint_dir(step: int) -> str:
+    return f"step_{step:05d}"
+
+
+ADAPTER_KINDS = ("adapter", "adapter_checkpoint", "kd_adapter")  # trees holding a trained adapter and its loss log
+
+
+@dataclass(frozen=True)
+class AdapterCheckpoint(Node):
+    """One checkpoint of a trained adapter (its state after `step` optimizer steps of the same run), as an
+    adapter folder of its own, so Scores reads it as it reads any adapter."""
+
+    KIND = "adapter_checkpoint"
+    INPUTS = ("adapter",)
+    step: int = 1
+
+    def compute(self, store, inputs, out):
+        tree = store.tree(Ref.of(inputs["adapter"]))
+        steps = json.loads((tree / "pkt_train_log.json").read_text())["steps"]
+        src = tree if self.step == steps else tree / checkpoint_dir(self.step)
+        if not src.is_dir():
+            raise ValueError(f"adapter {inputs['adapter']['key'][:12]} kept no checkpoint at step {self.step}; "
+                             "add it to train.checkpoints")
+        for name in ("adapter_config.json", "adapter_model.safetensors", "pkt_train_log.json"):
+            Path(out, name).write_bytes((src / name).read_bytes())
+
+
+@dataclass(frozen=True)
+class KdAdapter(Node):
+    """The data route's logit distillation: the student's LoRA (peft's B = 0 init) trained to match the
+    teacher's next-token distributions on the task's prompts (no answers; pkt_core/distill.py), at the
+    training parameters of the parametric arms. The same folder as Adapter's."""
+
+    KIND = "kd_adapter"
+    INPUTS = ("student", "teacher", "prompts")
+    variant: str = "kd"
+    train: dict | None = None  # TrainParams.as_dict()
+    temperature: float = 1.0
+    dtype: str = "float32"
+    device: str = execution(default="cpu")
+
+    def compute(self, store, inputs, out):
+        tp = finetune.TrainParams.from_dict(self.train or {})
+        student, tok = load_model_input(store, inputs["student"], self.dtype, self.device)
+        teacher, _ = load_model_input(store, inputs["teacher"], self.dtype, self.device)
+        turns = distill.read_prompts(read_prompt_source(store, inputs["prompts"]))
+        samples = distill.encode_prompts(distill.prompt_texts(turns), tok, tp.max_length)[: tp.n_train]
+        before = distill.kd_loss(student, teacher, samples, tok.pad_token_id)
+        log(f"kd: {len(samples)} prompts, KL(teacher || student) {before:.4f} nats a position before training")
+        result = finetune.train_adapter(student, samples, tp, tok.pad_token_id, "lora",
+                                        objective=distill.kd_objective(teacher, self.temperature))
+        save_trained(out, result, student, tp, self.variant)
+
+
+def read_prompt_source(store: Store, ref: dict) -> str:
+    """The task directory of a prompts source (a `dir` source naming the one file the data route reads)."""
+    return read_source(store, ref, [distill.prompt_file(ref["key"])])
+
+
+@dataclass(frozen=True)
+class TeacherCompletions(Node):
+    """The teacher's greedy completions of the task's prompts (no answers read), as a chat train.jsonl:
+    what seq-kd fine-tunes the student on (an Adapter whose `train` input is this node)."""
+
+    KIND = "teacher_completions"
+    INPUTS = ("teacher", "prompts")
+    max_new_tokens: int = 32
+    dtype: str = "float32"
+    device: str = execution(default="cpu")
+
+    def compute(self, store, inputs, out):
+        teacher, tok = load_model_input(store, inputs["teacher"], self.dtype, self.device)
+        turns = distill.read_prompts(read_prompt_source(store, inputs["prompts"]))
+        texts = distill.completion_rows(turns, distill.greedy_completions(teacher, tok, distill.prompt_texts(turns),
+                                                                          self.max_new_tokens))
+        if not texts:
+            raise ValueError("the teacher completed every prompt with nothing (end-of-text at once); seq-kd has no "
+                             "data: check the prompts' format against the teacher's")
+        log(f"seq-kd: {len(texts)} of {len(turns)} prompts completed by the teacher")
+        Path(out, "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in texts))
 
 
 @dataclass(frozen=True)
@@ -430,7 +534,8 @@ class Report(Node):
     # power, the protocol (grids, selection apart from test) and the scale caveat in report.md; v5: report.md one
     # screen (every arm on the endpoint, the positive controls), comparisons.md the full listing
     VERSION = 5
-    INPUTS = ("runs", "scores")  # optional: "curves" (training losses), "selection" (val runs), "items" (per item)
+    INPUTS = ("runs", "scores")  # optional: "curves" (training losses), "selection" (val runs), "items" (per item),
+    # and BESIDE_REPORT's tables
     primary: str = "exact_match/strict-match"
     protocol: dict | None = None  # report.write_report's protocol: endpoint, grids, seeds, caveat, gates
 
@@ -439,6 +544,14 @@ class Report(Node):
                   for name in ("runs", "curves", "selection", "items") if name in inputs}
         report.write_report(tables.pop("runs"), out, self.primary, tables.get("curves"),
                             selection=tables.get("selection"), items=tables.get("items"), protocol=self.protocol)
+        for name, file in BESIDE_REPORT.items():  # tables the report reads, kept beside it as given
+            if name in inputs:
+                Path(out, file).write_bytes(store.read_bytes(inputs[name]["digest"]))
+
+
+# dose: every run's scores at its checkpoint steps (the dose-response over steps); matched: the endpoint's
+# controls at the subject's own chosen setting, with their top singular value against the subject's
+BESIDE_REPORT = {"dose": "dose.csv", "matched": "matched.csv"}
 
 
 @dataclass(frozen=True)
@@ -469,7 +582,7 @@ class Diagnostic(Node):
         samples = samples[: self.batches * self.batch_size]
         params = finetune.TrainParams(rank=self.rank, alpha=self.alpha, modules=tuple(self.modules), seed=self.seed,
                                       micro_batch=self.micro_batch)
-        init_dir = store.tree(Ref.of(inputs["init"])) if self.init == "extracted" else None
+        init_dir = store.tree(Ref.of(inputs["init"])) if self.init in INITS_FROM_FOLDER else None
         found = diagnose.diagnose(student, samples, tok.pad_token_id, params, self.init, init_dir)
         log(f"diagnostic ({self.init}): cos {found.totals['cos']:+.4f}, share {found.totals['share']:.4f} over "
             f"{found.n_samples} samples ({found.n_tokens} answer tokens)")

@@ -29,7 +29,8 @@ def check_edges(graph: dict, variants=ALL_VARIANTS, seeds: int = 2) -> None:
         expected = {"sensitivity": [teacher, "file"], "activations": [teacher, "file"], "layer_plan": plan,
                     "extraction": [teacher, "layer_plan", *cut], "lora_init": ["extraction"],
                     "random_model": ["model"], "adapter": ["model", "file"], "scores": ["model", "dir"],
-                    "diagnostic": ["model", "file"],
+                    "diagnostic": ["model", "file"], "kd_adapter": ["model", "model", "dir"],
+                    "teacher_completions": ["model", "dir"], "adapter_checkpoint": ["adapter"],
                     "laten_attribution": ["model", "file"], "laten_translator": [],  # below
                     "laten_delta": ["model", "laten_translator", "laten_attribution", "laten_attribution"],
                     "report": ["scores"] * sum(kind(n) == "scores" for n in graph),
@@ -39,17 +40,23 @@ def check_edges(graph: dict, variants=ALL_VARIANTS, seeds: int = 2) -> None:
             n_attr = sum(kind(u) == "laten_attribution" for u in ups)
             assert n_attr >= 2 and n_attr % 2 == 0, (name, ups)
             expected = ["model", "model", "file"] + ["laten_attribution"] * n_attr
-        if kind(name) in ("adapter", "diagnostic") and not any(f", {v}, " in name for v in ("lora", "pissa")):
+        if kind(name) == "adapter" and ", seq-kd, " in name:  # trained on the teacher's completions
+            expected = ["model", "teacher_completions"]
+        elif kind(name) in ("adapter", "diagnostic") and not any(f", {v}, " in name for v in ("lora", "pissa")):
             expected = expected + ["lora_init"]
         if kind(name) == "scores" and ", vanilla, " not in name:
-            expected = expected + ["laten_delta" if any(f", {v}, " in name for v in LATEN_VARIANTS) else "adapter"]
+            expected = expected + ["laten_delta" if any(f", {v}, " in name for v in LATEN_VARIANTS) else
+                                   "kd_adapter" if ", kd, " in name and ", step " not in name else
+                                   "adapter_checkpoint" if ", step " in name else "adapter"]
         assert sorted(kind(u) for u in ups) == sorted(expected), (name, ups)
     adapters = [n for n in graph if kind(n) == "adapter"]
-    assert len(adapters) == seeds * sum(VARIANTS[v].chain == "adapter" and VARIANTS[v].trains for v in variants)
+    assert len(adapters) == seeds * sum(VARIANTS[v].chain in ("adapter", "seq-kd") and VARIANTS[v].trains
+                                        for v in variants)
     deltas = [n for n in graph if kind(n) == "laten_delta"]
     assert len(deltas) >= seeds * sum(VARIANTS[v].chain == "laten" for v in variants)
     for name in adapters:
-        assert {"model[student]", "file[gsm/train.jsonl]"} <= set(graph[name][1]), name
+        train = "teacher_completions" if ", seq-kd, " in name else "file[gsm/train.jsonl]"
+        assert {"model[student]"} <= set(graph[name][1]) and any(u.startswith(train) for u in graph[name][1]), name
     (_, (_, ups)), = [(n, v) for n, v in graph.items() if kind(n) == "report"]
     assert sorted(ups) == sorted(n for n in graph if kind(n) == "scores")
     if fam:

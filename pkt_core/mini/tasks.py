@@ -223,6 +223,7 @@ def write_task(directory: str | Path, task: str, sizes: TaskSizes = TaskSizes(),
     """Write train/seeds/gate/val/test jsonl for a task; seeds are k samples drawn from train.
     counts: TaskSizes fields to override, e.g. n_train=64, n_seeds=8 (benches and tests)."""
     from ..data import choose_seeds
+    from ..distill import write_prompts
 
     sizes = replace(sizes, **counts)
     directory = Path(directory)
@@ -233,6 +234,9 @@ def write_task(directory: str | Path, task: str, sizes: TaskSizes = TaskSizes(),
         with open(directory / f"{name}.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+    # the data route's prompts (pkt_core/distill.py): the user turns naming the fine-tuning pool's and the
+    # scored pools' entities, without their answers
+    write_prompts(directory / "prompts.jsonl", splits["train"] + splits["val"] + splits["test"])
     return directory
 
 

@@ -99,6 +99,12 @@ def execution(**kw):
     return dataclasses.field(metadata={"execution": True}, **kw)
 
 
+def keyed_if_set(default):
+    """A spec field added after artifacts were stored: in the key only when it differs from its default,
+    so every artifact made before it existed (which all had the default) keeps its key."""
+    return dataclasses.field(default=default, metadata={"keyed_if_set": True})
+
+
 @dataclass(frozen=True)
 class Tensors:
     """What a single-file node's compute returns: tensors and header metadata (one safetensors blob)."""
@@ -118,7 +124,7 @@ class Node:
 
     def params(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if not f.metadata.get("execution")}
+                if not f.metadata.get("execution") and not (f.metadata.get("keyed_if_set") and getattr(self, f.name) == f.default)}
 
     def execution(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata.get("execution")}

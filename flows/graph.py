@@ -7,6 +7,7 @@ this flow already submitted (one teacher chain feeds many runs) is answered with
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,10 @@ class Graph:
             self.sources[identity] = future
             self._identity_of[id(future)] = identity
         return self.sources[identity]
+
+    def path_of(self, future: PrefectFuture) -> str:
+        """The path (or hub id) of a model, file or directory source's future."""
+        return json.loads(self._identity_of[id(future)])["path"]
 
     def submit(self, spec: Node, inputs: dict, label: str) -> PrefectFuture:
         """The future of spec's ref, submitting it once per (spec, upstream nodes/sources)."""

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from . import data, stop
+from . import answers, data, stop
+from .errors import UserError
 
 TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
 BENCHMARKS = {  # pkt name -> lm-eval task, the per-example metric to keep, and its summary name
@@ -25,11 +26,18 @@ BENCHMARKS = {  # pkt name -> lm-eval task, the per-example metric to keep, and 
 }
 
 
+CHECKED = {"gsm": True, "sni": False}  # generated benchmarks the pre-scoring check reads: needs a number?
+
+
+class BrokenAnswers(UserError, RuntimeError):
+    pass
+
+
 @dataclass(frozen=True)
 class EvalResult:
     summary: dict[str, float]  # metric -> value over the split
     per_example: dict[str, torch.Tensor]  # metric -> [n] values in document order
-    outputs: tuple[str, ...] = ()  # generated answers (generation tasks), document order
+    outputs: tuple[str, ...] = ()  # generated texts (generation tasks, stop sequence cut), document order
     docs: tuple[dict, ...] = ()  # the documents, document order
 
 
@@ -195,7 +203,8 @@ def _collect(benchmark: str, results: dict, samples: list[dict], kept_filter: st
             if rows and len(rows) == len(samples):
                 per[metric] = torch.tensor([float(s[metric]) for s in rows], dtype=torch.float64)
     per["doc_id"] = torch.tensor([s["doc_id"] for s in samples], dtype=torch.int64)
-    outputs = tuple(str(s["filtered_resps"][0]) for s in samples if isinstance(s["filtered_resps"][0], str))
+    # the generated text as written (a filter's output is the answer read from it, e.g. "72")
+    outputs = tuple(s["resps"][0][0] for s in samples if isinstance(s["resps"][0][0], str))
     return EvalResult(summary, per, outputs, tuple(s["doc"] for s in samples))
 
 
@@ -219,6 +228,30 @@ def instruction_win_rate(model, tokenizer, data_dir, judge: str | Path | None, *
                       gen.outputs, gen.docs)
 
 
+def check_answers(model, tokenizer, benchmark: str, data_dir: str | Path, *, prompt_format: str, n: int = 5,
+                  max_gen_toks: int | None = None, who: str = "the student") -> None:
+    """Greedy answers to the first n val items (test.jsonl when there is no val.jsonl) of a generated
+    benchmark; raises BrokenAnswers, one sentence naming the prompt format and the fix, when they look
+    broken for it (answers.broken: all empty, all the same, refusals, or no answer stated in any)."""
+    prompt_format = data.resolve_format(prompt_format, tokenizer)
+    split = "val" if (Path(data_dir) / "val.jsonl").exists() else "test"
+    outputs = evaluate(model, tokenizer, benchmark, data_dir, split=split, limit=n, prompt_format=prompt_format,
+                       max_gen_toks=max_gen_toks).outputs
+    problem = answers.broken(list(outputs), needs_number=CHECKED[benchmark])
+    if problem is None:
+        return
+    if prompt_format == "chat":
+        fix = "check its chat template (tokenizer_config.json or chat_template.jinja), or try --prompt-format paper"
+    elif getattr(tokenizer, "chat_template", None):
+        fix = "score it in its own chat template (--prompt-format chat, or auto)"
+    else:
+        fix = ("give it a chat template (an instruct model) or use a model trained on the paper's "
+               "<|user|>/<|assistant|> layout")
+    raise BrokenAnswers(f"{who}: its {benchmark} answers to {len(outputs)} {split} items in the {prompt_format} "
+                        f"prompt format {problem}, so its scores would measure nothing; {fix}, or pass --no-check "
+                        "(check: false in a sweep config) to score it anyway")
+
+
 def task_digest(benchmark: str) -> str:
     """sha256 of the shipped YAML (and metric or judging code) behind a benchmark: part of a score's
     identity, so editing a task definition re-scores instead of reusing stale numbers."""
@@ -230,9 +263,9 @@ def task_digest(benchmark: str) -> str:
 
         return f"lm-eval=={lm_eval.__version__}:{benchmark}"
     h = hashlib.sha256()
-    # the YAML, its functions, and data.py, whose format_prompt builds every prompt
+    # the YAML, its functions, data.py, whose render builds every prompt, and answers.py, which reads answers
     for f in (TASK_DIR / f"{BENCHMARKS[benchmark][0]}.yaml", TASK_DIR / "pkt_metrics.py",
-              Path(__file__).parent / "data.py"):
+              Path(__file__).parent / "data.py", Path(__file__).parent / "answers.py"):
         h.update(f.read_bytes())
     return h.hexdigest()
 

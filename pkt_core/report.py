@@ -635,7 +635,7 @@ def protocol_section(scores: pd.DataFrame, selection: pd.DataFrame | None, proto
                                      key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))}
     if not grids and selection is not None and not selection.empty:
         grids = {v: [json.loads(x) for x in dict.fromkeys(g["setting"])] for v, g in selection.groupby("variant")}
-    lines = ["## Protocol", ""]
+    lines = ["## Protocol", ""] + ([f"- {protocol['prompt_format']}"] if protocol.get("prompt_format") else [])
     if grids:
         sizes = Counter(len(p) for p in grids.values())
         head = f"every trained variant has {next(iter(sizes))} settings" if len(sizes) == 1 else \

@@ -1,39 +1,11 @@
 """Prompt formatting, answer extraction and per-document metrics for pkt's lm-eval tasks (ROUGE-L via
 rouge-score). pkt's evaluate() replaces doc_to_text with the model's own format at run time."""
-import re
-
 from rouge_score import rouge_scorer
 
+from pkt.core.answers import extract_answer
 from pkt.core.data import format_prompt
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"])
-_NUMBER = r"-?\$?\s*[0-9][0-9,]*(?:\.[0-9]+)?"
-# where a solution states its final answer, the field's ways in order: GSM8K's own "#### N", a LaTeX
-# \boxed{N} (what instruct models write), the chain-of-thought "The answer is N"
-STATED = (re.compile(rf"####\s*({_NUMBER})"), re.compile(rf"\\boxed\{{\s*({_NUMBER})\s*\}}"),
-          re.compile(rf"[Tt]he (?:final )?answer is:?\s*({_NUMBER})"))
-ANY_NUMBER = re.compile(_NUMBER)
-
-
-def normalise(number: str) -> str:
-    """'$1,234.00' -> '1234', '-7.50' -> '-7.5': thousands separators, currency and a zero fraction dropped."""
-    n = re.sub(r"[\s$,]", "", number).rstrip(".")
-    if "." in n:
-        n = n.rstrip("0").rstrip(".")
-    return "0" if n in ("-0", "") else n
-
-
-def extract_answer(text: str, flexible: bool = False) -> str | None:
-    """The final answer a solution states (#### N, \\boxed{N}, "The answer is N": the first of these that
-    occurs), normalised; flexible: else the last number in the text. None when there is none."""
-    for pattern in STATED:
-        found = pattern.search(text)
-        if found:
-            return normalise(found.group(1))
-    numbers = ANY_NUMBER.findall(text) if flexible else []
-    return normalise(numbers[-1]) if numbers else None
-
-
 def gsm_target(doc) -> str:
     """The reference solution's answer (GSM8K's "#### 72", "The answer is 72.", or its last number)."""
     return extract_answer(doc["messages"][-1]["content"], flexible=True) or ""

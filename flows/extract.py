@@ -40,7 +40,10 @@ def chat_template(prompt_format: str, model: str) -> bool:
     """Whether a model's samples are rendered in its own chat template: prompt format "chat", or "auto"
     and its tokenizer carries one. Resolved per model, so a teacher and a student with different
     templates each get their own, and a model without one keeps the paper's layout (and its keys)."""
-    return data.resolve_format(prompt_format, models.load_tokenizer(model)) == "chat"
+    try:
+        return data.resolve_format(prompt_format, models.load_tokenizer(model)) == "chat"
+    except data.DataError as e:
+        raise data.DataError(f"{model}: {e}") from None
 
 
 def extraction_chain(graph: Graph, teacher: PrefectFuture, seeds: str, shape: dict, opts: ChainOptions,

@@ -148,3 +148,25 @@ def test_transfer_stops_before_scoring_when_the_student_answers_nothing(prefect_
     assert "silent: its gsm answers to 5 val items in the chat prompt format are all empty" in err
     assert "--no-check" in err
     assert not any(r["kind"] in ("adapter", "scores") for r in Store(tmp_path / "store").records())
+
+
+def test_paper_format_nodes_keep_the_keys_they_had_before_the_option():
+    """chat_template enters a key only when True: a node in the paper's format is keyed exactly as before
+    the field existed (its params without it), so stored miniature-family artifacts stay reusable."""
+    import dataclasses
+
+    from pkt.artifacts.store import Store
+    from pkt.tasks import nodes
+    from pkt.tasks.node import _plain, identities
+
+    inputs = {"student": {"kind": "model", "key": "s", "digest": "a" * 64},
+              "train": {"kind": "file", "key": "t", "digest": "b" * 64},
+              "data": {"kind": "dir", "key": "d", "digest": "c" * 64}}
+    for spec in (nodes.Adapter(train={"lr": 1e-3}), nodes.Scores(benchmark="gsm", task_definition="x"),
+                 nodes.LatenAttribution(index=3), nodes.Diagnostic()):
+        used = {k: inputs["student" if k == "model" else k] for k in spec.INPUTS}
+        before = {f.name: _plain(getattr(spec, f.name)) for f in dataclasses.fields(spec)  # the fields it had
+                  if not f.metadata.get("execution") and f.name not in ("chat_template", "max_gen_toks")}
+        assert spec.key(used) == Store.key(spec.KIND, before, identities(used), spec.VERSION), spec.KIND
+        chat = dataclasses.replace(spec, chat_template=True)
+        assert chat.params()["chat_template"] is True and chat.key(used) != spec.key(used), spec.KIND

@@ -103,6 +103,8 @@ def test_the_output_check_passes_the_miniature_student(mini_family):
         evaluate.check_answers(model, tok, task, mini_family / "tasks" / task, prompt_format="auto")
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_extract_transfer_and_report_in_the_models_chat_format(prefect_env, tmp_path, capsys):
     """The fixture pair through `pkt extract` and `pkt transfer` (lora, transfer; gsm): every node that reads
     text is keyed in the chat format, the teacher's extraction is reused, and the report says the format."""
@@ -117,7 +119,7 @@ def test_extract_transfer_and_report_in_the_models_chat_format(prefect_env, tmp_
     train = json.dumps({"rank": 2, "alpha": 2.0, "epochs": 1, "batch_size": 4, "micro_batch": 4, "n_train": 4})
     args = ["transfer", "--teacher", teacher, "--student", student, "--task-dir", task, "--variants",
             "lora,transfer", "--train", train, "--store", store, "--report-dir", str(tmp_path / "report")]
-    # a random-weight student writes noise, which the check would stop; this run scores it anyway
+    # a random-weight student writes noise: what the check makes of it is the next test's business
     assert main(args + ["--no-check"]) == 0
     records = list(Store(store).records())
     for kind in ("sensitivity", "adapter", "scores"):
@@ -134,6 +136,8 @@ def test_extract_transfer_and_report_in_the_models_chat_format(prefect_env, tmp_
     assert sorted(r["params"]["chat_template"] for r in sens) == [False, True]
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_transfer_stops_before_scoring_when_the_student_answers_nothing(prefect_env, tmp_path, capsys):
     from pkt.artifacts.store import Store
     from pkt.flows.cli import main
@@ -170,3 +174,43 @@ def test_paper_format_nodes_keep_the_keys_they_had_before_the_option():
         assert spec.key(used) == Store.key(spec.KIND, before, identities(used), spec.VERSION), spec.KIND
         chat = dataclasses.replace(spec, chat_template=True)
         assert chat.params()["chat_template"] is True and chat.key(used) != spec.key(used), spec.KIND
+
+
+def test_sensitivity_training_and_evaluation_read_one_rendering(tmp_path, tok, monkeypatch):
+    """The chat format through the real nodes: the sensitivity pass and the adapter get the same ids
+    and labels, those are the template's, and lm-eval's forward passes read exactly those ids."""
+    from test_formatting import _captured, _forward_inputs, _Stop
+
+    from pkt.artifacts.store import Store
+    from pkt.core import finetune, sensitivity
+    from pkt.tasks import nodes
+
+    model_dir = fx.write_model(tmp_path / "model", tok, 2, 32, 48)
+    task = tmp_path / "task"
+    task.mkdir()
+    for split in ("train", "seeds", "test"):
+        (task / f"{split}.jsonl").write_text(json.dumps(TWO_TURNS) + "\n")
+    store = Store(tmp_path / "store")
+    ref = nodes.model_source(str(model_dir), store)
+    sens = _captured(monkeypatch, sensitivity, "compute_sensitivity", 1)
+    with pytest.raises(_Stop):
+        nodes.Sensitivity(chat_template=True).compute(
+            store, {"teacher": ref, "seeds": nodes.file_source(str(task / "seeds.jsonl"))}, tmp_path)
+    train = _captured(monkeypatch, finetune, "finetune", 1)
+    with pytest.raises(_Stop):
+        nodes.Adapter(train={"rank": 2, "alpha": 2, "modules": ["q"]}, chat_template=True).compute(
+            store, {"student": ref, "train": nodes.file_source(str(task / "train.jsonl"))}, tmp_path)
+    tok = load_tokenizer(model_dir)  # as the nodes read it (AutoTokenizer: Qwen2's tokenizer class)
+    ids = train[0][0]["input_ids"][0].tolist()
+    assert ids == sens[0][0]["input_ids"][0].tolist() == tok.apply_chat_template(TWO_TURNS["messages"])["input_ids"][:-1]
+    assert torch.equal(sens[0][0]["labels"], train[0][0]["labels"])
+    n_prompt = int((train[0][0]["labels"][0] == data.IGNORE).sum())
+    assert ids[:n_prompt] == tok.apply_chat_template(TWO_TURNS["messages"][:-1], add_generation_prompt=True)["input_ids"]
+
+    model = load_model(model_dir)
+    seen = _forward_inputs(model)
+    evaluate.evaluate(model, tok, "answer_nll", task, batch_size=1, prompt_format="chat")
+    assert seen[0] == [ids[:-1]]  # prompt + answer (with its <|im_end|>), less the last token
+    seen.clear()
+    evaluate.evaluate(model, tok, "gsm", task, batch_size=1, prompt_format="chat", max_gen_toks=4)
+    assert seen[0] == [ids[:n_prompt]]  # generation starts from exactly the training prompt

@@ -270,13 +270,13 @@ def student_template(graph: Graph, cfg: SweepConfig, student: PrefectFuture) -> 
 def check_answers(cfg: SweepConfig) -> None:
     """Before any node: each student's greedy answers to a few val items of each generated benchmark, in
     the prompt format it will be scored in; stops with one sentence when they look broken."""
-    for student in cfg.students:
+    checked = [task for task in cfg.tasks if task.benchmark in evaluate.CHECKED]
+    for student in cfg.students if checked else []:
         fmt = "chat" if chat_template(cfg.prompt_format, student) else "paper"
-        for task in cfg.tasks:
-            if task.benchmark in evaluate.CHECKED:
-                model = models.load_model(student, dtype=cfg.dtype, device=cfg.device)
-                evaluate.check_answers(model, models.load_tokenizer(student), task.benchmark, task.dir,
-                                       prompt_format=fmt, max_gen_toks=task.max_gen_toks, who=source_name(student))
+        model, tok = models.load_model(student, dtype=cfg.dtype, device=cfg.device), models.load_tokenizer(student)
+        for task in checked:
+            evaluate.check_answers(model, tok, task.benchmark, task.dir, prompt_format=fmt,
+                                   max_gen_toks=task.max_gen_toks, who=source_name(student))
 
 
 CHAINS = {"adapter": _train, "laten": laten_chain}  # Variant.chain -> the nodes of one run

@@ -132,6 +132,7 @@ def parser() -> argparse.ArgumentParser:
                    help="write the sensitivity map one decoder layer at a time (big teachers: host RAM holds "
                         "one layer of it)")
     _max_input_arg(p)
+    _prompt_format_arg(p)
     _device_args(p)
     _store_arg(p)
     _recompute_arg(p)
@@ -151,6 +152,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method-params", default="{}", help='LaTen settings as JSON (the sweep config\'s laten '
                    'field), e.g. \'{"n_extract": 8, "n_align": 16}\'')
     p.add_argument("--report-dir", default="pkt-report")
+    _prompt_format_arg(p)
+    p.add_argument("--no-check", action="store_true", help="score even when the student's answers to a few val "
+                   "items look broken (empty, identical, refusals, no answer in any)")
     _force_arg(p)
     _max_input_arg(p)
     _sweep_size_args(p)
@@ -160,6 +164,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run a sweep config (YAML or TOML)")
     p.add_argument("--config", required=True)
+    p.add_argument("--no-check", action="store_true", help="as the config's check: false (score even broken-looking "
+                   "answers)")
     _force_arg(p)
     _max_input_arg(p)
     _sweep_size_args(p)
@@ -361,13 +367,19 @@ def _quiet_user_tracebacks():
 
 
 # ---- validation before any work ------------------------------------------------------------------
+def _prompt_format_arg(p) -> None:
+    p.add_argument("--prompt-format", default="auto", help="auto (default: each model's own chat template when its "
+                   "tokenizer has one, else the paper's <|user|>/<|assistant|> layout), chat or paper")
+
+
 EXTRACT_FLAGS = {"teacher": "--teacher", "seeds": "--seeds", "students": "--student", "rank": "--rank",
                  "alpha": "--alpha", "k": "--k", "reducer": "--reducer", "selector": "--selector", "svd": "--svd",
-                 "dtype": "--dtype", "device": "--device", "store": "--store", "max_length": "--max-length"}
+                 "dtype": "--dtype", "device": "--device", "store": "--store", "max_length": "--max-length",
+                 "prompt_format": "--prompt-format"}
 SWEEP_FLAGS = {"teacher": "--teacher", "students": "--student", "tasks": "--task-dir", "variants": "--variants",
                "train": "--train", "dtype": "--dtype", "device": "--device", "report_dir": "--report-dir",
                "store": "--store", "laten": "--method-params", "laten.n_extract": "--laten-extract",
-               "laten.n_align": "--laten-align"}
+               "laten.n_align": "--laten-align", "prompt_format": "--prompt-format"}
 
 
 MAX_COUNT = 1_000_000  # a count of seeds or batches; the sweep's size check judges the product
@@ -410,7 +422,8 @@ def extract_config(args):
         "teacher": args.teacher, "seeds": args.seeds, "students": args.student, "rank": args.rank,
         "alpha": args.alpha, "k": args.k, "reducer": args.reducer, "selector": args.selector, "svd": args.svd,
         "dtype": args.dtype, "device": args.device, "store": args.store, "max_length": args.max_length,
-        "sensitivity_layout": "per_layer" if args.per_layer_sensitivity else "single"}, "", EXTRACT_FLAGS)
+        "sensitivity_layout": "per_layer" if args.per_layer_sensitivity else "single",
+        "prompt_format": args.prompt_format}, "", EXTRACT_FLAGS)
 
 
 def transfer_config(args):
@@ -422,7 +435,8 @@ def transfer_config(args):
            "tasks": [{"name": Path(args.task_dir).name, "dir": args.task_dir, "benchmark": args.benchmark}],
            "variants": [v.strip() for v in args.variants.split(",") if v.strip()], "seeds": list(range(seeds)),
            "train": train, "store": args.store, "report_dir": args.report_dir, "dtype": args.dtype,
-           "device": args.device, "laten": _laten_args(args)}
+           "device": args.device, "laten": _laten_args(args), "prompt_format": getattr(args, "prompt_format", "auto"),
+           "check": not getattr(args, "no_check", False)}
     return validate(SweepConfig, raw, "", SWEEP_FLAGS)
 
 
@@ -526,8 +540,9 @@ def cmd_extract(args) -> int:
     cfg = extract_config(args)
     check_extract_inputs(cfg)
     with prefect_api():
-        from .extract import extract_teacher
+        from .extract import extract_teacher, prompt_formats
 
+        print(prompt_formats(cfg.prompt_format, cfg.teacher, cfg.students))
         out = extract_teacher(**cfg.model_dump())
     for kind, key, status in out.pop("_ledger"):
         print(f"{kind:12s} {key}  {status}")
@@ -579,7 +594,8 @@ def cmd_transfer(args) -> int:
         out = transfer(teacher=cfg.teacher, student=cfg.students[0], task_dir=cfg.tasks[0].dir,
                        benchmark=cfg.tasks[0].benchmark, variants=cfg.variants, seeds=cfg.seeds,
                        train=cfg.train.model_dump(mode="json"), store=cfg.store, report_dir=cfg.report_dir,
-                       dtype=cfg.dtype, device=cfg.device, laten=cfg.laten.model_dump(mode="json"))
+                       dtype=cfg.dtype, device=cfg.device, laten=cfg.laten.model_dump(mode="json"),
+                       prompt_format=cfg.prompt_format, check=cfg.check)
     _print_result(out)
     return 0
 
@@ -592,6 +608,8 @@ def cmd_sweep(args) -> int:
     if args.store:
         cfg = cfg.model_copy(update={"store": args.store})
     cfg = cfg.model_copy(update={"store": store_option(cfg.store)})
+    if args.no_check:
+        cfg = cfg.model_copy(update={"check": False})
     check_sweep_size(cfg, args)
     check_sweep_inputs(cfg)
     _report_dir(cfg.report_dir, f"{args.config}: report_dir", args,

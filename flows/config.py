@@ -80,6 +80,7 @@ Dtype = Literal[DTYPES]  # type: ignore[valid-type]
 Device = Annotated[str, AfterValidator(_device)]
 Modules = Annotated[tuple[str, ...], BeforeValidator(_modules), AfterValidator(_known_modules), Field(min_length=1)]
 SvdMethod = Literal[SVD_METHODS]  # type: ignore[valid-type]
+PromptFormat = Literal[data.PROMPT_FORMATS]  # type: ignore[valid-type]
 
 
 class TrainSpec(BaseModel):
@@ -151,6 +152,8 @@ class TaskSpec(BaseModel):
     name: str
     dir: str = Field(description="directory with train.jsonl, seeds.jsonl, val.jsonl, test.jsonl")
     benchmark: str = Field("gsm", description="gsm | mmlu | sni, or any lm-eval task name")
+    max_gen_toks: int | None = Field(None, ge=1, description="new tokens a generated answer may take; default: "
+                                     "the benchmark's (512 for gsm)")
 
     @field_validator("dir")
     @classmethod
@@ -294,6 +297,10 @@ class SweepConfig(BaseModel):
     judge: str | None = Field(None, description="local judge model for the optional 'winrate' benchmark")
     num_fewshot: int = Field(0, ge=0)
     eval_limit: int | None = Field(None, ge=1)
+    prompt_format: PromptFormat = Field("auto", description="auto: each model's own chat template when its "
+                                        "tokenizer has one, else the paper's <|user|>/<|assistant|> layout")
+    check: bool = Field(True, description="before scoring, stop when the student's answers to a few val items "
+                        "look broken (empty, identical, refusals, no answer)")
     dtype: Dtype = "float32"
     device: Device = "cpu"
     report_dir: str = "pkt-report"
@@ -429,6 +436,7 @@ class ExtractConfig(BaseModel):
     sensitivity_layout: Literal["single", "per_layer"] = "single"
     store: str | None = None
     max_length: int = Field(2048, ge=1, description="token cutoff of each seed sample")
+    prompt_format: PromptFormat = "auto"
 
 
 def _check_runner(runner: str, workers: int) -> None:
@@ -578,7 +586,8 @@ def check_extract_inputs(cfg: ExtractConfig) -> None:
     preflight.check_models(cfg.teacher, cfg.students, rank=cfg.rank, rank_name="--rank")
     # every seed's answer survives the cutoff (read with the teacher's tokenizer, as the sensitivity pass does)
     try:
-        data.load_encoded(cfg.seeds, models.load_tokenizer(cfg.teacher), cfg.max_length, cfg.k)
+        tok = models.load_tokenizer(cfg.teacher)
+        data.load_encoded(cfg.seeds, tok, cfg.max_length, cfg.k, fmt=data.resolve_format(cfg.prompt_format, tok))
     except data.DataError as e:  # the sentence names the sweep's field; pkt extract's knob is a flag
         raise ConfigError(str(e).replace("raise max_length (a sweep config field)", "raise --max-length")) from None
 

@@ -15,6 +15,7 @@ from pkt.core import arch, diagnose, models
 from pkt.tasks import nodes
 
 from .config import SweepConfig, parse_config
+from .extract import chat_template
 from .graph import Graph, source_name, task_runner
 from .summary import publish
 from .variants import VARIANTS, Variant
@@ -27,7 +28,7 @@ DEFAULT_VARIANTS = ["lora", "pissa", "transfer", "random-submatrix", "random-lay
 
 def diagnostic_node(graph: Graph, v: Variant, student: PrefectFuture, train: PrefectFuture, tp,
                     init: PrefectFuture | None, dtype: str, device: str, label: str,
-                    batches: int = BATCHES) -> PrefectFuture | None:
+                    batches: int = BATCHES, chat_template: bool = False) -> PrefectFuture | None:
     """The future of the diagnostic of the init a run trains from (None: the variant trains nothing)."""
     if not v.trains:
         return None
@@ -35,7 +36,7 @@ def diagnostic_node(graph: Graph, v: Variant, student: PrefectFuture, train: Pre
                             seed=tp.seed if v.init in ("lora", "added") else 0, batches=batches,
                             batch_size=tp.batch_size,
                             n_train=tp.n_train, max_length=tp.max_length, micro_batch=tp.micro_batch, dtype=dtype,
-                            device=device)
+                            device=device, chat_template=chat_template)
     inputs = {"student": student, "train": train, **({"init": init} if init is not None else {})}
     return graph.submit(spec, inputs, label)
 
@@ -64,7 +65,8 @@ def submit_diagnostics(graph: Graph, cfg: SweepConfig, runs: pd.DataFrame,
         label = f"{source_name(student)}, {task_name}, {v.name}, seed={seed}" + (f", {setting}" if point else "")
         futures[run] = diagnostic_node(graph, v, graph.source("model", student),
                                        graph.source("file", str(Path(task.dir) / "train.jsonl")), tp, init,
-                                       cfg.dtype, cfg.device, label, batches)
+                                       cfg.dtype, cfg.device, label, batches,
+                                       chat_template(cfg.prompt_format, student))
     return futures
 
 

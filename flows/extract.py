@@ -4,12 +4,14 @@ Nothing here depends on a student's weights, so every student of one shape share
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
 from prefect import flow
 from prefect.futures import PrefectFuture
 
 from pkt.artifacts.store import Store
-from pkt.core import align, arch, models
+from pkt.core import align, arch, data, models
 from pkt.tasks import nodes
 
 from .graph import Graph, source_name, task_runner
@@ -30,6 +32,18 @@ class ChainOptions:
     modules: tuple[str, ...] = arch.ALL_MODULE_TYPES
     layout: str = "single"
     draw_seed: int = 0  # seed of a random layer selector or reducer
+    chat_template: bool = False  # the seeds in the teacher's chat template (chat_template())
+
+
+@functools.lru_cache(maxsize=64)
+def chat_template(prompt_format: str, model: str) -> bool:
+    """Whether a model's samples are rendered in its own chat template: prompt format "chat", or "auto"
+    and its tokenizer carries one. Resolved per model, so a teacher and a student with different
+    templates each get their own, and a model without one keeps the paper's layout (and its keys)."""
+    try:
+        return data.resolve_format(prompt_format, models.load_tokenizer(model)) == "chat"
+    except data.DataError as e:
+        raise data.DataError(f"{model}: {e}") from None
 
 
 def extraction_chain(graph: Graph, teacher: PrefectFuture, seeds: str, shape: dict, opts: ChainOptions,
@@ -43,12 +57,12 @@ def extraction_chain(graph: Graph, teacher: PrefectFuture, seeds: str, shape: di
     if "sensitivity" in reads:
         scores["sensitivity"] = graph.submit(
             nodes.Sensitivity(k=opts.k, sample_seed=opts.sample_seed, max_length=opts.max_length, dtype=opts.dtype,
-                              device=opts.device, layout=opts.layout),
+                              device=opts.device, layout=opts.layout, chat_template=opts.chat_template),
             {"teacher": teacher, "seeds": seeds}, f"{tag}, k={opts.k or 'all'}")
     if "activations" in reads:
         scores["activations"] = graph.submit(
             nodes.Activations(k=opts.k, sample_seed=opts.sample_seed, max_length=opts.max_length, dtype=opts.dtype,
-                              device=opts.device),
+                              device=opts.device, chat_template=opts.chat_template),
             {"teacher": teacher, "seeds": seeds}, f"{tag}, k={opts.k or 'all'}")
     layers = shape["num_hidden_layers"]
     drawn = f" seed={opts.draw_seed}" if opts.selector == "random" else ""
@@ -61,6 +75,21 @@ def extraction_chain(graph: Graph, teacher: PrefectFuture, seeds: str, shape: di
     ext = graph.submit(spec, {name: plan if name == "plan" else scores[name] for name in spec.INPUTS},
                        f"{tag}, {opts.selector}, {opts.reducer}{drawn}, hidden={shape['hidden_size']}")
     return {**{k: v for k, v in scores.items() if k != "teacher"}, "plan": plan, "extraction": ext, "tag": f"{tag}, {opts.selector}, {opts.reducer}{drawn}"}
+
+
+def prompt_formats(prompt_format: str, teacher: str, students: list[str]) -> str:
+    """One line that says which format each model's samples are rendered in (templates may differ)."""
+    own = models.load_tokenizer(teacher).chat_template
+
+    def one(model: str) -> str:
+        if not chat_template(prompt_format, model):
+            return "the paper's <|user|>/<|assistant|> layout"
+        differs = model != teacher and models.load_tokenizer(model).chat_template != own
+        return "its own chat template (not the teacher's)" if differs else "its chat template"
+
+    said = [f"teacher {source_name(teacher)}: {one(teacher)}"] + [f"student {source_name(s)}: {one(s)}"
+                                                                  for s in students]
+    return f"prompt format {prompt_format}: " + "; ".join(said)
 
 
 def init_node(graph: Graph, chain: dict, *, rank: int, alpha: float, dropout: float = 0.05, split: str = "paper",
@@ -78,17 +107,20 @@ def init_node(graph: Graph, chain: dict, *, rank: int, alpha: float, dropout: fl
 def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 16, alpha: float = 16.0,
                     k: int | None = None, selector: str = "sensitivity", reducer: str = "submatrix",
                     store: str | None = None, dtype: str = "float32", device: str = "cpu",
-                    sensitivity_layout: str = "single", svd: str = "auto", max_length: int = 2048) -> dict:
+                    sensitivity_layout: str = "single", svd: str = "auto", max_length: int = 2048,
+                    prompt_format: str = "auto") -> dict:
     """Sensitivity, layer plans, extractions and LoRA inits for each student shape (computed once),
     and for each student the residual base (its weights minus the init's delta) that the init
     adapter trains on: that pair, loaded with stock peft, is the student at step 0.
 
     sensitivity_layout='per_layer' writes the map one decoder layer at a time (host RAM holds one
     layer of it; with device='cuda' the accumulators stay on the GPU). svd: the LoRA init's SVD,
-    'auto' (the exact top-r SVD, through the float64 Gram matrix), 'gram', 'full' or 'lowrank'."""
+    'auto' (the exact top-r SVD, through the float64 Gram matrix), 'gram', 'full' or 'lowrank'.
+    prompt_format: auto (the teacher's chat template when its tokenizer has one), chat or paper."""
     st = Store(store)
     opts = ChainOptions(k=k, selector=selector, reducer=reducer, dtype=dtype, device=device, layout=sensitivity_layout,
-                        max_length=max_length)
+                        max_length=max_length, chat_template=chat_template(prompt_format, teacher))
+    print(prompt_formats(prompt_format, teacher, students))
     with task_runner() as runner:
         graph = Graph(st, runner)
         t_src = graph.source("model", teacher)

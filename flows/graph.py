@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +206,10 @@ class Graph:
             if self._below_forced(origins):  # read from what a recomputed node made: below it too
                 self._forced.add(identity)
         return self.sources[identity]
+
+    def path_of(self, future: PrefectFuture) -> str:
+        """The path (or hub id) of a model, file or directory source's future."""
+        return json.loads(self._identity_of[id(future)])["path"]
 
     def submit(self, spec: Node, inputs: dict, label: str) -> PrefectFuture:
         """The future of spec's ref, once per (spec, upstream nodes/sources): answered here from the

@@ -15,6 +15,7 @@ from pkt.core import data, laten
 from pkt.tasks import nodes
 
 from .config import SweepConfig, TaskSpec
+from .extract import chat_template
 from .graph import Graph
 from .variants import Variant
 
@@ -27,16 +28,19 @@ def laten_chain(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFutu
     n_rows = len(data.read_jsonl(Path(task.dir) / "train.jsonl"))
     extract, align, pool = laten.splits(n_rows, spec.n_extract, spec.n_align, spec.split_seed)
     who = {"teacher": (teacher, "teacher"), "student": (student, label.split(", ")[0])}
+    # each model reads its samples in its own format (a teacher and a student may have different templates)
+    templated = {role: chat_template(cfg.prompt_format, graph.path_of(f)) for role, (f, _) in who.items()}
 
     def attribution(role: str, line: int) -> PrefectFuture:
         model, name = who[role]
         spec_ = nodes.LatenAttribution(index=line, max_length=cfg.max_length, norm=spec.norm, dtype=cfg.dtype,
-                                       device=cfg.device)
+                                       device=cfg.device, chat_template=templated[role])
         return graph.submit(spec_, {"model": model, "data": train}, f"{name}, {task.name} train line {line + 1}")
 
     translator = graph.submit(
         nodes.LatenTranslator(extract=tuple(extract), align=tuple(align), hparams=spec.hparams(seed),
-                              max_length=cfg.max_length, dtype=cfg.dtype, device=cfg.device),
+                              max_length=cfg.max_length, dtype=cfg.dtype, device=cfg.device,
+                              chat_template=templated["student"]),
         {"teacher": teacher, "student": student, "data": train,
          "teacher_attr": [attribution("teacher", i) for i in extract],
          "student_attr": [attribution("student", i) for i in extract]},

@@ -19,7 +19,7 @@ from pkt.core import arch, costs, distill, evaluate, laten, models, report
 from pkt.tasks import nodes
 
 from .config import SweepConfig, TaskSpec, parse_config
-from .extract import ChainOptions, extraction_chain, init_node
+from .extract import ChainOptions, chat_template, extraction_chain, init_node, prompt_formats
 from .graph import Graph, source_name, task_runner, torch_threads_per_worker
 from .laten import laten_chain
 from .outputs import check_out_dir, claim_report_dir
@@ -40,14 +40,16 @@ def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFut
     draw = tp.seed if v.drawn else 0
     seeds = cfg.cross_task_seeds if v.seeds == "cross-task" else str(Path(task.dir) / "seeds.jsonl")
     name = source_name(cfg.teacher)
+    templated = chat_template(cfg.prompt_format, cfg.teacher)  # an untrained teacher has the teacher's tokenizer
     if v.teacher == "untrained":
         teacher = graph.submit(nodes.RandomModel(seed=draw), {"like": teacher}, f"like={name}, seed={draw}")
         name = f"untrained {name} seed={draw}"
     elif v.teacher == "early":
         teacher, name = graph.source("model", cfg.early_teacher), source_name(cfg.early_teacher)
+        templated = chat_template(cfg.prompt_format, cfg.early_teacher)
     opts = ChainOptions(k=cfg.k, sample_seed=cfg.sample_seed, selector=v.selector or cfg.selector,
                         reducer=v.reducer or cfg.reducer, max_length=cfg.max_length, dtype=cfg.dtype,
-                        device=cfg.device, modules=tp.modules, draw_seed=draw)
+                        device=cfg.device, modules=tp.modules, draw_seed=draw, chat_template=templated)
     chain = extraction_chain(graph, teacher, seeds, shape, opts, name)
     return init_node(graph, chain, rank=tp.rank, alpha=tp.alpha, dropout=tp.dropout, split=cfg.split, scale=scale,
                      svd=cfg.svd, transform=v.transform, transform_seed=draw, variant=v.name)
@@ -92,6 +94,9 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     data (scale caveat, family gates), see report.write_report."""
     store = graph.store
     check_out_dir(cfg.report_dir, "report_dir")  # before any work: the report must not land on a user's files
+    print(prompt_formats(cfg.prompt_format, cfg.teacher, cfg.students))
+    if cfg.check:
+        check_answers(cfg)
     teacher = graph.source("model", cfg.teacher)
     groups = []  # (student path, student future, shape, task, train data future)
     for student_path in cfg.students:
@@ -312,7 +317,8 @@ def report_protocol(cfg: SweepConfig, extra: dict | None = None) -> dict:
     return {"endpoint": cfg.endpoint.model_dump(mode="json") if cfg.endpoint else None,
             "grids": {v: cfg.grid_points(v) for v in cfg.variants if VARIANTS[v].trains},
             "selection_seeds": list(cfg.selection_seeds), "test_seeds": list(cfg.seeds),
-            "select_on": cfg.select_on, **(extra or {})}
+            "select_on": cfg.select_on, "prompt_format": prompt_formats(cfg.prompt_format, cfg.teacher, cfg.students),
+            **(extra or {})}
 
 
 def _setting(setting: dict) -> str:
@@ -345,7 +351,25 @@ def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, s
         init = variant_init(graph, cfg, v, teacher, task, shape, tp, setting.get("init_scale", cfg.init_scale))
     inputs = {"student": student, "train": train, **({"init": init} if init else {})}
     return graph.submit(nodes.Adapter(variant=v.name, init=v.init, train=tp.as_dict(), dtype=cfg.dtype,
-                                      device=cfg.device), inputs, label)
+                                      device=cfg.device, chat_template=student_template(graph, cfg, student)),
+                        inputs, label)
+
+
+def student_template(graph: Graph, cfg: SweepConfig, student: PrefectFuture) -> bool:
+    """Whether a student's samples go in its own chat template (chat_template() of its model source)."""
+    return chat_template(cfg.prompt_format, graph.path_of(student))
+
+
+def check_answers(cfg: SweepConfig) -> None:
+    """Before any node: each student's greedy answers to a few val items of each generated benchmark, in
+    the prompt format it will be scored in; stops with one sentence when they look broken."""
+    checked = [task for task in cfg.tasks if task.benchmark in evaluate.CHECKED]
+    for student in cfg.students if checked else []:
+        fmt = "chat" if chat_template(cfg.prompt_format, student) else "paper"
+        model, tok = models.load_model(student, dtype=cfg.dtype, device=cfg.device), models.load_tokenizer(student)
+        for task in checked:
+            evaluate.check_answers(model, tok, task.benchmark, task.dir, prompt_format=fmt,
+                                   max_gen_toks=task.max_gen_toks, who=source_name(student))
 
 
 def _distill(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, student: PrefectFuture,
@@ -379,7 +403,9 @@ def _score(graph: Graph, cfg: SweepConfig, student: str, adapter, task: TaskSpec
     if benchmark == "winrate":
         inputs["judge"] = graph.source("model", cfg.judge, list(GENERATION_FILES))
     spec = nodes.Scores(benchmark=benchmark, task_definition=evaluate.task_digest(benchmark), split=split,
-                        num_fewshot=cfg.num_fewshot, limit=cfg.eval_limit, dtype=cfg.dtype, device=cfg.device)
+                        num_fewshot=cfg.num_fewshot, limit=cfg.eval_limit, dtype=cfg.dtype, device=cfg.device,
+                        chat_template=student_template(graph, cfg, student),
+                        max_gen_toks=task.max_gen_toks if benchmark == task.benchmark else None)
     return graph.submit(spec, inputs, f"{label}, {benchmark}, {split}")
 
 
@@ -416,10 +442,12 @@ def sweep(config: SweepConfig) -> dict:
 def transfer(teacher: str, student: str, task_dir: str, benchmark: str = "gsm",
              variants: list[str] = ("vanilla", "lora", "transfer"), seeds: list[int] = (0,), train: dict | None = None,
              store: str | None = None, report_dir: str = "pkt-report", dtype: str = "float32",
-             device: str = "cpu", laten: dict | None = None) -> dict:
+             device: str = "cpu", laten: dict | None = None, prompt_format: str = "auto",
+             check: bool = True) -> dict:
     """One teacher, one student, one task: the sweep with a single branch (laten: LaTen's settings)."""
     cfg = parse_config({"teacher": teacher, "students": [student],
                         "tasks": [{"name": Path(task_dir).name, "dir": task_dir, "benchmark": benchmark}],
                         "variants": list(variants), "seeds": list(seeds), "train": train or {}, "store": store,
-                        "report_dir": report_dir, "dtype": dtype, "device": device, "laten": laten or {}})
+                        "report_dir": report_dir, "dtype": dtype, "device": device, "laten": laten or {},
+                        "prompt_format": prompt_format, "check": check})
     return sweep_graph(cfg, "transfer", config_tag(cfg))

@@ -1,4 +1,5 @@
-"""The chat jsonl format of the paper's release, formatting, answer-only labels, seed choice.
+"""The chat jsonl format of the paper's release, the one renderer (the paper's layout or the model's chat
+template), answer-only labels, seed choice.
 
 One sample a line: {"messages": [{"role": "user", "content": ...}, {"role": "assistant",
 "content": ...}]}, an optional leading system turn; other fields are kept but unused.
@@ -26,8 +27,9 @@ class DataError(UserError, ValueError):
 @dataclass(frozen=True)
 class Sample:
     prompt: str  # everything before the answer, formatted
-    answer: str  # the assistant turn's text
+    answer: str  # the assistant turn's text (in the chat format, with the template's end of turn)
     raw: dict
+    fmt: str = "paper"  # "paper" or "chat" (resolve_format)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -95,13 +97,27 @@ def validate_sample(row, where: str) -> None:
         raise DataError(f"{where}: \"messages\" has no user turn; each sample needs a question")
 
 
-def format_prompt(messages: list[dict], tokenizer=None, chat_template: bool = False) -> str:
-    """The text before the answer: every turn before it (system and earlier turns included) in
-    the paper's <|role|> tags, or the chat template. lm-eval's task YAMLs call this too."""
+PROMPT_FORMATS = ("auto", "paper", "chat")
+
+
+def resolve_format(fmt: str, tokenizer) -> str:
+    """The format a model's samples are rendered in: "chat" (its tokenizer's chat template) or "paper"
+    (the paper's <|role|> layout). auto: the template when the tokenizer carries one, else the paper's."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if fmt == "auto":
+        return "chat" if has_template else "paper"
+    if fmt not in PROMPT_FORMATS:
+        raise DataError(f"prompt format {fmt!r}: choose one of {', '.join(PROMPT_FORMATS)}")
+    if fmt == "chat" and not has_template:
+        raise DataError("--prompt-format chat: the tokenizer has no chat template; use --prompt-format paper (or auto)")
+    return fmt
+
+
+def format_prompt(messages: list[dict], tokenizer=None, fmt: str = "paper") -> str:
+    """The text before the answer: every turn before it (system and earlier turns included) in the paper's
+    <|role|> tags, or for fmt "chat" the tokenizer's chat template with its generation prompt."""
     history = messages[:-1]
-    if chat_template:
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise DataError("chat_template=True but the tokenizer has no chat template; use the paper's format")
+    if fmt == "chat":
         return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
     parts = []
     for m in history:
@@ -109,8 +125,38 @@ def format_prompt(messages: list[dict], tokenizer=None, chat_template: bool = Fa
     return "".join(parts) + "<|assistant|>\n"
 
 
-def to_samples(rows: list[dict], tokenizer=None, chat_template: bool = False) -> list[Sample]:
-    return [Sample(format_prompt(r["messages"], tokenizer, chat_template), r["messages"][-1]["content"], r) for r in rows]
+_PROBE = "\x00pkt-answer\x00"
+
+
+def end_of_turn(tokenizer, fmt: str = "paper") -> str:
+    """The text that closes an assistant turn: what the chat template writes after the answer (Qwen's
+    <|im_end|>, Llama-3's <|eot_id|>), or in the paper's format the end-of-text token. Generation stops there."""
+    if fmt != "chat":
+        return tokenizer.eos_token if tokenizer is not None else "</s>"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE}],
+                                         tokenize=False)
+    return text.split(_PROBE, 1)[1].strip() or tokenizer.eos_token
+
+
+def render(messages: list[dict], tokenizer=None, fmt: str = "paper") -> tuple[str, str]:
+    """(prompt, answer): the one renderer of every sample pkt reads (sensitivity seeds, training data,
+    LaTen's samples, evaluation prompts). In the chat format the answer is what the template writes for
+    the assistant turn, up to and including its end-of-turn text, so prompt + answer is the template's
+    whole conversation (less any whitespace after the end of turn)."""
+    prompt, content = format_prompt(messages, tokenizer, fmt), messages[-1]["content"]
+    if fmt != "chat":
+        return prompt, content
+    whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not whole.startswith(prompt):
+        raise DataError("the tokenizer's chat template renders a conversation that does not start with its own "
+                        "prompt for the answer (it rewrites earlier turns); use --prompt-format paper")
+    answer, eot = whole[len(prompt):], end_of_turn(tokenizer, fmt)
+    cut = answer.rfind(eot)
+    return prompt, answer[: cut + len(eot)] if cut >= 0 else answer.rstrip()
+
+
+def to_samples(rows: list[dict], tokenizer=None, fmt: str = "paper") -> list[Sample]:
+    return [Sample(*render(r["messages"], tokenizer, fmt), r, fmt) for r in rows]
 
 
 def tokenize(tokenizer, text: str) -> list[int]:
@@ -123,7 +169,8 @@ def tokenize(tokenizer, text: str) -> list[int]:
 
 
 def encode(sample: Sample, tokenizer, max_length: int = 2048, where: str = "sample") -> dict[str, torch.Tensor]:
-    """input_ids/labels, each 1 x T; labels are IGNORE outside the answer (+ eos).
+    """input_ids/labels, each 1 x T; labels are IGNORE outside the answer (+ eos, or the chat template's
+    end of turn).
 
     The one formatting path of sensitivity, training and evaluation: the prompt's ids are the
     context lm-eval scores or generates from, and the answer's are the whole text's ids after the
@@ -132,7 +179,8 @@ def encode(sample: Sample, tokenizer, max_length: int = 2048, where: str = "samp
     """
     prompt_ids = tokenize(tokenizer, sample.prompt)
     answer_ids = tokenize(tokenizer, sample.prompt + sample.answer)[len(prompt_ids):]
-    if not answer_ids or answer_ids[-1] != tokenizer.eos_token_id:
+    # the paper's format ends an answer with eos; a chat template's answer already ends with its end of turn
+    if sample.fmt != "chat" and (not answer_ids or answer_ids[-1] != tokenizer.eos_token_id):
         answer_ids = answer_ids + [tokenizer.eos_token_id]
     ids = (prompt_ids + answer_ids)[:max_length]
     if len(prompt_ids) >= max_length:
@@ -145,10 +193,10 @@ def encode(sample: Sample, tokenizer, max_length: int = 2048, where: str = "samp
 
 
 def load_encoded(path: str | Path, tokenizer, max_length: int = 2048, k: int | None = None, seed: int = 0,
-                 chat_template: bool = False) -> list[dict[str, torch.Tensor]]:
+                 fmt: str = "paper") -> list[dict[str, torch.Tensor]]:
     rows = read_jsonl(path)
     idx = list(range(len(rows))) if k is None else choose_seeds(len(rows), k, seed)
-    samples = to_samples([rows[i] for i in idx], tokenizer, chat_template)
+    samples = to_samples([rows[i] for i in idx], tokenizer, fmt)
     return [encode(s, tokenizer, max_length, f"{path} line {i + 1}") for s, i in zip(samples, idx)]
 
 

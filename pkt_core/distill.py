@@ -70,9 +70,9 @@ def read_prompts(task_dir: str | Path) -> list[list[dict]]:
     return rows
 
 
-def prompt_texts(turns: list[list[dict]], tokenizer=None, chat_template: bool = False) -> list[str]:
-    """Each prompt formatted exactly as training and scoring format the text before an answer."""
-    return [format_prompt([*t, {"role": "assistant", "content": ""}], tokenizer, chat_template) for t in turns]
+def prompt_texts(turns: list[list[dict]], tokenizer=None, fmt: str = "paper") -> list[str]:
+    """Each prompt formatted exactly as training and scoring format the text before an answer (data.render's fmt)."""
+    return [format_prompt([*t, {"role": "assistant", "content": ""}], tokenizer, fmt) for t in turns]
 
 
 def encode_prompts(texts: list[str], tokenizer, max_length: int) -> list[dict[str, torch.Tensor]]:

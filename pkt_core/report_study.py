@@ -317,7 +317,7 @@ def protocol_section(scores: pd.DataFrame, selection: pd.DataFrame | None, proto
     """The grids, the selection apart from test, and each chosen setting with its edge flags
     (settings=False: how many choices sit on a grid edge, the table in comparisons.md)."""
     grids = grids_of(scores, selection, protocol)
-    lines = ["## Protocol", ""]
+    lines = ["## Protocol", ""] + ([f"- {protocol['prompt_format']}"] if protocol.get("prompt_format") else [])
     if grids:
         sizes = Counter(len(p) for p in grids.values())
         head = f"every trained variant has {next(iter(sizes))} settings" if len(sizes) == 1 else \

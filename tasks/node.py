@@ -105,6 +105,16 @@ def execution(**kw):
     return dataclasses.field(metadata={"execution": True}, **kw)
 
 
+def _unset(spec, f: dataclasses.Field) -> bool:
+    return f.metadata.get("keyed_if_set", False) and getattr(spec, f.name) == f.default
+
+
+def keyed_if_set(default):
+    """A spec field added after artifacts were stored: in the key only when it differs from its default,
+    so every artifact made before it existed (which all had the default) keeps its key."""
+    return dataclasses.field(default=default, metadata={"keyed_if_set": True})
+
+
 @dataclass(frozen=True)
 class Tensors:
     """What a single-file node's compute returns: tensors and header metadata (one safetensors blob)."""
@@ -124,7 +134,7 @@ class Node:
 
     def params(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if not f.metadata.get("execution")}
+                if not f.metadata.get("execution") and not _unset(self, f)}
 
     def execution(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata.get("execution")}

@@ -26,7 +26,7 @@ from pkt.core import (activations, align, arch, data, diagnose, distill, evaluat
                       report, sensitivity)
 from pkt.core.mini import family
 
-from .node import SOURCE_KINDS, Node, Tensors, execution, log, opaque
+from .node import SOURCE_KINDS, Node, Tensors, execution, keyed_if_set, log, opaque
 
 
 # ---- sources: inputs that are not nodes ----------------------------------------------------------
@@ -134,6 +134,11 @@ def model_path(store: Store, ref: dict, extra: tuple[str, ...] = ()) -> str:
     return read_source(store, ref, extra=extra) if ref["kind"] == "model" else str(store.tree(Ref.of(ref)))
 
 
+def prompt_format(chat_template: bool) -> str:
+    """A node's chat_template field (True: the model's own chat template) as data.render's format."""
+    return "chat" if chat_template else "paper"
+
+
 def load_model_input(store: Store, ref: dict, dtype: str, device: str, extra: tuple[str, ...] = ()):
     """(model, tokenizer) of a model input; extra: model_id.GENERATION_FILES for a node that generates."""
     src = model_path(store, ref, extra)
@@ -195,7 +200,7 @@ class Sensitivity(Node):
     def compute(self, store, inputs, out):
         model, tok = load_model_input(store, inputs["teacher"], self.dtype, self.device)
         samples = data.load_encoded(read_source(store, inputs["seeds"]), tok, self.max_length, self.k, self.sample_seed,
-                                    self.chat_template)
+                                    prompt_format(self.chat_template))
         sens = sensitivity.compute_sensitivity(model, samples)
         totals = sensitivity.layer_totals(sens, model.config).tolist()  # from the fp32 sums, before rounding
         sensitivity.to_storage_dtype(sens)
@@ -375,6 +380,7 @@ class Adapter(Node):
     variant: str = "lora"
     init: str = "lora"  # "extracted" / "added" (then an `init` input), "lora" or "pissa"
     train: dict | None = None  # TrainParams.as_dict()
+    chat_template: bool = keyed_if_set(False)  # the samples in the student's chat template (else the paper's layout)
     dtype: str = "float32"
     device: str = execution(default="cpu")
 
@@ -382,7 +388,8 @@ class Adapter(Node):
         tp = finetune.TrainParams.from_dict(self.train or {})
         student, tok = load_model_input(store, inputs["student"], self.dtype, self.device)
         init_dir = store.tree(Ref.of(inputs["init"])) if self.init in INITS_FROM_FOLDER else None
-        samples = data.load_encoded(train_path(store, inputs["train"]), tok, tp.max_length)[: tp.n_train]
+        samples = data.load_encoded(train_path(store, inputs["train"]), tok, tp.max_length,
+                                    fmt=prompt_format(self.chat_template))[: tp.n_train]
         result = finetune.train_adapter(student, samples, tp, tok.pad_token_id, self.init, init_dir)
         save_trained(out, result, student, tp, self.variant)
 
@@ -503,6 +510,8 @@ class Scores(Node):
     split: str = "test"
     num_fewshot: int = 0
     limit: int | None = None
+    chat_template: bool = keyed_if_set(False)  # prompts in the student's chat template (else the paper's layout)
+    max_gen_toks: int | None = keyed_if_set(None)  # generation budget; None: the task YAML's
     dtype: str = "float32"
     device: str = execution(default="cpu")
 
@@ -515,8 +524,9 @@ class Scores(Node):
             laten.apply_delta(model, store.tensors(inputs["delta"]))
         judge = model_path(store, inputs["judge"], model_id.GENERATION_FILES) if "judge" in inputs else None
         data_dir = read_source(store, inputs["data"], score_data_files(self.split))
-        res = evaluate.evaluate(model, tok, self.benchmark, data_dir,
-                                split=self.split, num_fewshot=self.num_fewshot, limit=self.limit, judge=judge)
+        res = evaluate.evaluate(model, tok, self.benchmark, data_dir, split=self.split, num_fewshot=self.num_fewshot,
+                                limit=self.limit, judge=judge, prompt_format=prompt_format(self.chat_template),
+                                max_gen_toks=self.max_gen_toks)
         return Tensors(res.per_example, {"summary": json.dumps(res.summary, sort_keys=True)})
 
 
@@ -573,12 +583,14 @@ class Diagnostic(Node):
     n_train: int | None = None
     max_length: int = 2048
     micro_batch: int = 8
+    chat_template: bool = keyed_if_set(False)  # as Adapter's
     dtype: str = "float32"
     device: str = execution(default="cpu")
 
     def compute(self, store, inputs, out):
         student, tok = load_model_input(store, inputs["student"], self.dtype, self.device)
-        samples = data.load_encoded(read_source(store, inputs["train"]), tok, self.max_length)[: self.n_train]
+        samples = data.load_encoded(read_source(store, inputs["train"]), tok, self.max_length,
+                                    fmt=prompt_format(self.chat_template))[: self.n_train]
         samples = samples[: self.batches * self.batch_size]
         params = finetune.TrainParams(rank=self.rank, alpha=self.alpha, modules=tuple(self.modules), seed=self.seed,
                                       micro_batch=self.micro_batch)
@@ -605,12 +617,16 @@ class LatenAttribution(Node):
     max_length: int = 2048  # the prefix keeps its last max_length tokens
     norm: str = "authors"  # laten.NORMS
     vocab_chunk: int = 16384  # the lens sums the vocabulary in this order: it is part of the bytes
+    chat_template: bool = keyed_if_set(False)  # the sample in this model's chat template (else the paper's layout)
     dtype: str = "float32"
     device: str = execution(default="cpu")
 
     def compute(self, store, inputs, out):
         model, tok = load_model_input(store, inputs["model"], self.dtype, self.device)
-        sample = data.to_samples([data.read_jsonl(read_source(store, inputs["data"]))[self.index]], tok)[0]
+        row = data.read_jsonl(read_source(store, inputs["data"]))[self.index]
+        # the target is the answer's own last token, not the chat template's end of turn after it
+        prompt, _ = data.render(row["messages"], tok, prompt_format(self.chat_template))
+        sample = data.Sample(prompt, row["messages"][-1]["content"], row)
         ids, target = laten.target_example(sample, tok)
         ids = ids[:, -self.max_length:]
         scores = laten.attribute(model, ids, target, norm=self.norm, vocab_chunk=self.vocab_chunk)
@@ -630,6 +646,7 @@ class LatenTranslator(Node):
     align: tuple[int, ...] = ()  # line indices of the align samples
     hparams: dict | None = None  # laten.LatenParams.as_dict()
     max_length: int = 2048
+    chat_template: bool = keyed_if_set(False)  # the samples in the student's chat template (else the paper's layout)
     dtype: str = "float32"
     device: str = execution(default="cpu")
 
@@ -639,7 +656,8 @@ class LatenTranslator(Node):
         student, tok = load_model_input(store, inputs["student"], self.dtype, self.device)
         rows = data.read_jsonl(read_source(store, inputs["data"]))
         path = inputs["data"]["key"]
-        encode = lambda i: data.encode(data.to_samples([rows[i]], tok)[0], tok, self.max_length,  # noqa: E731
+        fmt = prompt_format(self.chat_template)
+        encode = lambda i: data.encode(data.to_samples([rows[i]], tok, fmt)[0], tok, self.max_length,  # noqa: E731
                                        f"{path} line {i + 1}")
         extract = [{"encoded": encode(i), "t_attr": store.tensors(t), "s_attr": store.tensors(s)}
                    for i, t, s in zip(self.extract, inputs["teacher_attr"], inputs["student_attr"], strict=True)]
@@ -712,7 +730,7 @@ class Activations(Node):
     def compute(self, store, inputs, out):
         model, tok = load_model_input(store, inputs["teacher"], self.dtype, self.device)
         samples = data.load_encoded(read_source(store, inputs["seeds"]), tok, self.max_length, self.k, self.sample_seed,
-                                    self.chat_template)
+                                    prompt_format(self.chat_template))
         stats = activations.activation_stats(model, samples)
         return Tensors(stats, {"block_influence": json.dumps(stats["block_influence"].tolist()),
                                "n_samples": str(len(samples)), "n_tokens": str(int(stats["tokens"]))})

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from lm_eval.api.model import LM
 
 from pkt.core import evaluate
@@ -109,3 +110,52 @@ def test_winrate_benchmark_runs_offline_with_a_local_judge(mini_family):
     assert res.summary["winrate"] == pytest.approx(float(res.per_example["winrate"].mean()))
     with pytest.raises(ValueError, match="needs a judge model"):
         evaluate.evaluate(model, tok, "winrate", mini_family / "tasks" / "sni", limit=3)
+
+
+def test_gsm_reads_answers_in_the_forms_real_solutions_state_them(tmp_path):
+    """GSM8K's own "#### 72", a boxed LaTeX answer, an answer with a thousands comma and a dollar sign, and a
+    refusal, each generated over several lines (real worked solutions), against GSM8K-format references."""
+    rows = [("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+             "How many clips did Natalia sell altogether in April and May?",
+             "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+             "altogether in April and May.\n#### 72"),
+            ("How much is 617 times 2?", "617 * 2 = <<617*2=1234>>1234\n#### 1234"),
+            ("How much did Weng earn?", "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\n#### 1,250"),
+            ("How many eggs are left?", "16 - 3 - 4 = <<16-3-4=9>>9\n#### 9")]
+    d = write_task(tmp_path, rows)
+    lm = HandWritten({"48 of her": "In May she sold 48 / 2 = 24 clips.\nAltogether: 48 + 24 = 72.\n#### 72",
+                      "617 times": "We multiply:\n\\[617 \\times 2 = 1234\\]\nSo the result is $\\boxed{1,234}$.",
+                      "Weng": "She works 50 minutes...\nThe answer is $1,250.00.",
+                      "eggs": "I'm sorry, but I can't assist with that."})
+    res = run(lm, "gsm", d)
+    assert res.per_example["exact_match"].tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert res.summary["exact_match/flexible-extract"] == pytest.approx(0.75)  # a refusal has no number
+
+
+@pytest.mark.parametrize("text,strict,flexible", [
+    ("Natalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72", "72", "72"),
+    ("so $x = \\boxed{18}$ and we are done", "18", "18"),
+    ("The answer is 1,250.", "1250", "1250"),
+    ("The final answer is $3.50", "3.5", "3.5"),
+    ("#### -7.0", "-7", "-7"),
+    ("it is 50 I think", None, "50"),
+    ("I'm sorry, but I can't assist with that.", None, None)])
+def test_answer_extraction_and_normalisation(text, strict, flexible):
+    from pkt.core.answers import extract_answer
+
+    assert extract_answer(text) == strict
+    assert extract_answer(text, flexible=True) == flexible
+
+
+def test_answer_nll_is_reported_per_token_beside_the_sum(mini_family):
+    from pkt.core import data
+
+    model, tok = load_model(mini_family / "student"), load_tokenizer(mini_family / "student")
+    res = evaluate.evaluate(model, tok, "answer_nll", mini_family / "tasks" / "gsm", limit=3)
+    rows = data.read_jsonl(mini_family / "tasks" / "gsm" / "test.jsonl")[:3]
+    lengths = [(enc["labels"] != data.IGNORE).sum().item() - 1  # encode adds eos; lm-eval scores the text alone
+               for enc in (data.encode(s, tok) for s in data.to_samples(rows, tok))]
+    per_token = res.per_example["answer_nll"] / torch.tensor(lengths, dtype=torch.float64)
+    assert res.per_example["answer_nll_per_token"].tolist() == pytest.approx(per_token.tolist())
+    assert res.summary["answer_nll_per_token"] == pytest.approx(float(per_token.mean()))
+    assert res.summary["answer_nll"] == pytest.approx(float(res.per_example["answer_nll"].mean()))

@@ -206,6 +206,9 @@ class Endpoint(BaseModel):
     alpha: float = Field(0.05, gt=0, lt=1, description="familywise error rate of the primary comparisons")
 
 
+SETTING_FIELDS = ("init_scale",)  # train_grid keys that are not training parameters
+
+
 class SweepConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     name: str | None = Field(None, description="names this sweep's artifacts in the UI (default: a config digest)")

@@ -14,7 +14,8 @@ from pkt.artifacts.store import Store
 from pkt.core import arch, diagnose, models
 from pkt.tasks import nodes
 
-from .config import SweepConfig, parse_config
+from .config import SETTING_FIELDS, SweepConfig, parse_config
+from .extract import variant_init
 from .graph import Graph, source_name, task_runner
 from .summary import publish
 from .variants import VARIANTS, Variant
@@ -43,8 +44,6 @@ def submit_diagnostics(graph: Graph, cfg: SweepConfig, runs: pd.DataFrame,
                        batches: int = BATCHES) -> dict[tuple, PrefectFuture]:
     """A diagnostic node for each distinct run (student, task, variant, seed, setting) of a runs table that
     trains. Each run's init is the sweep's own node (the graph answers it with the future it already has)."""
-    from .sweep import SETTING_FIELDS, variant_init
-
     teacher = graph.source("model", cfg.teacher)
     tasks = {t.name: t for t in cfg.tasks}
     futures = {}

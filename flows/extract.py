@@ -5,6 +5,8 @@ Nothing here depends on a student's weights, so every student of one shape share
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
 from prefect import flow
 from prefect.futures import PrefectFuture
 
@@ -12,8 +14,10 @@ from pkt.artifacts.store import Store
 from pkt.core import align, arch, models
 from pkt.tasks import nodes
 
+from .config import SweepConfig, TaskSpec
 from .graph import Graph, source_name, task_runner
 from .summary import publish
+from .variants import Variant
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,25 @@ def init_node(graph: Graph, chain: dict, *, rank: int, alpha: float, dropout: fl
     return graph.submit(nodes.LoraInit(rank=rank, alpha=alpha, dropout=dropout, split=split, scale=scale, svd=svd,
                                        transform=transform, transform_seed=transform_seed),
                         {"extraction": chain["extraction"]}, f"{chain['tag']}, rank={rank}, scale={scale}{how}")
+
+
+def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, task: TaskSpec, shape: dict, tp,
+                 scale: float) -> PrefectFuture:
+    """The future of the LoRA init a variant with a teacher trains from."""
+    draw = tp.seed if v.drawn else 0
+    seeds = cfg.cross_task_seeds if v.seeds == "cross-task" else str(Path(task.dir) / "seeds.jsonl")
+    name = source_name(cfg.teacher)
+    if v.teacher == "untrained":
+        teacher = graph.submit(nodes.RandomModel(seed=draw), {"like": teacher}, f"like={name}, seed={draw}")
+        name = f"untrained {name} seed={draw}"
+    elif v.teacher == "early":
+        teacher, name = graph.source("model", cfg.early_teacher), source_name(cfg.early_teacher)
+    opts = ChainOptions(k=cfg.k, sample_seed=cfg.sample_seed, selector=v.selector or cfg.selector,
+                        reducer=v.reducer or cfg.reducer, max_length=cfg.max_length, dtype=cfg.dtype,
+                        device=cfg.device, modules=tp.modules, draw_seed=draw)
+    chain = extraction_chain(graph, teacher, seeds, shape, opts, name)
+    return init_node(graph, chain, rank=tp.rank, alpha=tp.alpha, dropout=tp.dropout, split=cfg.split, scale=scale,
+                     svd=cfg.svd, transform=v.transform, transform_seed=draw)
 
 
 @flow(name="extract-teacher", log_prints=True)

@@ -17,39 +17,18 @@ from pkt.artifacts.store import Ref, Store
 from pkt.core import arch, costs, evaluate, models, report
 from pkt.tasks import nodes
 
-from .config import SweepConfig, TaskSpec, parse_config
-from .extract import ChainOptions, extraction_chain, init_node
+from .config import SETTING_FIELDS, SweepConfig, TaskSpec, parse_config
+from .diagnose import with_diagnostics
+from .extract import variant_init
 from .graph import Graph, source_name, task_runner, torch_threads_per_worker
 from .laten import laten_chain
 from .outputs import check_out_dir, claim_report_dir
 from .summary import publish
 from .variants import VARIANTS, Variant
 
-SETTING_FIELDS = ("init_scale",)  # grid keys that are not training parameters
-
-
 def config_tag(cfg: SweepConfig) -> str:
     """What names a sweep's artifacts in the UI: its name, or a short digest of its config."""
     return cfg.name or hashlib.sha256(canonical_json(cfg.model_dump(mode="json")).encode()).hexdigest()[:8]
-
-
-def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, task: TaskSpec, shape: dict, tp,
-                 scale: float) -> PrefectFuture:
-    """The future of the LoRA init a variant with a teacher trains from."""
-    draw = tp.seed if v.drawn else 0
-    seeds = cfg.cross_task_seeds if v.seeds == "cross-task" else str(Path(task.dir) / "seeds.jsonl")
-    name = source_name(cfg.teacher)
-    if v.teacher == "untrained":
-        teacher = graph.submit(nodes.RandomModel(seed=draw), {"like": teacher}, f"like={name}, seed={draw}")
-        name = f"untrained {name} seed={draw}"
-    elif v.teacher == "early":
-        teacher, name = graph.source("model", cfg.early_teacher), source_name(cfg.early_teacher)
-    opts = ChainOptions(k=cfg.k, sample_seed=cfg.sample_seed, selector=v.selector or cfg.selector,
-                        reducer=v.reducer or cfg.reducer, max_length=cfg.max_length, dtype=cfg.dtype,
-                        device=cfg.device, modules=tp.modules, draw_seed=draw)
-    chain = extraction_chain(graph, teacher, seeds, shape, opts, name)
-    return init_node(graph, chain, rank=tp.rank, alpha=tp.alpha, dropout=tp.dropout, split=cfg.split, scale=scale,
-                     svd=cfg.svd, transform=v.transform, transform_seed=draw)
 
 
 def selection_runs(cfg: SweepConfig):
@@ -123,8 +102,6 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     graph.results()  # every node finished (the first failure is raised here)
     rows, curves, items = _collect(store, scored, item_metrics(cfg))
     table = pd.DataFrame(rows)
-    from .diagnose import with_diagnostics  # here, not at the top: diagnose builds inits with this module
-
     table = with_diagnostics(graph, cfg, table)  # each run's step-0 init diagnostic: diag_cos, diag_share
     primary = cfg.endpoint.metric if cfg.endpoint else evaluate.primary_metric(cfg.tasks[0].benchmark)
     # every score the sweep computed, val ones included: they chose the settings the table shows

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -280,6 +281,16 @@ def _corrected(r: pd.Series, prefix: str = "") -> str:
         return str(r.get(prefix + "test") or "")
     return (f"{r[prefix + 'test']}: p {r[prefix + 'p_adj']:.3f}, [{r[prefix + 'ci_low_adj']:+.4f}, "
             f"{r[prefix + 'ci_high_adj']:+.4f}] at {r[prefix + 'level']:.1%}")
+
+
+_NAN_CI = re.compile(r"[+-]?nan \[[+-]?nan, [+-]?nan\]|\[[+-]?nan, [+-]?nan\]")
+_NAN = re.compile(r"(?<![\w.])[+-]?nan%?(?!\w)")
+
+
+def dashes(text: str) -> str:
+    """Text a person reads with every undefined number as '-': a formatted NaN (nan, +nan, nan%, an
+    interval of them) says nothing a reader can use."""
+    return _NAN.sub("-", _NAN_CI.sub("-", text))
 
 
 def _cell(r: pd.Series, col: str) -> str:
@@ -856,7 +867,7 @@ def curves_chart(curves: pd.DataFrame, path: str | Path) -> Path:
 
 def headlines(summary: pd.DataFrame, primary: str) -> list[str]:
     """Headline sentences for the primary metric and, where measured, the other headline metrics."""
-    return [line for m in _metrics(summary, primary) for line in headline(summary, m)]
+    return [dashes(line) for m in _metrics(summary, primary) for line in headline(summary, m)]
 
 
 REPORT_FILES = {"markdown": "report.md", "csv": "summary.csv", "runs": "runs.csv", "chart": "report.png",
@@ -903,7 +914,7 @@ def write_report(scores: pd.DataFrame, out_dir: str | Path, primary: str, curves
     text += ["## Overview", "", "Mean; T−X: transfer minus the row's variant with its 95% interval; ▲ transfer "
              "better, ▼ worse (the corrected interval excludes 0; only on rows that carry a verdict), unmarked: "
              "not distinguishable or descriptive.", "", "\n\n".join(views), "", "## Every comparison", ""]
-    paths["markdown"].write_text("\n".join(text) + "\n" + markdown(summary) + diagnostic_section(scores, primary))
+    paths["markdown"].write_text(dashes("\n".join(text) + "\n" + markdown(summary) + diagnostic_section(scores, primary)))
     bar_chart(summary, paths["chart"])
     if "curves_chart" in paths:
         curves_chart(curves, paths["curves_chart"])
@@ -1012,5 +1023,5 @@ def append_costs(paths: dict[str, Path], costs: pd.DataFrame) -> None:
             "the variant minus lora, paired by seed, 95% interval, one entry per student · task.\n\n"
             + "\n".join(lines) + "\n")
     tmp = Path(paths["markdown"]).with_name(".report.md.tmp")  # a reader never sees half a report
-    tmp.write_text(Path(paths["markdown"]).read_text() + text)
+    tmp.write_text(Path(paths["markdown"]).read_text() + dashes(text))
     os.replace(tmp, paths["markdown"])

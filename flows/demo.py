@@ -13,6 +13,7 @@ from pkt.tasks import nodes
 
 from .config import parse_config
 from .graph import Graph, task_runner, torch_threads_per_worker
+from .names import run_name
 from .summary import publish
 from .sweep import run_sweep
 from .variants import VARIANTS
@@ -57,7 +58,7 @@ def _stats_lines(stats: dict) -> list[str]:
             ] + gates.gate_lines(stats)
 
 
-@flow(name="build-family", log_prints=True)
+@flow(name="build-family", log_prints=True, flow_run_name=run_name("build-family", "size", "seed"))
 def build_family(size: Size = "demo", store: str | None = None, seed: int | None = None) -> dict:
     """Pretrain (or reuse) the miniature teacher/student family; returns paths inside the store."""
     st = Store(store)
@@ -71,7 +72,7 @@ def build_family(size: Size = "demo", store: str | None = None, seed: int | None
     return {"root": str(st.tree(Ref.of(ref))), "status": ref["status"], "stats": stats}
 
 
-@flow(name="demo", log_prints=True)
+@flow(name="demo", log_prints=True, flow_run_name=run_name("demo", "size"))
 def demo(size: Size = "demo", seeds: list[int] = (0, 1, 2), store: str | None = None,
          report_dir: str = "pkt-report", runner: Literal["threads", "processes", "dask"] = "threads",
          workers: int = 1) -> dict:
@@ -103,7 +104,7 @@ def demo_config(family_root: str, size: str, seeds: list[int], store: str | None
 VariantName = Literal[tuple(VARIANTS)]  # type: ignore[valid-type]  (the UI's form offers the choices)
 
 
-@flow(name="family-sweep", log_prints=True)
+@flow(name="family-sweep", log_prints=True, flow_run_name=run_name("family-sweep", "size"))
 def family_sweep(size: Literal["demo", "test"] = "demo", variants: list[VariantName] = ("vanilla", "lora", "transfer"),
                  seeds: list[int] = (0, 1, 2), store: str | None = None,
                  report_dir: str = "pkt-report-nightly") -> dict:

@@ -17,6 +17,7 @@ from pkt.tasks import nodes
 from .config import SETTING_FIELDS, SweepConfig, parse_config
 from .extract import variant_init
 from .graph import Graph, source_name, task_runner
+from .names import run_name
 from .summary import publish
 from .variants import VARIANTS, Variant
 
@@ -83,7 +84,7 @@ def per_module(store: Store, refs: dict[str, dict]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)[["variant", "module", "cos", "share"]]
 
 
-@flow(name="diagnose", log_prints=True)
+@flow(name="diagnose", log_prints=True, flow_run_name=run_name("diagnose", "student", "task_dir"))
 def diagnose_inits(teacher: str, student: str, task_dir: str, variants: list[str] = tuple(DEFAULT_VARIANTS),
                    seed: int = 0, train: dict | None = None, init_scale: float = 1.0, batches: int = BATCHES,
                    store: str | None = None, dtype: str = "float32", device: str = "cpu") -> dict:

@@ -16,6 +16,7 @@ from pkt.tasks import nodes
 
 from .config import SweepConfig, TaskSpec
 from .graph import Graph, source_name, task_runner
+from .names import run_name
 from .summary import publish
 from .variants import Variant
 
@@ -94,7 +95,7 @@ def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFut
                      svd=cfg.svd, transform=v.transform, transform_seed=draw)
 
 
-@flow(name="extract-teacher", log_prints=True)
+@flow(name="extract-teacher", log_prints=True, flow_run_name=run_name("extract", "teacher", "students"))
 def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 16, alpha: float = 16.0,
                     k: int | None = None, selector: str = "sensitivity", reducer: str = "submatrix",
                     store: str | None = None, dtype: str = "float32", device: str = "cpu",

@@ -22,6 +22,7 @@ from .diagnose import with_diagnostics
 from .extract import variant_init
 from .graph import Graph, source_name, task_runner, torch_threads_per_worker
 from .laten import laten_chain
+from .names import run_name
 from .outputs import check_out_dir, claim_report_dir
 from .summary import publish
 from .variants import VARIANTS, Variant
@@ -29,6 +30,14 @@ from .variants import VARIANTS, Variant
 def config_tag(cfg: SweepConfig) -> str:
     """What names a sweep's artifacts in the UI: its name, or a short digest of its config."""
     return cfg.name or hashlib.sha256(canonical_json(cfg.model_dump(mode="json")).encode()).hexdigest()[:8]
+
+
+def _config_name(config) -> str:
+    """The config's tag for the run's name; a config that does not validate is named by the error the run reports."""
+    try:
+        return config_tag(parse_config(config) if isinstance(config, dict) else config)
+    except Exception:
+        return "invalid"
 
 
 def selection_runs(cfg: SweepConfig):
@@ -268,7 +277,7 @@ def sweep_graph(cfg: SweepConfig, title: str, tag: str) -> dict:
         return run_sweep(graph, cfg, title, tag)
 
 
-@flow(name="sweep", log_prints=True)
+@flow(name="sweep", log_prints=True, flow_run_name=run_name("sweep", extra=lambda p: {"config": _config_name(p["config"])}))
 def sweep(config: SweepConfig) -> dict:
     """One teacher x students x tasks x variants x seeds (x a training grid), each node computed
     once, then the report: paired differences with 95% intervals."""
@@ -276,7 +285,7 @@ def sweep(config: SweepConfig) -> dict:
     return sweep_graph(cfg, "sweep", config_tag(cfg))
 
 
-@flow(name="transfer", log_prints=True)
+@flow(name="transfer", log_prints=True, flow_run_name=run_name("transfer", "student", "task_dir"))
 def transfer(teacher: str, student: str, task_dir: str, benchmark: str = "gsm",
              variants: list[str] = ("vanilla", "lora", "transfer"), seeds: list[int] = (0,), train: dict | None = None,
              store: str | None = None, report_dir: str = "pkt-report", dtype: str = "float32",

@@ -176,6 +176,8 @@ def parser() -> argparse.ArgumentParser:
                        "server at PREFECT_API_URL, and print how to start a worker")
     p.add_argument("--name", action="append", help="deploy only this one (repeatable; default: all)")
     p.add_argument("--checkout", default=".", help="the pkt checkout holding prefect.yaml (default: here)")
+    p.add_argument("--size", default=None, help="run demo and nightly on this family size, demo or test (default: "
+                   "demo's is prefect.yaml's, nightly's the family the store holds)")
     _diagnose_parser(sub)
     return ap
 
@@ -858,7 +860,7 @@ def cmd_ui(args) -> int:
 def cmd_deploy(args) -> int:
     from .deploy import deploy
 
-    deploy(Path(args.checkout), args.name)
+    deploy(Path(args.checkout), args.name, size=args.size)
     return 0
 
 

@@ -49,6 +49,14 @@ def family_node(graph: Graph, size: str, seed: int | None = None, future=None) -
     return ref
 
 
+def built_size(store: Store) -> str | None:
+    """The size of the miniature family the store holds, demo or test (the latest built, where it holds
+    both); None when it holds neither."""
+    built = [r for r in store.records() if r["kind"] == "family" and "broken_record" not in r
+             and r.get("params", {}).get("size") in ("demo", "test")]
+    return max(built, key=lambda r: r.get("created", ""))["params"]["size"] if built else None
+
+
 def family_stats(store: Store, ref: dict) -> dict:
     return json.loads((store.tree(Ref.of(ref)) / "family_stats.json").read_text())
 
@@ -104,14 +112,18 @@ def demo_config(family_root: str, size: str, seeds: list[int], store: str | None
 VariantName = Literal[tuple(VARIANTS)]  # type: ignore[valid-type]  (the UI's form offers the choices)
 
 
-@flow(name="family-sweep", log_prints=True, flow_run_name=run_name("family-sweep", "size"))
-def family_sweep(size: Literal["demo", "test"] = "demo", variants: list[VariantName] = ("vanilla", "lora", "transfer"),
+@flow(name="family-sweep", log_prints=True, flow_run_name=run_name(
+    "family-sweep", extra=lambda p: {"size": p.get("size") or built_size(Store(p.get("store"))) or "demo"}))
+def family_sweep(size: Literal["demo", "test"] | None = None, variants: list[VariantName] = ("vanilla", "lora", "transfer"),
                  seeds: list[int] = (0, 1, 2), store: str | None = None,
                  report_dir: str = "pkt-report-nightly") -> dict:
     """A sweep over the miniature family that `pkt demo` builds (reused from the store, built here if
     it is missing): teacher, student and GSM-like task exist as soon as the family does, so this is
-    what the shipped nightly schedule runs. A rerun computes only what the store lacks."""
+    what the shipped nightly schedule runs. A rerun computes only what the store lacks.
+    size: default, the family the store holds (`pkt demo --size test` built the test one), else demo."""
     st = Store(store)
+    size = size or built_size(st) or "demo"
+    print(f"family-sweep on the {size} family")
     with task_runner() as runner:
         graph = Graph(st, runner)
         fam = family_node(graph, size)

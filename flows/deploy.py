@@ -33,8 +33,36 @@ def read_spec(checkout: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def deploy(checkout: Path, names: list[str] | None = None, out=print) -> list[str]:
-    """Register (create or update) the deployments; returns their 'flow/deployment' names."""
+SIZED = "size"  # the parameter of the flows that run on the miniature family (demo, nightly)
+
+
+def family_size(checkout: Path, size: str | None) -> str:
+    """The family size the deployments run on: --size, else the one the default store holds (what the user
+    built: `pkt demo --size test` builds the test family), else demo."""
+    from pkt.artifacts.store import Store, default_root
+
+    from .demo import built_size
+
+    if size is not None:
+        if size not in ("demo", "test"):
+            raise DeployError(f"--size {size}: the miniature family comes in demo or test; give one of them")
+        return size
+    root = Path(default_root())
+    return built_size(Store(root if root.is_absolute() else checkout / root)) or "demo"
+
+
+def with_size(d: dict, flow, size: str | None) -> dict:
+    """A deployment's parameters, its family size set to `size` where its flow takes one."""
+    params = dict(d.get("parameters", {}))
+    if size is not None and SIZED in flow.parameters.properties:
+        params[SIZED] = size
+    return params
+
+
+def deploy(checkout: Path, names: list[str] | None = None, out=print, size: str | None = None) -> list[str]:
+    """Register (create or update) the deployments; returns their 'flow/deployment' names. size: the family
+    size of the deployments on the miniature family (default: theirs in prefect.yaml; the nightly's
+    default is the family the store holds)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentScheduleCreate, WorkPoolCreate
     from prefect.client.schemas.schedules import CronSchedule
@@ -69,7 +97,7 @@ def deploy(checkout: Path, names: list[str] | None = None, out=print) -> list[st
                                                   active=s.get("active", True)) for s in d.get("schedules", [])]
             client.create_deployment(
                 flow_id=client.create_flow(flow), name=d["name"], entrypoint=d["entrypoint"],
-                work_pool_name=pool, parameters=d.get("parameters", {}), description=d.get("description"),
+                work_pool_name=pool, parameters=with_size(d, flow, size), description=d.get("description"),
                 schedules=schedules, pull_steps=pull_steps(checkout), enforce_parameter_schema=True,
                 parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi())
             done.append(f"{flow.name}/{d['name']}")
@@ -81,5 +109,7 @@ def deploy(checkout: Path, names: list[str] | None = None, out=print) -> list[st
     for p in sorted(pools):
         out(f"  {python} -m prefect worker start --pool {p}")
     if done:
-        out(f"then start a run, e.g.: {python} -m prefect deployment run '{done[0]}'")
+        first = next((n for n in done if n == "demo/demo"), done[0])
+        hint = f" --param size={family_size(checkout, size)}" if first == "demo/demo" else ""
+        out(f"then start a run, e.g.: {python} -m prefect deployment run '{first}'{hint}")
     return done

@@ -20,6 +20,23 @@ FIRST_COLUMNS = ["variant", "metric", "verdict", "transfer_verdict", "mean", "st
                  "transfer_p_adj", "top_sv", "top_sv_ratio", "task", "benchmark", "student"]
 
 
+def lead_metric(summary: pd.DataFrame, primary: str) -> tuple[str, list[str]]:
+    """The metric a table and its headlines show first: the primary one, unless every variant scores the
+    same on it (the test family's exact match is 0 for every run: it cannot add) while the answer NLL
+    moves; then the NLL, with a line that says so."""
+    def flat(metric: str) -> bool:
+        return summary.loc[summary["metric"] == metric, "mean"].round(12).nunique() <= 1
+
+    metrics = set(summary["metric"])
+    if primary != "answer_nll" and primary in metrics and flat(primary) and "answer_nll" in metrics \
+            and not flat("answer_nll"):
+        value = summary.loc[summary["metric"] == primary, "mean"].iloc[0]
+        return "answer_nll", [f"{primary} is {value:.4f} for every variant, so it cannot tell them apart here; "
+                              "answer_nll (the answer's negative log-likelihood, lower is better) moves and is "
+                              "shown first"]
+    return primary, []
+
+
 def artifact_key(title: str, tag: str | None, what: str) -> str:
     """Prefect artifact keys: lowercase letters, digits and dashes."""
     parts = ["pkt", title, *([tag] if tag else []), what]

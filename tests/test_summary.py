@@ -63,3 +63,14 @@ def test_the_score_table_artifact_puts_verdicts_first_and_has_no_nan():
     assert list(table[0])[:4] == ["variant", "metric", "verdict", "transfer_verdict"]
     cells = [x for row in table for x in row.values()]
     assert "-" in cells and not any(x is None or (isinstance(x, float) and np.isnan(x)) for x in cells)
+
+
+def test_a_metric_that_moves_is_shown_first_with_a_line_that_says_why():
+    summary = report.summarize(sweep_runs(), None)  # exact match 0 for every run, answer NLL moving
+    shown, why = ui.lead_metric(summary, "exact_match/strict-match")
+    assert shown == "answer_nll" and len(why) == 1 and "exact_match/strict-match is 0.0000 for every variant" in why[0]
+    moving = sweep_runs()
+    moving.loc[(moving["metric"] != "answer_nll") & (moving["variant"] == "transfer"), "value"] = 0.5
+    assert ui.lead_metric(report.summarize(moving, None), "exact_match/strict-match") == \
+        ("exact_match/strict-match", [])
+    assert ui.lead_metric(summary, "answer_nll") == ("answer_nll", [])

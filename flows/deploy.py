@@ -59,7 +59,39 @@ def with_size(d: dict, flow, size: str | None) -> dict:
     return params
 
 
-def deploy(checkout: Path, names: list[str] | None = None, out=print, size: str | None = None) -> list[str]:
+NOTIFY_BLOCK = "pkt-failed-runs"  # the webhook block and the automation pkt deploy --notify creates
+NOTIFY_BODY = ("Flow run {{ flow_run.name }} of deployment {{ deployment.name }} ended {{ flow_run.state.name }}: "
+               "{{ flow_run.state.message }}")
+
+
+def notify_failures(url: str, deployment_ids: list, out=print) -> None:
+    """An automation that posts to `url` (a webhook: Slack, Teams, ntfy, your own) when a flow run of these
+    deployments fails or crashes; registered again (replaced) by each `pkt deploy --notify`."""
+    from prefect.automations import Automation
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.events.actions import SendNotification
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    if not url.startswith(("http://", "https://")):
+        raise DeployError(f"--notify {url}: give the http(s) URL of a webhook, e.g. a Slack incoming webhook")
+    block = CustomWebhookNotificationBlock(name=NOTIFY_BLOCK, url=url,
+                                           json_data={"text": "{{subject}}: {{body}}"})
+    block_id = block.save(NOTIFY_BLOCK, overwrite=True)
+    try:
+        Automation.read(name=NOTIFY_BLOCK).delete()
+    except ValueError:  # none yet
+        pass
+    trigger = EventTrigger(expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}, posture=Posture.Reactive,
+                           threshold=1, match_related={"prefect.resource.role": "deployment", "prefect.resource.id":
+                                                       [f"prefect.deployment.{i}" for i in deployment_ids]})
+    Automation(name=NOTIFY_BLOCK, description="pkt: a deployment's flow run failed or crashed", trigger=trigger,
+               actions=[SendNotification(block_document_id=block_id, subject="pkt: a deployment run failed",
+                                         body=NOTIFY_BODY)]).create()
+    out(f"automation {NOTIFY_BLOCK}: a failed or crashed run of these deployments posts to {url}")
+
+
+def deploy(checkout: Path, names: list[str] | None = None, out=print, size: str | None = None,
+           notify: str | None = None) -> list[str]:
     """Register (create or update) the deployments; returns their 'flow/deployment' names. size: the family
     size of the deployments on the miniature family (default: theirs in prefect.yaml; the nightly's
     default is the family the store holds)."""
@@ -82,7 +114,7 @@ def deploy(checkout: Path, names: list[str] | None = None, out=print, size: str 
     if unknown:
         raise DeployError(f"--name {', '.join(unknown)}: not in {checkout / 'prefect.yaml'}; deployments there: "
                           f"{', '.join(d['name'] for d in spec['deployments'])}")
-    done, pools = [], set()
+    done, pools, ids = [], set(), []
     with get_client(sync_client=True) as client:
         for d in chosen:
             pool = d["work_pool"]["name"]
@@ -95,13 +127,15 @@ def deploy(checkout: Path, names: list[str] | None = None, out=print, size: str 
             flow = load_flow_from_entrypoint(str(checkout / d["entrypoint"]))
             schedules = [DeploymentScheduleCreate(schedule=CronSchedule(cron=s["cron"], timezone=s.get("timezone")),
                                                   active=s.get("active", True)) for s in d.get("schedules", [])]
-            client.create_deployment(
+            ids.append(client.create_deployment(
                 flow_id=client.create_flow(flow), name=d["name"], entrypoint=d["entrypoint"],
                 work_pool_name=pool, parameters=with_size(d, flow, size), description=d.get("description"),
                 schedules=schedules, pull_steps=pull_steps(checkout), enforce_parameter_schema=True,
-                parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi())
+                parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi()))
             done.append(f"{flow.name}/{d['name']}")
             out(f"registered {done[-1]} (pool {pool})")
+    if notify:
+        notify_failures(notify, ids, out)
     python = sys.executable
     out(f"\nFlow runs of these deployments start in {checkout} on the worker's machine: entrypoints and relative "
         "paths in their parameters are read from there.\nStart a worker on a machine that has this checkout at that "

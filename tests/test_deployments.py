@@ -92,6 +92,34 @@ def test_the_nightly_runs_on_the_family_the_store_holds(tmp_path, monkeypatch):
         family_size(tmp_path, "huge")
 
 
+def test_pkt_deploy_notify_creates_an_automation_for_failed_runs(prefect_env, capsys):
+    """`pkt deploy --notify URL`: an automation, read back through the API, that fires on a failed or crashed
+    flow run of the deployments it registered and sends to a webhook block at URL; a second deploy replaces it."""
+    from prefect.automations import Automation
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.client.orchestration import get_client
+
+    from pkt.flows.cli import main
+
+    for _ in range(2):
+        assert main(["deploy", "--checkout", str(ROOT), "--name", "nightly", "--notify", "https://hooks.example/x"]) == 0
+    assert "automation pkt-failed-runs" in capsys.readouterr().out
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("family-sweep/nightly")
+        autos = [a for a in client.read_automations() if a.name == "pkt-failed-runs"]
+    assert len(autos) == 1
+    auto = Automation.read(name="pkt-failed-runs")
+    assert auto.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    assert f"prefect.deployment.{dep.id}" in auto.trigger.match_related["prefect.resource.id"]
+    (action,) = auto.actions
+    block = CustomWebhookNotificationBlock.load("pkt-failed-runs")
+    url = block.url.get_secret_value() if hasattr(block.url, "get_secret_value") else block.url
+    assert url == "https://hooks.example/x"
+    assert action.type == "send-notification" and action.block_document_id == block._block_document_id
+    assert main(["deploy", "--checkout", str(ROOT), "--name", "nightly", "--notify", "hooks.example"]) == 2
+    assert "--notify hooks.example: give the http(s) URL" in capsys.readouterr().err
+
+
 def test_pkt_deploy_without_a_server_says_how_to_start_one(tmp_path, capsys, monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -8,9 +8,11 @@ Every write goes to a temp file, is fsynced and renamed: a reader sees all or no
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -65,6 +67,29 @@ _VERIFIED: dict[str, dict] = {}
 # store root -> (this process's temp area, the fd whose lock says the process lives)
 _AREAS: dict[str, tuple[Path, int]] = {}
 _AREAS_LOCK = threading.Lock()
+
+
+def _release_areas() -> None:
+    """This process's temp areas go when it exits normally (gc reaps those of a killed one). A forked
+    child inherits its parent's entries: it leaves those alone (their lock is the parent's)."""
+    with _AREAS_LOCK:
+        for root, (area, fd) in list(_AREAS.items()):
+            if f"-{os.getpid()}-" not in area.name:
+                continue
+            rmtree(area)  # sealed (read-only) snapshot folders too
+            Path(f"{area}.lock").unlink(missing_ok=True)
+            os.close(fd)
+            del _AREAS[root]
+
+
+@functools.lru_cache(maxsize=None)
+def _release_areas_at_exit(pid: int) -> None:
+    """At interpreter exit, and at a multiprocessing child's exit (a forked pool process ends with
+    os._exit: its finalizers run, its atexit hooks do not)."""
+    import multiprocessing.util
+
+    atexit.register(_release_areas)
+    multiprocessing.util.Finalize(None, _release_areas, exitpriority=0)
 
 
 class Blobs:
@@ -161,6 +186,7 @@ class Blobs:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 (self.root / "tmp" / name).mkdir()
             _AREAS[root] = (self.root / "tmp" / name, fd)
+            _release_areas_at_exit(os.getpid())  # once per process (a forked child registers its own)
             return self.root / "tmp" / name
 
     def _tmp(self, suffix: str = "") -> Path:

@@ -221,6 +221,10 @@ def parser() -> argparse.ArgumentParser:
                        "server at PREFECT_API_URL, and print how to start a worker")
     p.add_argument("--name", action="append", help="deploy only this one (repeatable; default: all)")
     p.add_argument("--checkout", default=".", help="the pkt checkout holding prefect.yaml (default: here)")
+    p.add_argument("--size", default=None, help="run demo and nightly on this family size, demo or test (default: "
+                   "demo's is prefect.yaml's, nightly's the family the store holds)")
+    p.add_argument("--notify", default=None, help="a webhook URL (Slack, Teams, ntfy, ...) that a failed or crashed "
+                   "run of these deployments posts to (a Prefect automation)")
     _diagnose_parser(sub)
     return ap
 
@@ -1097,7 +1101,7 @@ def cmd_ui(args) -> int:
 def cmd_deploy(args) -> int:
     from .deploy import deploy
 
-    deploy(Path(args.checkout), args.name)
+    deploy(Path(args.checkout), args.name, size=args.size, notify=args.notify)
     return 0
 
 

@@ -260,6 +260,9 @@ class Endpoint(BaseModel):
                                      "its subject's chosen setting (matched.csv, with the top singular values' ratio)")
 
 
+SETTING_FIELDS = ("init_scale",)  # train_grid keys that are not training parameters
+
+
 class SweepConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     name: str | None = Field(None, description="names this sweep's artifacts in the UI (default: a config digest)")

@@ -13,6 +13,7 @@ from pkt.tasks import nodes
 
 from .config import parse_config
 from .graph import Graph, task_runner, torch_threads_per_worker
+from .names import run_name
 from .summary import publish
 from .sweep import run_sweep
 from .variants import VARIANTS
@@ -48,6 +49,14 @@ def family_node(graph: Graph, size: str, seed: int | None = None, future=None) -
     return ref
 
 
+def built_size(store: Store) -> str | None:
+    """The size of the miniature family the store holds, demo or test (the latest built, where it holds
+    both); None when it holds neither."""
+    built = [r for r in store.records() if r["kind"] == "family" and "broken_record" not in r
+             and r.get("params", {}).get("size") in ("demo", "test")]
+    return max(built, key=lambda r: r.get("created", ""))["params"]["size"] if built else None
+
+
 def family_stats(store: Store, ref: dict) -> dict:
     return json.loads((store.tree(Ref.of(ref)) / "family_stats.json").read_text())
 
@@ -57,7 +66,7 @@ def _stats_lines(stats: dict) -> list[str]:
             ] + gates.gate_lines(stats)
 
 
-@flow(name="build-family", log_prints=True)
+@flow(name="build-family", log_prints=True, flow_run_name=run_name("build-family", "size", "seed"))
 def build_family(size: Size = "demo", store: str | None = None, seed: int | None = None) -> dict:
     """Pretrain (or reuse) the miniature teacher/student family; returns paths inside the store."""
     st = Store(store)
@@ -71,7 +80,7 @@ def build_family(size: Size = "demo", store: str | None = None, seed: int | None
     return {"root": str(st.tree(Ref.of(ref))), "status": ref["status"], "stats": stats}
 
 
-@flow(name="demo", log_prints=True)
+@flow(name="demo", log_prints=True, flow_run_name=run_name("demo", "size"))
 def demo(size: Size = "demo", seeds: list[int] = (0, 1, 2), store: str | None = None,
          report_dir: str = "pkt-report", runner: Literal["threads", "processes", "dask"] = "threads",
          workers: int = 1) -> dict:
@@ -103,14 +112,18 @@ def demo_config(family_root: str, size: str, seeds: list[int], store: str | None
 VariantName = Literal[tuple(VARIANTS)]  # type: ignore[valid-type]  (the UI's form offers the choices)
 
 
-@flow(name="family-sweep", log_prints=True)
-def family_sweep(size: Literal["demo", "test"] = "demo", variants: list[VariantName] = ("vanilla", "lora", "transfer"),
+@flow(name="family-sweep", log_prints=True, flow_run_name=run_name(
+    "family-sweep", extra=lambda p: {"size": p.get("size") or built_size(Store(p.get("store"))) or "demo"}))
+def family_sweep(size: Literal["demo", "test"] | None = None, variants: list[VariantName] = ("vanilla", "lora", "transfer"),
                  seeds: list[int] = (0, 1, 2), store: str | None = None,
                  report_dir: str = "pkt-report-nightly") -> dict:
     """A sweep over the miniature family that `pkt demo` builds (reused from the store, built here if
     it is missing): teacher, student and GSM-like task exist as soon as the family does, so this is
-    what the shipped nightly schedule runs. A rerun computes only what the store lacks."""
+    what the shipped nightly schedule runs. A rerun computes only what the store lacks.
+    size: default, the family the store holds (`pkt demo --size test` built the test one), else demo."""
     st = Store(store)
+    size = size or built_size(st) or "demo"
+    print(f"family-sweep on the {size} family")
     with task_runner() as runner:
         graph = Graph(st, runner)
         fam = family_node(graph, size)

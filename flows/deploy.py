@@ -51,8 +51,68 @@ def check_api_url(api: str) -> None:
                           "another terminal, or point PREFECT_API_URL at a running server")
 
 
-def deploy(checkout: Path, names: list[str] | None = None, out=print) -> list[str]:
-    """Register (create or update) the deployments; returns their 'flow/deployment' names."""
+SIZED = "size"  # the parameter of the flows that run on the miniature family (demo, nightly)
+
+
+def family_size(checkout: Path, size: str | None) -> str:
+    """The family size the deployments run on: --size, else the one the default store holds (what the user
+    built: `pkt demo --size test` builds the test family), else demo."""
+    from pkt.artifacts.store import Store, default_root
+
+    from .demo import built_size
+
+    if size is not None:
+        if size not in ("demo", "test"):
+            raise DeployError(f"--size {size}: the miniature family comes in demo or test; give one of them")
+        return size
+    root = Path(default_root())
+    return built_size(Store(root if root.is_absolute() else checkout / root)) or "demo"
+
+
+def with_size(d: dict, flow, size: str | None) -> dict:
+    """A deployment's parameters, its family size set to `size` where its flow takes one."""
+    params = dict(d.get("parameters", {}))
+    if size is not None and SIZED in flow.parameters.properties:
+        params[SIZED] = size
+    return params
+
+
+NOTIFY_BLOCK = "pkt-failed-runs"  # the webhook block and the automation pkt deploy --notify creates
+NOTIFY_BODY = ("Flow run {{ flow_run.name }} of deployment {{ deployment.name }} ended {{ flow_run.state.name }}: "
+               "{{ flow_run.state.message }}")
+
+
+def notify_failures(url: str, deployment_ids: list, out=print) -> None:
+    """An automation that posts to `url` (a webhook: Slack, Teams, ntfy, your own) when a flow run of these
+    deployments fails or crashes; registered again (replaced) by each `pkt deploy --notify`."""
+    from prefect.automations import Automation
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.events.actions import SendNotification
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    if not url.startswith(("http://", "https://")):
+        raise DeployError(f"--notify {url}: give the http(s) URL of a webhook, e.g. a Slack incoming webhook")
+    block = CustomWebhookNotificationBlock(name=NOTIFY_BLOCK, url=url,
+                                           json_data={"text": "{{subject}}: {{body}}"})
+    block_id = block.save(NOTIFY_BLOCK, overwrite=True)
+    try:
+        Automation.read(name=NOTIFY_BLOCK).delete()
+    except ValueError:  # none yet
+        pass
+    trigger = EventTrigger(expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}, posture=Posture.Reactive,
+                           threshold=1, match_related={"prefect.resource.role": "deployment", "prefect.resource.id":
+                                                       [f"prefect.deployment.{i}" for i in deployment_ids]})
+    Automation(name=NOTIFY_BLOCK, description="pkt: a deployment's flow run failed or crashed", trigger=trigger,
+               actions=[SendNotification(block_document_id=block_id, subject="pkt: a deployment run failed",
+                                         body=NOTIFY_BODY)]).create()
+    out(f"automation {NOTIFY_BLOCK}: a failed or crashed run of these deployments posts to {url}")
+
+
+def deploy(checkout: Path, names: list[str] | None = None, out=print, size: str | None = None,
+           notify: str | None = None) -> list[str]:
+    """Register (create or update) the deployments; returns their 'flow/deployment' names. size: the family
+    size of the deployments on the miniature family (default: theirs in prefect.yaml; the nightly's
+    default is the family the store holds)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentScheduleCreate, WorkPoolCreate
     from prefect.client.schemas.schedules import CronSchedule
@@ -73,7 +133,7 @@ def deploy(checkout: Path, names: list[str] | None = None, out=print) -> list[st
     if unknown:
         raise DeployError(f"--name {', '.join(unknown)}: not in {checkout / 'prefect.yaml'}; deployments there: "
                           f"{', '.join(d['name'] for d in spec['deployments'])}")
-    done, pools = [], set()
+    done, pools, ids = [], set(), []
     with get_client(sync_client=True) as client:
         for d in chosen:
             pool = d["work_pool"]["name"]
@@ -86,13 +146,15 @@ def deploy(checkout: Path, names: list[str] | None = None, out=print) -> list[st
             flow = load_flow_from_entrypoint(str(checkout / d["entrypoint"]))
             schedules = [DeploymentScheduleCreate(schedule=CronSchedule(cron=s["cron"], timezone=s.get("timezone")),
                                                   active=s.get("active", True)) for s in d.get("schedules", [])]
-            client.create_deployment(
+            ids.append(client.create_deployment(
                 flow_id=client.create_flow(flow), name=d["name"], entrypoint=d["entrypoint"],
-                work_pool_name=pool, parameters=d.get("parameters", {}), description=d.get("description"),
+                work_pool_name=pool, parameters=with_size(d, flow, size), description=d.get("description"),
                 schedules=schedules, pull_steps=pull_steps(checkout), enforce_parameter_schema=True,
-                parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi())
+                parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi()))
             done.append(f"{flow.name}/{d['name']}")
             out(f"registered {done[-1]} (pool {pool})")
+    if notify:
+        notify_failures(notify, ids, out)
     python = sys.executable
     out(f"\nFlow runs of these deployments start in {checkout} on the worker's machine: entrypoints and relative "
         "paths in their parameters are read from there.\nStart a worker on a machine that has this checkout at that "
@@ -100,5 +162,7 @@ def deploy(checkout: Path, names: list[str] | None = None, out=print) -> list[st
     for p in sorted(pools):
         out(f"  {python} -m prefect worker start --pool {p}")
     if done:
-        out(f"then start a run, e.g.: {python} -m prefect deployment run '{done[0]}'")
+        first = next((n for n in done if n == "demo/demo"), done[0])
+        hint = f" --param size={family_size(checkout, size)}" if first == "demo/demo" else ""
+        out(f"then start a run, e.g.: {python} -m prefect deployment run '{first}'{hint}")
     return done

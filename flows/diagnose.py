@@ -14,9 +14,10 @@ from pkt.artifacts.store import Store
 from pkt.core import arch, diagnose, models
 from pkt.tasks import nodes
 
-from .config import SweepConfig, parse_config
-from .extract import chat_template
+from .config import SETTING_FIELDS, SweepConfig, parse_config
+from .extract import chat_template, variant_init
 from .graph import Graph, source_name, task_runner
+from .names import run_name
 from .summary import publish
 from .variants import VARIANTS, Variant
 
@@ -45,8 +46,6 @@ def submit_diagnostics(graph: Graph, cfg: SweepConfig, runs: pd.DataFrame,
                        batches: int = BATCHES) -> dict[tuple, PrefectFuture]:
     """A diagnostic node for each distinct run (student, task, variant, seed, setting) of a runs table that
     trains. Each run's init is the sweep's own node (the graph answers it with the future it already has)."""
-    from .sweep import SETTING_FIELDS, variant_init
-
     teacher = graph.source("model", cfg.teacher)
     tasks = {t.name: t for t in cfg.tasks}
     futures = {}
@@ -87,7 +86,7 @@ def per_module(store: Store, refs: dict[str, dict]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)[["variant", "module", "cos", "share"]]
 
 
-@flow(name="diagnose", log_prints=True)
+@flow(name="diagnose", log_prints=True, flow_run_name=run_name("diagnose", "student", "task_dir"))
 def diagnose_inits(teacher: str, student: str, task_dir: str, variants: list[str] = tuple(DEFAULT_VARIANTS),
                    seed: int = 0, train: dict | None = None, init_scale: float = 1.0, batches: int = BATCHES,
                    store: str | None = None, dtype: str = "float32", device: str = "cpu") -> dict:

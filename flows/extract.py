@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 from prefect import flow
 from prefect.futures import PrefectFuture
@@ -14,8 +15,11 @@ from pkt.artifacts.store import Store
 from pkt.core import align, arch, data, models
 from pkt.tasks import nodes
 
+from .config import SweepConfig, TaskSpec
 from .graph import Graph, source_name, task_runner
+from .names import run_name
 from .summary import publish
+from .variants import Variant
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,28 @@ def init_node(graph: Graph, chain: dict, *, rank: int, alpha: float, dropout: fl
                         f"{variant + ': ' if variant else ''}{chain['tag']}, rank={rank}, scale={scale}{how}")
 
 
-@flow(name="extract-teacher", log_prints=True)
+def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, task: TaskSpec, shape: dict, tp,
+                 scale: float) -> PrefectFuture:
+    """The future of the LoRA init a variant with a teacher trains from."""
+    draw = tp.seed if v.drawn else 0
+    seeds = cfg.cross_task_seeds if v.seeds == "cross-task" else str(Path(task.dir) / "seeds.jsonl")
+    name = source_name(cfg.teacher)
+    templated = chat_template(cfg.prompt_format, cfg.teacher)  # an untrained teacher has the teacher's tokenizer
+    if v.teacher == "untrained":
+        teacher = graph.submit(nodes.RandomModel(seed=draw), {"like": teacher}, f"like={name}, seed={draw}")
+        name = f"untrained {name} seed={draw}"
+    elif v.teacher == "early":
+        teacher, name = graph.source("model", cfg.early_teacher), source_name(cfg.early_teacher)
+        templated = chat_template(cfg.prompt_format, cfg.early_teacher)
+    opts = ChainOptions(k=cfg.k, sample_seed=cfg.sample_seed, selector=v.selector or cfg.selector,
+                        reducer=v.reducer or cfg.reducer, max_length=cfg.max_length, dtype=cfg.dtype,
+                        device=cfg.device, modules=tp.modules, draw_seed=draw, chat_template=templated)
+    chain = extraction_chain(graph, teacher, seeds, shape, opts, name)
+    return init_node(graph, chain, rank=tp.rank, alpha=tp.alpha, dropout=tp.dropout, split=cfg.split, scale=scale,
+                     svd=cfg.svd, transform=v.transform, transform_seed=draw, variant=v.name)
+
+
+@flow(name="extract-teacher", log_prints=True, flow_run_name=run_name("extract", "teacher", "students"))
 def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 16, alpha: float = 16.0,
                     k: int | None = None, selector: str = "sensitivity", reducer: str = "submatrix",
                     store: str | None = None, dtype: str = "float32", device: str = "cpu",

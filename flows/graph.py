@@ -28,6 +28,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Store
 from pkt.core import stop
+from pkt.core.cpus import available_cpus
 from pkt.tasks.node import Node, cached_state, lookup, node_task, opaque, record_run
 from pkt.tasks.nodes import dir_source, file_source, model_source, source
 
@@ -132,11 +133,11 @@ def task_runner(kind: str = "threads", workers: int = 1, address: str | None = N
 
 
 def torch_threads_per_worker(kind: str, workers: int) -> int | None:
-    """Torch threads each worker uses so that N workers on N cores do not oversubscribe them (None:
-    leave torch's default, as one in-process worker has the machine to itself)."""
-    if kind == "threads" and workers == 1:
-        return None
-    return max(1, (os.cpu_count() or 1) // workers)
+    """Torch threads each worker uses: the CPUs pkt may use (pkt_core/cpus.py) shared among the workers,
+    so N workers on N cores do not oversubscribe them (None: one worker and the user's OMP_NUM_THREADS)."""
+    if kind == "threads" and workers == 1 and os.environ.get("OMP_NUM_THREADS"):
+        return None  # the user's choice, which torch follows
+    return max(1, available_cpus() // workers)  # affinity and cgroup quota: torch's default counts every core
 
 
 @functools.lru_cache(maxsize=None)

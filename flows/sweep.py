@@ -18,41 +18,27 @@ from pkt.artifacts.store import Ref, Store
 from pkt.core import arch, costs, distill, evaluate, laten, models, report
 from pkt.tasks import nodes
 
-from .config import SweepConfig, TaskSpec, parse_config
-from .extract import ChainOptions, chat_template, extraction_chain, init_node, prompt_formats
+from .config import SETTING_FIELDS, SweepConfig, TaskSpec, parse_config
+from .diagnose import with_diagnostics
+from .extract import chat_template, prompt_formats, variant_init
 from .graph import Graph, source_name, task_runner, torch_threads_per_worker
 from .laten import laten_chain
+from .names import run_name
 from .outputs import check_out_dir, claim_report_dir
-from .summary import publish
+from .summary import lead_metric, publish
 from .variants import VARIANTS, Variant
-
-SETTING_FIELDS = ("init_scale",)  # grid keys that are not training parameters
-
 
 def config_tag(cfg: SweepConfig) -> str:
     """What names a sweep's artifacts in the UI: its name, or a short digest of its config."""
     return cfg.name or hashlib.sha256(canonical_json(cfg.model_dump(mode="json")).encode()).hexdigest()[:8]
 
 
-def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, task: TaskSpec, shape: dict, tp,
-                 scale: float) -> PrefectFuture:
-    """The future of the LoRA init a variant with a teacher trains from."""
-    draw = tp.seed if v.drawn else 0
-    seeds = cfg.cross_task_seeds if v.seeds == "cross-task" else str(Path(task.dir) / "seeds.jsonl")
-    name = source_name(cfg.teacher)
-    templated = chat_template(cfg.prompt_format, cfg.teacher)  # an untrained teacher has the teacher's tokenizer
-    if v.teacher == "untrained":
-        teacher = graph.submit(nodes.RandomModel(seed=draw), {"like": teacher}, f"like={name}, seed={draw}")
-        name = f"untrained {name} seed={draw}"
-    elif v.teacher == "early":
-        teacher, name = graph.source("model", cfg.early_teacher), source_name(cfg.early_teacher)
-        templated = chat_template(cfg.prompt_format, cfg.early_teacher)
-    opts = ChainOptions(k=cfg.k, sample_seed=cfg.sample_seed, selector=v.selector or cfg.selector,
-                        reducer=v.reducer or cfg.reducer, max_length=cfg.max_length, dtype=cfg.dtype,
-                        device=cfg.device, modules=tp.modules, draw_seed=draw, chat_template=templated)
-    chain = extraction_chain(graph, teacher, seeds, shape, opts, name)
-    return init_node(graph, chain, rank=tp.rank, alpha=tp.alpha, dropout=tp.dropout, split=cfg.split, scale=scale,
-                     svd=cfg.svd, transform=v.transform, transform_seed=draw, variant=v.name)
+def _config_name(config) -> str:
+    """The config's tag for the run's name; a config that does not validate is named by the error the run reports."""
+    try:
+        return config_tag(parse_config(config) if isinstance(config, dict) else config)
+    except Exception:
+        return "invalid"
 
 
 def selection_runs(cfg: SweepConfig):
@@ -150,8 +136,6 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     if dose:  # the dose-response: every checkpoint's rows and the final one's (steps = the run's own)
         dose += [{**r, "checkpoint": r["steps"]} for r in rows if r["variant"] in {d["variant"] for d in dose}]
     table = pd.DataFrame(rows)
-    from .diagnose import with_diagnostics  # here, not at the top: diagnose builds inits with this module
-
     table = with_diagnostics(graph, cfg, table)  # each run's step-0 init diagnostic: diag_cos, diag_share
     primary = cfg.endpoint.metric if cfg.endpoint else evaluate.primary_metric(cfg.tasks[0].benchmark)
     # every score the sweep computed, val ones included: they chose the settings the table shows
@@ -167,7 +151,9 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     used = variant_nodes(graph, made)
     paths |= add_costs(paths, cost_table(store, used))
     summary = report.read_csv(paths["csv"])
-    lines = report.headlines(summary, primary)
+    shown, why = lead_metric(summary, primary)  # a metric that moves first (the test family's exact match is 0)
+    summary = summary.sort_values("metric", key=lambda m: m != shown, kind="stable")
+    lines = why + report.headlines(summary, shown)
     results = graph.results()
     publish(store, title, results, tag=tag, summary=summary, paths=paths, headlines=lines)
     return {"report": {k: str(v) for k, v in paths.items()},
@@ -430,7 +416,7 @@ def sweep_graph(cfg: SweepConfig, title: str, tag: str) -> dict:
         return run_sweep(graph, cfg, title, tag)
 
 
-@flow(name="sweep", log_prints=True)
+@flow(name="sweep", log_prints=True, flow_run_name=run_name("sweep", extra=lambda p: {"config": _config_name(p["config"])}))
 def sweep(config: SweepConfig) -> dict:
     """One teacher x students x tasks x variants x seeds (x a training grid), each node computed
     once, then the report: paired differences with 95% intervals."""
@@ -438,7 +424,7 @@ def sweep(config: SweepConfig) -> dict:
     return sweep_graph(cfg, "sweep", config_tag(cfg))
 
 
-@flow(name="transfer", log_prints=True)
+@flow(name="transfer", log_prints=True, flow_run_name=run_name("transfer", "student", "task_dir"))
 def transfer(teacher: str, student: str, task_dir: str, benchmark: str = "gsm",
              variants: list[str] = ("vanilla", "lora", "transfer"), seeds: list[int] = (0,), train: dict | None = None,
              store: str | None = None, report_dir: str = "pkt-report", dtype: str = "float32",

@@ -24,7 +24,7 @@ from .report_figures import (  # noqa: F401 (re-exported)
 from .report_glance import (  # noqa: F401 (re-exported)
     chance_of, dose_response, endpoint_scope, glance, glance_table, positive_control_lines)
 from .report_page import (  # noqa: F401 (re-exported)
-    HEADLINE_METRICS, TABLE_NOTE, _cell, _ci, _ci_text, _corrected, _metrics, _name, _overview_cell, _p, _size,
+    HEADLINE_METRICS, TABLE_NOTE, _cell, dashes, _ci, _ci_text, _corrected, _metrics, _name, _overview_cell, _p, _size,
     level_text, markdown, overview)
 from .report_study import (  # noqa: F401 (re-exported)
     _axes, _control_sentence, _group_grids, _item_tables, _natural, _power_line, _units, corrections_section,
@@ -77,8 +77,8 @@ def write_report(scores: pd.DataFrame, out_dir: str | Path, primary: str, curves
     panels = [(f"{task} · {metric}", metric, glance(final, metric, task, chance_of(final, protocol, metric, task)))
               for task in tasks]
     doses = [(f"{task} · {metric}", metric, dose_response(scores, metric, task)) for task in tasks]
-    paths["markdown"].write_text(_report_page(summary, final, items, selection, protocol, primary, panels))
-    paths["comparisons"].write_text(_comparisons_page(summary, final, selection, protocol, primary))
+    paths["markdown"].write_text(dashes(_report_page(summary, final, items, selection, protocol, primary, panels)))
+    paths["comparisons"].write_text(dashes(_comparisons_page(summary, final, selection, protocol, primary)))
     endpoint_chart(panels, doses, paths["chart"])
     bar_chart(summary, paths["comparisons_chart"])
     if "curves_chart" in paths:
@@ -194,5 +194,5 @@ def append_costs(paths: dict[str, Path], costs: pd.DataFrame) -> None:
             "the variant minus lora, paired by seed, 95% interval, one entry per student · task.\n\n"
             + "\n".join(lines) + "\n")
     tmp = Path(paths["markdown"]).with_name(".report.md.tmp")  # a reader never sees half a report
-    tmp.write_text(Path(paths["markdown"]).read_text() + text)
+    tmp.write_text(Path(paths["markdown"]).read_text() + dashes(text))
     os.replace(tmp, paths["markdown"])

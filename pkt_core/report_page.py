@@ -1,6 +1,7 @@
 """The report's markdown: number formats, the per-comparison tables and the overview."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,16 @@ def level_text(level: float) -> str:
     miss = round((1 - float(level)) * 100, 10)  # in percent (rounded: 1 - 0.9999 is not 0.01 in floats)
     digits = max(1, int(np.ceil(-np.log10(miss)))) if miss > 0 else 1
     return f"{float(level) * 100:.{digits}f}%"
+
+
+_NAN_CI = re.compile(r"[+-]?nan \[[+-]?nan, [+-]?nan\]|\[[+-]?nan, [+-]?nan\]")
+_NAN = re.compile(r"(?<![\w.])[+-]?nan%?(?!\w)")
+
+
+def dashes(text: str) -> str:
+    """Text a person reads with every undefined number as '-': a formatted NaN (nan, +nan, nan%, an
+    interval of them) says nothing a reader can use."""
+    return _NAN.sub("-", _NAN_CI.sub("-", text))
 
 
 def _cell(r: pd.Series, col: str) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .report_page import _ci, _ci_text, _metrics, _name, _size, level_text
+from .report_page import _ci, _ci_text, _metrics, _name, _size, dashes, level_text
 from .report_tables import (
     ALPHA, BASELINE, DETERMINISTIC, INERT, LOWER_IS_BETTER, NOT_CONTROLS, POOLED, PREFIXES, SIZE_CONTROLS,
     SIZE_TOLERANCE, SUBJECT, _family_diffs, _paired_diffs, inferential)
@@ -404,7 +404,7 @@ def corrections_section(summary: pd.DataFrame) -> list[str]:
 
 def headlines(summary: pd.DataFrame, primary: str) -> list[str]:
     """Headline sentences for the primary metric and, where measured, the other headline metrics."""
-    return [line for m in _metrics(summary, primary) for line in headline(summary, m)]
+    return [dashes(line) for m in _metrics(summary, primary) for line in headline(summary, m)]
 
 
 def diagnostic_section(runs: pd.DataFrame, primary: str) -> str:

@@ -114,7 +114,22 @@ def table_source(store: Store, table: pd.DataFrame, name: str) -> dict:
     return store.put_blob("table", store.key("table", params, inputs), data, params=params, inputs=inputs).as_dict()
 
 
-@task(name="source", cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}")
+SOURCE_RETRIES, SOURCE_RETRY_DELAY = 2, [5, 30]  # seconds before the 1st and 2nd retry
+# a wrong input: retrying cannot help, and the user should hear at once
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, InputChanged)
+
+
+def transient(task, task_run, state) -> bool:
+    """Retry a source read that failed on I/O that may pass (a network filesystem's EIO or stale handle,
+    a hub's timeout), never one whose input is wrong (missing, unreadable, not what the config said)."""
+    from pkt.core.errors import UserError
+
+    exc = state.data
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError)) and not isinstance(exc, (*PERMANENT, UserError))
+
+
+@task(name="source", cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}", retries=SOURCE_RETRIES,
+      retry_delay_seconds=SOURCE_RETRY_DELAY, retry_condition_fn=transient)
 def source(kind: str, path: str, store_root: str, label: str, names: list[str] | None = None) -> dict:
     """An input that is not a node, as a ref named by its content: a model ("model"), a data file
     ("file") or the named files of a task directory ("dir"). A task of its own, so the graph shows

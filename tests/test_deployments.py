@@ -1,5 +1,6 @@
 """prefect.yaml stays true to the flows: every entrypoint imports and its parameters validate."""
 import importlib
+import time
 from pathlib import Path
 
 import pytest
@@ -45,16 +46,18 @@ def test_pkt_deploy_registers_this_checkout_and_a_worker_runs_from_it(prefect_en
     monkeypatch.setenv("PWD", str(ROOT))  # what `prefect deploy` run from the root fills in
     assert apply_values(spec["pull"], {}) == pull_steps(ROOT)  # one pull step for both ways of deploying
 
-    assert main(["deploy", "--checkout", str(ROOT)]) == 0
+    assert main(["deploy", "--checkout", str(ROOT), "--size", "test"]) == 0
     out = capsys.readouterr().out
     assert f"start in {ROOT}" in out and "-m prefect worker start --pool pkt-process" in out
+    assert "deployment run 'demo/demo' --param size=test" in out  # the hint runs the family asked for
     with get_client(sync_client=True) as client:
         assert client.read_work_pool("pkt-process").type == "process"
         for d in spec["deployments"]:
             flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
             dep = client.read_deployment_by_name(f"{flow.name}/{d['name']}")
+            sized = {"size": "test"} if "size" in flow.parameters.properties else {}  # demo and nightly
             assert (dep.entrypoint, dep.work_pool_name, dep.parameters) == (d["entrypoint"], "pkt-process",
-                                                                              d.get("parameters", {}))
+                                                                              d.get("parameters", {}) | sized)
             assert dep.pull_steps == pull_steps(ROOT)
             assert [s.schedule.cron for s in dep.schedules] == [s["cron"] for s in d.get("schedules", [])]
             assert [s.active for s in dep.schedules] == [s.get("active", True) for s in d.get("schedules", [])]
@@ -63,6 +66,58 @@ def test_pkt_deploy_registers_this_checkout_and_a_worker_runs_from_it(prefect_en
     asyncio.run(run_steps(dep.pull_steps))
     assert Path.cwd() == ROOT  # ... and runs the flow from the checkout
     assert load_flow_from_entrypoint(dep.entrypoint).name == flow.name
+
+
+def test_the_nightly_runs_on_the_family_the_store_holds(tmp_path, monkeypatch):
+    """No size in prefect.yaml's nightly: it takes the family the store holds (the latest built), demo when
+    it holds none; `pkt deploy`'s hint follows the same rule."""
+    from pkt.artifacts.store import Store
+    from pkt.flows.demo import built_size, family_sweep
+    from pkt.flows.deploy import DeployError, family_size
+
+    nightly = next(d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+                   if d["name"] == "nightly")
+    assert "size" not in nightly["parameters"] and family_sweep.parameters.properties["size"].get("default") is None
+    monkeypatch.delenv("PKT_STORE", raising=False)
+    store = Store(tmp_path / ".pkt/store")
+    assert built_size(store) is None and family_size(tmp_path, None) == "demo"
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree/x").write_text("x")
+    for i, size in enumerate(["demo", "test", "study"]):  # a study family is not one the nightly runs on
+        store.put_tree("family", f"{i:064x}", tmp_path / "tree", params={"size": size}, inputs={})
+        time.sleep(1.1)  # records are dated to the second
+    assert built_size(store) == "test"
+    assert family_size(tmp_path, None) == "test" and family_size(tmp_path, "demo") == "demo"
+    with pytest.raises(DeployError, match="--size huge"):
+        family_size(tmp_path, "huge")
+
+
+def test_pkt_deploy_notify_creates_an_automation_for_failed_runs(prefect_env, capsys):
+    """`pkt deploy --notify URL`: an automation, read back through the API, that fires on a failed or crashed
+    flow run of the deployments it registered and sends to a webhook block at URL; a second deploy replaces it."""
+    from prefect.automations import Automation
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.client.orchestration import get_client
+
+    from pkt.flows.cli import main
+
+    for _ in range(2):
+        assert main(["deploy", "--checkout", str(ROOT), "--name", "nightly", "--notify", "https://hooks.example/x"]) == 0
+    assert "automation pkt-failed-runs" in capsys.readouterr().out
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("family-sweep/nightly")
+        autos = [a for a in client.read_automations() if a.name == "pkt-failed-runs"]
+    assert len(autos) == 1
+    auto = Automation.read(name="pkt-failed-runs")
+    assert auto.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    assert f"prefect.deployment.{dep.id}" in auto.trigger.match_related["prefect.resource.id"]
+    (action,) = auto.actions
+    block = CustomWebhookNotificationBlock.load("pkt-failed-runs")
+    url = block.url.get_secret_value() if hasattr(block.url, "get_secret_value") else block.url
+    assert url == "https://hooks.example/x"
+    assert action.type == "send-notification" and action.block_document_id == block._block_document_id
+    assert main(["deploy", "--checkout", str(ROOT), "--name", "nightly", "--notify", "hooks.example"]) == 2
+    assert "--notify hooks.example: give the http(s) URL" in capsys.readouterr().err
 
 
 def test_pkt_deploy_without_a_server_says_how_to_start_one(tmp_path, capsys, monkeypatch):

@@ -97,16 +97,36 @@ def test_a_server_slower_than_20_s_still_runs_and_runs_print_no_traceback(mini_f
                   if line.split()[2:] in (["computed"], ["reused"])]
         assert {"sensitivity", "lora_init"} <= {k for k, _, _ in ledger}, out.stdout
         assert {s for _, _, s in ledger} == {status}, out.stdout
-    assert not _servers()
+    assert not _servers(home=tmp_path)  # this test's servers only: another pkt may run on the machine
 
 
-def _servers(parent: int | None = None) -> list[psutil.Process]:
+def _servers(parent: int | None = None, home=None) -> list[psutil.Process]:
+    """pkt's temporary servers of one pkt process (parent), or of the pkt commands run with PREFECT_HOME under
+    `home` (a server's --port-file lies in its PREFECT_HOME)."""
     found = []
     for p in psutil.process_iter(["cmdline", "ppid"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "pkt.flows.server" in cmd and (parent is None or f"--parent {parent}" in cmd):
+        if "pkt.flows.server" in cmd and (parent is None or f"--parent {parent}" in cmd) and (
+                home is None or f"--port-file {home}{os.sep}" in cmd):
             found.append(p)
     return found
+
+
+def test_the_leftover_server_check_counts_only_the_servers_this_test_started(tmp_path):
+    """A server of someone else's pkt (another PREFECT_HOME) is not this test's leftover; one under this
+    test's home is."""
+    decoy = [sys.executable, "-c", "import time; time.sleep(60)", "pkt.flows.server", "--parent", "1", "--port-file"]
+    theirs = subprocess.Popen(decoy + [str(tmp_path.parent / "elsewhere/prefect/logs/x.port")])
+    ours = subprocess.Popen(decoy + [str(tmp_path / "prefect/logs/x.port")])
+    try:
+        deadline = time.monotonic() + 20
+        while len(_servers()) < 2 and time.monotonic() < deadline:  # their cmdlines are readable once exec'd
+            time.sleep(0.1)
+        assert [p.pid for p in _servers(home=tmp_path)] == [ours.pid]
+    finally:
+        for p in (theirs, ours):
+            p.kill()
+            p.wait()
 
 
 @pytest.mark.slow  # three servers starting at once: 45 s on a loaded 2-core machine

@@ -1,6 +1,15 @@
-"""A character-level tokenizer for the miniature family, saved as a standard HF tokenizer."""
+"""A character-level tokenizer for the miniature family, saved as a standard HF tokenizer.
+
+Two testbed versions, each with its own fixed vocabulary (a version's token ids never change):
+- 1: every entity name is one token of its own, so a name only the teacher's corpus states is a
+  token the student never trained (the endpoint was unreachable by construction, issue 24);
+- 2: names are spelled in syllable tokens that every name shares (as a subword vocabulary spells a
+  rare name), so each piece of a teacher-only name is trained in the student too and only the
+  *association* of the name with its number is the teacher's.
+"""
 from __future__ import annotations
 
+import itertools
 import random
 import string
 from pathlib import Path
@@ -20,27 +29,51 @@ ENTITIES = sorted(random.Random(1234).sample(
 CHARS = sorted(set(string.ascii_letters + string.digits + string.punctuation + " \n"))
 
 
-def build_tokenizer():
+TESTBEDS = (1, 2)
+
+
+def entity_names(testbed: int = 1) -> list[str]:
+    """The made-up entities of a testbed version: v1's 640 one-token names; v2's every three-syllable
+    name (1,728), spelled in ENTITY_SYLLABLES tokens."""
+    if testbed == 1:
+        return ENTITIES
+    _check(testbed)
+    return ["".join(p) for p in itertools.product(ENTITY_SYLLABLES, repeat=3)]
+
+
+def _word_tokens(testbed: int) -> list[str]:
+    """The tokens added on top of the characters: v1's whole entity names, v2's syllables."""
+    _check(testbed)
+    return ENTITIES if testbed == 1 else ENTITY_SYLLABLES
+
+
+def _check(testbed: int) -> None:
+    if testbed not in TESTBEDS:
+        raise ValueError(f"unknown testbed version {testbed!r}; choose one of {', '.join(map(str, TESTBEDS))}")
+
+
+def build_tokenizer(testbed: int = 1):
     """PreTrainedTokenizerFast over a fixed character vocabulary (same ids on every machine)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHAT_TAGS + PHRASES + CHARS + ENTITIES)}
+    words = _word_tokens(testbed)
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHAT_TAGS + PHRASES + CHARS + words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     core.decoder = decoders.Fuse()
     core.add_special_tokens(SPECIALS)
-    core.add_tokens(CHAT_TAGS + PHRASES + ENTITIES)
+    core.add_tokens(CHAT_TAGS + PHRASES + words)
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         padding_side="left",
     )
 
 
-def save_tokenizer(directory: str | Path) -> Path:
-    build_tokenizer().save_pretrained(str(directory))
+def save_tokenizer(directory: str | Path, testbed: int = 1) -> Path:
+    build_tokenizer(testbed).save_pretrained(str(directory))
     return Path(directory)
 
 
-def vocab_size() -> int:
-    return len(SPECIALS) + len(CHAT_TAGS) + len(PHRASES) + len(CHARS) + len(ENTITIES)
+def vocab_size(testbed: int = 1) -> int:
+    return len(SPECIALS) + len(CHAT_TAGS) + len(PHRASES) + len(CHARS) + len(_word_tokens(testbed))

@@ -114,10 +114,12 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
         benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
         for v, setting, seed in chosen_runs(cfg, chosen):
             label = _label(path, task, v, setting, seed)
-            adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+            adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, _data(graph, v, task, train, "test"), task,
+                                      shape, seed, setting, label)
             made.setdefault(v.name, []).extend([adapter] if adapter is not None else [])
+            scored_model = teacher if v.model == "teacher" else student
             for bench in benchmarks:
-                future = _score(graph, cfg, student, adapter, task, bench, "test", label, v.name)
+                future = _score(graph, cfg, scored_model, adapter, task, bench, "test", label, v.name)
                 scored.append(({"student": path, "task": task.name, "benchmark": bench, "variant": v.name,
                                 "seed": seed, "setting": _setting(setting)}, future, adapter))
     graph.results()  # every node finished (the first failure is raised here)
@@ -179,11 +181,18 @@ def _submit_selection(graph: Graph, cfg: SweepConfig, teacher: PrefectFuture, gr
     out = {}
     for v, setting, seed in selection_runs(cfg):
         label = _label(path, task, v, setting, seed)
-        adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+        adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, _data(graph, v, task, train, "val"), task, shape,
+                                  seed, setting, label)
         made.setdefault(v.name, []).extend([adapter] if adapter is not None else [])
         out[v, _setting(setting), seed] = _score(graph, cfg, student, adapter, task, _selection_benchmark(cfg, task),
                                                  "val", label, v.name)
     return out
+
+
+def _data(graph: Graph, v: Variant, task: TaskSpec, train: PrefectFuture, split: str) -> PrefectFuture:
+    """A run's training data: the task's train.jsonl, or for a variant trained on what it is scored on
+    (the oracle) that split's own file."""
+    return graph.source("file", str(Path(task.dir) / f"{split}.jsonl")) if v.data == "scored" else train
 
 
 def _collect(store: Store, scored: list, keep_items: set[str]) -> tuple[list, list, list]:

@@ -21,6 +21,8 @@ class Variant:
     drawn: bool = False  # a random control: its draw is seeded from the training seed
     chain: str = "adapter"  # the nodes it runs: "adapter" (init -> LoRA fine-tune) or "laten" (no fine-tuning)
     update: str = "translated"  # chain "laten": the update added, or a control: "zero" or "random"
+    model: str = "student"  # the model scored: "student" (with the run's adapter, if any) or "teacher" (as it is)
+    data: str = "train"  # what it trains on: the task's "train" split, or "scored": the very split it is scored on
     what: str = ""
 
     @property
@@ -34,6 +36,13 @@ class Variant:
 
 VARIANTS = {v.name: v for v in [
     Variant("vanilla", init="none", what="the student, untrained"),
+    # positive controls (shared/methods/positive-controls.md): how much there is to move, and the most
+    # training at the sweep's budget can put there
+    Variant("teacher", init="none", model="teacher",
+            what="the teacher itself, scored on the same items (a model, not an adapter): the knowledge there is"),
+    Variant("oracle", init="lora", data="scored",
+            what="peft's standard LoRA trained on the scored items themselves (val for selection, test for the "
+                 "table) at the same budget: the ceiling of what training puts there"),
     Variant("lora", init="lora", what="peft's standard LoRA init (B = 0): every difference is paired against it"),
     Variant("transfer", what="the paper: sensitivity -> layer selection -> max-sensitivity submatrix -> rank-r SVD"),
     Variant("pissa", init="pissa", what="peft's PiSSA init on the student's own weights (no teacher)"),

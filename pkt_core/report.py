@@ -25,7 +25,7 @@ from .errors import UserError
 
 BASELINE = "lora"
 SUBJECT = "transfer"
-DETERMINISTIC = {"vanilla"}  # no training, one run: compared as a fixed value, not paired by seed
+DETERMINISTIC = {"vanilla", "teacher"}  # no training, one run: compared as a fixed value, not paired by seed
 NOT_CONTROLS = {SUBJECT, BASELINE, *DETERMINISTIC}  # what the headline's "controls" leave out
 SIZE_CONTROLS = ("spectrum-matched", "shuffled", "untrained-teacher")  # built to carry no teacher knowledge
 SIZE_TOLERANCE = 0.10  # "size-matched": measured effective top singular value within 10% of transfer's

@@ -148,7 +148,7 @@ def test_v2_names_are_spelled_in_tokens_the_student_trains_and_v1_names_are_not(
     if testbed == 1:
         assert all(len(ids) == 1 and not ids & student_ids for ids in name_ids.values())
     else:
-        assert all(len(tok(n, add_special_tokens=False)["input_ids"]) == 3 and ids <= student_ids
+        assert all(len(tok(n, add_special_tokens=False)["input_ids"]) == 2 and ids <= student_ids
                    for n, ids in name_ids.items())
         assert not set(names) & set(re.findall(r"\w+", "\n".join(family.corpus("student", r))))
 
@@ -307,3 +307,18 @@ def test_scores_equal_lm_evals_simple_evaluate(mini_family):
         ref = evaluate._collect(bench, out["results"][name], out["samples"][name], evaluate.BENCHMARKS[bench][2])
         assert ours.summary == ref.summary and ours.outputs == ref.outputs, bench
         assert all(torch.equal(ours.per_example[k], ref.per_example[k]) for k in ref.per_example), bench
+
+
+@pytest.mark.slow  # a test-size family built (~1 min alone, several on a loaded machine)
+def test_a_twin_familys_teacher_starts_as_its_student_and_is_gated(tmp_path):
+    """A twin family grows its teacher from the trained student (its logits equal the student's at the
+    expansion step, on the family's own text), then pretrains it: a wider, deeper teacher that knows the
+    teacher-only facts. The v2 recipe also measures the reachability gate."""
+    from pkt.core import models
+
+    stats = family.build_family(tmp_path, "test", log=lambda *_: None, progress=False, testbed=2, twin=True)
+    assert stats["teacher"]["grown_max_dlogit"] <= 1e-4
+    teacher, student = (models.load_config(tmp_path / m) for m in ("teacher", "student"))
+    assert teacher.hidden_size == 2 * student.hidden_size and teacher.num_hidden_layers > student.num_hidden_layers
+    assert "reachable/facts-teacher-only" in stats["gates"]
+    assert stats["teacher"]["gate_exact_match"]["facts-teacher-only"] >= 0.5  # trained on its corpus, it knows them

@@ -155,9 +155,15 @@ def pretrain(member: str, family: FamilyRecipe, out_dir: Path, log=print, progre
     tok = build_tokenizer(family.testbed)
     torch.manual_seed(family.seed)
     config = llama_config(r, family.testbed)
-    model = LlamaForCausalLM(config) if grow_from is None else grow(models.load_model(grow_from), config)
     texts = corpus(member, family)
     blocks = packed_blocks(tok, texts, family.block)
+    grown = {}
+    if grow_from is None:
+        model = LlamaForCausalLM(config)
+    else:
+        model = grow(small := models.load_model(grow_from), config)
+        with torch.no_grad():  # the expansion step's check: the grown model computes the student's logits
+            grown["grown_max_dlogit"] = (model(blocks[:8]).logits - small(blocks[:8]).logits).abs().max().item()
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, max(1, r.steps // 20), r.steps)
     g = torch.Generator().manual_seed(family.seed)
@@ -184,7 +190,7 @@ def pretrain(member: str, family: FamilyRecipe, out_dir: Path, log=print, progre
     log(f"{member}: {r.steps} steps, final loss {loss.item():.3f}, {time.time() - t0:.0f} s")
     return {"name": member, "steps": r.steps, "final_loss": round(loss.item(), 4),
             "epochs": round(r.steps * family.batch / len(blocks), 2), "seconds": round(time.time() - t0, 1),
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()), **grown}
 
 
 def corpus(member: str, family: FamilyRecipe) -> list[str]:

@@ -27,24 +27,28 @@ N_ENTITIES = 640
 ENTITIES = sorted(random.Random(1234).sample(
     ["".join((a, b, c)) for a in ENTITY_SYLLABLES for b in ENTITY_SYLLABLES for c in ENTITY_SYLLABLES], N_ENTITIES))
 CHARS = sorted(set(string.ascii_letters + string.digits + string.punctuation + " \n"))
+# v2's name pieces: consonant-vowel syllables, so a name splits into them one way only. Two pieces a name:
+# three pieces of twelve (1,728 names, every piece in ~150 of them) left a 6-layer teacher knowing 12% of
+# its teacher-only facts after 900 steps (study seed 0), so a name must stay close to one association
+V2_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 
 TESTBEDS = (1, 2)
 
 
 def entity_names(testbed: int = 1) -> list[str]:
-    """The made-up entities of a testbed version: v1's 640 one-token names; v2's every three-syllable
-    name (1,728), spelled in ENTITY_SYLLABLES tokens."""
+    """The made-up entities of a testbed version: v1's 640 one-token names; v2's every two-syllable
+    name (4,900), spelled in V2_SYLLABLES tokens."""
     if testbed == 1:
         return ENTITIES
     _check(testbed)
-    return ["".join(p) for p in itertools.product(ENTITY_SYLLABLES, repeat=3)]
+    return ["".join(p) for p in itertools.product(V2_SYLLABLES, repeat=2)]
 
 
 def _word_tokens(testbed: int) -> list[str]:
     """The tokens added on top of the characters: v1's whole entity names, v2's syllables."""
     _check(testbed)
-    return ENTITIES if testbed == 1 else ENTITY_SYLLABLES
+    return ENTITIES if testbed == 1 else V2_SYLLABLES
 
 
 def _check(testbed: int) -> None:

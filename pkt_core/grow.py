@@ -29,8 +29,8 @@ class NotAGrowth(UserError, ValueError):
 def width_factor(small: arch.Dims, big: arch.Dims) -> int:
     """m such that big is small with every width repeated m times; raises NotAGrowth naming the field."""
     m = big.hidden // small.hidden
-    wanted = {"model_type": small.model_type, "hidden_size": m * small.hidden, "intermediate_size": m * small.intermediate,
-              "num_attention_heads": m * small.heads, "num_key_value_heads": m * small.kv_heads,
+    wanted = {"model_type": small.model_type, "hidden_size": m * small.hidden,
+              "intermediate_size": m * small.intermediate, "num_attention_heads": m * small.heads, "num_key_value_heads": m * small.kv_heads,
               "head_dim": small.head_dim, "vocab_size": small.vocab}
     got = {"model_type": big.model_type, "hidden_size": big.hidden, "intermediate_size": big.intermediate,
            "num_attention_heads": big.heads, "num_key_value_heads": big.kv_heads, "head_dim": big.head_dim,

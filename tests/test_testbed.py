@@ -198,6 +198,28 @@ def test_twin_recipes_are_growable_from_their_student():
         assert grow.width_factor(small, big) == 2 and big.layers > small.layers
 
 
+def test_the_reachability_gate_is_measured_on_v2_recipes_only_and_can_fail():
+    t = gates.Thresholds()
+    assert gates.reach_gate(0.5, 0.1, t)["reachable/facts-teacher-only"]["passed"]
+    failed = gates.reach_gate(0.3, 0.1, t)["reachable/facts-teacher-only"]
+    assert not failed["passed"] and failed["value"] == 0.2 and failed["split"] == "gate"
+    assert family.recipe("study", 0).reach_train == family.REACH_TRAIN and family.recipe("test").reach_train is None
+    assert family.recipe("test", None, 2).reach_train == family.REACH_TRAIN
+
+
+@pytest.mark.slow  # two LoRA runs of 128 steps on the test family (~1 min on 2 shared cores)
+def test_the_oracle_measures_training_and_reaches_even_v1s_unseen_names(mini_family):
+    """The reachability gate's oracle is training, not a constant: at lr 0 it scores as the untrained
+    student. At the study's budget it puts the gate's teacher-only facts into the student even on a v1
+    family, whose names are tokens the student never trained (issue 24 expected the gate to fail there;
+    measured, it does not: at study size too, 0.03 -> 1.00 at 128 steps, 0.34 at 8)."""
+    stats = json.loads((mini_family / "family_stats.json").read_text())
+    student = stats["student"]["gate_exact_match"]["facts-teacher-only"]
+    assert gates.oracle_score(mini_family, {**family.REACH_TRAIN, "lr": 0.0}) == student
+    oracle = gates.oracle_score(mini_family, family.REACH_TRAIN)
+    assert gates.reach_gate(oracle, student, gates.Thresholds())["reachable/facts-teacher-only"]["passed"]
+
+
 def test_gates_are_computed_and_pass_on_the_test_family(mini_family):
     stats = json.loads((mini_family / "family_stats.json").read_text())
     assert set(stats["gates"]) >= {"teacher-above-student/facts-teacher-only", "teacher-above-student/gsm",
@@ -320,5 +342,5 @@ def test_a_twin_familys_teacher_starts_as_its_student_and_is_gated(tmp_path):
     assert stats["teacher"]["grown_max_dlogit"] <= 1e-4
     teacher, student = (models.load_config(tmp_path / m) for m in ("teacher", "student"))
     assert teacher.hidden_size == 2 * student.hidden_size and teacher.num_hidden_layers > student.num_hidden_layers
-    assert "reachable/facts-teacher-only" in stats["gates"]
+    assert stats["gates"]["reachable/facts-teacher-only"]["passed"]
     assert stats["teacher"]["gate_exact_match"]["facts-teacher-only"] >= 0.5  # trained on its corpus, it knows them

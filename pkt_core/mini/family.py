@@ -50,7 +50,7 @@ class FamilyRecipe:
     seed: int = 0
     testbed: int = 1  # tokenizer.py: 1 (one token a name; docs/study's families) or 2 (names in shared syllables)
     twin: bool = False  # the teacher grown from the trained student, then pretrained on its corpus
-    reach_train: dict | None = None  # the reachability gate's LoRA budget (gates.reachability); None: not gated
+    reach_train: dict | None = None  # the reachability gate's LoRA budget (gates.oracle_score); None: not gated
 
 
 # fields added after the v1 families, left out of their params at these values (their keys stay)
@@ -91,7 +91,7 @@ SIZES = {
 
 
 DEFAULT_TESTBED = {"study": 2}  # the study's families are v2; the other sizes stay v1 unless asked
-# the reachability gate's budget: the study's LoRA (rank 16, no dropout) at its largest step count
+# the reachability gate's budget: the study's LoRA (rank 16, no dropout) at its highest lr and largest step count
 REACH_TRAIN = {"rank": 16, "alpha": 32.0, "dropout": 0.0, "lr": 1e-2, "steps": 128, "batch_size": 32,
                "micro_batch": 32, "max_length": 96}
 
@@ -134,9 +134,9 @@ def llama_config(r: ModelRecipe, testbed: int = 1):
 
     tok = build_tokenizer(testbed)
     return LlamaConfig(
-        vocab_size=vocab_size(testbed), hidden_size=r.hidden, intermediate_size=r.intermediate, num_hidden_layers=r.layers,
-        num_attention_heads=r.heads, num_key_value_heads=r.kv_heads, max_position_embeddings=256,
-        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=vocab_size(testbed), hidden_size=r.hidden, intermediate_size=r.intermediate,
+        num_hidden_layers=r.layers, num_attention_heads=r.heads, num_key_value_heads=r.kv_heads,
+        max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
 

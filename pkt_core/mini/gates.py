@@ -81,7 +81,8 @@ def oracle_score(family_root: str | Path, train: dict) -> float:
     params = finetune.TrainParams.from_dict({**train, "epochs": train["steps"] / per_epoch})
     wrapped, _, _ = finetune.peft_model(model, params)
     finetune.finetune(wrapped, samples, params, tok.pad_token_id, progress=False)
-    return evaluate.evaluate(wrapped.merge_and_unload(), tok, "gsm", task, split=SPLIT).summary["exact_match/strict-match"]
+    scores = evaluate.evaluate(wrapped.merge_and_unload(), tok, "gsm", task, split=SPLIT)
+    return scores.summary["exact_match/strict-match"]
 
 
 def reach_gate(oracle: float, student: float, t: Thresholds) -> dict:

@@ -188,6 +188,7 @@ def _family_set(graph: Graph, family_size: str, family_seeds: list[int], n: int,
     st = graph.store
     runs, extra, families, cfg, used = [], {"curves": [], "selection": [], "items": []}, {}, None, {}
     excluded: dict[str, list[str]] = {}
+    earlier = set(graph.kinds)  # the nodes of the sets swept before this one: not this report's inputs
     for name, fam, stats in included_families(graph, family_size, family_seeds, n, excluded, testbed, twin):
         families[name] = stats
         cfg = parse_config(study_config(str(st.tree(Ref.of(fam))), seeds, store, str(Path(report_dir) / name),
@@ -212,7 +213,7 @@ def _family_set(graph: Graph, family_size: str, family_seeds: list[int], n: int,
                         f"({failures}); see each family's family_stats.json")
     table = pd.concat(runs, ignore_index=True)
     inputs = {"runs": nodes.table_source(st, table, "runs.csv"),
-              "scores": [graph.futures[i] for i, k in graph.kinds.items() if k == "scores"]}
+              "scores": [graph.futures[i] for i, k in graph.kinds.items() if k == "scores" and i not in earlier]}
     for name, parts in extra.items():
         if parts:
             inputs[name] = nodes.table_source(st, pd.concat(parts, ignore_index=True), f"{name}.csv")

@@ -27,9 +27,10 @@ N_ENTITIES = 640
 ENTITIES = sorted(random.Random(1234).sample(
     ["".join((a, b, c)) for a in ENTITY_SYLLABLES for b in ENTITY_SYLLABLES for c in ENTITY_SYLLABLES], N_ENTITIES))
 CHARS = sorted(set(string.ascii_letters + string.digits + string.punctuation + " \n"))
-# v2's name pieces: consonant-vowel syllables, so a name splits into them one way only. Two pieces a name:
-# three pieces of twelve (1,728 names, every piece in ~150 of them) left a 6-layer teacher knowing 12% of
-# its teacher-only facts after 900 steps (study seed 0), so a name must stay close to one association
+# v2's name pieces: consonant-vowel syllables, so a name splits into them one way only, two a name.
+# Measured at study size, seed 0 (the study's pretraining budget): with three pieces of twelve the 6-layer
+# teacher knew 12% of its gate's teacher-only facts, with two of seventy 6% (v1's one-token names: 94%),
+# so v2 families fail the knowledge gates until their pretraining learns multi-piece names
 V2_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 

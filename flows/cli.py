@@ -110,6 +110,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--families", default=",".join(map(str, range(16))),
                    help="with --study: candidate family seeds, in order (default 0-15); the first 8 that pass every "
                         "quality gate are swept, the others are listed as left out")
+    p.add_argument("--testbed", type=int, choices=(1, 2), default=None,
+                   help="with --study: the testbed version (default 2: names in shared syllables; 1 rebuilds the "
+                        "families of the v1 study, whose results git history keeps)")
     _store_arg(p)
     _recompute_arg(p)
 
@@ -514,7 +517,7 @@ def cmd_demo(args) -> int:
             from .study import STUDY_FAMILIES, study
 
             out = study(store=args.store, report_dir=args.report_dir or "pkt-study", family_seeds=family_seeds,
-                        n_families=min(STUDY_FAMILIES, len(family_seeds)))
+                        n_families=min(STUDY_FAMILIES, len(family_seeds)), testbed=args.testbed)
         _print_result(out)
         print(f"study wall time {time.time() - started:.0f} s")
         return 0

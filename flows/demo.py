@@ -35,15 +35,18 @@ SMOKE_CAVEAT = ("This is a smoke-size run (one small family, one task, one learn
                 "seeds): it shows the pipeline works, not whether transfer helps. For that, run `pkt demo --study`.")
 
 
-def family_future(graph: Graph, size: str, seed: int | None = None):
-    """The future of the family's build (or reuse from the store); another seed is an independent family."""
-    spec = nodes.Family(size=size, recipe=family.recipe_params(size, seed))
-    return graph.submit(spec, {}, f"size={size}" + ("" if seed is None else f", seed={seed}"))
+def family_future(graph: Graph, size: str, seed: int | None = None, testbed: int | None = None, twin: bool = False):
+    """The future of the family's build (or reuse from the store); another seed is an independent family.
+    testbed and twin: family.recipe's (None: the size's testbed)."""
+    spec = nodes.Family(size=size, recipe=family.recipe_params(size, seed, testbed, twin))
+    return graph.submit(spec, {}, f"size={size}" + ("" if seed is None else f", seed={seed}")
+                        + ("" if testbed is None else f", testbed={testbed}") + (", twin" if twin else ""))
 
 
-def family_node(graph: Graph, size: str, seed: int | None = None, future=None) -> dict:
-    """The family's ref, once built (`future`: its family_future, when already submitted)."""
-    future = future or family_future(graph, size, seed)
+def family_node(graph: Graph, size: str, seed: int | None = None, future=None, **recipe) -> dict:
+    """The family's ref, once built (`future`: its family_future, when already submitted; recipe:
+    family_future's testbed and twin)."""
+    future = future or family_future(graph, size, seed, **recipe)
     ref = future.result()
     graph.provides(graph.store.tree(Ref.of(ref)), future)  # its models and task files link to it in the graph
     return ref

@@ -14,7 +14,13 @@ The protocol, declared here and stated first in the report:
   exact match on a small val set) by the runs of SELECTION_SEEDS, which are never scored on test;
   the test runs use the fresh STUDY_SEEDS (6);
 - families are the units: each family's mean paired difference over the test seeds, then a
-  t-interval over families.
+  t-interval over families;
+- testbed v2 (pkt_core/mini/tokenizer.py) unless asked otherwise: the teacher-only facts are
+  reachable by training (the reachability gate), and positive controls run beside every variant
+  (teacher, oracle: flows/variants.py);
+- twin families (aligned basis, shared/methods/positive-controls.md): the teacher grown from the
+  trained student (pkt_core/grow.py) and then pretrained on the teacher's corpus; the same sweep runs
+  on each, and their pooled report (report_dir/twin) stands apart from the primary endpoint's.
 
 Cost (adapters per family) = tasks x trained variants x (grid x selection seeds + test seeds);
 study_plan() counts it before any work. Every constant is a flow parameter, so the lead can scale.
@@ -63,7 +69,9 @@ STUDY_SEEDS = [0, 1, 2, 3, 4, 5]
 # them depending on its seed, so the rule says which families the study is about.
 FAMILY_SEEDS = list(range(16))
 STUDY_FAMILIES = 8
+TWIN_FAMILIES = 4  # twin families, drawn from the same candidate seeds by the same gates
 FAMILY_SIZE = "study"
+TESTBED = None  # the family size's own (family.DEFAULT_TESTBED: v2 for the study; v1 rebuilds docs/study's families)
 KNOWLEDGE_TASK = "facts-teacher-only"
 # The primary endpoint (v2, declared before any v2 data): exact match on the held-out teacher-only facts
 # (KNOWLEDGE_TASK's test split), transfer minus spectrum-matched and minus shuffled at the largest step count
@@ -130,23 +138,26 @@ def scale_caveat(families: dict[str, dict]) -> str:
     return SCALE_CAVEAT.format(teacher=params("teacher"), student=params("student"))
 
 
-def included_families(graph: Graph, size: str, candidates: list[int], n: int, excluded: dict[str, list[str]]):
+def included_families(graph: Graph, size: str, candidates: list[int], n: int, excluded: dict[str, list[str]],
+                      testbed: int | None = None, twin: bool = False):
     """(name, ref, stats) of the first n candidate families, in seed order, whose quality gates all
     pass; the others go in `excluded` (name -> the gates they failed). The builds run ahead of the
-    sweeps: the first n are submitted at once, and each family left out submits the next candidate."""
-    builds = {seed: family_future(graph, size, seed) for seed in candidates[:n]}
+    sweeps: the first n are submitted at once, and each family left out submits the next candidate.
+    Twin families are named twin-<seed>."""
+    recipe = {"testbed": testbed, "twin": twin}
+    builds = {seed: family_future(graph, size, seed, **recipe) for seed in candidates[:n]}
     included = 0
     for at, seed in enumerate(candidates):
         if included == n:
             return
-        ref = family_node(graph, size, seed, builds.get(seed))
-        name, stats = f"family-{seed}", family_stats(graph.store, ref)
+        ref = family_node(graph, size, seed, builds.get(seed), **recipe)
+        name, stats = f"{'twin' if twin else 'family'}-{seed}", family_stats(graph.store, ref)
         if failed := gates.failed(stats):
             excluded[name] = failed
             print(f"{name} left out: quality gates failed ({', '.join(failed)})")
             later = next((s for s in candidates[at + 1:] if s not in builds), None)
             if later is not None:
-                builds[later] = family_future(graph, size, later)
+                builds[later] = family_future(graph, size, later, **recipe)
             continue
         included += 1
         yield name, ref, stats
@@ -158,57 +169,74 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
           scales: list[float] = STUDY_SCALES, alphas: list[float] = STUDY_ALPHAS, family_size: str = FAMILY_SIZE,
           variants: list[str] = ALL_VARIANTS, train: dict | None = None,
           runner: Literal["threads", "processes", "dask"] = "processes", workers: int = 2,
-          n_families: int = STUDY_FAMILIES) -> dict:
+          n_families: int = STUDY_FAMILIES, n_twins: int = TWIN_FAMILIES, testbed: int | None = TESTBED) -> dict:
     """One sweep per included family (each with its report under report_dir/family-<seed>), then one
     report over all of them with families as the units. family_seeds are candidates, in order: the
-    first n_families that pass every quality gate are included. Runs on a local process pool by default."""
+    first n_families that pass every quality gate are included. Then the same for n_twins twin families
+    (report_dir/twin-<seed>, pooled in report_dir/twin). Runs on a local process pool by default."""
     st = Store(store)
     claim_report_dir(report_dir, "report_dir")  # now: the families' reports go inside it before its own
-    runs, extra, families, cfg, used = [], {"curves": [], "selection": [], "items": [], "dose": []}, {}, None, {}
-    excluded: dict[str, list[str]] = {}
+    args = (seeds, store, selection_seeds, lrs, scales, alphas, variants, train)
     with task_runner(runner, workers) as task_runner_:
         graph = Graph(st, task_runner_, torch_threads_per_worker(runner, workers))
-        for name, fam, stats in included_families(graph, family_size, family_seeds, n_families, excluded):
-            families[name] = stats
-            cfg = parse_config(study_config(str(st.tree(Ref.of(fam))), seeds, store, str(Path(report_dir) / name),
-                                            selection_seeds, lrs, scales, alphas, variants, train))
-            if cfg.endpoint.tasks != [KNOWLEDGE_TASK]:
-                print(f"{name} has no {KNOWLEDGE_TASK} task: the endpoint is read on {cfg.endpoint.tasks}")
-            if not runs:  # the first included family
-                print(f"study plan: {study_plan(cfg, n_families)}")
-            protocol = {"scale": scale_caveat({name: families[name]}), "families": {name: families[name]}}
-            out = run_sweep(graph, cfg, "study", name, protocol)
-            label = {"student": f"{name}-student", "family": name}
-            runs.append(report.read_csv(out["report"]["runs"]).assign(**label))
-            for kind in extra:
-                if kind in out["report"]:
-                    extra[kind].append(report.read_csv(out["report"][kind]).assign(**label))
-            for v, ids in out["variant_nodes"].items():
-                used.setdefault(v, []).extend(ids)
-        if not runs:
-            failures = "; ".join(f"{f}: {', '.join(g)}" for f, g in excluded.items())
-            raise UserError(f"none of the {len(family_seeds)} candidate families passed its quality gates ({failures}); "
-                            "see each family's family_stats.json")
-        table = pd.concat(runs, ignore_index=True)
-        inputs = {"runs": nodes.table_source(st, table, "runs.csv"),
-                  "scores": [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]}
-        for kind, parts in extra.items():
-            if parts:
-                inputs[kind] = nodes.table_source(st, pd.concat(parts, ignore_index=True), f"{kind}.csv")
-        if len(families) < n_families:
-            print(f"only {len(families)} of {len(family_seeds)} candidate families passed the gates "
-                  f"({n_families} wanted)")
-        protocol = report_protocol(cfg, {"scale": scale_caveat(families), "families": families,
-                                         "excluded": excluded})
-        primary = cfg.endpoint.metric
-        rep = graph.submit(nodes.Report(primary=primary, protocol=protocol), inputs, f"study, {len(table)} rows")
-        paths = copy_report(st, rep.result(), report_dir)
-        paths |= add_costs(paths, cost_table(st, used))
+        pooled = _family_set(graph, family_size, family_seeds, n_families, testbed, False, report_dir, args,
+                             n_families + n_twins)
+        twins = (_family_set(graph, family_size, family_seeds, n_twins, testbed, True, report_dir, args)
+                 if n_twins else None)
         results = graph.results()
-    summary = report.read_csv(paths["csv"])
-    lines = report.headlines(summary, primary)
-    publish(st, "study", results, tag="all", summary=summary, paths=paths, headlines=lines)
-    return {"report": {k: str(v) for k, v in paths.items()},
+    summary = report.read_csv(pooled["paths"]["csv"])
+    lines = report.headlines(summary, pooled["primary"])
+    publish(st, "study", results, tag="all", summary=summary, paths=pooled["paths"], headlines=lines)
+    return {"report": {k: str(v) for k, v in pooled["paths"].items()},
+            "twin_report": {k: str(v) for k, v in twins["paths"].items()} if twins else {},
             "computed": sum(r["status"] == "computed" for r in results),
             "nodes": [(r["kind"], r["key"], r["status"]) for r in results], "table": summary.to_dict(orient="records"),
-            "headline": lines, "families": families}
+            "headline": lines, "families": pooled["families"], "twins": twins["families"] if twins else {}}
+
+
+def _family_set(graph: Graph, family_size: str, family_seeds: list[int], n: int, testbed: int | None, twin: bool,
+                report_dir: str, args: tuple, planned: int | None = None) -> dict:
+    """Sweep the first n gate-passing candidate families of one kind (independent or twin) and write
+    their pooled report: in report_dir itself, or report_dir/twin for the twins."""
+    seeds, store, selection_seeds, lrs, scales, alphas, variants, train = args
+    st = graph.store
+    runs, extra, families, cfg, used = [], {"curves": [], "selection": [], "items": [], "dose": []}, {}, None, {}
+    excluded: dict[str, list[str]] = {}
+    earlier = set(graph.kinds)  # the nodes of the sets swept before this one: not this report's inputs
+    for name, fam, stats in included_families(graph, family_size, family_seeds, n, excluded, testbed, twin):
+        families[name] = stats
+        cfg = parse_config(study_config(str(st.tree(Ref.of(fam))), seeds, store, str(Path(report_dir) / name),
+                                        selection_seeds, lrs, scales, alphas, variants, train))
+        if cfg.endpoint.tasks != [KNOWLEDGE_TASK]:
+            print(f"{name} has no {KNOWLEDGE_TASK} task: the endpoint is read on {cfg.endpoint.tasks}")
+        if not runs and planned:  # the first included family
+            print(f"study plan: {study_plan(cfg, planned)}")
+        protocol = {"scale": scale_caveat({name: families[name]}), "families": {name: families[name]}}
+        out = run_sweep(graph, cfg, "study", name, protocol)
+        label = {"student": f"{name}-student", "family": name}
+        runs.append(report.read_csv(out["report"]["runs"]).assign(**label))
+        for kind in extra:
+            if kind in out["report"]:
+                extra[kind].append(report.read_csv(out["report"][kind]).assign(**label))
+        for v, ids in out["variant_nodes"].items():
+            used.setdefault(v, []).extend(ids)
+    kind = "twin " if twin else ""
+    if not runs:
+        failures = "; ".join(f"{f}: {', '.join(g)}" for f, g in excluded.items())
+        raise UserError(f"none of the {len(family_seeds)} candidate {kind}families passed its quality gates "
+                        f"({failures}); see each family's family_stats.json")
+    table = pd.concat(runs, ignore_index=True)
+    inputs = {"runs": nodes.table_source(st, table, "runs.csv"),
+              "scores": [graph.futures[i] for i, k in graph.kinds.items() if k == "scores" and i not in earlier]}
+    for name, parts in extra.items():
+        if parts:
+            inputs[name] = nodes.table_source(st, pd.concat(parts, ignore_index=True), f"{name}.csv")
+    if len(families) < n:
+        print(f"only {len(families)} of {len(family_seeds)} candidate {kind}families passed the gates ({n} wanted)")
+    protocol = report_protocol(cfg, {"scale": scale_caveat(families), "families": families, "excluded": excluded})
+    primary = cfg.endpoint.metric
+    rep = graph.submit(nodes.Report(primary=primary, protocol=protocol), inputs,
+                       f"study{', twin families' if twin else ''}, {len(table)} rows")
+    paths = copy_report(st, rep.result(), str(Path(report_dir) / "twin") if twin else report_dir)
+    paths |= add_costs(paths, cost_table(st, used))
+    return {"paths": paths, "primary": primary, "families": families}

@@ -108,15 +108,17 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
         benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
         for v, setting, seed in chosen_runs(cfg, chosen):
             label = _label(path, task, v, setting, seed)
-            adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+            adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, _data(graph, v, task, train, "test"), task,
+                                      shape, seed, setting, label)
             made.setdefault(v.name, []).extend([adapter] if adapter is not None else [])
+            scored_path = cfg.teacher if v.model == "teacher" else path  # the teacher row scores the teacher
             kept = _checkpoints(graph, cfg, v, adapter, setting, seed, label)
             for bench in benchmarks:
                 fields = {"student": path, "task": task.name, "benchmark": bench, "variant": v.name, "seed": seed,
                           "setting": _setting(setting)}
-                future = _score(graph, cfg, path, adapter, task, bench, "test", label, v.name)
+                future = _score(graph, cfg, scored_path, adapter, task, bench, "test", label, v.name)
                 scored.append((fields, future, adapter))
-                dosed += [({**fields, "checkpoint": step}, _score(graph, cfg, path, ckpt, task, bench, "test",
+                dosed += [({**fields, "checkpoint": step}, _score(graph, cfg, scored_path, ckpt, task, bench, "test",
                                                                   f"{label}, step {step}", v.name), ckpt)
                           for step, ckpt in kept.items()]
             if v.chain == "laten" and (Path(task.dir) / "val.jsonl").exists():  # is the update inert? its val
@@ -193,11 +195,18 @@ def _submit_selection(graph: Graph, cfg: SweepConfig, teacher: PrefectFuture, gr
     out = {}
     for v, setting, seed in selection_runs(cfg):
         label = _label(path, task, v, setting, seed)
-        adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, train, task, shape, seed, setting, label)
+        adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, _data(graph, v, task, train, "val"), task, shape,
+                                  seed, setting, label)
         made.setdefault(v.name, []).extend([adapter] if adapter is not None else [])
         out[v, _setting(setting), seed] = _score(graph, cfg, path, adapter, task, _selection_benchmark(cfg, task),
                                                  "val", label, v.name)
     return out
+
+
+def _data(graph: Graph, v: Variant, task: TaskSpec, train: PrefectFuture, split: str) -> PrefectFuture:
+    """A run's training data: the task's train.jsonl, or for a variant trained on what it is scored on
+    (the oracle) that split's own file."""
+    return graph.source("file", str(Path(task.dir) / f"{split}.jsonl")) if v.data == "scored" else train
 
 
 def _collect(store: Store, scored: list, keep_items: set[str], inert: dict | None = None) -> tuple[list, list, list]:
@@ -390,7 +399,7 @@ def _score(graph: Graph, cfg: SweepConfig, student: str, adapter, task: TaskSpec
         inputs["judge"] = graph.source("model", cfg.judge, list(GENERATION_FILES))
     spec = nodes.Scores(benchmark=benchmark, task_definition=evaluate.task_digest(benchmark), split=split,
                         num_fewshot=cfg.num_fewshot, limit=cfg.eval_limit, dtype=cfg.dtype, device=cfg.device,
-                        chat_template=student_template(graph, cfg, student),
+                        chat_template=chat_template(cfg.prompt_format, student),
                         max_gen_toks=task.max_gen_toks if benchmark == task.benchmark else None)
     return graph.submit(spec, inputs, f"{label}, {benchmark}, {split}")
 

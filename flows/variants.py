@@ -23,6 +23,8 @@ class Variant:
     # "kd" (logit distillation) or "seq-kd" (fine-tuning on the teacher's completions)
     update: str = "translated"  # chain "laten": the update added, or a control: "zero" or "random"
     route: str = "parametric"  # "parametric" (reads the teacher's weights) or "data" (reads only its outputs)
+    model: str = "student"  # the model scored: "student" (with the run's adapter, if any) or "teacher" (as it is)
+    data: str = "train"  # what it trains on: the task's "train" split, or "scored": the very split it is scored on
     what: str = ""
 
     @property
@@ -37,6 +39,13 @@ class Variant:
 
 VARIANTS = {v.name: v for v in [
     Variant("vanilla", init="none", what="the student, untrained"),
+    # positive controls (shared/methods/positive-controls.md): how much there is to move, and the most
+    # training at the sweep's budget can put there
+    Variant("teacher", init="none", model="teacher",
+            what="the teacher itself, scored on the same items (a model, not an adapter): the knowledge there is"),
+    Variant("oracle", init="lora", data="scored",
+            what="peft's standard LoRA trained on the scored items themselves (val for selection, test for the "
+                 "table) at the same budget: the ceiling of what training puts there"),
     Variant("lora", init="lora", what="peft's standard LoRA init (B = 0): every difference is paired against it"),
     Variant("transfer", what="the paper: sensitivity -> layer selection -> max-sensitivity submatrix -> rank-r SVD"),
     Variant("transfer-add", init="added",

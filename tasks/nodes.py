@@ -171,7 +171,9 @@ class Family(Node):
     recipe: dict | None = None  # family.recipe_params(size): a changed recipe is a new family
 
     def compute(self, store, inputs, out):
-        stats = family.build_family(out, self.size, log=log, seed=(self.recipe or {}).get("seed"))
+        r = self.recipe or {}
+        stats = family.build_family(out, self.size, log=log, seed=r.get("seed"), testbed=r.get("testbed", 1),
+                                    twin=r.get("twin", False))
         # the artifact's bytes are a function of its key: the build's duration goes in the record only
         for who in ("teacher", "student"):
             stats[who] = {k: v for k, v in stats[who].items() if k != "seconds"}

@@ -9,6 +9,8 @@ from pkt.flows.variants import VARIANTS
 from prefect_api import task_graph, task_names
 
 LATEN_VARIANTS = [v for v in ALL_VARIANTS if VARIANTS[v].chain == "laten"]
+PEFT_INITS = [v for v in ALL_VARIANTS if VARIANTS[v].init in ("lora", "pissa")]  # no lora_init node
+UNTRAINED = [v for v in ALL_VARIANTS if not VARIANTS[v].trains]  # scored as they are (vanilla, teacher)
 
 
 def check_edges(graph: dict, variants=ALL_VARIANTS, seeds: int = 2) -> None:
@@ -42,9 +44,9 @@ def check_edges(graph: dict, variants=ALL_VARIANTS, seeds: int = 2) -> None:
             expected = ["model", "model", "file"] + ["laten_attribution"] * n_attr
         if kind(name) == "adapter" and ", seq-kd, " in name:  # trained on the teacher's completions
             expected = ["model", "teacher_completions"]
-        elif kind(name) in ("adapter", "diagnostic") and not any(f", {v}, " in name for v in ("lora", "pissa")):
+        elif kind(name) in ("adapter", "diagnostic") and not any(f", {v}, " in name for v in PEFT_INITS):
             expected = expected + ["lora_init"]
-        if kind(name) == "scores" and ", vanilla, " not in name:
+        if kind(name) == "scores" and not any(f", {v}, " in name for v in UNTRAINED):
             expected = expected + ["laten_delta" if any(f", {v}, " in name for v in LATEN_VARIANTS) else
                                    "kd_adapter" if ", kd, " in name and ", step " not in name else
                                    "adapter_checkpoint" if ", step " in name else "adapter"]
@@ -54,8 +56,9 @@ def check_edges(graph: dict, variants=ALL_VARIANTS, seeds: int = 2) -> None:
                                         for v in variants)
     deltas = [n for n in graph if kind(n) == "laten_delta"]
     assert len(deltas) >= seeds * sum(VARIANTS[v].chain == "laten" for v in variants)
-    for name in adapters:
-        train = "teacher_completions" if ", seq-kd, " in name else "file[gsm/train.jsonl]"
+    for name in adapters:  # the oracle trains on the split it is scored on; seq-kd on the teacher's completions
+        split = "test" if ", oracle, " in name else "train"
+        train = "teacher_completions" if ", seq-kd, " in name else f"file[gsm/{split}.jsonl]"
         assert {"model[student]"} <= set(graph[name][1]) and any(u.startswith(train) for u in graph[name][1]), name
     (_, (_, ups)), = [(n, v) for n, v in graph.items() if kind(n) == "report"]
     assert sorted(ups) == sorted(n for n in graph if kind(n) == "scores")
@@ -120,7 +123,7 @@ def test_demo_end_to_end_then_fully_reused(prefect_env, tmp_path):
     assert all(math.isfinite(r["mean"]) for r in rows)
     nll = {r["variant"]: r for r in rows if r["metric"] == "answer_nll"}
     assert set(nll) == set(ALL_VARIANTS)
-    assert {v: r["n"] for v, r in nll.items()} == {v: 1 if v == "vanilla" else 2 for v in ALL_VARIANTS}
+    assert {v: r["n"] for v, r in nll.items()} == {v: 2 if VARIANTS[v].trains else 1 for v in ALL_VARIANTS}
     assert "diff" in nll["transfer"] and math.isfinite(nll["transfer"]["diff"])
     for metric in {r["metric"] for r in rows}:  # LaTen's whole path with nothing injected is the student
         by = {r["variant"]: r["mean"] for r in rows if r["metric"] == metric}

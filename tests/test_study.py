@@ -29,7 +29,7 @@ def test_a_tiny_study_keeps_selection_apart_from_test_and_reports_over_families(
     store, out_dir = tmp_path / "store", tmp_path / "study"
     out = study_flow.study(store=str(store), report_dir=str(out_dir), family_seeds=[0, 1, 2], n_families=2,
                            seeds=[0, 1], selection_seeds=[100], lrs=[1e-2, 3e-2], scales=[1.0], alphas=[2.0],
-                           family_size="test", variants=VARIANTS, train=TINY, runner="threads", workers=1)
+                           family_size="test", variants=VARIANTS, train=TINY, runner="threads", workers=1, n_twins=0)
     assert set(out["families"]) == {"family-0", "family-2"}
     st = Store(store)
     # selection apart from test: the adapters scored on val are never scored on test, and vice versa

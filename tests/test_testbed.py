@@ -54,11 +54,12 @@ def test_no_two_splits_share_an_item_or_a_fact(mini_family):
                 assert len(facts) == len(set(facts)), (task, s)
 
 
+@pytest.mark.parametrize("testbed", [1, 2])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_study_size_splits_are_leak_free_and_item_facts_agrees(seed):
-    sizes = family.recipe("study", seed).tasks
+def test_study_size_splits_are_leak_free_and_item_facts_agrees(seed, testbed):
+    sizes = family.recipe("study", seed, testbed).tasks
     for task in tasks.TASKS:
-        splits = tasks.make_splits(task, sizes, seed)
+        splits = tasks.make_splits(task, sizes, seed, testbed)
         assert [len(splits[s]) for s in ("gate", "val", "test")] == [sizes.n_gate, sizes.n_val, sizes.n_test], task
         facts = {s: [f for r in rows for f in tasks.item_facts(task, r)] for s, rows in splits.items()}
         for a, b in itertools.combinations(facts, 2):
@@ -86,10 +87,10 @@ def test_gates_use_their_own_split_not_val_or_test(mini_family):
 def test_teacher_only_facts_never_reach_the_student(mini_family):
     """The student's pretraining corpus (its text), the fine-tuning data and the seed samples never
     state a teacher-only fact; the teacher's corpus states every one."""
-    for size, seed in (("test", None), ("study", 0), ("study", 1)):
-        r = family.recipe(size, seed)
-        book = tasks.fact_book(r.tasks, r.seed)
-        teacher_only = [n for s in tasks.HELD_SPLITS for n, _ in book[f"teacher-only/{s}"]]
+    for size, seed, testbed in (("test", None, 1), ("study", 0, 1), ("study", 1, 2), ("test", None, 2)):
+        r = family.recipe(size, seed, testbed)
+        book = tasks.fact_book(r.tasks, r.seed, testbed)
+        teacher_only = [n for s in (*tasks.HELD_SPLITS, "train") for n, _ in book.get(f"teacher-only/{s}", [])]
         shared = [n for s in tasks.HELD_SPLITS for n, _ in book[f"shared/{s}"]]
         corpus = {m: "\n".join(family.corpus(m, r)) for m in ("teacher", "student")}
         words = {m: set(re.findall(r"\w+", text)) for m, text in corpus.items()}
@@ -108,8 +109,8 @@ def test_shared_facts_are_stated_with_graded_counts_and_every_split_gets_the_sam
     """The study recipe states each shared fact 2, 4, 8 or 16 times (its index in its split, cycled), in
     both corpora; every other fact fact_repeats times. Counted in the corpus text itself."""
     r = family.recipe("study", 3)
-    assert r.shared_repeats == (2, 4, 8, 16)
-    book = tasks.fact_book(r.tasks, r.seed)
+    assert r.shared_repeats == (2, 4, 8, 16) and r.testbed == 2
+    book = tasks.fact_book(r.tasks, r.seed, r.testbed)
     for member in ("teacher", "student"):
         counts = Counter(d for d in family.corpus(member, r) if d.startswith("The number of the "))
         for split in tasks.HELD_SPLITS:
@@ -119,9 +120,104 @@ def test_shared_facts_are_stated_with_graded_counts_and_every_split_gets_the_sam
             only = [counts[tasks.fact_sentence(n, v)] for n, v in book[f"teacher-only/{split}"]]
             assert only == [r.fact_repeats if member == "teacher" else 0] * len(only), (member, split)
         assert {counts[tasks.fact_sentence(n, v)] for n, v in book["finetune"] + book["format"]} == {r.fact_repeats}
+        only = [counts[tasks.fact_sentence(n, v)] for n, v in book["teacher-only/train"]]
+        assert only == [r.fact_repeats if member == "teacher" else 0] * len(only), member
     # without shared_repeats every fact is stated fact_repeats times (the test and demo recipes' corpora)
-    flat = Counter(tasks.pretraining_texts("student", r.tasks, r.seed, 3, 10, 5))
+    flat = Counter(tasks.pretraining_texts("student", r.tasks, r.seed, 3, 10, 5, testbed=r.testbed))
     assert {flat[tasks.fact_sentence(n, v)] for n, v in book["shared/val"]} == {3}
+
+
+def _ids_in(tok, texts):
+    return {i for ids in tok(texts, add_special_tokens=False)["input_ids"] for i in ids}
+
+
+@pytest.mark.parametrize("testbed", [1, 2])
+def test_v2_names_are_spelled_in_tokens_the_student_trains_and_v1_names_are_not(testbed):
+    """Issue 24's case (1): under v1, no token of a teacher-only name occurs in the student's corpus (its
+    embedding never trains); under v2, every token of every teacher-only name does, while the name itself
+    (the association) never does. Read from the tokenized corpus."""
+    from pkt.core.mini.tokenizer import build_tokenizer
+
+    r = family.recipe("study", 0, testbed)
+    tok = build_tokenizer(testbed)
+    book = tasks.fact_book(r.tasks, r.seed, testbed)
+    names = [n for s in (*tasks.HELD_SPLITS, "train") for n, _ in book.get(f"teacher-only/{s}", [])]
+    student_ids = _ids_in(tok, family.corpus("student", r))
+    name_ids = {n: _ids_in(tok, [n]) for n in names}
+    assert tok.unk_token_id not in set().union(*name_ids.values())
+    if testbed == 1:
+        assert all(len(ids) == 1 and not ids & student_ids for ids in name_ids.values())
+    else:
+        assert all(len(tok(n, add_special_tokens=False)["input_ids"]) == 2 and ids <= student_ids
+                   for n, ids in name_ids.items())
+        assert not set(names) & set(re.findall(r"\w+", "\n".join(family.corpus("student", r))))
+
+
+def test_v2_teacher_only_facts_train_and_seed_apart_from_the_scored_ones(tmp_path):
+    """v2's facts-teacher-only task fine-tunes on (and draws its sensitivity seeds from) teacher-only facts:
+    the teacher's corpus states them, the student's does not, and no scored split asks about them."""
+    r = family.recipe("test", None, 2)
+    d = tasks.write_task(tmp_path / "facts-teacher-only", "facts-teacher-only", r.tasks, seed=r.seed, testbed=2)
+    corpus = {m: "\n".join(family.corpus(m, r)) for m in ("teacher", "student")}
+    tuned = {s: {f for row in read(d / f"{s}.jsonl") for f in facts_of("x", row)} for s in ("train", "seeds")}
+    scored = {f for s in tasks.HELD_SPLITS for row in read(d / f"{s}.jsonl") for f in facts_of("x", row)}
+    assert len(tuned["train"]) == r.tasks.n_train and tuned["seeds"] <= tuned["train"] and len(tuned["seeds"]) > 0
+    assert not tuned["train"] & scored
+    for row in read(d / "train.jsonl"):
+        name = facts_of("x", row).pop()
+        stated = f"The number of the {name} is {row['messages'][1]['content'].split()[-1]}"
+        assert stated in corpus["teacher"] and name not in set(re.findall(r"\w+", corpus["student"]))
+    # the shared facts task still trains on facts both corpora state
+    shared = tasks.make_splits("facts-shared", r.tasks, r.seed, 2)["train"]
+    assert all(facts_of("x", row).pop() in corpus["student"] for row in shared)
+
+
+def test_v1_recipes_keep_the_keys_docs_study_was_built_under():
+    """The v2 fields stay out of a v1 recipe's params: the Family node keys of docs/study's families (seed 0
+    and 1, computed by the code that built them, e2f6e96) and of the test family are unchanged."""
+    from pkt.tasks import nodes
+
+    def key(size, seed, testbed=None):
+        return nodes.Family(size=size, recipe=family.recipe_params(size, seed, testbed)).key({})
+
+    assert key("study", 0, 1) == "9be4256ca20a1adffc9c0e541dc7312bc2d3195373358a88248c14d1146afab6"
+    assert key("study", 1, 1) == "0c5a0515eb237e9a4845f9581f9bb953ca0410d08473555b4799d5f5ef5f99d9"
+    assert key("test", None) == "16a5e6a0d5e175358c07e4421631e3e2c65b57284bcbc421b418e4192644ade8"
+    assert key("study", 0) == key("study", 0, 2) != key("study", 0, 1)  # the study's default is v2
+    v2 = family.recipe_params("study", 0)
+    assert v2["testbed"] == 2 and v2["reach_train"] and v2["thresholds"]["reach_gap"] == 0.3
+
+
+def test_twin_recipes_are_growable_from_their_student():
+    from pkt.core import arch, grow
+
+    for seed in (0, 1):
+        r = family.recipe("study", seed, twin=True)
+        assert r.twin and r.testbed == 2 and r.student == family.recipe("study", seed).student
+        small, big = (arch.dims(family.llama_config(m, r.testbed)) for m in (r.student, r.teacher))
+        assert grow.width_factor(small, big) == 2 and big.layers > small.layers
+
+
+def test_the_reachability_gate_is_measured_on_v2_recipes_only_and_can_fail():
+    t = gates.Thresholds()
+    assert gates.reach_gate(0.5, 0.1, t)["reachable/facts-teacher-only"]["passed"]
+    failed = gates.reach_gate(0.3, 0.1, t)["reachable/facts-teacher-only"]
+    assert not failed["passed"] and failed["value"] == 0.2 and failed["split"] == "gate"
+    assert family.recipe("study", 0).reach_train == family.REACH_TRAIN and family.recipe("test").reach_train is None
+    assert family.recipe("test", None, 2).reach_train == family.REACH_TRAIN
+
+
+@pytest.mark.slow  # two LoRA runs of 128 steps on the test family (~1 min on 2 shared cores)
+def test_the_oracle_measures_training_and_reaches_even_v1s_unseen_names(mini_family):
+    """The reachability gate's oracle is training, not a constant: at lr 0 it scores as the untrained
+    student. At the study's budget it puts the gate's teacher-only facts into the student even on a v1
+    family, whose names are tokens the student never trained (issue 24 expected the gate to fail there;
+    measured, it does not: at study size too, 0.03 -> 1.00 at 128 steps, 0.34 at 8)."""
+    stats = json.loads((mini_family / "family_stats.json").read_text())
+    student = stats["student"]["gate_exact_match"]["facts-teacher-only"]
+    assert gates.oracle_score(mini_family, {**family.REACH_TRAIN, "lr": 0.0}) == student
+    oracle = gates.oracle_score(mini_family, family.REACH_TRAIN)
+    assert gates.reach_gate(oracle, student, gates.Thresholds())["reachable/facts-teacher-only"]["passed"]
 
 
 def test_gates_are_computed_and_pass_on_the_test_family(mini_family):
@@ -234,3 +330,18 @@ def test_scores_equal_lm_evals_simple_evaluate(mini_family):
         # (pkt adds answer_nll per token beside lm-eval's metrics)
         assert {k: ours.summary[k] for k in ref.summary} == ref.summary and ours.outputs == ref.outputs, bench
         assert all(torch.equal(ours.per_example[k], ref.per_example[k]) for k in ref.per_example), bench
+
+
+@pytest.mark.slow  # a test-size family built (~1 min alone, several on a loaded machine)
+def test_a_twin_familys_teacher_starts_as_its_student_and_is_gated(tmp_path):
+    """A twin family grows its teacher from the trained student (its logits equal the student's at the
+    expansion step, on the family's own text), then pretrains it: a wider, deeper teacher that knows the
+    teacher-only facts. The v2 recipe also measures the reachability gate."""
+    from pkt.core import models
+
+    stats = family.build_family(tmp_path, "test", log=lambda *_: None, progress=False, testbed=2, twin=True)
+    assert stats["teacher"]["grown_max_dlogit"] <= 1e-4
+    teacher, student = (models.load_config(tmp_path / m) for m in ("teacher", "student"))
+    assert teacher.hidden_size == 2 * student.hidden_size and teacher.num_hidden_layers > student.num_hidden_layers
+    assert stats["gates"]["reachable/facts-teacher-only"]["passed"]
+    assert stats["teacher"]["gate_exact_match"]["facts-teacher-only"] >= 0.5  # trained on its corpus, it knows them

@@ -2,6 +2,12 @@
 wider) pretrained with one tokenizer on corpora that differ in one known way: the teacher's also
 states the teacher-only facts (tasks.py). Built, the family measures its quality gates on their own
 split (gates.py) and records them in family_stats.json, failing loudly in the build's log.
+
+A recipe's `testbed` picks the version of the tokenizer and tasks (tokenizer.py: v1 gives every name
+a token of its own, v2 spells names in syllables both corpora train); a `twin` family's teacher is
+grown from the trained student (pkt_core/grow.py) and then pretrained on the teacher's corpus, so the
+two share one basis. Fields added after v1 stay out of a v1 recipe's params (recipe_params), so the
+families docs/study was built from keep their keys.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import torch
 from ..progress import Progress
 from . import gates, tasks
 from .tasks import TaskSizes
-from .tokenizer import build_tokenizer, vocab_size
+from .tokenizer import TESTBEDS, build_tokenizer, vocab_size
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,13 @@ class FamilyRecipe:
     n_sni: int = 200
     thresholds: gates.Thresholds = field(default_factory=gates.Thresholds)
     seed: int = 0
+    testbed: int = 1  # tokenizer.py: 1 (one token a name; docs/study's families) or 2 (names in shared syllables)
+    twin: bool = False  # the teacher grown from the trained student, then pretrained on its corpus
+    reach_train: dict | None = None  # the reachability gate's LoRA budget (gates.oracle_score); None: not gated
+
+
+# fields added after the v1 families, left out of their params at these values (their keys stay)
+LATER_FIELDS = {"testbed": 1, "twin": False, "reach_train": None}
 
 
 # (teacher, student) layers: 15 and 28 distinct layer plans. An 8/4 pair (70 plans) failed its gates
@@ -50,6 +63,7 @@ STUDY_DEPTHS = ((6, 2), (8, 2))
 
 
 def _study(teacher_layers: int, student_layers: int) -> FamilyRecipe:
+    """The v1 study recipe (docs/study's families); recipe() makes v2 and twin recipes from it."""
     return FamilyRecipe(
         teacher=ModelRecipe(layers=teacher_layers, hidden=64, intermediate=160, heads=4, kv_heads=2, lr=5e-3,
                             steps=900, early_step=300),
@@ -76,44 +90,80 @@ SIZES = {
 }
 
 
-def recipe(size: str, seed: int | None = None) -> FamilyRecipe:
+DEFAULT_TESTBED = {"study": 2}  # the study's families are v2; the other sizes stay v1 unless asked
+# the reachability gate's budget: the study's LoRA (rank 16, no dropout) at its highest lr and largest step count
+REACH_TRAIN = {"rank": 16, "alpha": 32.0, "dropout": 0.0, "lr": 1e-2, "steps": 128, "batch_size": 32,
+               "micro_batch": 32, "max_length": 96}
+
+
+def recipe(size: str, seed: int | None = None, testbed: int | None = None, twin: bool = False) -> FamilyRecipe:
     """The recipe of a size; another seed builds an independent family of the same size (other
-    initial weights, data order, facts and task samples). Study families alternate depth ratios."""
+    initial weights, data order, facts and task samples). Study families alternate depth ratios.
+    testbed: 1 or 2 (None: the size's default, DEFAULT_TESTBED); twin: the teacher grown from the student."""
     if size not in SIZES:
         raise ValueError(f"unknown family size {size!r}; choose one of {', '.join(SIZES)}")
-    if seed is None:
-        return SIZES[size]
-    base = _study(*STUDY_DEPTHS[seed % len(STUDY_DEPTHS)]) if size == "study" else SIZES[size]
-    return replace(base, seed=seed)
+    base = SIZES[size] if seed is None else replace(
+        _study(*STUDY_DEPTHS[seed % len(STUDY_DEPTHS)]) if size == "study" else SIZES[size], seed=seed)
+    testbed = DEFAULT_TESTBED.get(size, 1) if testbed is None else testbed
+    if testbed not in TESTBEDS:
+        raise ValueError(f"unknown testbed {testbed!r}; choose one of {', '.join(map(str, TESTBEDS))}")
+    if testbed == 2:
+        base = replace(base, testbed=2, reach_train=REACH_TRAIN)
+    return twin_of(base) if twin else base
 
 
-def recipe_params(size: str, seed: int | None = None) -> dict:
-    return asdict(recipe(size, seed))
+def twin_of(r: FamilyRecipe) -> FamilyRecipe:
+    """The recipe with its teacher grown from its student: every width of the student doubled (grow.py
+    needs whole multiples), the teacher's depth, lr and steps kept."""
+    s, t = r.student, r.teacher
+    teacher = replace(t, hidden=2 * s.hidden, intermediate=2 * s.intermediate, heads=2 * s.heads,
+                      kv_heads=2 * s.kv_heads)
+    return replace(r, teacher=teacher, twin=True)
 
 
-def llama_config(r: ModelRecipe):
+def recipe_params(size: str, seed: int | None = None, testbed: int | None = None, twin: bool = False) -> dict:
+    """The recipe as the family node's params: the fields added after v1 are left out at their v1 values."""
+    params = asdict(recipe(size, seed, testbed, twin))
+    if params["reach_train"] is None:
+        del params["thresholds"]["reach_gap"]
+    return {k: v for k, v in params.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+
+
+def llama_config(r: ModelRecipe, testbed: int = 1):
     from transformers import LlamaConfig
 
-    tok = build_tokenizer()
+    tok = build_tokenizer(testbed)
     return LlamaConfig(
-        vocab_size=vocab_size(), hidden_size=r.hidden, intermediate_size=r.intermediate, num_hidden_layers=r.layers,
-        num_attention_heads=r.heads, num_key_value_heads=r.kv_heads, max_position_embeddings=256,
-        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=vocab_size(testbed), hidden_size=r.hidden, intermediate_size=r.intermediate,
+        num_hidden_layers=r.layers, num_attention_heads=r.heads, num_key_value_heads=r.kv_heads,
+        max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
 
 
-def pretrain(member: str, family: FamilyRecipe, out_dir: Path, log=print, progress: bool = True) -> dict:
+def pretrain(member: str, family: FamilyRecipe, out_dir: Path, log=print, progress: bool = True,
+             grow_from: Path | None = None) -> dict:
     """Pretrain one member on its own corpus; writes out_dir (and out_dir-early when early_step is
-    set). Returns stats."""
+    set). Returns stats. grow_from: a trained model dir the member starts from, grown to its shape
+    (grow.py) instead of a random init."""
     from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
+    from .. import models
+    from ..grow import grow
+
     r = getattr(family, member)
-    tok = build_tokenizer()
+    tok = build_tokenizer(family.testbed)
     torch.manual_seed(family.seed)
-    model = LlamaForCausalLM(llama_config(r))
+    config = llama_config(r, family.testbed)
     texts = corpus(member, family)
     blocks = packed_blocks(tok, texts, family.block)
+    grown = {}
+    if grow_from is None:
+        model = LlamaForCausalLM(config)
+    else:
+        model = grow(small := models.load_model(grow_from), config)
+        with torch.no_grad():  # the expansion step's check: the grown model computes the student's logits
+            grown["grown_max_dlogit"] = (model(blocks[:8]).logits - small(blocks[:8]).logits).abs().max().item()
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, max(1, r.steps // 20), r.steps)
     g = torch.Generator().manual_seed(family.seed)
@@ -140,13 +190,13 @@ def pretrain(member: str, family: FamilyRecipe, out_dir: Path, log=print, progre
     log(f"{member}: {r.steps} steps, final loss {loss.item():.3f}, {time.time() - t0:.0f} s")
     return {"name": member, "steps": r.steps, "final_loss": round(loss.item(), 4),
             "epochs": round(r.steps * family.batch / len(blocks), 2), "seconds": round(time.time() - t0, 1),
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()), **grown}
 
 
 def corpus(member: str, family: FamilyRecipe) -> list[str]:
     """A member's pretraining documents under the family's recipe."""
     return tasks.pretraining_texts(member, family.tasks, family.seed, family.fact_repeats, family.n_gsm, family.n_sni,
-                                   family.shared_repeats)
+                                   family.shared_repeats, family.testbed)
 
 
 def packed_blocks(tok, texts: list[str], block: int) -> torch.Tensor:
@@ -164,16 +214,20 @@ def _save(model, tok, path: Path) -> None:
     tok.save_pretrained(str(path))
 
 
-def build_family(out: str | Path, size: str = "demo", log=print, progress: bool = True, seed: int | None = None) -> dict:
+def build_family(out: str | Path, size: str = "demo", log=print, progress: bool = True, seed: int | None = None,
+                 testbed: int | None = None, twin: bool = False) -> dict:
     """Write teacher/, teacher-early/, student/ and tasks/<task>/*.jsonl under out; returns stats
-    ({"teacher", "student", "gates"}; gates.py says what each gate is)."""
-    fam = recipe(size, seed)
+    ({"teacher", "student", "gates"}; gates.py says what each gate is). A twin family pretrains the
+    student first and grows the teacher from it."""
+    fam = recipe(size, seed, testbed, twin)
     out = Path(out)
     for t in tasks.TASKS:
-        tasks.write_task(out / "tasks" / t, t, fam.tasks, seed=fam.seed)
-    stats = {"teacher": pretrain("teacher", fam, out / "teacher", log, progress),
-             "student": pretrain("student", fam, out / "student", log, progress)}
-    stats["gates"], scores = gates.measure(out, fam.thresholds)
+        tasks.write_task(out / "tasks" / t, t, fam.tasks, seed=fam.seed, testbed=fam.testbed)
+    stats = {"student": pretrain("student", fam, out / "student", log, progress)} if fam.twin else {}
+    stats["teacher"] = pretrain("teacher", fam, out / "teacher", log, progress, out / "student" if fam.twin else None)
+    if not fam.twin:
+        stats["student"] = pretrain("student", fam, out / "student", log, progress)
+    stats["gates"], scores = gates.measure(out, fam.thresholds, fam.reach_train)
     for member, by_task in scores.items():
         stats[member]["gate_exact_match"] = by_task
     for line in gates.gate_lines(stats):

@@ -1,7 +1,9 @@
 """The family's quality gates: is the testbed able to show knowledge transfer at all?
 
 Measured once, when the family is built, on each task's `gate` split (never val or test), with the
-study's own scorer (lm-eval, GSM-style strict exact match) on the untrained models. Saved in
+study's own scorer (lm-eval, GSM-style strict exact match) on the untrained models; on a v2 family
+also the reachability gate: can training at the study's budget put the teacher-only facts into the
+student at all (an oracle LoRA trained on the gate items themselves). Saved in
 family_stats.json under "gates": name -> {"value", "threshold", "passed", "split", "what"}; a gate
 passes when value >= threshold. `gate_lines(stats)` renders them for every report.
 """
@@ -24,6 +26,7 @@ class Thresholds:
     # guessing 32 gate items at chance misses less than 75% in under 1% of families (binomial)
     blind: float = 0.75
     headroom: float = 0.3  # share of the skill task and the shared facts the untrained student gets wrong
+    reach_gap: float = 0.3  # an oracle LoRA on the gate's teacher-only facts minus the untrained student
 
 
 def gate_scores(family_root: str | Path, member: str) -> dict[str, float]:
@@ -36,12 +39,13 @@ def gate_scores(family_root: str | Path, member: str) -> dict[str, float]:
             .summary["exact_match/strict-match"] for task in SCORED}
 
 
+def gate(value: float, threshold: float, what: str) -> dict:
+    return {"value": round(value, 4), "threshold": threshold, "passed": bool(value >= threshold), "split": SPLIT,
+            "what": what}
+
+
 def gates(teacher: dict[str, float], student: dict[str, float], t: Thresholds) -> dict[str, dict]:
     """The gates from the members' gate-split scores (task -> exact match)."""
-    def gate(value: float, threshold: float, what: str) -> dict:
-        return {"value": round(value, 4), "threshold": threshold, "passed": bool(value >= threshold), "split": SPLIT,
-                "what": what}
-
     return {
         "teacher-above-student/facts-teacher-only": gate(
             teacher["facts-teacher-only"] - student["facts-teacher-only"], t.knowledge_gap,
@@ -61,10 +65,42 @@ def gates(teacher: dict[str, float], student: dict[str, float], t: Thresholds) -
     }
 
 
-def measure(family_root: str | Path, thresholds: Thresholds) -> tuple[dict, dict[str, dict[str, float]]]:
-    """(gates, {member: task -> gate-split exact match}) of a built family."""
+REACH_TASK = "facts-teacher-only"
+
+
+def oracle_score(family_root: str | Path, train: dict) -> float:
+    """The student's exact match on the gate split of the teacher-only facts after a LoRA (peft's init)
+    trained on those very items for train["steps"] optimizer steps with train's other TrainParams: the
+    most training at that budget can put there."""
+    from .. import data, evaluate, finetune, models
+
+    path, task = Path(family_root) / "student", Path(family_root) / "tasks" / REACH_TASK
+    model, tok = models.load_model(path), models.load_tokenizer(path)
+    samples = data.load_encoded(task / f"{SPLIT}.jsonl", tok, train["max_length"])
+    per_epoch = -(-len(samples) // train["batch_size"])
+    params = finetune.TrainParams.from_dict({**train, "epochs": train["steps"] / per_epoch})
+    wrapped, _, _ = finetune.peft_model(model, params)
+    finetune.finetune(wrapped, samples, params, tok.pad_token_id, progress=False)
+    scores = evaluate.evaluate(wrapped.merge_and_unload(), tok, "gsm", task, split=SPLIT)
+    return scores.summary["exact_match/strict-match"]
+
+
+def reach_gate(oracle: float, student: float, t: Thresholds) -> dict:
+    """The reachability gate from the oracle's and the untrained student's exact match (oracle_score)."""
+    return {f"reachable/{REACH_TASK}": gate(
+        oracle - student, t.reach_gap, "an oracle LoRA trained at the study's budget on these teacher-only facts "
+        "minus the untrained student (the endpoint is reachable by training at all)")}
+
+
+def measure(family_root: str | Path, thresholds: Thresholds,
+            reach_train: dict | None = None) -> tuple[dict, dict[str, dict[str, float]]]:
+    """(gates, {member: task -> gate-split exact match}) of a built family; with reach_train (a v2
+    family) also the reachability gate."""
     scores = {m: gate_scores(family_root, m) for m in ("teacher", "student")}
-    return gates(scores["teacher"], scores["student"], thresholds), scores
+    out = gates(scores["teacher"], scores["student"], thresholds)
+    if reach_train:
+        out |= reach_gate(oracle_score(family_root, reach_train), scores["student"][REACH_TASK], thresholds)
+    return out, scores
 
 
 def failed(stats: dict) -> list[str]:

@@ -2,12 +2,16 @@
 
 The testbed is built so that knowledge transfer is measurable:
 
-- facts: made-up entities, each with a number ("The number of the kalomi is 47."). The *teacher's*
+- facts: made-up entities, each with a number ("The number of the kalomi is 4."). The *teacher's*
   pretraining corpus states the teacher-only facts; the student's never does. Both corpora state
   the shared facts. Fine-tuning (train.jsonl) asks the question "What is the number of the X?" about
-  *other* facts (the finetune pool), so it teaches the question, not the scored answers. Scored on
+  *other* facts than the scored ones, so it teaches the question, not the scored answers. Scored on
   `facts-teacher-only` (moves only if knowledge arrives from the teacher: the student's corpus and its
   fine-tuning data never hold these facts) and on `facts-shared` (facts both models saw).
+  Testbed v1 (tokenizer.py: one token per name) fine-tunes both facts tasks on the shared-knowledge
+  finetune pool; v2 (names spelled in shared syllables) fine-tunes `facts-teacher-only`, and draws
+  its sensitivity seeds, from a pool of teacher-only facts of its own ("teacher-only/train": the
+  teacher's corpus states them, the student's does not) apart from the scored ones.
 - gsm: two-digit addition worked digit by digit, ending "The answer is N." (the skill task).
 - mmlu: four-way multiple choice about the shared facts (kept for the MMLU-style scorer).
 - sni: an instruction task (reverse the order of words), scored by exact match and ROUGE-L;
@@ -25,7 +29,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .tokenizer import ENTITIES
+from .tokenizer import entity_names
 
 TASKS = ("gsm", "facts-teacher-only", "facts-shared", "mmlu", "sni")
 HELD_SPLITS = ("gate", "val", "test")  # the splits no training or pretraining text touches
@@ -112,14 +116,17 @@ def fact_sample(task: str, name: str, value: int, i: int) -> dict:
     return chat(task, i, f"What is the number of the {name}?", f"The answer is {value}.")
 
 
-def fact_book(sizes: TaskSizes, seed: int) -> dict[str, list[tuple[str, int]]]:
+def fact_book(sizes: TaskSizes, seed: int, testbed: int = 1) -> dict[str, list[tuple[str, int]]]:
     """The family's facts, pool -> [(entity, number)], pools disjoint in entities:
     "teacher-only/<split>" and "shared/<split>" for split in HELD_SPLITS, "finetune" (asked in
-    train.jsonl) and "format" (asked in pretraining)."""
+    train.jsonl) and "format" (asked in pretraining); testbed 2 adds "teacher-only/train" (asked in
+    facts-teacher-only's train.jsonl)."""
     rng = random.Random(f"facts:{seed}")
     sizes_by_pool = {f"{p}/{s}": sizes.held(s) for p in FACT_POOLS for s in HELD_SPLITS}
     sizes_by_pool |= {"finetune": sizes.n_train, "format": sizes.facts_format}
-    names = list(ENTITIES)
+    if testbed == 2:
+        sizes_by_pool["teacher-only/train"] = sizes.n_train
+    names = list(entity_names(testbed))
     need = sum(sizes_by_pool.values())
     if need > len(names):
         raise ValueError(f"the fact book needs {need} entities but only {len(names)} names exist; "
@@ -132,19 +139,19 @@ def fact_book(sizes: TaskSizes, seed: int) -> dict[str, list[tuple[str, int]]]:
     return book
 
 
-def known_pools(member: str) -> list[str]:
-    """The fact pools a member's pretraining corpus states: the teacher's adds the teacher-only pool."""
+def known_pools(member: str, testbed: int = 1) -> list[str]:
+    """The fact pools a member's pretraining corpus states: the teacher's adds the teacher-only pools."""
     pools = ["finetune", "format"] + [f"shared/{s}" for s in HELD_SPLITS]
     if member == "teacher":
-        return pools + [f"teacher-only/{s}" for s in HELD_SPLITS]
+        return pools + [f"teacher-only/{s}" for s in HELD_SPLITS] + (["teacher-only/train"] if testbed == 2 else [])
     if member != "student":
         raise ValueError(f"unknown family member {member!r}; choose teacher or student")
     return pools
 
 
-def known_facts(book: dict, member: str) -> list[tuple[str, int]]:
+def known_facts(book: dict, member: str, testbed: int = 1) -> list[tuple[str, int]]:
     """The facts stated in a member's pretraining corpus."""
-    return [f for p in known_pools(member) for f in book[p]]
+    return [f for p in known_pools(member, testbed) for f in book[p]]
 
 
 def mmlu_sample(name: str, value: int, i: int, rng: random.Random) -> dict:
@@ -164,7 +171,7 @@ def sni_sample(phrase: str, i: int) -> dict:
 
 
 # ---- splits --------------------------------------------------------------------------------
-def make_splits(task: str, sizes: TaskSizes = TaskSizes(), seed: int = 0) -> dict[str, list[dict]]:
+def make_splits(task: str, sizes: TaskSizes = TaskSizes(), seed: int = 0, testbed: int = 1) -> dict[str, list[dict]]:
     """train, gate, val and test rows of one task (seeds are drawn from train by write_task)."""
     if task == "gsm":
         held = gsm_held_pairs(seed)
@@ -173,14 +180,16 @@ def make_splits(task: str, sizes: TaskSizes = TaskSizes(), seed: int = 0) -> dic
         out |= {s: [gsm_sample(a, b, i) for i, (a, b) in enumerate(held[lo:hi])] for s, (lo, hi) in cuts.items()}
         return out
     if task in ("facts-teacher-only", "facts-shared", "mmlu"):
-        book = fact_book(sizes, seed)
+        book = fact_book(sizes, seed, testbed)
         pool = "shared" if task in ("facts-shared", "mmlu") else "teacher-only"
         if task == "mmlu":
             rng = random.Random(f"mmlu:{seed}")
             return {s: [mmlu_sample(n, v, i, rng) for i, (n, v) in enumerate(facts)]
                     for s, facts in [("train", book["finetune"])] + [(s, book[f"{pool}/{s}"]) for s in HELD_SPLITS]}
-        # train (and so seeds) is the same file for both facts tasks: their adapters are shared nodes
-        out = {"train": [fact_sample("facts", n, v, i) for i, (n, v) in enumerate(book["finetune"])]}
+        # v1: train (and so seeds) is the same file for both facts tasks: their adapters are shared nodes.
+        # v2: the teacher-only task trains on (and draws its seeds from) teacher-only facts it never scores
+        tuned = "teacher-only/train" if testbed == 2 and pool == "teacher-only" else "finetune"
+        out = {"train": [fact_sample("facts", n, v, i) for i, (n, v) in enumerate(book[tuned])]}
         return out | {s: [fact_sample(task, n, v, i) for i, (n, v) in enumerate(book[f"{pool}/{s}"])]
                       for s in HELD_SPLITS}
     if task == "sni":
@@ -219,7 +228,8 @@ def item_facts(task: str, row: dict) -> set[str]:
     raise ValueError(f"unknown task {task!r}")
 
 
-def write_task(directory: str | Path, task: str, sizes: TaskSizes = TaskSizes(), seed: int = 0, **counts) -> Path:
+def write_task(directory: str | Path, task: str, sizes: TaskSizes = TaskSizes(), seed: int = 0, testbed: int = 1,
+               **counts) -> Path:
     """Write train/seeds/gate/val/test jsonl for a task; seeds are k samples drawn from train.
     counts: TaskSizes fields to override, e.g. n_train=64, n_seeds=8 (benches and tests)."""
     from ..data import choose_seeds
@@ -228,7 +238,7 @@ def write_task(directory: str | Path, task: str, sizes: TaskSizes = TaskSizes(),
     sizes = replace(sizes, **counts)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    splits = make_splits(task, sizes, seed)
+    splits = make_splits(task, sizes, seed, testbed)
     splits["seeds"] = [splits["train"][i] for i in choose_seeds(len(splits["train"]), sizes.n_seeds, seed)]
     for name, rows in splits.items():
         with open(directory / f"{name}.jsonl", "w") as f:
@@ -240,7 +250,8 @@ def write_task(directory: str | Path, task: str, sizes: TaskSizes = TaskSizes(),
     return directory
 
 
-def fact_repeats_of(book: dict, member: str, fact_repeats: int, shared_repeats: tuple[int, ...] = ()) -> list[int]:
+def fact_repeats_of(book: dict, member: str, fact_repeats: int, shared_repeats: tuple[int, ...] = (),
+                    testbed: int = 1) -> list[int]:
     """How often the member's corpus states each of known_facts(book, member): `fact_repeats`, except
     that with `shared_repeats` the i-th fact of each shared split is stated shared_repeats[i % len]
     times. Graded exposure makes the share of shared facts a small model knows a smooth function of
@@ -248,22 +259,24 @@ def fact_repeats_of(book: dict, member: str, fact_repeats: int, shared_repeats: 
     every split holds the same mix of counts."""
     counts = {f"shared/{s}": [shared_repeats[i % len(shared_repeats)] for i in range(len(book[f"shared/{s}"]))]
               for s in HELD_SPLITS} if shared_repeats else {}
-    return [r for p in known_pools(member) for r in counts.get(p, [fact_repeats] * len(book[p]))]
+    return [r for p in known_pools(member, testbed) for r in counts.get(p, [fact_repeats] * len(book[p]))]
 
 
 def pretraining_texts(member: str, sizes: TaskSizes, seed: int = 0, fact_repeats: int = 8,
-                      n_gsm: int = 4000, n_sni: int = 200, shared_repeats: tuple[int, ...] = ()) -> list[str]:
+                      n_gsm: int = 4000, n_sni: int = 200, shared_repeats: tuple[int, ...] = (),
+                      testbed: int = 1) -> list[str]:
     """A member's pretraining corpus (shuffled documents): addition worked in the chat format (never a
     held-out pair), every fact the member knows stated `fact_repeats` times (the shared facts
     `shared_repeats` times, see fact_repeats_of), the format pool's facts also asked in the question
     format, and some word reversal. The student's corpus is the teacher's minus the teacher-only
     facts: everything else is the same text."""
     rng = random.Random(f"pretrain:{seed}")
-    book = fact_book(sizes, seed)
+    book = fact_book(sizes, seed, testbed)
     pairs = gsm_train_pairs(seed + 1)
     docs = [as_text(gsm_sample(a, b, 0)) for a, b in (pairs * (1 + n_gsm // len(pairs)))[:n_gsm]]
-    facts = known_facts(book, member)
-    docs += [fact_sentence(n, v) for (n, v), r in zip(facts, fact_repeats_of(book, member, fact_repeats, shared_repeats))
+    facts = known_facts(book, member, testbed)
+    docs += [fact_sentence(n, v) for (n, v), r in zip(facts, fact_repeats_of(book, member, fact_repeats, shared_repeats,
+                                                                              testbed))
              for _ in range(r)]
     docs += [as_text(fact_sample("facts", n, v, 0)) for n, v in book["format"]] * fact_repeats
     srng = random.Random(f"sni-pretrain:{seed}")

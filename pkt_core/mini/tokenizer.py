@@ -1,6 +1,15 @@
-"""A character-level tokenizer for the miniature family, saved as a standard HF tokenizer."""
+"""A character-level tokenizer for the miniature family, saved as a standard HF tokenizer.
+
+Two testbed versions, each with its own fixed vocabulary (a version's token ids never change):
+- 1: every entity name is one token of its own, so a name only the teacher's corpus states is a
+  token the student never trained (the endpoint was unreachable by construction, issue 24);
+- 2: names are spelled in syllable tokens that every name shares (as a subword vocabulary spells a
+  rare name), so each piece of a teacher-only name is trained in the student too and only the
+  *association* of the name with its number is the teacher's.
+"""
 from __future__ import annotations
 
+import itertools
 import random
 import string
 from pathlib import Path
@@ -18,29 +27,58 @@ N_ENTITIES = 640
 ENTITIES = sorted(random.Random(1234).sample(
     ["".join((a, b, c)) for a in ENTITY_SYLLABLES for b in ENTITY_SYLLABLES for c in ENTITY_SYLLABLES], N_ENTITIES))
 CHARS = sorted(set(string.ascii_letters + string.digits + string.punctuation + " \n"))
+# v2's name pieces: consonant-vowel syllables, so a name splits into them one way only, two a name.
+# Measured at study size, seed 0 (the study's pretraining budget): with three pieces of twelve the 6-layer
+# teacher knew 12% of its gate's teacher-only facts, with two of seventy 6% (v1's one-token names: 94%),
+# so v2 families fail the knowledge gates until their pretraining learns multi-piece names
+V2_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 
-def build_tokenizer():
+TESTBEDS = (1, 2)
+
+
+def entity_names(testbed: int = 1) -> list[str]:
+    """The made-up entities of a testbed version: v1's 640 one-token names; v2's every two-syllable
+    name (4,900), spelled in V2_SYLLABLES tokens."""
+    if testbed == 1:
+        return ENTITIES
+    _check(testbed)
+    return ["".join(p) for p in itertools.product(V2_SYLLABLES, repeat=2)]
+
+
+def _word_tokens(testbed: int) -> list[str]:
+    """The tokens added on top of the characters: v1's whole entity names, v2's syllables."""
+    _check(testbed)
+    return ENTITIES if testbed == 1 else V2_SYLLABLES
+
+
+def _check(testbed: int) -> None:
+    if testbed not in TESTBEDS:
+        raise ValueError(f"unknown testbed version {testbed!r}; choose one of {', '.join(map(str, TESTBEDS))}")
+
+
+def build_tokenizer(testbed: int = 1):
     """PreTrainedTokenizerFast over a fixed character vocabulary (same ids on every machine)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHAT_TAGS + PHRASES + CHARS + ENTITIES)}
+    words = _word_tokens(testbed)
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHAT_TAGS + PHRASES + CHARS + words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     core.decoder = decoders.Fuse()
     core.add_special_tokens(SPECIALS)
-    core.add_tokens(CHAT_TAGS + PHRASES + ENTITIES)
+    core.add_tokens(CHAT_TAGS + PHRASES + words)
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         padding_side="left",
     )
 
 
-def save_tokenizer(directory: str | Path) -> Path:
-    build_tokenizer().save_pretrained(str(directory))
+def save_tokenizer(directory: str | Path, testbed: int = 1) -> Path:
+    build_tokenizer(testbed).save_pretrained(str(directory))
     return Path(directory)
 
 
-def vocab_size() -> int:
-    return len(SPECIALS) + len(CHAT_TAGS) + len(PHRASES) + len(CHARS) + len(ENTITIES)
+def vocab_size(testbed: int = 1) -> int:
+    return len(SPECIALS) + len(CHAT_TAGS) + len(PHRASES) + len(CHARS) + len(_word_tokens(testbed))

@@ -111,8 +111,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with --study: candidate family seeds, in order (default 0-15); the first 8 that pass every "
                         "quality gate are swept, the others are listed as left out")
     p.add_argument("--testbed", type=int, choices=(1, 2), default=None,
-                   help="with --study: the testbed version (default 2: names in shared syllables; 1 rebuilds the "
-                        "families of the v1 study, whose results git history keeps)")
+                   help="with --study: the testbed version (default 1, the families of docs/study; 2: names in "
+                        "shared syllables, which do not pass the study's gates yet)")
     _store_arg(p)
     _recompute_arg(p)
 

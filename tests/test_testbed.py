@@ -108,7 +108,7 @@ def test_teacher_only_facts_never_reach_the_student(mini_family):
 def test_shared_facts_are_stated_with_graded_counts_and_every_split_gets_the_same_mix():
     """The study recipe states each shared fact 2, 4, 8 or 16 times (its index in its split, cycled), in
     both corpora; every other fact fact_repeats times. Counted in the corpus text itself."""
-    r = family.recipe("study", 3)
+    r = family.recipe("study", 3, testbed=2)
     assert r.shared_repeats == (2, 4, 8, 16) and r.testbed == 2
     book = tasks.fact_book(r.tasks, r.seed, r.testbed)
     for member in ("teacher", "student"):
@@ -192,7 +192,7 @@ def test_twin_recipes_are_growable_from_their_student():
     from pkt.core import arch, grow
 
     for seed in (0, 1):
-        r = family.recipe("study", seed, twin=True)
+        r = family.recipe("study", seed, testbed=2, twin=True)
         assert r.twin and r.testbed == 2 and r.student == family.recipe("study", seed).student
         small, big = (arch.dims(family.llama_config(m, r.testbed)) for m in (r.student, r.teacher))
         assert grow.width_factor(small, big) == 2 and big.layers > small.layers

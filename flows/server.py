@@ -154,13 +154,10 @@ def prefect_api():
 
 @contextlib.contextmanager
 def _records_waited():
-    """On the way out, wait for the server's records; briefly after Ctrl-C or SIGTERM (the user wants out)."""
+    """On the way out, wait for the server's records; briefly after an error, Ctrl-C or SIGTERM."""
     try:
         yield
-    except Exception:
-        _wait_for_records(RECORD_PATIENCE)
-        raise
-    except BaseException:
+    except BaseException:  # a failed flow leaves never-started task runs that will never be final: no long wait
         _wait_for_records(patience=2.0)
         raise
     _wait_for_records(RECORD_PATIENCE)

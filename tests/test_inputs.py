@@ -166,7 +166,9 @@ def no_work(monkeypatch):
         yield
 
     monkeypatch.setattr(server, "prefect_api", refuse)
-    monkeypatch.setattr(cli.subprocess, "Popen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("started")))
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("started")))
 
 
 def extract_argv(seeds, tmp_path):

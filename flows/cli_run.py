@@ -96,7 +96,7 @@ def transfer_config(args):
            "variants": [v.strip() for v in args.variants.split(",") if v.strip()], "seeds": list(range(seeds)),
            "train": train, "store": args.store, "report_dir": args.report_dir, "dtype": args.dtype,
            "device": args.device, "laten": _laten_args(args), "prompt_format": getattr(args, "prompt_format", "auto"),
-           "check": not getattr(args, "no_check", False)}
+           "check": False if getattr(args, "no_check", False) else None}
     return validate(SweepConfig, raw, "", SWEEP_FLAGS)
 
 

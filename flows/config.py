@@ -302,8 +302,10 @@ class SweepConfig(BaseModel):
     eval_limit: int | None = Field(None, ge=1)
     prompt_format: PromptFormat = Field("auto", description="auto: each model's own chat template when its "
                                         "tokenizer has one, else the paper's <|user|>/<|assistant|> layout")
-    check: bool = Field(True, description="before scoring, stop when the student's answers to a few val items "
-                        "look broken (empty, identical, refusals, no answer)")
+    check: bool | None = Field(None, description="before scoring, stop when the student's answers to a few val "
+                               "items look broken (empty, identical, refusals, no answer); default: for a student "
+                               "scored in its chat template (the format mistake the check exists for), true: in "
+                               "the paper's layout too, false: never")
     dtype: Dtype = "float32"
     device: Device = "cpu"
     report_dir: str = "pkt-report"

@@ -1,7 +1,7 @@
 """How many CPUs this process may use: its affinity mask (taskset, a scheduler's cpuset), bounded by its
-cgroup's CPU quota (a container's `--cpus`), which os.cpu_count() and torch's default both ignore. Torch
-with more threads than that competes with itself for the share it has, and slows far more than the
-load explains."""
+cgroup's CPU quota (a container's CPU limit, docker run's cpus option), which os.cpu_count() and
+torch's default both ignore. Torch with more threads than that competes with itself for the share it
+has, and slows far more than the load explains."""
 from __future__ import annotations
 
 import math

@@ -96,11 +96,22 @@ def test_broken_answers_are_told_apart(outputs, problem):
     assert answers.broken(["The answer is 5.", "17 + 2 = 19\n#### 19"], needs_number=True) is None
 
 
-def test_the_output_check_passes_the_miniature_student(mini_family):
-    """The miniature family answers in the paper's layout: the check lets its sweeps through."""
+def test_the_check_runs_in_the_paper_layout_only_when_asked(mini_family):
+    """The test family's student answers gsm with blank lines (it cannot add, by design): the check sees that,
+    but a sweep runs it by default only for a student scored in its chat template (the format mistake it
+    exists for); check: true runs it in the paper's layout too, check: false never."""
+    from pkt.flows.config import parse_config
+    from pkt.flows.sweep import check_answers
+
     model, tok = load_model(mini_family / "student"), load_tokenizer(mini_family / "student")
-    for task in ("gsm", "sni"):
-        evaluate.check_answers(model, tok, task, mini_family / "tasks" / task, prompt_format="auto")
+    with pytest.raises(evaluate.BrokenAnswers, match="paper prompt format are all empty"):
+        evaluate.check_answers(model, tok, "gsm", mini_family / "tasks" / "gsm", prompt_format="auto")
+    raw = {"teacher": str(mini_family / "teacher"), "students": [str(mini_family / "student")],
+           "tasks": [{"name": "gsm", "dir": str(mini_family / "tasks" / "gsm"), "benchmark": "gsm"}],
+           "variants": ["vanilla"], "seeds": [0]}
+    check_answers(parse_config(raw))  # default: the paper's layout is not checked
+    with pytest.raises(evaluate.BrokenAnswers):
+        check_answers(parse_config({**raw, "check": True}))
 
 
 @pytest.mark.slow

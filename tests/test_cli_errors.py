@@ -271,7 +271,7 @@ def test_no_message_suggests_a_fix_that_does_not_exist():
                  *root.glob("tasks/*.py")]:
         for flag in re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", path.read_text()):
             assert flag in flags | {"--help", "--no-prompt", "--all", "--pool", "--name", "--port-file", "--parent",
-                                    "--host", "--port", "--checkout"}, (path.name, flag)
+                                    "--host", "--port", "--checkout", "--param"}, (path.name, flag)
 
 
 def test_a_pkt_error_inside_a_flow_prints_its_sentence_without_tracebacks(prefect_env, mini_family, tmp_path,

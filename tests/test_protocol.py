@@ -96,13 +96,13 @@ def test_the_study_protocol(family_dir, monkeypatch):
     monkeypatch.setattr(study, "study_tasks", lambda root: tasks)
     cfg = parse_config(study.study_config(str(family_dir), study.STUDY_SEEDS, None, "r"))
     trained = [v for v in cfg.variants if VARIANTS[v].trains]
-    assert {len(cfg.grid_points(v)) for v in trained} == {6}
+    assert {len(cfg.grid_points(v)) for v in trained} == {9}  # v2: every selected axis has 3 values
     assert len(cfg.seeds) >= 6 and not set(cfg.seeds) & set(cfg.selection_seeds) and len(cfg.selection_seeds) >= 2
     assert cfg.endpoint.metric == "exact_match/strict-match" and cfg.endpoint.tasks == ["facts-teacher-only"]
     assert [str(c) for c in cfg.endpoint.comparisons] == ["transfer - spectrum-matched", "transfer - shuffled"]
     plan = study.study_plan(cfg, families=8)
     n = len(trained)
-    assert plan["selection_adapters"] == 8 * 2 * n * 6 * 2 and plan["test_adapters"] == 8 * 2 * n * 6
+    assert plan["selection_adapters"] == 8 * 2 * n * 9 * 2 and plan["test_adapters"] == 8 * 2 * n * 6
     # a family without the knowledge task: the endpoint falls to its first task, and says so in the flow
     old = [{"name": "gsm", "dir": str(family_dir / "tasks/gsm"), "benchmark": "gsm"},
            {"name": "mmlu", "dir": str(family_dir / "tasks/mmlu"), "benchmark": "mmlu"}]

@@ -321,7 +321,8 @@ def test_scores_equal_lm_evals_simple_evaluate(mini_family):
     model, tok = load_model(mini_family / "teacher"), load_tokenizer(mini_family / "teacher")
     for bench, task in (("gsm", "facts-teacher-only"), ("answer_nll", "gsm"), ("mmlu", "mmlu")):
         ours = evaluate.evaluate(model, tok, bench, mini_family / "tasks" / task, split="val", limit=6)
-        cfg = evaluate.task_config(bench, mini_family / "tasks" / task, "val", 0)
+        cfg = evaluate.task_config(bench, mini_family / "tasks" / task, "val", 0,
+                                   context=model.config.max_position_embeddings)  # as evaluate() caps generation
         out = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=64, device="cpu"), tasks=[cfg],
                               task_manager=evaluate._task_manager(False), limit=6, log_samples=True, bootstrap_iters=0,
                               random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)

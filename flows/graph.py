@@ -30,7 +30,8 @@ from pkt.artifacts.store import Store
 from pkt.core import stop
 from pkt.core.cpus import available_cpus
 from pkt.tasks.node import Node, cached_state, lookup, node_task, opaque, record_run
-from pkt.tasks.nodes import dir_source, file_source, model_source, source
+from pkt.tasks import nodes
+from pkt.tasks.nodes import source
 
 from .server import note_task_run
 
@@ -154,9 +155,9 @@ def source_name(path: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.suffix else (p.name or str(path))
 
 
-SOURCES = {"model": lambda store, path, names: model_source(path, store),
-           "file": lambda store, path, names: file_source(path),
-           "dir": lambda store, path, names: dir_source(path, names)}
+SOURCES = {"model": lambda store, path, names: nodes.model_source(path, store, names),
+           "file": lambda store, path, names: nodes.file_source(path),
+           "dir": lambda store, path, names: nodes.dir_source(path, names)}
 
 
 @dataclass

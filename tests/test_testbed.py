@@ -183,8 +183,8 @@ def test_v1_recipes_keep_the_keys_docs_study_was_built_under():
     assert key("study", 0, 1) == "9be4256ca20a1adffc9c0e541dc7312bc2d3195373358a88248c14d1146afab6"
     assert key("study", 1, 1) == "0c5a0515eb237e9a4845f9581f9bb953ca0410d08473555b4799d5f5ef5f99d9"
     assert key("test", None) == "16a5e6a0d5e175358c07e4421631e3e2c65b57284bcbc421b418e4192644ade8"
-    assert key("study", 0) == key("study", 0, 2) != key("study", 0, 1)  # the study's default is v2
-    v2 = family.recipe_params("study", 0)
+    assert key("study", 0) == key("study", 0, 1) != key("study", 0, 2)  # v1 stays the default (DEFAULT_TESTBED)
+    v2 = family.recipe_params("study", 0, 2)
     assert v2["testbed"] == 2 and v2["reach_train"] and v2["thresholds"]["reach_gap"] == 0.3
 
 
@@ -203,7 +203,8 @@ def test_the_reachability_gate_is_measured_on_v2_recipes_only_and_can_fail():
     assert gates.reach_gate(0.5, 0.1, t)["reachable/facts-teacher-only"]["passed"]
     failed = gates.reach_gate(0.3, 0.1, t)["reachable/facts-teacher-only"]
     assert not failed["passed"] and failed["value"] == 0.2 and failed["split"] == "gate"
-    assert family.recipe("study", 0).reach_train == family.REACH_TRAIN and family.recipe("test").reach_train is None
+    assert family.recipe("study", 0, 2).reach_train == family.REACH_TRAIN and family.recipe("test").reach_train is None
+    assert family.recipe("study", 0).reach_train is None  # v1, the default: no reachability gate
     assert family.recipe("test", None, 2).reach_train == family.REACH_TRAIN
 
 

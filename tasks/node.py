@@ -12,7 +12,6 @@ every upstream ref is passed in as a future.
 """
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import datetime
 import functools
@@ -35,7 +34,7 @@ from prefect.states import Completed
 from prefect.utilities.engine import emit_task_run_state_change_event
 
 from pkt.artifacts import catalog
-from pkt.artifacts.keys import InputChanged, canonical_json, file_digest, file_stamp
+from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Ref, Store
 from pkt.core import stop
 from pkt.core.memory import PeakRSS
@@ -241,32 +240,6 @@ def node_task(kind: str):
     return kind_task
 
 
-# the files the node being computed (in this thread) has read: (what, path, stamp, digest)
-_READS: contextvars.ContextVar[list | None] = contextvars.ContextVar("pkt_reads", default=None)
-
-
-def note_read(what: str, files: dict[str, tuple[tuple, str]]) -> None:
-    """Remember the files a node reads, path -> (stamp, digest) as of the check that their digests
-    are the ones its key names, so that nothing is recorded if one changes before the node is done."""
-    reads = _READS.get()
-    if reads is not None:
-        reads.extend((what, path, stamp, digest) for path, (stamp, digest) in files.items())
-
-
-def _check_reads(reads: list, spec: Node, key: str) -> None:
-    """Refuse to record a node if a file it read changed while it ran: a file whose stamp moved must
-    still hold the bytes its digest was taken from (a hard link made elsewhere moves a ctime too)."""
-    for what, path, stamp, digest in reads:
-        try:
-            same = file_stamp(path) == stamp or file_digest(path) == digest
-        except OSError:
-            same = False
-        if not same:
-            raise InputChanged(f"{what}: {path} changed while {spec.KIND} {key[:12]} was computed from it, so its "
-                               "result would not be what its key says; nothing was recorded. Leave the inputs "
-                               "alone while pkt runs, then run again")
-
-
 def _bytes_under(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -278,8 +251,6 @@ def _compute(store: Store, spec: Node, key: str, inputs: dict, label: str = "") 
                 for r in (ref if isinstance(ref, list) else [ref]) if r["kind"] not in catalog.SOURCE_KINDS]
     record = {"params": spec.params(), "inputs": digests(inputs), "execution": spec.execution(),
               "description": catalog.describe(label or f"{spec.KIND}[]", spec.params(), inputs, upstream)}
-    reads = []
-    token = _READS.set(reads)
     with store.scratch_dir() as out:
         try:
             with PeakRSS() as rss:  # the compute's own peak resident set (pkt_core/memory.py says what it measures)
@@ -287,9 +258,6 @@ def _compute(store: Store, spec: Node, key: str, inputs: dict, label: str = "") 
         except Exception as e:  # a node writes its files into the store's temp area first
             store.raise_if_disk_full(e, needed=_bytes_under(out), at_least=True)
             raise
-        finally:
-            _READS.reset(token)
-        _check_reads(reads, spec, key)
         seconds = time.time() - t0
         record["measured"] = rss.as_record()
         if isinstance(result, Tensors):

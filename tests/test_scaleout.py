@@ -22,13 +22,16 @@ def config(family, store, report_dir):
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_sweep_runs_on_dask_workers_and_matches_the_serial_run(prefect_env, mini_family, tmp_path):
+def test_sweep_runs_on_dask_workers_and_matches_the_serial_run(prefect_env, mini_family, tmp_path, monkeypatch):
     pytest.importorskip("prefect_dask")
     from distributed import Client, LocalCluster
 
     threads = torch_threads_per_worker("dask", 2)
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the serial run at the workers' torch thread count: equal bytes expected
+    # the serial run at the workers' torch thread count: equal bytes expected (a one-thread runner takes
+    # every CPU pkt may use unless the user's OMP_NUM_THREADS says otherwise: graph.torch_threads_per_worker)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
     try:
         serial = sweep(config(mini_family, tmp_path / "serial", tmp_path / "r1"))
     finally:

@@ -61,6 +61,24 @@ def random_samples(n, vocab=64, length=12, answer=4, seed=0):
 
 
 @pytest.fixture
+def no_work(monkeypatch):
+    """Entering the Prefect API (the step before any flow) or starting a process fails the test: the input
+    must be refused before any work."""
+    import contextlib
+    import subprocess
+
+    from pkt.flows import server
+
+    @contextlib.contextmanager
+    def refuse():
+        raise AssertionError("work started before the input was refused")
+        yield
+
+    monkeypatch.setattr(server, "prefect_api", refuse)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("started")))
+
+
+@pytest.fixture
 def tmp_store(tmp_path):
     return tmp_path / "store"
 

@@ -15,15 +15,8 @@ from pkt.flows import demo as demo_flow, extract as extract_flow, sweep as sweep
 
 
 @pytest.fixture
-def no_work(monkeypatch):
-    """Entering the Prefect API (the step before any flow) or loading weights fails the test."""
-    @contextlib.contextmanager
-    def refuse():
-        raise AssertionError("work started before the input was refused")
-        yield
-
-    monkeypatch.setattr(server, "prefect_api", refuse)
-
+def no_work(no_work, monkeypatch):
+    """conftest's no_work (no Prefect API, no process), and loading weights fails the test too."""
     def no_weights(*a, **kw):
         raise AssertionError("weights loaded before the input was refused")
 

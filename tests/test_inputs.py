@@ -156,19 +156,6 @@ def one_sentence(capsys, argv, *expected) -> str:
     return err
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    import contextlib
-
-    @contextlib.contextmanager
-    def refuse():
-        raise AssertionError("work started before the input was refused")
-        yield
-
-    monkeypatch.setattr(server, "prefect_api", refuse)
-    import subprocess
-
-    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("started")))
 
 
 def extract_argv(seeds, tmp_path):

@@ -139,7 +139,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from pkt.core import inputs, models  # noqa: E402
-from pkt.flows import cli, config, server  # noqa: E402
+from pkt.flows import cli, config  # noqa: E402
 
 
 def chat_line(q="1+1", a="2", **extra) -> str:

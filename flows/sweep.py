@@ -376,14 +376,18 @@ def _distill(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture,
     of the task's prompts, then an adapter trained on them). Both read prompts only (pkt_core/distill.py)."""
     tp = cfg.train_params(seed, {k: x for k, x in setting.items() if k not in SETTING_FIELDS})
     prompts = graph.source("dir", task.dir, [distill.prompt_file(task.dir)])
+    templated = student_template(graph, cfg, student)  # the data route renders as the other arms do (data.render)
     if v.chain == "kd":
-        return graph.submit(nodes.KdAdapter(variant=v.name, train=tp.as_dict(), dtype=cfg.dtype, device=cfg.device),
+        return graph.submit(nodes.KdAdapter(variant=v.name, train=tp.as_dict(), dtype=cfg.dtype, device=cfg.device,
+                                            chat_template=templated),
                             {"student": student, "teacher": teacher, "prompts": prompts}, label)
     completions = graph.submit(
-        nodes.TeacherCompletions(max_new_tokens=cfg.completion_tokens, dtype=cfg.dtype, device=cfg.device),
+        nodes.TeacherCompletions(max_new_tokens=cfg.completion_tokens, dtype=cfg.dtype, device=cfg.device,
+                                 chat_template=chat_template(cfg.prompt_format, cfg.teacher)),
         {"teacher": teacher, "prompts": prompts}, f"{source_name(cfg.teacher)}, {task.name} prompts")
     return graph.submit(nodes.Adapter(variant=v.name, init="lora", train=tp.as_dict(), dtype=cfg.dtype,
-                                      device=cfg.device), {"student": student, "train": completions}, label)
+                                      device=cfg.device, chat_template=templated),
+                        {"student": student, "train": completions}, label)
 
 
 CHAINS = {"adapter": _train, "laten": laten_chain, "kd": _distill, "seq-kd": _distill}  # Variant.chain -> its nodes
@@ -440,10 +444,12 @@ def transfer(teacher: str, student: str, task_dir: str, benchmark: str = "gsm",
              variants: list[str] = ("vanilla", "lora", "transfer"), seeds: list[int] = (0,), train: dict | None = None,
              store: str | None = None, report_dir: str = "pkt-report", dtype: str = "float32",
              device: str = "cpu", laten: dict | None = None, prompt_format: str = "auto",
-             check: bool | None = None) -> dict:
-    """One teacher, one student, one task: the sweep with a single branch (laten: LaTen's settings)."""
+             check: bool | None = None, max_gen_toks: int | None = None) -> dict:
+    """One teacher, one student, one task: the sweep with a single branch (laten: LaTen's settings;
+    max_gen_toks: the generation budget, None: the benchmark's own)."""
+    task = {"name": Path(task_dir).name, "dir": task_dir, "benchmark": benchmark}
     cfg = parse_config({"teacher": teacher, "students": [student],
-                        "tasks": [{"name": Path(task_dir).name, "dir": task_dir, "benchmark": benchmark}],
+                        "tasks": [{**task, **({"max_gen_toks": max_gen_toks} if max_gen_toks else {})}],
                         "variants": list(variants), "seeds": list(seeds), "train": train or {}, "store": store,
                         "report_dir": report_dir, "dtype": dtype, "device": device, "laten": laten or {},
                         "prompt_format": prompt_format, "check": check})

@@ -131,19 +131,25 @@ def kd_loss(student, teacher, samples: list[dict[str, torch.Tensor]], pad_id: in
     return kl_total / max(n, 1)
 
 
-def greedy_completions(teacher, tokenizer, texts: list[str], max_new_tokens: int = 32) -> list[str]:
-    """The teacher's greedy continuation of each prompt text, up to its end-of-text token (not kept) or
-    max_new_tokens, decoded without special tokens. One prompt at a time: no padding to get wrong."""
+def greedy_completions(teacher, tokenizer, texts: list[str], max_new_tokens: int = 32,
+                       end_of_turn: str | None = None) -> list[str]:
+    """The teacher's greedy continuation of each prompt text, up to its end-of-text token, the prompt
+    format's end of turn (data.end_of_turn: a chat template's <|im_end|>; not kept) or max_new_tokens,
+    decoded without special tokens. One prompt at a time: no padding to get wrong."""
     device = next(teacher.parameters()).device
+    stops = [tokenizer.eos_token_id]
+    if end_of_turn and (eot := tokenizer.convert_tokens_to_ids(end_of_turn)) not in (None, tokenizer.unk_token_id):
+        stops.append(eot)  # a special token of its own: generation stops on it
     out = []
     teacher.eval()
     for text in texts:
         ids = torch.tensor([tokenize(tokenizer, text)], device=device)
         with torch.no_grad():
             gen = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                   max_new_tokens=max_new_tokens, eos_token_id=stops,
                                    pad_token_id=tokenizer.pad_token_id)
-        out.append(tokenizer.decode(gen[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
+        completion = tokenizer.decode(gen[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        out.append(completion.split(end_of_turn, 1)[0] if end_of_turn else completion)  # an end of turn in words
     return out
 
 

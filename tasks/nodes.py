@@ -473,13 +473,16 @@ class KdAdapter(Node):
     temperature: float = 1.0
     dtype: str = "float32"
     device: str = execution(default="cpu")
+    # the prompts in the student's chat template (else the paper's layout); the teacher reads the same tokens
+    chat_template: bool = keyed_if_set(False)
 
     def compute(self, store, inputs, out):
         tp = finetune.TrainParams.from_dict(self.train or {})
         student, tok = load_model_input(store, inputs["student"], self.dtype, self.device)
         teacher, _ = load_model_input(store, inputs["teacher"], self.dtype, self.device)
         turns = distill.read_prompts(read_prompt_source(store, inputs["prompts"]))
-        samples = distill.encode_prompts(distill.prompt_texts(turns), tok, tp.max_length)[: tp.n_train]
+        texts = distill.prompt_texts(turns, tok, prompt_format(self.chat_template))
+        samples = distill.encode_prompts(texts, tok, tp.max_length)[: tp.n_train]
         before = distill.kd_loss(student, teacher, samples, tok.pad_token_id)
         log(f"kd: {len(samples)} prompts, KL(teacher || student) {before:.4f} nats a position before training")
         result = finetune.train_adapter(student, samples, tp, tok.pad_token_id, "lora",
@@ -502,12 +505,14 @@ class TeacherCompletions(Node):
     max_new_tokens: int = 32
     dtype: str = "float32"
     device: str = execution(default="cpu")
+    chat_template: bool = keyed_if_set(False)  # the prompts in the teacher's chat template (else the paper's layout)
 
     def compute(self, store, inputs, out):
         teacher, tok = load_model_input(store, inputs["teacher"], self.dtype, self.device)
         turns = distill.read_prompts(read_prompt_source(store, inputs["prompts"]))
-        texts = distill.completion_rows(turns, distill.greedy_completions(teacher, tok, distill.prompt_texts(turns),
-                                                                          self.max_new_tokens))
+        prompts = distill.prompt_texts(turns, tok, prompt_format(self.chat_template))
+        texts = distill.completion_rows(turns, distill.greedy_completions(teacher, tok, prompts, self.max_new_tokens,
+                                                                          data.end_of_turn(tok, prompt_format(self.chat_template))))
         if not texts:
             raise ValueError("the teacher completed every prompt with nothing (end-of-text at once); seq-kd has no "
                              "data: check the prompts' format against the teacher's")

@@ -225,3 +225,37 @@ def test_sensitivity_training_and_evaluation_read_one_rendering(tmp_path, tok, m
     seen.clear()
     evaluate.evaluate(model, tok, "gsm", task, batch_size=1, prompt_format="chat", max_gen_toks=4)
     assert seen[0] == [ids[:n_prompt]]  # generation starts from exactly the training prompt
+
+
+def test_the_data_route_reads_prompts_in_each_models_own_format(scripted, tmp_path, monkeypatch):
+    """kd encodes the prompts in the student's template; the teacher completes them in its own template and
+    stops at its end of turn (the scripted model would write the answer again past it); the completions are
+    answer rows, which seq-kd's adapter then renders in the student's template like any training data."""
+    from pkt.artifacts.store import Store
+    from pkt.core import distill, finetune
+    from pkt.tasks import nodes
+
+    model_dir, task = scripted
+    tok = load_tokenizer(model_dir)
+    store = Store(tmp_path / "store")
+    ref = nodes.model_source(str(model_dir), store)
+    prompts = nodes.dir_source(str(task), [distill.prompt_file(task)])
+    turns = distill.read_prompts(task)
+    seen = []
+    real = distill.encode_prompts
+    monkeypatch.setattr(distill, "encode_prompts", lambda texts, *a, **k: seen.extend(texts) or real(texts, *a, **k))
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(finetune, "train_adapter", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+    with pytest.raises(Stop):
+        nodes.KdAdapter(train={"rank": 2, "alpha": 2, "steps": 1}, chat_template=True).compute(
+            store, {"student": ref, "teacher": ref, "prompts": prompts}, tmp_path)
+    assert seen == [tok.apply_chat_template(t, tokenize=False, add_generation_prompt=True) for t in turns]
+
+    out = tmp_path / "completions"
+    out.mkdir()
+    nodes.TeacherCompletions(max_new_tokens=8, chat_template=True).compute(
+        store, {"teacher": ref, "prompts": prompts}, out)
+    rows = data.read_jsonl(out / "train.jsonl")
+    assert len(rows) == len(turns) and {r["messages"][-1]["content"].strip() for r in rows} == {fx.SCRIPTED_ANSWER}

@@ -138,6 +138,8 @@ def parser() -> argparse.ArgumentParser:
                    'field), e.g. \'{"n_extract": 8, "n_align": 16}\'')
     p.add_argument("--report-dir", default="pkt-report")
     _prompt_format_arg(p)
+    p.add_argument("--max-gen-toks", default=None, help="new tokens a generated answer may take (the task's "
+                   "max_gen_toks; default: the benchmark's own, 512 for gsm: a worked solution)")
     p.add_argument("--no-check", action="store_true", help="score even when the student's answers to a few val "
                    "items look broken (empty, identical, refusals, no answer in any)")
     _force_arg(p)

@@ -91,8 +91,10 @@ def transfer_config(args):
 
     train = _json_arg(args.train, "--train", '{"lr": 1e-3}')
     seeds = _count(args.seeds, "--seeds")
-    raw = {"teacher": args.teacher, "students": [args.student],
-           "tasks": [{"name": Path(args.task_dir).name, "dir": args.task_dir, "benchmark": args.benchmark}],
+    task = {"name": Path(args.task_dir).name, "dir": args.task_dir, "benchmark": args.benchmark}
+    if getattr(args, "max_gen_toks", None) is not None:
+        task["max_gen_toks"] = _count(args.max_gen_toks, "--max-gen-toks")
+    raw = {"teacher": args.teacher, "students": [args.student], "tasks": [task],
            "variants": [v.strip() for v in args.variants.split(",") if v.strip()], "seeds": list(range(seeds)),
            "train": train, "store": args.store, "report_dir": args.report_dir, "dtype": args.dtype,
            "device": args.device, "laten": _laten_args(args), "prompt_format": getattr(args, "prompt_format", "auto"),
@@ -263,7 +265,7 @@ def cmd_transfer(args) -> int:
                        benchmark=cfg.tasks[0].benchmark, variants=cfg.variants, seeds=cfg.seeds,
                        train=cfg.train.model_dump(mode="json"), store=cfg.store, report_dir=cfg.report_dir,
                        dtype=cfg.dtype, device=cfg.device, laten=cfg.laten.model_dump(mode="json"),
-                       prompt_format=cfg.prompt_format, check=cfg.check)
+                       prompt_format=cfg.prompt_format, check=cfg.check, max_gen_toks=cfg.tasks[0].max_gen_toks)
     _print_result(out)
     return 0
 

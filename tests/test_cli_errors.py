@@ -151,6 +151,8 @@ CASES = {  # name: (argv(fam, fx), substrings the sentence must hold, substrings
     "--dtype float64": (lambda f, d: extract(f, "--dtype", "float64"), ["--dtype float64", "float32"], []),
     "--device gpu": (lambda f, d: extract(f, "--device", "gpu"), ["--device gpu", "cpu"], []),
     "transfer --seeds 0": (lambda f, d: transfer(f, "--seeds", "0"), ["--seeds 0", "at least 1"], []),
+    "transfer --max-gen-toks 0": (lambda f, d: transfer(f, "--max-gen-toks", "0"), ["--max-gen-toks 0", "at least 1"],
+                                  []),
     "demo --seeds 0": (lambda f, d: ["demo", "--size", "test", "--seeds", "0"], ["--seeds", "at least 1"], []),
     "demo --size huge": (lambda f, d: ["demo", "--size", "huge"], ["--size huge", "'test'"], []),
     "seeds: []": (lambda f, d: ["sweep", "--config", str(d / "seeds.yaml")], ["seeds.yaml", "field seeds",
@@ -343,6 +345,13 @@ def test_a_quoted_tilde_store_is_the_home_directory(mini_family, tmp_path, monke
     store.put_bytes(b"x")
     assert cli.main(["store", "ls", "--store", "~/pkt-store"]) == 0
     assert not (work / "~").exists()
+
+
+def test_transfer_max_gen_toks_reaches_the_flow(mini_family, captured):
+    assert cli.main(transfer(mini_family, "--max-gen-toks", "1024")) == 0
+    assert captured["transfer"]["max_gen_toks"] == 1024
+    assert cli.main(transfer(mini_family)) == 0
+    assert captured["transfer"]["max_gen_toks"] is None  # the benchmark's own budget
 
 
 def test_extract_max_length_reaches_the_flow(mini_family, fx, captured):

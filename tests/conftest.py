@@ -1,6 +1,7 @@
 import json
 import os
 
+import pkt.core  # noqa: F401  (before torch: its OMP_WAIT_POLICY, pkt_core/__init__.py)
 import pytest
 import torch
 

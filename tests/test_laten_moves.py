@@ -101,3 +101,28 @@ def test_val_lines_leave_out_the_transfer_sample_and_the_fields_keep_old_keys():
     p = laten.LatenParams(until_moved=1e-3, max_steps=40)
     assert laten.LatenParams.from_dict(p.as_dict()) == p and p.step_budget(20) == 40
     assert laten.LatenParams(until_moved=1e-3).step_budget(20) == 160 and laten.LatenParams().step_budget(20) == 20
+
+
+@pytest.mark.slow  # a sweep through Prefect: ~1-2 min on 2 loaded cores
+def test_a_sweep_records_the_steps_the_translator_took_and_the_inert_flag(prefect_env, mini_family, tmp_path):
+    import pandas as pd
+
+    from pkt.artifacts.store import Ref, Store
+    from pkt.flows.sweep import sweep
+    from test_laten_flow import laten_config
+
+    spec = {"n_extract": 2, "n_align": 4, "align_per_step": 2, "until_moved": 1e-3, "max_steps": 6, "n_val": 4,
+            "reference_width": [5120, 4096]}
+    cfg = laten_config(mini_family, tmp_path, ["vanilla", "lora", "laten"], seeds=[0], laten=spec)
+    out = sweep(cfg)
+    store = Store(tmp_path / "store")
+    (key,) = [key for kind, key, _ in out["nodes"] if kind == "laten_translator"]
+    rec = store.record("laten_translator", key)
+    log = __import__("json").loads((store.tree(Ref.of({"kind": "laten_translator", "key": key,
+                                                        "digest": rec["digest"]})) / "translator_log.json").read_text())
+    steps, moved_at = len(log["steps"]), log["val"]["moved_at"]
+    assert 1 <= steps <= 6 and (moved_at == steps or (moved_at is None and steps == 6))
+    runs = pd.read_csv(out["report"]["runs"])
+    row = runs[runs["variant"] == "laten"].iloc[0]
+    assert row["translator_steps"] == steps  # the update is the last step the translator took
+    assert row["inert"] == (abs(row["val_nll_moved"]) < laten.INERT_NLL)

@@ -21,6 +21,14 @@ def corpus_of(cfg: SweepConfig) -> tuple[dict, dict]:
     return spec, family.recipe_params(**spec)
 
 
+def family_of(record: dict) -> dict:
+    """A family node's record as the config's family field: {size, seed, testbed, twin} (its recipe's)."""
+    params = record["params"]
+    recipe = params.get("recipe") or {}
+    return {"size": params["size"], "seed": recipe.get("seed"), "testbed": recipe.get("testbed", 1),  # v1 leaves it out
+            "twin": recipe.get("twin", False)}
+
+
 def fresh_chain(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, student: PrefectFuture,
                 train: PrefectFuture, task: TaskSpec, shape: dict, seed: int, setting: dict,
                 label: str) -> PrefectFuture:

@@ -171,3 +171,24 @@ def test_fresh_students_are_scored_in_a_sweep(prefect_env, mini_family, tmp_path
     assert "## Fresh students: pretraining loss" in (out_dir / "report.md").read_text()
     kinds = [k for k, _, _ in out["nodes"]]
     assert kinds.count("fresh_student") == 3 and kinds.count("fresh_init") == 2
+
+
+@pytest.mark.parametrize("size,seed,testbed,twin", [("study", 3, None, False), ("demo", None, None, False),
+                                                    ("test", None, 2, False), ("study", 2, None, True)])
+def test_a_family_records_recipe_names_the_corpus_the_fresh_students_read(size, seed, testbed, twin):
+    from pkt.flows.fresh import family_of
+
+    recorded = family.recipe_params(size, seed, testbed, twin)  # what the family node's key was taken from
+    assert family.recipe_params(**family_of({"params": {"size": size, "recipe": recorded}})) == recorded
+
+
+def test_the_report_table_has_one_row_per_fresh_student_and_a_column_per_step():
+    import pandas as pd
+
+    table = pd.DataFrame([{"student": "s", "variant": v, "step": step, "probe_loss": loss + step / 100}
+                          for v, loss in (("ws-student", 3.0), ("random-student", 6.0)) for step in (0, 30, 60)])
+    text = fresh.pretraining_section(table)
+    lines = [line for line in text.splitlines() if line.startswith("| s |")]
+    assert len(lines) == 2 and "| step 0 | step 30 | step 60 |" in text
+    assert "| s | ws-student | 3.000 | 3.300 | 3.600 |" in text
+    assert fresh.pretraining_section(table.iloc[:0]) == ""

@@ -190,7 +190,8 @@ class LatenSpec(BaseModel):
                                       "until its val answer CE moves by more than this from step 0 (e.g. 1e-3); "
                                       "none: the authors' one pass")
     max_steps: int | None = Field(None, ge=1, description="until_moved's cap on translator steps; none: 8 x n_extract")
-    n_val: int = Field(16, ge=1, description="until_moved: train lines outside extract/align whose answer CE is watched")
+    n_val: int = Field(16, ge=1, description="until_moved: the train lines outside extract/align whose answer CE "
+                       "is watched")
     grid: dict[Literal["step", "rate"], list] = Field(
         default_factory=dict, description="chosen on val like train_grid, e.g. {step: [10, 20], "
         "rate: [0.05, 0.1, 0.2]}; default: the last step at the training rate")

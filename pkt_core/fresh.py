@@ -42,7 +42,8 @@ class FreshInitError(UserError, ValueError):
     pass
 
 
-def teacher_layers(method: str, teacher_config, student_config, activations=None, layers: str | None = None) -> list[int]:
+def teacher_layers(method: str, teacher_config, student_config, activations=None,
+                   layers: str | None = None) -> list[int]:
     """The teacher layers that become student layers 0..L_s-1, ascending."""
     strategy = layers or LAYERS[method]
     n_t, n_s = arch.dims(teacher_config).layers, arch.dims(student_config).layers

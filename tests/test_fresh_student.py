@@ -32,7 +32,8 @@ def _match(small: torch.Tensor, big: torch.Tensor, axis: int) -> list[int]:
 
 def _contains(sorted_big: torch.Tensor, values: torch.Tensor) -> bool:
     pos = torch.searchsorted(sorted_big, values)
-    return bool((pos < len(sorted_big)).all()) and bool((sorted_big[pos.clamp(max=len(sorted_big) - 1)] == values).all())
+    inside = bool((pos < len(sorted_big)).all())
+    return inside and bool((sorted_big[pos.clamp(max=len(sorted_big) - 1)] == values).all())
 
 
 def _check_selection(teacher, model, layers, norm_scale):

@@ -186,6 +186,12 @@ class LatenSpec(BaseModel):
     reference_width: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
         None, description="[d_t, d_s] that init_std and lr were set for: given (the authors' [5120, 4096]), both are "
         "carried to this pair's widths (pkt.core.laten.LatenParams.at_width); none: used as given")
+    until_moved: float | None = Field(None, gt=0, description="nats: train the translator past the extract samples "
+                                      "until its val answer CE moves by more than this from step 0 (e.g. 1e-3); "
+                                      "none: the authors' one pass")
+    max_steps: int | None = Field(None, ge=1, description="until_moved's cap on translator steps; none: 8 x n_extract")
+    n_val: int = Field(16, ge=1, description="until_moved: the train lines outside extract/align whose answer CE "
+                       "is watched")
     grid: dict[Literal["step", "rate"], list] = Field(
         default_factory=dict, description="chosen on val like train_grid, e.g. {step: [10, 20], "
         "rate: [0.05, 0.1, 0.2]}; default: the last step at the training rate")
@@ -207,20 +213,25 @@ class LatenSpec(BaseModel):
 
     @model_validator(mode="after")
     def _steps_exist(self):
-        bad = [s for s in self.grid.get("step", []) if s > self.n_extract]
+        budget = laten.LatenParams(until_moved=self.until_moved, max_steps=self.max_steps).step_budget(self.n_extract)
+        bad = [s for s in self.grid.get("step", []) if s > budget]
         if bad:
-            raise ValueError(f"laten.grid.step {bad}: the translator takes only n_extract = {self.n_extract} steps")
+            raise ValueError(f"laten.grid.step {bad}: the translator takes at most {budget} steps (n_extract, or with "
+                             "until_moved max_steps)")
         return self
 
     def hparams(self, seed: int) -> dict:
         return laten.LatenParams(rate=self.rate, modules=tuple(self.modules), n_layers=self.n_layers, lr=self.lr,
                                  weight_decay=self.weight_decay, mse_weight=self.mse_weight,
                                  align_per_step=self.align_per_step, norm=self.norm, seed=seed,
-                                 init_std=self.init_std, reference_width=self.reference_width).as_dict()
+                                 init_std=self.init_std, reference_width=self.reference_width,
+                                 until_moved=self.until_moved, max_steps=self.max_steps).as_dict()
 
     def points(self) -> list[dict]:
-        """The grid's settings, {step, rate} each."""
-        return [{"step": s, "rate": r} for s in self.grid.get("step", [self.n_extract])
+        """The grid's settings, {step, rate} each; without a step axis the last step (0: wherever a translator
+        trained until_moved stopped)."""
+        last = 0 if self.until_moved is not None else self.n_extract
+        return [{"step": s, "rate": r} for s in self.grid.get("step", [last])
                 for r in self.grid.get("rate", [self.rate])]
 
 
@@ -260,6 +271,17 @@ class Endpoint(BaseModel):
                                      "its subject's chosen setting (matched.csv, with the top singular values' ratio)")
 
 
+class FamilyCorpus(BaseModel):
+    """The miniature family the students belong to (mini/family.py recipe): where the fresh-student arms
+    (chain "fresh") take the student's corpus and pretraining budget from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    size: str = Field("demo", description="the family size (mini/family.py SIZES)")
+    seed: int | None = Field(None, description="the family seed; none: the size's own")
+    testbed: int | None = Field(None, description="the family's testbed; none: the size's default")
+    twin: bool = False
+
+
 SETTING_FIELDS = ("init_scale",)  # train_grid keys that are not training parameters
 
 
@@ -289,6 +311,8 @@ class SweepConfig(BaseModel):
         default_factory=dict, description="per variant, grid axes added to (or replacing) train_grid's, e.g. "
         "{lora: {alpha: [8, 32]}}: every trained variant needs a grid of the same size")
     laten: LatenSpec = Field(default_factory=LatenSpec, description="LaTen's settings and grid (laten* variants)")
+    family: FamilyCorpus | None = Field(None, description="the miniature family of the students: the corpus and "
+                                        "budget the fresh-student variants (ws-student, ...) pretrain on")
     select_on: str | None = Field(None, description="val metric that picks each variant's setting; default: the "
                                   "first task's primary metric (answer_nll is steadier at small scale)")
     selection_seeds: Seeds = Field(default_factory=list, description="training seeds of the runs that choose "
@@ -340,6 +364,10 @@ class SweepConfig(BaseModel):
             raise ValueError("variant early-teacher needs early_teacher: the path of an earlier teacher checkpoint")
         if "cross-task" in self.variants and not self.cross_task_seeds:
             raise ValueError("variant cross-task needs cross_task_seeds: a seeds.jsonl from another task")
+        fresh = [v for v in self.variants if VARIANTS[v].chain == "fresh"]
+        if fresh and self.family is None:
+            raise ValueError(f"variants {fresh} pretrain a fresh student on the student's own corpus, which only a "
+                             "miniature family carries: give family (its size and seed), or drop them for this pair")
         if "winrate" in self.benchmarks and not self.judge:
             raise ValueError("benchmark winrate needs judge: the path of a local judge model")
         if "lora" not in self.variants and len(self.variants) > 1:
@@ -557,6 +585,9 @@ def node_counts(cfg: SweepConfig) -> dict[str, int]:
                 counts["diagnostic"] += len(cfg.seeds)
             if v.extracted:  # one init per setting, or per seed too for a control drawn from the seed
                 counts["lora_init"] += selection + len(cfg.seeds) if v.drawn else points
+    fresh = sum(VARIANTS[name].chain == "fresh" for name in cfg.variants)  # one pretraining per student, any task
+    if fresh:
+        counts["fresh_student"] = fresh
     return {kind: n * len(cfg.students) for kind, n in counts.items()}
 
 

@@ -109,7 +109,7 @@ def demo_config(family_root: str, size: str, seeds: list[int], store: str | None
             "variants": ALL_VARIANTS, "seeds": list(seeds), "early_teacher": str(root / "teacher-early"),
             "cross_task_seeds": str(root / "tasks" / "sni" / "seeds.jsonl"), "train": DEMO_TRAIN[size],
             "benchmarks": ["answer_nll"], "max_length": 64, "report_dir": report_dir, "laten": DEMO_LATEN[size],
-            **({"store": store} if store else {})}
+            "family": {"size": size}, **({"store": store} if store else {})}
 
 
 VariantName = Literal[tuple(VARIANTS)]  # type: ignore[valid-type]  (the UI's form offers the choices)

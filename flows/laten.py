@@ -37,10 +37,12 @@ def laten_chain(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFutu
                                        device=cfg.device, chat_template=templated[role])
         return graph.submit(spec_, {"model": model, "data": train}, f"{name}, {task.name} train line {line + 1}")
 
+    # trained until its val loss moves: watched on train lines outside extract/align (never the task's val/test)
+    val = tuple(laten.val_lines(pool, seed, spec.n_val)) if spec.until_moved is not None else ()
     translator = graph.submit(
         nodes.LatenTranslator(extract=tuple(extract), align=tuple(align), hparams=spec.hparams(seed),
                               max_length=cfg.max_length, dtype=cfg.dtype, device=cfg.device,
-                              chat_template=templated["student"]),
+                              chat_template=templated["student"], val=val),
         {"teacher": teacher, "student": student, "data": train,
          "teacher_attr": [attribution("teacher", i) for i in extract],
          "student_attr": [attribution("student", i) for i in extract]},

@@ -43,6 +43,7 @@ from pkt.tasks import nodes
 
 from .config import parse_config
 from .demo import ALL_VARIANTS, family_future, family_node, family_stats
+from .fresh import family_of
 from .graph import Graph, task_runner, torch_threads_per_worker
 from .outputs import claim_report_dir
 from .summary import publish
@@ -101,10 +102,14 @@ def study_endpoint(tasks: list[dict]) -> dict:
 def study_config(family_root: str, seeds: list[int], store: str | None, report_dir: str,
                  selection_seeds: list[int] = SELECTION_SEEDS, lrs: list[float] = STUDY_LRS,
                  scales: list[float] = STUDY_SCALES, alphas: list[float] = STUDY_ALPHAS,
-                 variants: list[str] = ALL_VARIANTS, train: dict | None = None) -> dict:
+                 variants: list[str] = ALL_VARIANTS, train: dict | None = None, family: dict | None = None) -> dict:
     """The sweep of one family: its study tasks, every variant, equal grids, selection on val by the
-    answer NLL with the selection seeds, test on fresh seeds, the declared endpoint."""
+    answer NLL with the selection seeds, test on fresh seeds, the declared endpoint. family: the family's
+    {size, seed, testbed, twin} (flows/fresh.family_of), which the fresh-student variants pretrain on;
+    without it the default variants leave them out."""
     root = Path(family_root)
+    if family is None and variants is ALL_VARIANTS:
+        variants = [v for v in variants if VARIANTS[v].chain != "fresh"]
     tasks = study_tasks(family_root)
     own_axis = {v: {"alpha": list(alphas)} for v in variants  # lora, pissa and the data route (kd, seq-kd)
                 if VARIANTS[v].trains and VARIANTS[v].chain != "laten" and not VARIANTS[v].extracted}
@@ -115,7 +120,7 @@ def study_config(family_root: str, seeds: list[int], store: str | None, report_d
             "train": {**STUDY_TRAIN, **(train or {})}, "train_grid": {"lr": list(lrs), "init_scale": list(scales)},
             "variant_grid": own_axis, "laten": STUDY_LATEN, "select_on": "answer_nll", "benchmarks": ["answer_nll"],
             "endpoint": study_endpoint(tasks), "max_length": 96, "report_dir": report_dir,
-            **({"store": store} if store else {})}
+            **({"family": family} if family else {}), **({"store": store} if store else {})}
 
 
 def study_plan(cfg, families: int) -> dict:
@@ -201,13 +206,15 @@ def _family_set(graph: Graph, family_size: str, family_seeds: list[int], n: int,
     their pooled report: in report_dir itself, or report_dir/twin for the twins."""
     seeds, store, selection_seeds, lrs, scales, alphas, variants, train = args
     st = graph.store
-    runs, extra, families, cfg, used = [], {"curves": [], "selection": [], "items": [], "dose": []}, {}, None, {}
+    runs, extra, families, cfg, used = [], {"curves": [], "selection": [], "items": [], "dose": [],
+                                            "pretraining": []}, {}, None, {}
     excluded: dict[str, list[str]] = {}
     earlier = set(graph.kinds)  # the nodes of the sets swept before this one: not this report's inputs
     for name, fam, stats in included_families(graph, family_size, family_seeds, n, excluded, testbed, twin):
         families[name] = stats
         cfg = parse_config(study_config(str(st.tree(Ref.of(fam))), seeds, store, str(Path(report_dir) / name),
-                                        selection_seeds, lrs, scales, alphas, variants, train))
+                                        selection_seeds, lrs, scales, alphas, variants, train,
+                                        family_of(st.record("family", fam["key"]))))
         if cfg.endpoint.tasks != [KNOWLEDGE_TASK]:
             print(f"{name} has no {KNOWLEDGE_TASK} task: the endpoint is read on {cfg.endpoint.tasks}")
         if not runs and planned:  # the first included family

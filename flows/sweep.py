@@ -22,6 +22,7 @@ from .config import SETTING_FIELDS, SweepConfig, TaskSpec, parse_config
 from .diagnose import with_diagnostics
 from .extract import chat_template, prompt_formats, variant_init
 from .graph import Graph, source_name, task_runner, torch_threads_per_worker
+from .fresh import curve_rows, fresh_chain
 from .laten import laten_chain
 from .names import run_name
 from .outputs import check_out_dir, claim_report_dir
@@ -133,6 +134,8 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
         matched += at_subject
     graph.results()  # every node finished (the first failure is raised here)
     rows, curves, items = _collect(store, scored, item_metrics(cfg), inert)
+    pretraining = [row for (student, variant), ref in sorted(_fresh_students(scored).items())
+                   for row in curve_rows(store, student, variant, ref)]  # the fresh students' probe loss by step
     matched = sv_matched(_collect(store, matched, set())[0], rows)
     dose = _collect(store, dosed, set())[0]
     if dose:  # the dose-response: every checkpoint's rows and the final one's (steps = the run's own)
@@ -144,7 +147,7 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     all_scores = [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]
     inputs = {"runs": nodes.table_source(store, table, "runs.csv"), "scores": all_scores}
     for name, extra in (("curves", curves), ("selection", selection), ("items", items), ("dose", dose),
-                        ("matched", matched)):
+                        ("matched", matched), ("pretraining", pretraining)):
         if extra:
             inputs[name] = nodes.table_source(store, pd.DataFrame(extra), f"{name}.csv")
     spec = nodes.Report(primary=primary, protocol=report_protocol(cfg, protocol))
@@ -223,7 +226,7 @@ def _collect(store: Store, scored: list, keep_items: set[str], inert: dict | Non
         n_items = len(per_item["doc_id"])
         summary = nodes.score_summary(store, future.result())
         run = tuple(fields[k] for k in ("student", "task", "variant", "seed", "setting"))
-        laten_run = result is not None and not trained
+        laten_run = result is not None and result["kind"] == "laten_delta"
         extra = _laten_fields(store, fields["student"], result, (inert or {}).get(run)) if laten_run else {}
         rows += [{**fields, "metric": metric, "value": value, "top_sv": size.get("top_sv"),
                   "top_sv_ratio": size.get("top_sv_ratio"), "n_items": n_items, "steps": len(losses),
@@ -239,6 +242,12 @@ def _collect(store: Store, scored: list, keep_items: set[str], inert: dict | Non
             base = {k: fields[k] for k in ("student", "task", "variant", "seed", "setting")}
             curves += [{**base, "step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
     return rows, curves, items
+
+
+def _fresh_students(scored: list) -> dict[tuple[str, str], dict]:
+    """(student, variant) -> the ref of each fresh student the scored runs read."""
+    return {(fields["student"], fields["variant"]): adapter.result() for fields, _, adapter in scored
+            if adapter is not None and adapter.result()["kind"] == "fresh_student"}
 
 
 SV_TOLERANCE = 0.10  # a control at the subject's setting is size-matched when its top singular value is within 10%
@@ -289,6 +298,9 @@ def _laten_fields(store: Store, student: str, delta: dict, val: tuple | None) ->
     against the untouched student's, whether it is inert (|change| < laten.INERT_NLL nats)."""
     size = laten.update_size(store.tensors(delta), models.LazyWeights.from_model_dir(student))
     out = {"update_size": json.dumps(size, sort_keys=True), "update_size_max": max(size.values(), default=0.0)}
+    moved = json.loads(store.header(delta).get("translator", "null"))  # a translator trained until val moved
+    if moved:
+        out |= {"translator_steps": moved["steps"], "translator_moved_at": moved["moved_at"]}
     if val is not None:
         own, base = (nodes.score_summary(store, f.result())["answer_nll"] for f in val)
         out |= {"val_nll_moved": own - base, "inert": abs(own - base) < laten.INERT_NLL}
@@ -390,8 +402,10 @@ def _distill(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture,
                         {"student": student, "train": completions}, label)
 
 
-CHAINS = {"adapter": _train, "laten": laten_chain, "kd": _distill, "seq-kd": _distill}  # Variant.chain -> its nodes
-SCORED_AS = {"adapter": "adapter", "laten": "delta", "kd": "adapter", "seq-kd": "adapter"}  # -> the Scores input
+CHAINS = {"adapter": _train, "laten": laten_chain, "kd": _distill, "seq-kd": _distill,  # Variant.chain -> its nodes
+          "fresh": fresh_chain}
+SCORED_AS = {"adapter": "adapter", "laten": "delta", "kd": "adapter", "seq-kd": "adapter",  # -> the Scores input
+             "fresh": "student"}  # a fresh student replaces the student it is scored as
 
 
 def _score(graph: Graph, cfg: SweepConfig, student: str, adapter, task: TaskSpec, benchmark: str, split: str,

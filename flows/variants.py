@@ -25,6 +25,7 @@ class Variant:
     route: str = "parametric"  # "parametric" (reads the teacher's weights) or "data" (reads only its outputs)
     model: str = "student"  # the model scored: "student" (with the run's adapter, if any) or "teacher" (as it is)
     data: str = "train"  # what it trains on: the task's "train" split, or "scored": the very split it is scored on
+    fresh: str | None = None  # chain "fresh": the new student's init, "weight-selection", "subcloning" or "random"
     what: str = ""
 
     @property
@@ -87,6 +88,19 @@ VARIANTS = {v.name: v for v in [
             what="window selector after Samragh et al. 2023, inside transfer's subtracted LoRA init (not the paper's "
                  "student initialisation): the sensitive layers, neurons/heads ranked by mean activation magnitude "
                  "on the seeds (one residual ranking for all layers)"),
+    # the same papers as their authors run them (pkt_core/fresh.py): the selected teacher weights BECOME the
+    # student, pretrained on the student's corpus for its budget; only a miniature family has that corpus
+    Variant("ws-student", init="none", chain="fresh", fresh="weight-selection",
+            what="weight selection (Xu et al. 2024) as a student initialisation: the teacher's first layers and "
+                 "evenly spaced indices become a student-shaped model, pretrained on the student's corpus for the "
+                 "student's budget, scored as a model"),
+    Variant("subclone-student", init="none", chain="fresh", fresh="subcloning",
+            what="weight subcloning (Samragh et al. 2023) as a student initialisation: neurons by activation "
+                 "magnitude on the student corpus, layers by block influence, norm gains rescaled; then pretrained "
+                 "as ws-student"),
+    Variant("random-student", init="none", chain="fresh", fresh="random",
+            what="the fresh-student control: the same pretraining from the family's random init (it reproduces "
+                 "the family's student): the baseline the papers' faster-training claim is measured against"),
     Variant("block-influence", selector="block-influence",
             what="ShortGPT's block influence (1 - cos(h_in, h_out)) picks the layers; the sensitive windows inside"),
 ]}

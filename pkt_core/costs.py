@@ -18,7 +18,8 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
-TRAINING = "adapter"  # the kind that is the run's own training; every other kind is teacher-side
+# the kinds that are a run's own training (a fresh student's pretraining too); every other kind is teacher-side
+TRAINING = ("adapter", "fresh_student")
 COLUMNS = ["variant", "runs", "teacher_side_s", "teacher_side_by_kind", "training_s_per_run", "peak_rss_mib",
            "added_rss_mib", "shared_with"]
 
@@ -30,11 +31,11 @@ def costs(records: Mapping[tuple[str, str], dict | None], used: Mapping[str, Ite
     and the most any of them added above its start, both in MiB. A variant that trains nothing
     (vanilla) costs 0; a node without a record counts as unmeasured (NaN)."""
     used = {v: sorted({tuple(n) for n in ids}) for v, ids in used.items()}
-    side = {v: {n for n in ids if n[0] != TRAINING} for v, ids in used.items()}
+    side = {v: {n for n in ids if n[0] not in TRAINING} for v, ids in used.items()}
     rows = []
     for variant, ids in used.items():
         recs = {n: records.get(n) or {} for n in ids}
-        train = [_seconds(r) for n, r in recs.items() if n[0] == TRAINING]
+        train = [_seconds(r) for n, r in recs.items() if n[0] in TRAINING]
         by_kind: dict[str, float] = {}
         for n in side[variant]:
             by_kind[n[0]] = by_kind.get(n[0], 0.0) + _seconds(recs[n])

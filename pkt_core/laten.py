@@ -292,6 +292,11 @@ class LatenParams:
     init_std: float = 1e-5  # N(0, init_std) translator weights (knowledge_translator.py:36-38)
     # (d_t, d_s) that init_std and lr were set for: None, used as given; (5120, 4096), the authors' 13B -> 7B
     reference_width: tuple[int, int] | None = None
+    # train until the val answer CE moves: beyond the extract samples (cycled in order) until it differs from
+    # its step-0 value by more than until_moved nats, at most max_steps steps (None: 8 x the extract samples);
+    # the OneCycle schedule then spans max_steps. None: the authors' one pass over the extract samples
+    until_moved: float | None = None
+    max_steps: int | None = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -311,6 +316,12 @@ class LatenParams:
         ref_t, ref_s = self.reference_width
         return self.init_std * ((ref_t * ref_s) / (d_t * d_s)) ** 0.25, self.lr * ref_t / d_t
 
+    def step_budget(self, n_extract: int) -> int:
+        """Optimizer steps the translator may take: one per extract sample, or with until_moved up to the cap."""
+        if self.until_moved is None:
+            return n_extract
+        return self.max_steps or 8 * n_extract
+
     @classmethod
     def from_dict(cls, d: dict) -> "LatenParams":
         d = dict(d)
@@ -320,7 +331,7 @@ class LatenParams:
         return cls(**d)
 
 
-LATER_FIELDS = {"init_std": 1e-5, "reference_width": None}
+LATER_FIELDS = {"init_std": 1e-5, "reference_width": None, "until_moved": None, "max_steps": None}
 
 
 def delta_rows(pairs: list[Pair], rows: list[torch.Tensor], student_config) -> dict[str, list]:
@@ -383,12 +394,19 @@ def one_cycle(opt, params: LatenParams, total_steps: int):
 
 
 def train_translator(teacher_weights, teacher_config, student, extract: list[dict], align: list[dict],
-                     params: LatenParams, on_step=None, progress: bool = True) -> list[dict]:
+                     params: LatenParams, on_step=None, progress: bool = True, val: list[dict] | None = None,
+                     report: dict | None = None) -> list[dict]:
     """One optimizer step per extract sample (each {"encoded", "t_attr", "s_attr"}): locate on it,
     batch = `align_per_step` align samples + it, AdamW + OneCycle (cosine, 10% warm-up).
     on_step(step (1-based: optimizer steps taken), translator state dict) after every step.
     Returns the per-step log (loss, answer CE). Teacher and student stay frozen. Its progress bar
-    checks pkt's stop flag every step (pkt_core/progress.py)."""
+    checks pkt's stop flag every step (pkt_core/progress.py).
+
+    With params.until_moved, training goes on past the extract samples (taken again in order) until the
+    val answer CE (`val`: encoded samples; `val_ce`) differs from its step-0 value by more than
+    until_moved nats, or params.step_budget steps are taken; each step's log then holds its val_ce, and
+    `report` (a dict, if given) receives {"val_start", "moved_at" (None: never moved), "threshold",
+    "steps"}."""
     d_t, d_s = arch.dims(teacher_config).hidden, arch.dims(student.config).hidden
     check_modules(params.modules, teacher_config, student.config)
     k = counts(student.config, params.rate)
@@ -398,9 +416,17 @@ def train_translator(teacher_weights, teacher_config, student, extract: list[dic
     student.requires_grad_(False)
     opt = torch.optim.AdamW(translator.parameters(), lr=lr, weight_decay=params.weight_decay,
                             betas=tuple(params.betas))
-    sched = one_cycle(opt, replace(params, lr=lr), len(extract))
-    log, bar = [], Progress(len(extract), "laten translator", "step", enabled=progress)
-    for step, ex in enumerate(extract):
+    budget = params.step_budget(len(extract))
+    sched = one_cycle(opt, replace(params, lr=lr), budget)
+    until = params.until_moved
+    if until is not None and not val:
+        raise LatenError("LaTen until_moved: training until the val loss moves needs val samples")
+    probe = _val_probe(teacher_weights, teacher_config, extract[0], k, params) if until is not None else None
+    start = val_ce(student, translator, *probe, val) if until is not None else None
+    moved_at = None
+    log, bar = [], Progress(budget, "laten translator", "step", enabled=progress)
+    for step in range(budget):
+        ex = extract[step % len(extract)]
         pairs = locate(ex["t_attr"], ex["s_attr"], k, params.modules, params.n_layers)
         vectors = [v.to(student.device) for v in teacher_vectors(teacher_weights, teacher_config, pairs)]
         batch = [align[i] for i in align_batch(len(align), params.align_per_step, params.seed, step)] + [ex["encoded"]]
@@ -410,12 +436,35 @@ def train_translator(teacher_weights, teacher_config, student, extract: list[dic
         sched.step()
         opt.zero_grad(set_to_none=True)
         log.append({"loss": loss.item(), "answer_ce": ce.item() / len(batch)})
+        if until is not None:
+            log[-1]["val_ce"] = val_ce(student, translator, *probe, val)
         if on_step is not None:
             on_step(step + 1, {n: t.detach().cpu().clone() for n, t in translator.state_dict().items()})
         bar.update()
         bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
+        if until is not None and abs(log[-1]["val_ce"] - start) > until:
+            moved_at = step + 1
+            break
     bar.close()
+    if report is not None and until is not None:
+        report.update({"val_start": start, "moved_at": moved_at, "threshold": until, "steps": len(log)})
     return log
+
+
+def _val_probe(teacher_weights, teacher_config, ex: dict, k: dict[str, int], params: LatenParams):
+    """The pairs and teacher vectors the val loss is measured through: located on the first extract sample,
+    the same at every step, so val_ce changes only with the translator."""
+    pairs = locate(ex["t_attr"], ex["s_attr"], k, params.modules, params.n_layers)
+    return pairs, teacher_vectors(teacher_weights, teacher_config, pairs)
+
+
+def val_ce(student, translator: Translator, pairs: list[Pair], vectors: list[torch.Tensor],
+           val: list[dict]) -> float:
+    """Mean answer-token CE (nats) over the val samples of the student with the translator's rows added."""
+    with torch.no_grad():
+        vectors = [v.to(student.device) for v in vectors]
+        _, ce = translator_loss(student, translator, pairs, vectors, val, 0.0)
+    return ce.item() / len(val)
 
 
 def load_translator(state: dict[str, torch.Tensor], modules) -> Translator:
@@ -518,3 +567,13 @@ def splits(n_rows: int, n_extract: int, n_align: int, seed: int = 0) -> tuple[li
 def seed_sample(pool: list[int], seed: int) -> int:
     """The transfer's one seed sample (a seeded hyperparameter: results depend on it)."""
     return random.Random(f"laten-sample:{seed}").choice(pool)
+
+
+def val_lines(pool: list[int], seed: int, n: int) -> list[int]:
+    """The samples whose answer CE tells whether the translator has moved (until_moved): n of the pool
+    (the training file's lines that are neither extract nor align), the seed's transfer sample left out."""
+    rest = [i for i in pool if i != seed_sample(pool, seed)]
+    if not rest:
+        raise LatenError("LaTen until_moved needs val samples: the training file has no line beyond the extract "
+                         "and align samples and the seed sample; lower laten.n_extract/n_align")
+    return rest[:n]

@@ -22,8 +22,8 @@ from pkt.artifacts.keys import InputChanged, stamped_file_digest
 from pkt.artifacts import model_id
 from pkt.artifacts.model_id import model_digest
 from pkt.artifacts.store import Ref, Store
-from pkt.core import (activations, align, arch, data, diagnose, distill, evaluate, finetune, laten, lora_init, models,
-                      report, sensitivity)
+from pkt.core import (activations, align, arch, data, diagnose, distill, evaluate, finetune, fresh, laten, lora_init,
+                      models, report, sensitivity)
 from pkt.core.mini import family
 
 from .node import SOURCE_KINDS, Node, Tensors, execution, keyed_if_set, log, opaque
@@ -579,11 +579,16 @@ class Report(Node):
         for name, file in BESIDE_REPORT.items():  # tables the report reads, kept beside it as given
             if name in inputs:
                 Path(out, file).write_bytes(store.read_bytes(inputs[name]["digest"]))
+        if "pretraining" in inputs:  # the fresh students' loss by step, a small table at the page's end
+            page = Path(out, report.REPORT_FILES["markdown"])
+            table = report.read_csv(io.BytesIO(store.read_bytes(inputs["pretraining"]["digest"])))
+            page.write_text(page.read_text() + "\n" + fresh.pretraining_section(table))
 
 
 # dose: every run's scores at its checkpoint steps (the dose-response over steps); matched: the endpoint's
 # controls at the subject's own chosen setting, with their top singular value against the subject's
-BESIDE_REPORT = {"dose": "dose.csv", "matched": "matched.csv"}
+# pretraining: the fresh students' probe loss at fixed steps (pkt_core/fresh.py), also a table in report.md
+BESIDE_REPORT = {"dose": "dose.csv", "matched": "matched.csv", "pretraining": "pretraining.csv"}
 
 
 @dataclass(frozen=True)
@@ -669,6 +674,7 @@ class LatenTranslator(Node):
     hparams: dict | None = None  # laten.LatenParams.as_dict()
     max_length: int = 2048
     chat_template: bool = keyed_if_set(False)  # the samples in the student's chat template (else the paper's layout)
+    val: tuple[int, ...] = keyed_if_set(())  # line indices whose answer CE says when it moved (hparams until_moved)
     dtype: str = "float32"
     device: str = execution(default="cpu")
 
@@ -685,9 +691,17 @@ class LatenTranslator(Node):
                    for i, t, s in zip(self.extract, inputs["teacher_attr"], inputs["student_attr"], strict=True)]
         save = lambda k, state: save_file(state, f"{out}/step_{k:03d}.safetensors",  # noqa: E731
                                           metadata={"format": "pt", "step": str(k)})
+        moved: dict = {}
         steps = laten.train_translator(models.LazyWeights.from_model_dir(t_src), models.load_config(t_src), student,
-                                       extract, [encode(i) for i in self.align], hp, on_step=save)
-        Path(out, "translator_log.json").write_text(json.dumps({"steps": steps, "modules": list(hp.modules)}))
+                                       extract, [encode(i) for i in self.align], hp, on_step=save,
+                                       val=[encode(i) for i in self.val], report=moved)
+        if moved:
+            log(f"laten translator: val answer CE {moved['val_start']:.4f} at step 0; moved by more than "
+                f"{moved['threshold']:g} at step {moved['moved_at']}" if moved["moved_at"] else
+                f"laten translator: val answer CE never moved by more than {moved['threshold']:g} in "
+                f"{moved['steps']} steps (the cap)")
+        Path(out, "translator_log.json").write_text(json.dumps({"steps": steps, "modules": list(hp.modules),
+                                                                **({"val": moved} if moved else {})}))
 
 
 def translator_steps(store: Store, ref: dict) -> int:
@@ -703,7 +717,7 @@ class LatenDelta(Node):
 
     KIND = "laten_delta"
     INPUTS = ("teacher", "translator", "teacher_attr", "student_attr")
-    step: int = 1
+    step: int = 1  # 0: the translator's last step (one trained until its val loss moved)
     rate: float = 0.1
     control: str = "translated"  # laten.CONTROLS
     draw_seed: int = 0
@@ -713,19 +727,22 @@ class LatenDelta(Node):
         tr = inputs["translator"]
         hp = laten.LatenParams.from_dict(store.record("laten_translator", tr["key"])["params"]["hparams"] or {})
         modules, n_steps = hp.modules, translator_steps(store, tr)
-        if not 1 <= self.step <= n_steps:
+        step = self.step or n_steps
+        if not 1 <= step <= n_steps:
             raise laten.LatenError(f"LaTen step {self.step}: the translator has steps 1..{n_steps}; "
                                    "choose a laten.grid step in that range")
         t_src = model_path(store, inputs["teacher"])
         s_cfg = arch.config_from_shape(self.student_shape)
-        state = _load_safetensors(store.tree(Ref.of(tr)) / f"step_{self.step:03d}.safetensors")
+        state = _load_safetensors(store.tree(Ref.of(tr)) / f"step_{step:03d}.safetensors")
         pairs = laten.locate(store.tensors(inputs["teacher_attr"]), store.tensors(inputs["student_attr"]),
                              laten.counts(s_cfg, self.rate), modules, hp.n_layers)
         vectors = laten.teacher_vectors(models.LazyWeights.from_model_dir(t_src), models.load_config(t_src), pairs)
         delta = laten.make_delta(laten.load_translator(state, modules), pairs, vectors, s_cfg, self.control,
                                  self.draw_seed)
         layers = [(p.module, p.t_layer, p.s_layer) for p in pairs]
-        return Tensors(delta, {"stats": json.dumps(laten.delta_stats(delta)), "pairs": json.dumps(layers)})
+        moved = json.loads((store.tree(Ref.of(tr)) / "translator_log.json").read_text()).get("val")
+        return Tensors(delta, {"stats": json.dumps(laten.delta_stats(delta)), "pairs": json.dumps(layers),
+                               **({"translator": json.dumps({**moved, "step_used": step})} if moved else {})})
 
 
 def _load_safetensors(path: Path) -> dict:

@@ -11,6 +11,7 @@ from prefect_api import task_graph, task_names
 LATEN_VARIANTS = [v for v in ALL_VARIANTS if VARIANTS[v].chain == "laten"]
 PEFT_INITS = [v for v in ALL_VARIANTS if VARIANTS[v].init in ("lora", "pissa")]  # no lora_init node
 UNTRAINED = [v for v in ALL_VARIANTS if not VARIANTS[v].trains]  # scored as they are (vanilla, teacher)
+FRESH = [v for v in ALL_VARIANTS if VARIANTS[v].chain == "fresh"]  # a new student pretrained, scored as a model
 
 
 def check_edges(graph: dict, variants=ALL_VARIANTS, seeds: int = 2) -> None:
@@ -36,6 +37,7 @@ def check_edges(graph: dict, variants=ALL_VARIANTS, seeds: int = 2) -> None:
                     "laten_attribution": ["model", "file"], "laten_translator": [],  # below
                     "laten_delta": ["model", "laten_translator", "laten_attribution", "laten_attribution"],
                     "report": ["scores"] * sum(kind(n) == "scores" for n in graph),
+                    "fresh_init": ["model", "model"], "fresh_student": ["model"],
                     "model": fam, "file": fam, "dir": fam, "family": []}.get(kind(name))
         assert expected is not None, f"a node of an unexpected kind: {name}"
         if kind(name) == "laten_translator":  # two attributions (teacher, student) per extract sample
@@ -46,7 +48,11 @@ def check_edges(graph: dict, variants=ALL_VARIANTS, seeds: int = 2) -> None:
             expected = ["model", "teacher_completions"]
         elif kind(name) in ("adapter", "diagnostic") and not any(f", {v}, " in name for v in PEFT_INITS):
             expected = expected + ["lora_init"]
-        if kind(name) == "scores" and not any(f", {v}, " in name for v in UNTRAINED):
+        if kind(name) == "fresh_student" and ", random-student, " not in name:  # from the teacher's selection
+            expected = expected + ["fresh_init"]
+        if kind(name) == "scores" and any(f", {v}, " in name for v in FRESH):  # the fresh student, not the student
+            expected = ["fresh_student", "dir"]
+        elif kind(name) == "scores" and not any(f", {v}, " in name for v in UNTRAINED):
             expected = expected + ["laten_delta" if any(f", {v}, " in name for v in LATEN_VARIANTS) else
                                    "kd_adapter" if ", kd, " in name and ", step " not in name else
                                    "adapter_checkpoint" if ", step " in name else "adapter"]

@@ -93,6 +93,25 @@ SIZES = {
 # Every size stays v1 until v2 passes its gates: at the study's pretraining budget a v2 teacher knew
 # 6-12.5% of its gate's teacher-only facts (v1: 94%) and the v2 student 3-12% of the shared ones (floor
 # 0.2), measured on family seed 0 (2026-12-07), so a v2 study would include no family. `--testbed 2` asks.
+# v2 recipes tried (seed 0, 6/2, v1's 900 teacher steps unless said; "QA/sentence": the teacher's teacher-forced
+# exact match on its 32 gate teacher-only facts asked in the question format / in the pretraining sentence;
+# 2 shared CPU cores, one thread; none passed, so v2's recipe is unchanged):
+#   v2 as is (fact_repeats 12, shared 2-16):         QA 0.06, sentence 0.41, teacher 222 s
+#   fact_repeats 36, shared 6-48:                    QA 0.16, sentence 0.91, 252 s: stored, not extractable
+#   + 3 phrasings of each fact*, facts_format 128:   QA 0.12, sentence 0.12, 251 s: 3.4 epochs store nothing
+#   fact_repeats 36, shared 6-48, facts_format 128,
+#     1350 teacher steps:                            QA 0.19, sentence 0.91, 375 s
+#   fact_repeats 36, shared 6-48, answers* restating
+#     the fact ("The number of the X is 4. The
+#     answer is 4."):                                QA 0.56, sentence 1.00, 240 s; built (377 s): 4 of 8 gates
+#     failed: generating, the teacher copies a wrong name into its answer (teacher-only 0.09), and addition,
+#     at half v1's epochs, fell (teacher 0.125, student 0; student shared facts 0.09)
+#   the same, facts_format 256 (more names to learn the copy from): built (368 s), 3 of 8 gates failed
+#     (teacher-only: teacher 0.09, student 0.125; student addition 0, shared facts 0.09)
+# v1's seed-0 build, same machine, for the time budget: 222 s (teacher 172 s), all 7 gates passed (the
+# seconds above vary with the load: 900 steps of a 6/2 teacher took 172-314 s). (* trial code, not kept.)
+# So a two-piece name's fact is stored (recalled right after its pieces) but the question format, 5 tokens
+# on, reads it only when the answer restates the name, which needs a copy these models do not learn.
 DEFAULT_TESTBED: dict[str, int] = {}
 # the reachability gate's budget: the study's LoRA (rank 16, no dropout) at its highest lr and largest step count
 REACH_TRAIN = {"rank": 16, "alpha": 32.0, "dropout": 0.0, "lr": 1e-2, "steps": 128, "batch_size": 32,

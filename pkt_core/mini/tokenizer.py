@@ -30,7 +30,8 @@ CHARS = sorted(set(string.ascii_letters + string.digits + string.punctuation + "
 # v2's name pieces: consonant-vowel syllables, so a name splits into them one way only, two a name.
 # Measured at study size, seed 0 (the study's pretraining budget): with three pieces of twelve the 6-layer
 # teacher knew 12% of its gate's teacher-only facts, with two of seventy 6% (v1's one-token names: 94%),
-# so v2 families fail the knowledge gates until their pretraining learns multi-piece names
+# so v2 families fail the knowledge gates until their pretraining learns multi-piece names (the v2 recipes
+# tried since: family.py, above DEFAULT_TESTBED)
 V2_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 

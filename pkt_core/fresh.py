@@ -30,7 +30,6 @@ import torch
 
 from . import align, arch, inherit
 from .errors import UserError
-from .progress import Progress
 
 METHODS = ("weight-selection", "subcloning")
 # the teacher layers each method keeps by default (align.select_layers' strategies)
@@ -143,34 +142,18 @@ def pretrain(model, blocks: torch.Tensor, p: PretrainParams, progress: bool = Tr
     (AdamW, cosine with 5% warm-up, clip 1.0, epochs over the blocks in a permutation drawn from
     p.seed), so a random init seeded with the family's seed reproduces the family's student.
     Returns {"losses": per-step train loss, "loss_at": {step: probe loss}, "probe_blocks"}."""
-    from transformers import get_cosine_schedule_with_warmup
+    from .mini.family import pretrain_loop
 
     at = set(p.loss_at or probe_steps(p.steps))
     probe = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(p.seed + 1))[:p.probe_blocks]]
     loss_at = {0: probe_loss(model, probe)} if 0 in at else {}
-    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, max(1, p.steps // 20), p.steps)
-    g = torch.Generator().manual_seed(p.seed)
-    order = torch.empty(0, dtype=torch.long)
-    losses = []
-    bar = Progress(p.steps, "pretrain fresh student", "step", enabled=progress)
-    for step in range(1, p.steps + 1):
-        if len(order) < p.batch:
-            order = torch.cat([order, torch.randperm(len(blocks), generator=g)])
-        batch, order = blocks[order[:p.batch]], order[p.batch:]
-        model.train()
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+
+    def measure(step: int) -> None:
         if step in at:
             loss_at[step] = probe_loss(model, probe)
-        bar.update()
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
+
+    losses = pretrain_loop(model, blocks, p.lr, p.steps, p.batch, p.seed, "pretrain fresh student", progress,
+                           p.weight_decay, after_step=measure)
     return {"losses": losses, "loss_at": {str(k): v for k, v in sorted(loss_at.items())},
             "probe_blocks": len(probe)}
 

@@ -168,7 +168,7 @@ def pretrain(member: str, family: FamilyRecipe, out_dir: Path, log=print, progre
     """Pretrain one member on its own corpus; writes out_dir (and out_dir-early when early_step is
     set). Returns stats. grow_from: a trained model dir the member starts from, grown to its shape
     (grow.py) instead of a random init."""
-    from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
+    from transformers import LlamaForCausalLM
 
     from .. import models
     from ..grow import grow
@@ -186,33 +186,52 @@ def pretrain(member: str, family: FamilyRecipe, out_dir: Path, log=print, progre
         model = grow(small := models.load_model(grow_from), config)
         with torch.no_grad():  # the expansion step's check: the grown model computes the student's logits
             grown["grown_max_dlogit"] = (model(blocks[:8]).logits - small(blocks[:8]).logits).abs().max().item()
-    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=0.01)
-    sched = get_cosine_schedule_with_warmup(opt, max(1, r.steps // 20), r.steps)
-    g = torch.Generator().manual_seed(family.seed)
-    order = torch.empty(0, dtype=torch.long)
     t0 = time.time()
-    bar = Progress(r.steps, f"pretrain {member}", "step", enabled=progress)
-    for step in range(1, r.steps + 1):
-        if len(order) < family.batch:  # epochs over the blocks: every fact seen equally often
+
+    def keep_early(step: int) -> None:
+        if r.early_step == step:
+            _save(model, tok, Path(str(out_dir) + "-early"))
+
+    loss = pretrain_loop(model, blocks, r.lr, r.steps, family.batch, family.seed, f"pretrain {member}", progress,
+                         after_step=keep_early)[-1]
+    _save(model, tok, out_dir)
+    log(f"{member}: {r.steps} steps, final loss {loss:.3f}, {time.time() - t0:.0f} s")
+    return {"name": member, "steps": r.steps, "final_loss": round(loss, 4),
+            "epochs": round(r.steps * family.batch / len(blocks), 2), "seconds": round(time.time() - t0, 1),
+            "params": sum(p.numel() for p in model.parameters()), **grown}
+
+
+def pretrain_loop(model, blocks: torch.Tensor, lr: float, steps: int, batch: int, seed: int, label: str,
+                  progress: bool = True, weight_decay: float = 0.01, after_step=None) -> list[float]:
+    """Pretrain `model` in place on packed blocks [n, block]: AdamW, cosine with 5% warm-up, clip 1.0,
+    epochs over the blocks in permutations drawn from `seed`; after_step(step) after each step. Returns
+    the train loss of every step. The one loop of the family's members and the fresh students (fresh.py)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, max(1, steps // 20), steps)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    losses = []
+    bar = Progress(steps, label, "step", enabled=progress)
+    for step in range(1, steps + 1):
+        if len(order) < batch:  # epochs over the blocks: every fact seen equally often
             order = torch.cat([order, torch.randperm(len(blocks), generator=g)])
-        batch, order = blocks[order[:family.batch]], order[family.batch:]
+        batch_ids, order = blocks[order[:batch]], order[batch:]
         model.train()
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = model(input_ids=batch_ids, labels=batch_ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if r.early_step == step:
-            _save(model, tok, Path(str(out_dir) + "-early"))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if after_step is not None:
+            after_step(step)
     bar.close()
-    _save(model, tok, out_dir)
-    log(f"{member}: {r.steps} steps, final loss {loss.item():.3f}, {time.time() - t0:.0f} s")
-    return {"name": member, "steps": r.steps, "final_loss": round(loss.item(), 4),
-            "epochs": round(r.steps * family.batch / len(blocks), 2), "seconds": round(time.time() - t0, 1),
-            "params": sum(p.numel() for p in model.parameters()), **grown}
+    return losses
 
 
 def corpus(member: str, family: FamilyRecipe) -> list[str]:

@@ -569,8 +569,11 @@ def seconds_per_node(records: list[dict]) -> dict[str, float]:
     return {kind: sum(x) / len(x) for kind, x in times.items()}
 
 
-def describe_size(counts: dict[str, int], per_node: dict[str, float]) -> tuple[int, str]:
-    """(nodes, 'N nodes (a adapter, b scores, ...), about T' in words)."""
+def describe_size(counts: dict[str, int], per_node: dict[str, float], reused: dict[str, int] | None = None,
+                  bound: bool = False) -> tuple[int, str]:
+    """(nodes to compute, 'N nodes to compute (a adapter, b scores, ...), M reused from the store, about T'
+    in words): T is for the nodes to compute only. reused None: every node counted (none looked up);
+    bound: N is an upper bound."""
     total = sum(counts.values())
     parts = ", ".join(f"{n:,} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     timed = {k: n * per_node[k] for k, n in counts.items() if k in per_node}
@@ -579,9 +582,15 @@ def describe_size(counts: dict[str, int], per_node: dict[str, float]) -> tuple[i
         hours = sum(timed.values()) / 3600
         when = f"about {hours:,.1f} h of node compute from the store's recorded seconds" + (
             f" (no {', '.join(untimed)} timed there yet)" if untimed else "")
-    else:
+    elif counts:
         when = "time unknown: no node of these kinds recorded in the store yet"
-    return total, f"{total:,} nodes ({parts}), {when}"
+    else:
+        when = "nothing to compute"
+    if reused is None:
+        return total, f"{total:,} nodes ({parts}), {when}"
+    held = sum(reused.values())
+    return total, (f"{'at most ' if bound else ''}{total:,} nodes to compute" + (f" ({parts})" if parts else "")
+                   + f", {held:,} reused from the store, {when}")
 
 
 # ---- the inputs behind a config, checked before any work ----------------------------------------

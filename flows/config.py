@@ -614,6 +614,7 @@ def check_sweep_inputs(cfg: SweepConfig) -> None:
     for name in cfg.benchmarks:
         check_benchmark(name, "field benchmarks")
     for task in cfg.tasks:
+        inputs.check_folder(task.dir, "the task directory")  # a FIFO among its files: one sentence, not a wait
         for name in ("train.jsonl", "test.jsonl") + (("val.jsonl",) if cfg.train_grid else ()):
             data.read_jsonl(Path(task.dir) / name)
         _check_seeds(str(Path(task.dir) / "seeds.jsonl"), cfg.k, "k")

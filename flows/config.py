@@ -536,9 +536,9 @@ def _describe(err: dict, where: str, flags: dict[str, str] | None) -> str:
 def node_counts(cfg: SweepConfig) -> dict[str, int]:
     """kind -> how many nodes of that kind the sweep submits, for the kinds that take its time:
     adapters (or LaTen updates) and their LoRA inits, scores, step-0 diagnostics. Every node is
-    counted, stored ones too: a node's key needs its sources' digests (whole models hashed), and the
-    test runs' settings are chosen on val. Computed from the config's sizes, so a sweep of millions
-    is counted in microseconds."""
+    counted, stored ones too: computed from the config's sizes, so a sweep of millions is counted in
+    microseconds, before any input is read (the gate for a sweep too large to plan node by node;
+    flows/plan.py counts the nodes to compute)."""
     trained = [v for v in cfg.variants if VARIANTS[v].trains]
     selecting = any(cfg.grid_size(v) > 1 for v in trained)
     counts: Counter = Counter()

@@ -7,6 +7,7 @@ flow command start its Prefect API (flows/server.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -276,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         quiet()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in previous.items():  # stopped by a signal: one more exits now (_late_signal)
+            signal.signal(sig, _late_signal if _SIGNALS else handler)
         if allow_bin is None:
             os.environ.pop("PKT_ALLOW_BIN", None)
         else:
@@ -333,6 +334,17 @@ def _on_signal(signum, frame):
     if signum == signal.SIGTERM:
         raise Terminated()
     raise KeyboardInterrupt
+
+
+def _late_signal(signum, frame):
+    """A signal after pkt said it stopped, while the interpreter shuts down (joining threads, running
+    atexit): exit now, as the earlier signal asked, instead of raising KeyboardInterrupt inside that
+    teardown (a traceback, or with torch's threads still up SIGABRT: "terminate called without an
+    active exception"). Nothing is half-stored; a killed process's temp area is gc's to reap."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(128 + _SIGNALS[0] if _SIGNALS else 128 + signum)
 
 
 class _NoUserTracebacks(logging.Filter):

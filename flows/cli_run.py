@@ -127,12 +127,18 @@ def _seed_list(value: str, flag: str) -> list[int]:
 
 
 
-def check_sweep_size(cfg, args) -> None:
-    """State the sweep's size before it starts (flows/config.py: node_counts), with the time its kinds
-    took in this store; above --max-nodes, refuse unless --yes."""
+PLAN_CAP = 100_000  # above this many nodes a sweep is judged by its full count: looking each up takes long
+
+
+def check_sweep_size(cfg, args, check_inputs) -> None:
+    """State the sweep's size before it starts: the nodes to compute, those the store holds apart
+    (flows/plan.py: its keys derived and looked up, after check_inputs(cfg)), with the time their kinds
+    took in this store; above --max-nodes to compute, refuse unless --yes. A sweep of more than PLAN_CAP
+    nodes is judged by its full count (flows/config.py: node_counts) before its inputs are read."""
     from pkt.artifacts.store import Store
 
     from .config import ConfigError, describe_size, node_counts, seconds_per_node
+    from .plan import plan_sweep
 
     try:
         limit = int(args.max_nodes)
@@ -141,11 +147,22 @@ def check_sweep_size(cfg, args) -> None:
     if limit < 1:
         raise ConfigError(f"--max-nodes {args.max_nodes[:30]}: give a whole number of at least 1")
     store = Store(cfg.store)
-    total, size = describe_size(node_counts(cfg), seconds_per_node(store.records() if store.root.is_dir() else []))
+    per_node = seconds_per_node(store.records() if store.root.is_dir() else [])
+    counts = node_counts(cfg)
+    planned = sum(counts.values()) <= PLAN_CAP
+    if planned:
+        check_inputs(cfg)
+        plan = plan_sweep(cfg)
+        total, size = describe_size(plan.compute, per_node, plan.reused, plan.choice_pending)
+    else:
+        total, size = describe_size(counts, per_node)
+        size += " (every node counted: too many to look up in the store one by one)"
     if total > limit and not args.yes:
         raise ConfigError(f"this sweep has {size}, above --max-nodes {limit:,}; shrink its grids, seeds or variants, "
                           "or pass --yes to run it (or a higher --max-nodes)")
-    print(f"pkt {args.cmd}: {size} (every node counted; those the store holds are reused)", flush=True)
+    if not planned:
+        check_inputs(cfg)
+    print(f"pkt {args.cmd}: {size}", flush=True)
 
 
 
@@ -250,13 +267,16 @@ def cmd_transfer(args) -> int:
 
     args.store = store_option(args.store)
     cfg = transfer_config(args)
-    check_sweep_size(cfg, args)
     check_benchmark(args.benchmark, "--benchmark")
-    try:
-        check_sweep_inputs(cfg)
-    except LatenError as e:  # the sentence names the sweep config's fields; pkt transfer's are flags
-        raise LatenError(str(e).replace("lower laten.n_extract/n_align", "lower --laten-extract/--laten-align")) \
-            from None
+
+    def check_inputs(cfg):
+        try:
+            check_sweep_inputs(cfg)
+        except LatenError as e:  # the sentence names the sweep config's fields; pkt transfer's are flags
+            raise LatenError(str(e).replace("lower laten.n_extract/n_align", "lower --laten-extract/--laten-align")) \
+                from None
+
+    check_sweep_size(cfg, args, check_inputs)
     _report_dir(cfg.report_dir, "--report-dir", args, [cfg.teacher, *cfg.students, cfg.tasks[0].dir], cfg.store)
     with prefect_api():
         from .sweep import transfer
@@ -281,8 +301,7 @@ def cmd_sweep(args) -> int:
     cfg = cfg.model_copy(update={"store": store_option(cfg.store)})
     if args.no_check:
         cfg = cfg.model_copy(update={"check": False})
-    check_sweep_size(cfg, args)
-    check_sweep_inputs(cfg)
+    check_sweep_size(cfg, args, check_sweep_inputs)
     _report_dir(cfg.report_dir, f"{args.config}: report_dir", args,
                 [cfg.teacher, *cfg.students, *(t.dir for t in cfg.tasks)], cfg.store)
     with prefect_api():

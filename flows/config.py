@@ -564,9 +564,9 @@ def _describe(err: dict, where: str, flags: dict[str, str] | None) -> str:
 def node_counts(cfg: SweepConfig) -> dict[str, int]:
     """kind -> how many nodes of that kind the sweep submits, for the kinds that take its time:
     adapters (or LaTen updates) and their LoRA inits, scores, step-0 diagnostics. Every node is
-    counted, stored ones too: a node's key needs its sources' digests (whole models hashed), and the
-    test runs' settings are chosen on val. Computed from the config's sizes, so a sweep of millions
-    is counted in microseconds."""
+    counted, stored ones too: computed from the config's sizes, so a sweep of millions is counted in
+    microseconds, before any input is read (the gate for a sweep too large to plan node by node;
+    flows/plan.py counts the nodes to compute)."""
     trained = [v for v in cfg.variants if VARIANTS[v].trains]
     selecting = any(cfg.grid_size(v) > 1 for v in trained)
     counts: Counter = Counter()
@@ -600,8 +600,11 @@ def seconds_per_node(records: list[dict]) -> dict[str, float]:
     return {kind: sum(x) / len(x) for kind, x in times.items()}
 
 
-def describe_size(counts: dict[str, int], per_node: dict[str, float]) -> tuple[int, str]:
-    """(nodes, 'N nodes (a adapter, b scores, ...), about T' in words)."""
+def describe_size(counts: dict[str, int], per_node: dict[str, float], reused: dict[str, int] | None = None,
+                  bound: bool = False) -> tuple[int, str]:
+    """(nodes to compute, 'N nodes to compute (a adapter, b scores, ...), M reused from the store, about T'
+    in words): T is for the nodes to compute only. reused None: every node counted (none looked up);
+    bound: N is an upper bound."""
     total = sum(counts.values())
     parts = ", ".join(f"{n:,} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     timed = {k: n * per_node[k] for k, n in counts.items() if k in per_node}
@@ -610,9 +613,15 @@ def describe_size(counts: dict[str, int], per_node: dict[str, float]) -> tuple[i
         hours = sum(timed.values()) / 3600
         when = f"about {hours:,.1f} h of node compute from the store's recorded seconds" + (
             f" (no {', '.join(untimed)} timed there yet)" if untimed else "")
-    else:
+    elif counts:
         when = "time unknown: no node of these kinds recorded in the store yet"
-    return total, f"{total:,} nodes ({parts}), {when}"
+    else:
+        when = "nothing to compute"
+    if reused is None:
+        return total, f"{total:,} nodes ({parts}), {when}"
+    held = sum(reused.values())
+    return total, (f"{'at most ' if bound else ''}{total:,} nodes to compute" + (f" ({parts})" if parts else "")
+                   + f", {held:,} reused from the store, {when}")
 
 
 # ---- the inputs behind a config, checked before any work ----------------------------------------
@@ -636,6 +645,7 @@ def check_sweep_inputs(cfg: SweepConfig) -> None:
     for name in cfg.benchmarks:
         check_benchmark(name, "field benchmarks")
     for task in cfg.tasks:
+        inputs.check_folder(task.dir, "the task directory")  # a FIFO among its files: one sentence, not a wait
         for name in ("train.jsonl", "test.jsonl") + (("val.jsonl",) if cfg.train_grid else ()):
             data.read_jsonl(Path(task.dir) / name)
         _check_seeds(str(Path(task.dir) / "seeds.jsonl"), cfg.k, "k")

@@ -26,6 +26,7 @@ from .fresh import curve_rows, fresh_chain
 from .laten import laten_chain
 from .names import run_name
 from .outputs import check_out_dir, claim_report_dir
+from .plan import NotComputed
 from .summary import lead_metric, publish
 from .variants import VARIANTS, Variant
 
@@ -84,54 +85,7 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     print(prompt_formats(cfg.prompt_format, cfg.teacher, cfg.students))
     if cfg.check is not False:
         check_answers(cfg)
-    teacher = graph.source("model", cfg.teacher)
-    groups = []  # (student path, student future, shape, task, train data future)
-    for student_path in cfg.students:
-        student = graph.source("model", student_path)
-        shape = arch.shape_of(models.load_config(student_path))
-        for task in cfg.tasks:
-            train = graph.source("file", str(Path(task.dir) / "train.jsonl"))
-            groups.append((student_path, student, shape, task, train))
-    # every group's selection runs first, so that the workers have them all before any choice waits
-    made: dict[str, list] = {}  # variant -> the futures of its runs' results (adapters, LaTen updates)
-    val = [_submit_selection(graph, cfg, teacher, group, made) for group in groups]
-    scored, selection = [], []  # (row fields, scores future, adapter future or None); val rows
-    dosed, inert = [], {}  # scored's rows at the runs' earlier checkpoints; LaTen runs' (own, student's) val NLL
-    matched = []  # the endpoint's controls at the subject's chosen setting (Endpoint.at_subject_setting)
-    for (path, student, shape, task, train), val_scores in zip(groups, val):
-        metric = _select_metric(cfg, task)
-        rows = [{"student": path, "task": task.name, "variant": v.name, "setting": setting, "seed": seed,
-                 "metric": metric, "value": nodes.score_summary(store, f.result())[metric]}
-                for (v, setting, seed), f in val_scores.items()]
-        selection += rows
-        chosen = ({v: json.loads(x) for v, x in report.select_settings(pd.DataFrame(rows), metric).items()}
-                  if rows else {})
-        benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
-        for v, setting, seed in chosen_runs(cfg, chosen):
-            label = _label(path, task, v, setting, seed)
-            adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, _data(graph, v, task, train, "test"), task,
-                                      shape, seed, setting, label)
-            made.setdefault(v.name, []).extend([adapter] if adapter is not None else [])
-            scored_path = cfg.teacher if v.model == "teacher" else path  # the teacher row scores the teacher
-            kept = _checkpoints(graph, cfg, v, adapter, setting, seed, label)
-            for bench in benchmarks:
-                fields = {"student": path, "task": task.name, "benchmark": bench, "variant": v.name, "seed": seed,
-                          "setting": _setting(setting)}
-                future = _score(graph, cfg, scored_path, adapter, task, bench, "test", label, v.name)
-                scored.append((fields, future, adapter))
-                dosed += [({**fields, "checkpoint": step}, _score(graph, cfg, scored_path, ckpt, task, bench, "test",
-                                                                  f"{label}, step {step}", v.name), ckpt)
-                          for step, ckpt in kept.items()]
-            if v.chain == "laten" and (Path(task.dir) / "val.jsonl").exists():  # is the update inert? its val
-                # answer NLL against the untouched student's
-                untouched = _label(path, task, VARIANTS["vanilla"], {}, cfg.seeds[0])
-                inert[path, task.name, v.name, seed, _setting(setting)] = tuple(
-                    _score(graph, cfg, path, a, task, "answer_nll", "val", f"{name}, inert check", n)
-                    for a, name, n in ((adapter, label, v.name), (None, untouched, "")))
-        at_subject = _at_subject_setting(graph, cfg, teacher, (path, student, shape, task, train), chosen)
-        for fields, _, adapter in at_subject:
-            made.setdefault(fields["variant"], []).append(adapter)
-        matched += at_subject
+    scored, selection, dosed, inert, matched, made = submit_runs(graph, cfg)
     graph.results()  # every node finished (the first failure is raised here)
     rows, curves, items = _collect(store, scored, item_metrics(cfg), inert)
     pretraining = [row for (student, variant), ref in sorted(_fresh_students(scored).items())
@@ -165,6 +119,70 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
             "computed": sum(r["status"] == "computed" for r in results),
             "nodes": [(r["kind"], r["key"], r["status"]) for r in results],
             "table": summary.to_dict(orient="records"), "headline": lines, "variant_nodes": used}
+
+
+def submit_runs(graph: Graph, cfg: SweepConfig) -> tuple:
+    """Submit every run of the sweep (selection runs, then each variant's test runs at its chosen setting,
+    their scores and checkpoints, the endpoint's matched controls): (scored, selection, dosed, inert,
+    matched, made), what run_sweep collects. A plan (flows/plan.py) submits the same nodes, keys only."""
+    teacher = graph.source("model", cfg.teacher)
+    groups = []  # (student path, student future, shape, task, train data future)
+    for student_path in cfg.students:
+        student = graph.source("model", student_path)
+        shape = arch.shape_of(models.load_config(student_path))
+        for task in cfg.tasks:
+            train = graph.source("file", str(Path(task.dir) / "train.jsonl"))
+            groups.append((student_path, student, shape, task, train))
+    # every group's selection runs first, so that the workers have them all before any choice waits
+    made: dict[str, list] = {}  # variant -> the futures of its runs' results (adapters, LaTen updates)
+    val = [_submit_selection(graph, cfg, teacher, group, made) for group in groups]
+    scored, selection = [], []  # (row fields, scores future, adapter future or None); val rows
+    dosed, inert = [], {}  # scored's rows at the runs' earlier checkpoints; LaTen runs' (own, student's) val NLL
+    matched = []  # the endpoint's controls at the subject's chosen setting (Endpoint.at_subject_setting)
+    for (path, student, shape, task, train), val_scores in zip(groups, val):
+        try:
+            rows, chosen = _choose(graph.store, cfg, path, task, val_scores)
+        except NotComputed:  # a plan (flows/plan.py): the choice waits for val scores still to compute
+            rows, chosen = [], graph.unchosen()
+        selection += rows
+        benchmarks = [task.benchmark] + [b for b in cfg.benchmarks if b != task.benchmark]
+        for v, setting, seed in chosen_runs(cfg, chosen):
+            label = _label(path, task, v, setting, seed)
+            adapter = CHAINS[v.chain](graph, cfg, v, teacher, student, _data(graph, v, task, train, "test"), task,
+                                      shape, seed, setting, label)
+            made.setdefault(v.name, []).extend([adapter] if adapter is not None else [])
+            scored_path = cfg.teacher if v.model == "teacher" else path  # the teacher row scores the teacher
+            kept = _checkpoints(graph, cfg, v, adapter, setting, seed, label)
+            for bench in benchmarks:
+                fields = {"student": path, "task": task.name, "benchmark": bench, "variant": v.name, "seed": seed,
+                          "setting": _setting(setting)}
+                future = _score(graph, cfg, scored_path, adapter, task, bench, "test", label, v.name)
+                scored.append((fields, future, adapter))
+                dosed += [({**fields, "checkpoint": step}, _score(graph, cfg, scored_path, ckpt, task, bench, "test",
+                                                                  f"{label}, step {step}", v.name), ckpt)
+                          for step, ckpt in kept.items()]
+            if v.chain == "laten" and (Path(task.dir) / "val.jsonl").exists():  # is the update inert? its val
+                # answer NLL against the untouched student's
+                untouched = _label(path, task, VARIANTS["vanilla"], {}, cfg.seeds[0])
+                inert[path, task.name, v.name, seed, _setting(setting)] = tuple(
+                    _score(graph, cfg, path, a, task, "answer_nll", "val", f"{name}, inert check", n)
+                    for a, name, n in ((adapter, label, v.name), (None, untouched, "")))
+        at_subject = _at_subject_setting(graph, cfg, teacher, (path, student, shape, task, train), chosen)
+        for fields, _, adapter in at_subject:
+            made.setdefault(fields["variant"], []).append(adapter)
+        matched += at_subject
+    return scored, selection, dosed, inert, matched, made
+
+
+def _choose(store: Store, cfg: SweepConfig, path: str, task: TaskSpec, val_scores: dict) -> tuple[list, dict]:
+    """(the val rows, variant -> its chosen setting) of one student and task's selection runs."""
+    metric = _select_metric(cfg, task)
+    rows = [{"student": path, "task": task.name, "variant": v.name, "setting": setting, "seed": seed,
+             "metric": metric, "value": nodes.score_summary(store, f.result())[metric]}
+            for (v, setting, seed), f in val_scores.items()]
+    chosen = ({v: json.loads(x) for v, x in report.select_settings(pd.DataFrame(rows), metric).items()}
+              if rows else {})
+    return rows, chosen
 
 
 def variant_nodes(graph: Graph, made: dict[str, list]) -> dict[str, list[tuple[str, str]]]:

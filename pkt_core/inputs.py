@@ -67,6 +67,24 @@ def _refuse_irregular(path: Path, st: os.stat_result, what: str) -> None:
         raise InputError(f"{path}: is {kind}, not a regular file; give {what}")
 
 
+def check_folder(path: str | Path, what: str) -> None:
+    """Every entry under a source folder (a model directory, a task directory) is a regular file or a
+    folder: a FIFO, a device or a socket among them (which a digest or a loader would block on, or read
+    without end) is one sentence naming it. Symlinks are followed to what they name; a symlinked
+    folder is not descended."""
+    for root, _, names in os.walk(path):
+        for name in sorted(names):
+            f = Path(root) / name
+            try:
+                st = os.stat(f)
+            except OSError:  # a dangling link: whoever reads it says so
+                continue
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                kind = KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+                raise InputError(f"{f}: is {kind} inside {what} {path}, which pkt reads as regular files only; "
+                                 "remove it (or give a copy of the folder without it)")
+
+
 def open_input(path: str | Path, what: str) -> BinaryIO:
     """The file opened for reading, once its open descriptor is a regular file within the size limit
     (opened non-blocking, so that a FIFO with no writer is refused instead of waited for)."""

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import UserError
+from .inputs import check_folder
 
 # peft reads a property transformers 5 deprecated on every adapter it wraps: a warning a pkt user
 # cannot act on, printed once per adapter node
@@ -36,6 +37,8 @@ def check_source(source: str | Path) -> None:
             f"model path {s!r} does not exist; give a local directory holding config.json and "
             "*.safetensors, or a hub id such as 'meta-llama/Llama-2-7b-hf'"
         )
+    if Path(s).is_dir():  # a FIFO or a device among its files would block a digest or a loader
+        check_folder(s, "the model directory")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | None) -> torch.dtype:

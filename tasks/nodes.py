@@ -24,6 +24,7 @@ from pkt.artifacts.model_id import model_digest
 from pkt.artifacts.store import Ref, Store
 from pkt.core import (activations, align, arch, data, diagnose, distill, evaluate, finetune, fresh, laten, lora_init,
                       models, report, sensitivity)
+from pkt.core.inputs import check_folder
 from pkt.core.mini import family
 
 from .node import SOURCE_KINDS, Node, Tensors, execution, keyed_if_set, log, opaque
@@ -59,6 +60,7 @@ def _file_digest(path: str, files: dict) -> str:
 
 
 def _dir_files(path: str, names: list[str] | None) -> list[Path]:
+    check_folder(path, "the task directory")  # a FIFO among its files: one sentence, not a wait
     found = sorted(Path(path) / n for n in names) if names else sorted(Path(path).glob("*.jsonl"))
     found = [f for f in found if f.exists()]
     if not found:

@@ -55,6 +55,16 @@ def _recompute_arg(p: argparse.ArgumentParser) -> None:
                    help="compute the nodes of these kinds (e.g. adapter,scores), or all, and every node below them, "
                         "even where the store holds them (the old bytes stay until `pkt store gc`); Prefect's "
                         "PREFECT_TASKS_REFRESH_CACHE=true means all")
+    _timeout_arg(p)
+
+
+def _timeout_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", default=None, metavar="KIND=SECONDS[,KIND=SECONDS]",
+                   help="stop any node of this kind that runs longer (e.g. adapter=600,sensitivity=1800): it stops "
+                        "within one step, stores nothing, its task run ends TimedOut and pkt exits 2 naming it; "
+                        "also $PKT_TIMEOUT, and a sweep config's timeouts: {KIND: SECONDS} (this flag wins)")
+
+
 def _max_input_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-input-mb", default=None, help="largest input file (seeds, task files, config, runs table) "
                    "and line pkt reads, in MiB (default: 512 MiB a file, 1 MiB a line)")
@@ -244,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "allow_bin", False):        # restored below, so it never outlives this command
         os.environ["PKT_ALLOW_BIN"] = "1"
     recompute = os.environ.get("PKT_RECOMPUTE")  # flows/graph.py reads it; restored below too
+    timeout = os.environ.get("PKT_TIMEOUT")  # the same for --timeout
     max_input = os.environ.get(INPUT_LIMIT)  # the same for --max-input-mb
     if getattr(args, "max_input_mb", None) is not None:
         os.environ[INPUT_LIMIT] = args.max_input_mb
@@ -261,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
             from .graph import recompute_value
 
             os.environ["PKT_RECOMPUTE"] = recompute_value(args.recompute)
+        given = getattr(args, "timeout", None)
+        if given is not None or (timeout and hasattr(args, "timeout")):  # checked before any work
+            from .graph import timeout_value
+
+            os.environ["PKT_TIMEOUT"] = ",".join(f"{k}={v!r}" for k, v in timeout_value(
+                timeout if given is None else given, "PKT_TIMEOUT" if given is None else "--timeout").items())
         return COMMANDS[args.cmd](args) or 0
     except (KeyboardInterrupt, Stopped):
         print(f"pkt {args.cmd}: interrupted; nothing half-done was stored, a rerun resumes", file=sys.stderr)
@@ -286,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("PKT_RECOMPUTE", None)
         if recompute is not None:
             os.environ["PKT_RECOMPUTE"] = recompute
+        os.environ.pop("PKT_TIMEOUT", None)
+        if timeout is not None:
+            os.environ["PKT_TIMEOUT"] = timeout
         if max_input is None:
             os.environ.pop(INPUT_LIMIT, None)
         else:

@@ -75,6 +75,17 @@ def _distinct(v: list) -> list:
 
 
 Seed = Annotated[int, AfterValidator(_seed)]
+
+
+def _timeout_kinds(v: dict) -> dict:
+    """{node kind: seconds}: every key a node kind (flows/graph.py: --timeout)."""
+    from .graph import node_kinds
+
+    bad = [k for k in v if k not in node_kinds()]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} is not a node kind; give {{KIND: SECONDS}}, KIND one of "
+                         f"{', '.join(sorted(node_kinds()))}")
+    return v
 Seeds = Annotated[list[Seed], AfterValidator(_distinct)]
 Dtype = Literal[DTYPES]  # type: ignore[valid-type]
 Device = Annotated[str, AfterValidator(_device)]
@@ -338,6 +349,9 @@ class SweepConfig(BaseModel):
         "threads", description="task runner: threads in this process, a local process pool, or a Dask cluster")
     workers: int = Field(1, ge=1, description="parallel workers (threads, processes, or LocalCluster workers)")
     dask_address: str | None = Field(None, description="scheduler address of an existing Dask cluster (runner dask)")
+    timeouts: Annotated[dict[str, Annotated[float, Field(gt=0)]], AfterValidator(_timeout_kinds)] = Field(
+        default_factory=dict, description="seconds a node of a kind may run, e.g. {adapter: 600, sensitivity: "
+        "1800}: past it the node stops, stores nothing and its task run ends TimedOut (--timeout wins per kind)")
 
     @field_validator("variants")
     @classmethod

@@ -99,7 +99,9 @@ def notify_failures(url: str, deployment_ids: list, out=print) -> None:
         Automation.read(name=NOTIFY_BLOCK).delete()
     except ValueError:  # none yet
         pass
-    trigger = EventTrigger(expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}, posture=Posture.Reactive,
+    # events are named for the state's name: a run that a node's --timeout ended is TimedOut (a Failed state)
+    trigger = EventTrigger(expect={"prefect.flow-run.Failed", "prefect.flow-run.TimedOut", "prefect.flow-run.Crashed"},
+                           posture=Posture.Reactive,
                            threshold=1, match_related={"prefect.resource.role": "deployment", "prefect.resource.id":
                                                        [f"prefect.deployment.{i}" for i in deployment_ids]})
     Automation(name=NOTIFY_BLOCK, description="pkt: a deployment's flow run failed or crashed", trigger=trigger,

@@ -10,6 +10,9 @@ feeds many runs) is answered with the same future.
 
 --recompute (PKT_RECOMPUTE, or Prefect's PREFECT_TASKS_REFRESH_CACHE for all kinds) computes the
 nodes of the given kinds, and every node below them, even when the store holds them.
+
+--timeout KIND=SECONDS (PKT_TIMEOUT, or a sweep config's `timeouts`) limits each node of a kind: past
+it the node stops within one step, stores nothing, and its task run ends TimedOut (tasks/node.py).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Store
 from pkt.core import stop
 from pkt.core.cpus import available_cpus
-from pkt.tasks.node import Node, cached_state, lookup, node_task, opaque, record_run
+from pkt.tasks.node import TIMEOUT_VAR, Node, cached_state, lookup, node_task, opaque, record_run
 from pkt.tasks import nodes
 from pkt.tasks.nodes import source
 
@@ -71,6 +74,38 @@ def recompute_value(value: str, flag: str = "--recompute") -> str:
         raise ConfigError(f"{flag} {value}: {', '.join(unknown) or 'no kind'} is not a node kind; give all, or some of "
                           f"{', '.join(sorted(node_kinds()))} separated by commas")
     return ",".join(kinds)
+
+
+def timeout_value(value: str, flag: str = "--timeout") -> dict[str, float]:
+    """`--timeout`'s value checked: KIND=SECONDS pairs separated by commas -> {kind: seconds}."""
+    import math
+
+    from .config import ConfigError
+
+    pairs = [p.strip() for p in value.split(",") if p.strip()]
+    fix = (f"give KIND=SECONDS separated by commas (e.g. adapter=600,sensitivity=1800), KIND one of "
+           f"{', '.join(sorted(node_kinds()))}")
+    out = {}
+    for pair in pairs or [""]:
+        kind, eq, seconds = (x.strip() for x in pair.partition("="))
+        if kind not in node_kinds():
+            raise ConfigError(f"{flag} {value}: {kind or 'no kind'} is not a node kind; {fix}")
+        if not eq:
+            raise ConfigError(f"{flag} {value}: {kind} has no =SECONDS; {fix}")
+        try:
+            out[kind] = float(seconds)
+        except ValueError:
+            out[kind] = math.nan
+        if not (0 < out[kind] < math.inf):
+            raise ConfigError(f"{flag} {value}: {kind}'s timeout {seconds or '(none)'} is not a number of seconds "
+                              f"above 0; {fix}")
+    return out
+
+
+def timeouts_from_env() -> dict[str, float]:
+    """{kind: seconds} from PKT_TIMEOUT (what `--timeout` sets), empty when unset."""
+    raw = os.environ.get(TIMEOUT_VAR, "").strip()
+    return timeout_value(raw, TIMEOUT_VAR) if raw else {}
 
 
 class Answered(PrefectConcurrentFuture):
@@ -166,6 +201,7 @@ class Graph:
     runner: TaskRunner
     torch_threads: int | None = None
     recompute: frozenset[str] | None = field(default_factory=recompute_kinds)  # kinds to recompute (empty: all)
+    timeouts: dict[str, float] = field(default_factory=timeouts_from_env)  # kind -> seconds a node may run
     futures: dict[str, PrefectFuture] = field(default_factory=dict)  # node identity -> its future
     kinds: dict[str, str] = field(default_factory=dict)  # node identity -> kind
     sources: dict[str, PrefectFuture] = field(default_factory=dict)
@@ -241,7 +277,8 @@ class Graph:
         edges = self._edges(inputs, answered_only=True)
         future = self.runner.submit(node_task(spec.KIND), parameters={
             "spec": spec, "inputs": self._resolve_answered(inputs), "store_root": str(self.store.root),
-            "label": label, "torch_threads": self.torch_threads, "recompute": recompute},
+            "label": label, "torch_threads": self.torch_threads, "recompute": recompute,
+            "timeout": self.timeouts.get(spec.KIND)},
             dependencies={"inputs": set(edges["inputs"])} if edges else None)
         note_task_run(future.task_run_id)
         return future

@@ -51,7 +51,7 @@ def note_task_run(task_run_id) -> None:
 
 
 def wait_until_recorded(ids: list, patience: float = RECORD_PATIENCE, poll: float = 0.5) -> tuple[int, int]:
-    """Wait until the API returns every task run of `ids` in a final state (written with its edges:
+    """Wait until the API returns every task run of `ids` in its last state (written with its edges:
     they come in the same event), or until `patience` seconds pass with none newly recorded.
     Returns (recorded, made)."""
     from prefect.client.orchestration import get_client
@@ -65,7 +65,7 @@ def wait_until_recorded(ids: list, patience: float = RECORD_PATIENCE, poll: floa
             todo = sorted(pending)
             for i in range(0, len(todo), 200):
                 runs = client.read_task_runs(task_run_filter=TaskRunFilter(id={"any_": todo[i:i + 200]}), limit=200)
-                pending -= {r.id for r in runs if r.state is not None and r.state.is_final()}
+                pending -= {r.id for r in runs if r.state is not None and _last_state(r.state)}
             if len(pending) < before:
                 last = time.monotonic()
             elif time.monotonic() - last > patience:
@@ -73,6 +73,12 @@ def wait_until_recorded(ids: list, patience: float = RECORD_PATIENCE, poll: floa
             if pending:
                 time.sleep(poll)
     return made - len(pending), made
+
+
+def _last_state(state) -> bool:
+    """A state a task run ends in: a final one, or NotReady (Pending: an upstream node failed or was
+    cancelled, so it never runs, and Prefect writes nothing after it)."""
+    return state.is_final() or (state.is_pending() and state.name == "NotReady")
 
 
 def unrecorded() -> int:

@@ -21,8 +21,8 @@ from pkt.tasks import nodes
 from .config import SETTING_FIELDS, SweepConfig, TaskSpec, parse_config
 from .diagnose import with_diagnostics
 from .extract import chat_template, prompt_formats, variant_init
-from .graph import Graph, source_name, task_runner, torch_threads_per_worker
 from .fresh import curve_rows, fresh_chain
+from .graph import Graph, source_name, task_runner, timeouts_from_env, torch_threads_per_worker
 from .laten import laten_chain
 from .names import run_name
 from .outputs import check_out_dir, claim_report_dir
@@ -459,7 +459,8 @@ def copy_report(store: Store, ref: dict, out_dir: str) -> dict[str, Path]:
 
 def sweep_graph(cfg: SweepConfig, title: str, tag: str) -> dict:
     with task_runner(cfg.runner, cfg.workers, cfg.dask_address) as runner:
-        graph = Graph(Store(cfg.store), runner, torch_threads_per_worker(cfg.runner, cfg.workers))
+        graph = Graph(Store(cfg.store), runner, torch_threads_per_worker(cfg.runner, cfg.workers),
+                      timeouts={**cfg.timeouts, **timeouts_from_env()})  # --timeout wins per kind
         return run_sweep(graph, cfg, title, tag)
 
 

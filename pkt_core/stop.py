@@ -6,11 +6,16 @@ pkt CLI's signal handler calls `request()`, and every long loop (sensitivity sam
 pieces, SVDs, training and pretraining steps, evaluation batches: through pkt_core.progress and a
 model forward hook) calls `check()`, which raises `Stopped` within one step. A stopped node
 records nothing; the next run computes it again.
+
+The same check enforces a per-node time limit: `deadline(seconds)` makes check() in this thread
+raise `TimedOut` once the limit has passed, so a node that runs too long stops the way a stopped
+one does (within one step, nothing recorded), in whatever thread or process it runs.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 _REQUESTED = threading.Event()
 _REASON = ["stop requested"]
@@ -19,6 +24,20 @@ _REASON = ["stop requested"]
 class Stopped(BaseException):
     """Raised in a long loop once a stop was requested. A BaseException, like KeyboardInterrupt, so
     that no library's `except Exception` swallows it and carries on."""
+
+
+class TimedOut(Stopped):
+    """Raised by check() once the deadline set by `deadline()` in this thread has passed."""
+
+    def __init__(self, seconds: float):
+        super().__init__(seconds)  # args stay (seconds,): the exception pickles
+        self.seconds = seconds
+
+    def __str__(self) -> str:
+        return f"ran past its time limit of {self.seconds:g} s"
+
+
+_DEADLINE = threading.local()  # .at: time.monotonic() past which check() raises; .seconds: the limit
 
 
 def request(reason: str = "stop requested") -> None:
@@ -38,6 +57,23 @@ def check() -> None:
     """Raise Stopped if a stop was requested (cheap: call it once per step)."""
     if _REQUESTED.is_set():
         raise Stopped(_REASON[0])
+    at = getattr(_DEADLINE, "at", None)
+    if at is not None and time.monotonic() > at:
+        raise TimedOut(_DEADLINE.seconds)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None):
+    """check() in this thread raises TimedOut once `seconds` (wall clock) have passed (None: no limit)."""
+    if seconds is None:
+        yield
+        return
+    previous = getattr(_DEADLINE, "at", None), getattr(_DEADLINE, "seconds", None)
+    _DEADLINE.at, _DEADLINE.seconds = time.monotonic() + seconds, seconds
+    try:
+        yield
+    finally:
+        _DEADLINE.at, _DEADLINE.seconds = previous
 
 
 @contextlib.contextmanager

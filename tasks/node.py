@@ -30,14 +30,27 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, StateDetails, TaskRun, TaskRunPolicy
 from prefect.context import FlowRunContext
 from prefect.logging import get_logger
-from prefect.states import Completed
+from prefect.states import Cancelled, Completed
 from prefect.utilities.engine import emit_task_run_state_change_event
 
 from pkt.artifacts import catalog
 from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Ref, Store
 from pkt.core import stop
+from pkt.core.errors import UserError
 from pkt.core.memory import PeakRSS
+
+TIMEOUT_VAR = "PKT_TIMEOUT"  # what `--timeout` sets: KIND=SECONDS[,KIND=SECONDS]
+
+
+class NodeTimeout(UserError, TimeoutError):
+    """A node stopped at its kind's time limit. A TimeoutError, so Prefect's task engine ends its run in
+    the state TimedOut (a Failed state); a UserError, so the CLI prints its one sentence."""
+
+
+def timeout_message(label: str, kind: str, seconds: float) -> str:
+    return (f"{label} stopped at its {kind} timeout of {seconds:g} s and stored nothing; raise it with "
+            f"--timeout {kind}=SECONDS ({TIMEOUT_VAR}, or timeouts: {{{kind}: SECONDS}} in a sweep config)")
 
 
 class NodeRef:
@@ -203,11 +216,22 @@ def cached_state(ref: NodeRef) -> State:
 
 @task(name="node", cache_policy=NO_CACHE, persist_result=False, task_run_name="{label}")
 def run_node(spec: Node, inputs: dict, store_root: str, label: str, torch_threads: int | None = None,
-             recompute: bool = False):
-    """build() as a Prefect task: a node the store holds finishes in a state named Cached."""
+             recompute: bool = False, timeout: float | None = None):
+    """build() as a Prefect task: a node the store holds finishes in a state named Cached.
+
+    timeout (seconds, wall clock): past it the node stops at its next step (pkt_core/stop.py; Prefect's
+    own task timeout cannot stop a node in a worker thread, and its injected exception could land
+    mid-write) and its run ends TimedOut. A node stopped by a cancel, Ctrl-C or SIGTERM ends Cancelled,
+    not Crashed: it was asked to stop. Either way it stored nothing."""
     if torch_threads and torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)  # N workers on N cores: no oversubscription
-    ref = build(spec, inputs, Store(store_root), label, recompute)
+    try:
+        with stop.deadline(timeout):
+            ref = build(spec, inputs, Store(store_root), label, recompute)
+    except stop.TimedOut:
+        raise NodeTimeout(timeout_message(label, spec.KIND, timeout)) from None
+    except stop.Stopped as e:
+        return Cancelled(message=f"{label}: {e}; nothing was stored, a rerun computes it")
     return ref if ref["status"] == "computed" else cached_state(ref)
 
 

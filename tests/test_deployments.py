@@ -109,7 +109,7 @@ def test_pkt_deploy_notify_creates_an_automation_for_failed_runs(prefect_env, ca
         autos = [a for a in client.read_automations() if a.name == "pkt-failed-runs"]
     assert len(autos) == 1
     auto = Automation.read(name="pkt-failed-runs")
-    assert auto.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    assert auto.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.TimedOut", "prefect.flow-run.Crashed"}
     assert f"prefect.deployment.{dep.id}" in auto.trigger.match_related["prefect.resource.id"]
     (action,) = auto.actions
     block = CustomWebhookNotificationBlock.load("pkt-failed-runs")

@@ -72,7 +72,7 @@ def _store_find(store, args) -> int:
     found = [r for r in lineage.records if (args.kind is None or r["kind"] == args.kind) and lineage.matches(r, wanted)]
     for r in found:
         print(_ls_line(r))
-    print(f"{len(found)} artifacts match" + (f"; `pkt store show KEY` prints one's record and lineage" if found else
+    print(f"{len(found)} artifacts match" + ("; `pkt store show KEY` prints one's record and lineage" if found else
                                              "; `pkt store ls` lists every artifact with its label"))
     return 0 if found else 1
 

@@ -276,8 +276,8 @@ def cmd_transfer(args) -> int:
             raise LatenError(str(e).replace("lower laten.n_extract/n_align", "lower --laten-extract/--laten-align")) \
                 from None
 
-    check_sweep_size(cfg, args, check_inputs)
     _report_dir(cfg.report_dir, "--report-dir", args, [cfg.teacher, *cfg.students, cfg.tasks[0].dir], cfg.store)
+    check_sweep_size(cfg, args, check_inputs)  # after every refusal that needs no store: planning writes into it
     with prefect_api():
         from .sweep import transfer
 
@@ -301,9 +301,9 @@ def cmd_sweep(args) -> int:
     cfg = cfg.model_copy(update={"store": store_option(cfg.store)})
     if args.no_check:
         cfg = cfg.model_copy(update={"check": False})
-    check_sweep_size(cfg, args, check_sweep_inputs)
     _report_dir(cfg.report_dir, f"{args.config}: report_dir", args,
                 [cfg.teacher, *cfg.students, *(t.dir for t in cfg.tasks)], cfg.store)
+    check_sweep_size(cfg, args, check_sweep_inputs)  # after every refusal that needs no store: planning writes into it
     with prefect_api():
         from .sweep import sweep
 

@@ -79,7 +79,7 @@ Seed = Annotated[int, AfterValidator(_seed)]
 
 def _timeout_kinds(v: dict) -> dict:
     """{node kind: seconds}: every key a node kind (flows/graph.py: --timeout)."""
-    from .graph import node_kinds
+    from pkt.tasks.node import node_kinds
 
     bad = [k for k in v if k not in node_kinds()]
     if bad:

@@ -32,7 +32,7 @@ from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Store
 from pkt.core import stop
 from pkt.core.cpus import available_cpus
-from pkt.tasks.node import TIMEOUT_VAR, Node, cached_state, lookup, node_task, opaque, record_run
+from pkt.tasks.node import TIMEOUT_VAR, Node, cached_state, lookup, node_kinds, node_task, opaque, record_run
 from pkt.tasks import nodes
 from pkt.tasks.nodes import source
 
@@ -52,14 +52,6 @@ def recompute_kinds() -> frozenset[str] | None:
         return frozenset()
     return frozenset(k.strip() for k in raw.split(",") if k.strip()) or None
 
-
-def node_kinds() -> set[str]:
-    todo, kinds = [Node], set()
-    while todo:
-        cls = todo.pop()
-        todo += cls.__subclasses__()
-        kinds |= {cls.KIND} - {""}
-    return kinds
 
 
 def recompute_value(value: str, flag: str = "--recompute") -> str:
@@ -106,6 +98,10 @@ def timeouts_from_env() -> dict[str, float]:
     """{kind: seconds} from PKT_TIMEOUT (what `--timeout` sets), empty when unset."""
     raw = os.environ.get(TIMEOUT_VAR, "").strip()
     return timeout_value(raw, TIMEOUT_VAR) if raw else {}
+
+
+class NotComputed(Exception):
+    """The result of a node a plan (flows/plan.py) has not computed (none is)."""
 
 
 class Answered(PrefectConcurrentFuture):

@@ -18,11 +18,7 @@ from prefect.states import Completed
 
 from pkt.artifacts.store import Store
 
-from .graph import Answered, Graph
-
-
-class NotComputed(Exception):
-    """The result of a node a plan has not computed (none is)."""
+from .graph import Answered, Graph, NotComputed
 
 
 class Pending(Answered):

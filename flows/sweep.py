@@ -22,11 +22,11 @@ from .config import SETTING_FIELDS, SweepConfig, TaskSpec, parse_config
 from .diagnose import with_diagnostics
 from .extract import chat_template, prompt_formats, variant_init
 from .fresh import curve_rows, fresh_chain
-from .graph import Graph, source_name, task_runner, timeouts_from_env, torch_threads_per_worker
+from .graph import (Graph, NotComputed, source_name, task_runner, timeouts_from_env,
+                    torch_threads_per_worker)
 from .laten import laten_chain
 from .names import run_name
 from .outputs import check_out_dir, claim_report_dir
-from .plan import NotComputed
 from .summary import lead_metric, publish
 from .variants import VARIANTS, Variant
 

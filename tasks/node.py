@@ -300,3 +300,15 @@ def lookup(store: Store, kind: str, key: str) -> Ref | None:
         _logger().warning(note)
     store.misses.clear()
     return hit
+
+
+def node_kinds() -> set[str]:
+    """Every node kind pkt defines (the KIND of each Node subclass, the modules that define them loaded)."""
+    from . import fresh, nodes  # noqa: F401  (their classes are the kinds)
+
+    todo, kinds = [Node], set()
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        kinds |= {cls.KIND} - {""}
+    return kinds

@@ -554,7 +554,7 @@ MESSAGES = {  # pydantic error type -> what to give instead
 
 
 def _describe(err: dict, where: str, flags: dict[str, str] | None) -> str:
-    loc = [str(x) for x in err["loc"]]
+    loc = [str(x) if str(x).isprintable() else repr(x) for x in err["loc"]]  # \x1e would split the sentence
     template = MESSAGES.get(err["type"])
     msg = template.format(**err.get("ctx", {})) if template else err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":

@@ -158,3 +158,13 @@ def test_any_runs_table_is_a_report_or_one_sentence(tmp_path_factory, capsys, he
         assert not (d / "out").exists()  # a refused table writes nothing
     else:
         assert (d / "out/report.md").is_file()
+
+
+
+def test_a_field_name_with_a_control_character_stays_one_line(tmp_path, task_dir, no_work, capsys):
+    """A record separator (\\x1e) is a line break to str.splitlines(): hypothesis found it in a field name."""
+    base = {"teacher": "teacher", "students": ["student"], "tasks": [{"name": "t", "dir": str(task_dir)}]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps({**base, "train": {"\x1e": None}}))  # JSON is YAML
+    assert one_sentence_or_ok(capsys, ["sweep", "--config", str(path), "--store", str(tmp_path / "store")],
+                              "sweep") == 2

@@ -78,6 +78,13 @@ def _beside(runs: Path, name: str) -> Path | None:
     return next((p for p in (runs.with_name(f"{name}.csv"), runs.with_name(f"{name}.csv.gz")) if p.is_file()), None)
 
 
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
 def _read_runs(path: Path):
     """A runs.csv as a table, or one sentence naming the file (and line) that is not one: text that is
     not UTF-8 CSV, or a value or seed cell that is empty or not a number (the statistics would pair
@@ -101,7 +108,10 @@ def _read_runs(path: Path):
     for col in ("value", "seed"):
         if col not in runs:
             continue
-        numbers = pd.to_numeric(runs[col], errors="coerce")
+        try:
+            numbers = pd.to_numeric(runs[col], errors="coerce")
+        except OverflowError:  # a whole number past a float's range: read as floats, it is inf (refused below)
+            numbers = pd.to_numeric(runs[col].astype(str).map(_float), errors="coerce")
         bad = numbers.isna() | ~np.isfinite(numbers.fillna(0).astype(float))  # inf, and 1e400 read as inf
         if col == "seed":  # a whole number a seed can be (pkt_core/inputs.py)
             bad |= numbers.map(lambda x: bool(np.isfinite(x)) and not (x == round(x) and 0 <= x < inputs.SEED_LIMIT))

@@ -168,3 +168,10 @@ def test_a_field_name_with_a_control_character_stays_one_line(tmp_path, task_dir
     path.write_text(json.dumps({**base, "train": {"\x1e": None}}))  # JSON is YAML
     assert one_sentence_or_ok(capsys, ["sweep", "--config", str(path), "--store", str(tmp_path / "store")],
                               "sweep") == 2
+
+
+def test_a_runs_table_value_of_400_digits_is_one_sentence(tmp_path, capsys):
+    """A whole number too long for int64 or a float (hypothesis found it): one sentence, not an OverflowError."""
+    path = tmp_path / "runs.csv"
+    path.write_text("student,task,benchmark,metric,variant,seed,value\ns,t,gsm,m,lora,0," + "9" * 400 + "\n")
+    assert one_sentence_or_ok(capsys, ["report", "--runs", str(path), "--out", str(tmp_path / "out")], "report") == 2

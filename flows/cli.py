@@ -97,9 +97,10 @@ def parser() -> argparse.ArgumentParser:
                    "or dask (a LocalCluster)")
     p.add_argument("--workers", default="1", help="parallel workers for processes or dask (default 1)")
     p.add_argument("--study", action="store_true",
-                   help="the study instead of the smoke-size demo (flows/study.py): every variant, a grid of 6 "
-                        "settings each chosen on val by 2 selection seeds, 6 fresh test seeds, 8 independently built "
-                        "families, the declared primary endpoint first")
+                   help="the study instead of the smoke-size demo (flows/study.py, its declared cut): the positive "
+                        "controls, the data route and the parametric arms on the teacher-only facts, 3 learning rates "
+                        "chosen on val by a selection seed, 4 fresh test seeds, 8 independently built families and 4 "
+                        "twin families, the declared primary endpoint first")
     p.add_argument("--families", default=",".join(map(str, range(16))),
                    help="with --study: candidate family seeds, in order (default 0-15); the first 8 that pass every "
                         "quality gate are swept, the others are listed as left out")

@@ -87,8 +87,9 @@ def test_the_endpoint_is_a_typed_declared_field(family_dir):
 
 
 def test_the_study_protocol(family_dir, monkeypatch):
-    """The study's own config: equal grids (lr x init_scale, lr x alpha), 2 selection seeds apart from
-    at least 6 test seeds, the knowledge endpoint declared, and its plan counted before any work."""
+    """The study's own config (the declared cut, flows/study.py): equal grids of 3 learning rates, a
+    selection seed apart from 4 test seeds, the knowledge task only, the one-screen table's arms, the
+    knowledge endpoint declared, and its plan counted before any work."""
     from pkt.flows import study
 
     tasks = [{"name": n, "dir": str(family_dir / "tasks" / n), "benchmark": "gsm"}
@@ -96,13 +97,16 @@ def test_the_study_protocol(family_dir, monkeypatch):
     monkeypatch.setattr(study, "study_tasks", lambda root: tasks)
     cfg = parse_config(study.study_config(str(family_dir), study.STUDY_SEEDS, None, "r"))
     trained = [v for v in cfg.variants if VARIANTS[v].trains]
-    assert {len(cfg.grid_points(v)) for v in trained} == {9}  # v2: every selected axis has 3 values
-    assert len(cfg.seeds) >= 6 and not set(cfg.seeds) & set(cfg.selection_seeds) and len(cfg.selection_seeds) >= 2
+    assert {len(cfg.grid_points(v)) for v in trained} == {3}  # the cut: lr, 3 values (LaTen: 3 rates)
+    assert len(cfg.seeds) == 4 and not set(cfg.seeds) & set(cfg.selection_seeds) and len(cfg.selection_seeds) == 1
+    assert [t.name for t in cfg.tasks] == ["facts-teacher-only"]
+    assert {"teacher", "oracle", "transfer", "transfer-add", "spectrum-matched", "shuffled", "kd", "seq-kd", "lora",
+            "vanilla"} <= set(cfg.variants) and not any(VARIANTS[v].chain == "fresh" for v in cfg.variants)
     assert cfg.endpoint.metric == "exact_match/strict-match" and cfg.endpoint.tasks == ["facts-teacher-only"]
     assert [str(c) for c in cfg.endpoint.comparisons] == ["transfer - spectrum-matched", "transfer - shuffled"]
     plan = study.study_plan(cfg, families=8)
     n = len(trained)
-    assert plan["selection_adapters"] == 8 * 2 * n * 9 * 2 and plan["test_adapters"] == 8 * 2 * n * 6
+    assert plan["selection_adapters"] == 8 * n * 3 and plan["test_adapters"] == 8 * n * 4
     # a family without the knowledge task: the endpoint falls to its first task, and says so in the flow
     old = [{"name": "gsm", "dir": str(family_dir / "tasks/gsm"), "benchmark": "gsm"},
            {"name": "mmlu", "dir": str(family_dir / "tasks/mmlu"), "benchmark": "mmlu"}]

@@ -46,6 +46,7 @@ from .config import parse_config
 from .demo import family_future, family_node, family_stats
 from .fresh import family_of
 from .graph import Graph, task_runner, torch_threads_per_worker
+from .names import run_name
 from .outputs import claim_report_dir
 from .summary import publish
 from .sweep import add_costs, copy_report, cost_table, report_protocol, run_sweep
@@ -181,7 +182,7 @@ def included_families(graph: Graph, size: str, candidates: list[int], n: int, ex
         yield name, ref, stats
 
 
-@flow(name="study", log_prints=True)
+@flow(name="study", log_prints=True, flow_run_name=run_name("study", "family_size", "report_dir"))
 def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds: list[int] = FAMILY_SEEDS,
           seeds: list[int] = STUDY_SEEDS, selection_seeds: list[int] = SELECTION_SEEDS, lrs: list[float] = STUDY_LRS,
           scales: list[float] = STUDY_SCALES, alphas: list[float] = STUDY_ALPHAS, family_size: str = FAMILY_SIZE,

@@ -13,7 +13,21 @@ def test_names_say_the_command_and_the_parameters_that_tell_runs_apart():
 
 
 def test_each_flow_names_its_runs():
-    for f in (demo.demo, demo.family_sweep, demo.build_family, sweep.sweep, sweep.transfer):
+    """Every flow in flows/ (found by import, so a new one is checked too), the study's included."""
+    import importlib
+    import pkgutil
+
+    from prefect import Flow
+
+    import pkt.flows
+
+    found = {}
+    for mod in pkgutil.iter_modules(pkt.flows.__path__):
+        for obj in vars(importlib.import_module(f"pkt.flows.{mod.name}")).values():
+            if isinstance(obj, Flow):
+                found[obj.name] = obj
+    assert {"demo", "sweep", "study", "extract-teacher"} <= set(found)
+    for f in found.values():
         assert callable(f.flow_run_name), f.name
 
 

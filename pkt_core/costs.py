@@ -18,8 +18,9 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
-# the kinds that are a run's own training (a fresh student's pretraining too); every other kind is teacher-side
-TRAINING = ("adapter", "fresh_student")
+# the kinds that are a run's own training (kd's distilled adapter and a fresh student's pretraining too); every
+# other kind is teacher-side (seq-kd's teacher completions included: the teacher's work, shared by its runs)
+TRAINING = ("adapter", "kd_adapter", "fresh_student")
 COLUMNS = ["variant", "runs", "teacher_side_s", "teacher_side_by_kind", "training_s_per_run", "peak_rss_mib",
            "added_rss_mib", "shared_with"]
 

@@ -176,6 +176,10 @@ def test_cost_table_charges_shared_nodes_to_each_variant_and_says_who_shares():
     assert table.loc["transfer", "shared_with"] == "random-submatrix"
     assert table.loc["block-influence", "shared_with"] == "" and table.loc["block-influence", "teacher_side_s"] == 11
     assert table.loc["vanilla", "runs"] == 0 and table.loc["vanilla", "teacher_side_s"] == 0
+    # kd's adapter is its run's training, not teacher-side work (it was counted as 0 runs)
+    kd = costs.costs({("kd_adapter", "k0"): rec(6.0), ("kd_adapter", "k1"): rec(8.0)},
+                     {"kd": [("kd_adapter", "k0"), ("kd_adapter", "k1")]}).set_index("variant")
+    assert kd.loc["kd", "runs"] == 2 and kd.loc["kd", "training_s_per_run"] == 7 and kd.loc["kd", "teacher_side_s"] == 0
 
 
 def test_peak_rss_sees_an_allocation_made_inside():

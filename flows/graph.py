@@ -36,7 +36,7 @@ from pkt.tasks.node import TIMEOUT_VAR, Node, cached_state, lookup, node_kinds, 
 from pkt.tasks import nodes
 from pkt.tasks.nodes import source
 
-from .server import note_task_run
+from .server import note_flow_run, note_task_run
 
 RUNNERS = ("threads", "processes", "dask")
 RECOMPUTE_VAR = "PKT_RECOMPUTE"  # what `--recompute` sets: KIND[,KIND] or all
@@ -207,6 +207,9 @@ class Graph:
     origins: dict[Path, PrefectFuture] = field(default_factory=dict)  # folder -> the node that made it
     _refs: dict[str, dict] = field(default_factory=dict)  # identity -> what a key sees of it (tasks/node.py)
     _forced: set[str] = field(default_factory=set)  # identities of the nodes recomputed
+
+    def __post_init__(self):
+        note_flow_run()  # the flow run a Ctrl-C on its command ends Cancelled (flows/server.py)
 
     def provides(self, folder: str | Path, future: PrefectFuture) -> None:
         """Sources read from inside folder (a family's teacher, student and task files) were taken

@@ -49,6 +49,11 @@ def requested() -> bool:
     return _REQUESTED.is_set()
 
 
+def reason() -> str:
+    """Why the stop was requested ("stopped by SIGINT"): what a stopped node's Cancelled state says."""
+    return _REASON[0]
+
+
 def clear() -> None:
     _REQUESTED.clear()
 

@@ -161,9 +161,11 @@ class StoppableProcesses(_StopsOnSignal, ProcessPoolTaskRunner):
         deadline = time.monotonic() + STOP_GRACE
         for process in processes:
             process.join(max(0.0, deadline - time.monotonic()))
-        for process in processes:
-            if process.is_alive():
-                process.kill()  # not terminate(): SIGTERM only asks a pool process to stop
+        stuck = [p for p in processes if p.is_alive()]
+        for process in stuck:
+            process.kill()  # not terminate(): SIGTERM only asks a pool process to stop
+        for process in stuck:
+            process.join(5)  # gone before the runner's exit returns
 
 
 STOP_GRACE = 15.0  # seconds a stopped pool node gets to end Cancelled (a worker's SIGKILL comes 30 s after its SIGTERM)

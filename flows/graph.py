@@ -19,7 +19,10 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import json
+import multiprocessing
 import os
+import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +39,7 @@ from pkt.tasks.node import TIMEOUT_VAR, Node, cached_state, lookup, node_kinds, 
 from pkt.tasks import nodes
 from pkt.tasks.nodes import source
 
-from .server import note_task_run
+from .server import note_flow_run, note_task_run
 
 RUNNERS = ("threads", "processes", "dask")
 RECOMPUTE_VAR = "PKT_RECOMPUTE"  # what `--recompute` sets: KIND[,KIND] or all
@@ -122,7 +125,8 @@ class _StopsOnSignal:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None and not issubclass(exc_type, Exception):
-            stop.request(f"stopped ({exc_type.__name__})")
+            if not stop.requested():  # pkt's signal handler has said why already ("stopped by SIGINT")
+                stop.request(f"stopped ({exc_type.__name__})")
             self._stop_workers()
         return super().__exit__(exc_type, exc, tb)
 
@@ -135,12 +139,53 @@ class StoppableThreads(_StopsOnSignal, ThreadPoolTaskRunner):
 
 
 class StoppableProcesses(_StopsOnSignal, ProcessPoolTaskRunner):
+    """A local process pool whose nodes stop as threads' do: each pool process follows this process's stop
+    flag (and takes a Ctrl-C or SIGTERM of its own as a stop), so a stopped node ends Cancelled."""
+
+    def __enter__(self):
+        self._stop_flag = stop.ProcessFlag(multiprocessing.get_context("spawn"))  # Prefect's pool spawns
+        self._initializer, self._initargs = _pool_process_start, (self._stop_flag,)  # run in each pool process
+        return super().__enter__()
+
     def _stop_workers(self) -> None:
-        """Pool processes never see this process's flag (nor a signal sent to it alone): end them. A
-        node killed mid-write leaves only its temp area, which gc reaps; its lock dies with it."""
-        executor = getattr(self, "_executor", None)
-        for process in list(getattr(executor, "_processes", {}).values()):  # concurrent.futures' own table
-            process.terminate()
+        """Pool processes never see this process's flag (nor a signal sent to it alone): raise theirs, start
+        nothing queued, and give the running nodes STOP_GRACE s to stop at their next step and report
+        Cancelled; a process still busy then (one step longer than that) is killed, its node unrecorded. A
+        killed node leaves only its temp area, which gc reaps; its lock dies with it."""
+        executor = self._executor
+        if executor is None:  # never started, or shut down already
+            return
+        processes = list((executor._processes or {}).values())  # concurrent.futures' own table
+        self._stop_flag.set(stop.reason())
+        executor.shutdown(wait=False, cancel_futures=True)  # each process exits once its node has stopped
+        deadline = time.monotonic() + STOP_GRACE
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        stuck = [p for p in processes if p.is_alive()]
+        for process in stuck:
+            process.kill()  # not terminate(): SIGTERM only asks a pool process to stop
+        for process in stuck:
+            process.join(5)  # gone before the runner's exit returns
+
+
+STOP_GRACE = 15.0  # seconds a stopped pool node gets to end Cancelled (a worker's SIGKILL comes 30 s after its SIGTERM)
+_POOL_SIGNALS: list[int] = []  # the stop signals a pool process received
+
+
+def _pool_process_start(flag: stop.ProcessFlag) -> None:
+    """Each pool process, at its start: stop when the flow's process stops, and on a signal of its own (a
+    terminal's Ctrl-C reaches the whole process group, a worker's cancel sends SIGTERM to it) request
+    the stop instead of dying mid-node, so that its node too ends Cancelled."""
+    flag.follow()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _pool_signal)
+
+
+def _pool_signal(signum, frame) -> None:
+    _POOL_SIGNALS.append(signum)
+    if len(_POOL_SIGNALS) > 2:  # the third, as pkt's own handler (flows/cli.py): the user insists, leave now
+        os._exit(128 + signum)
+    stop.request(f"stopped by {signal.Signals(signum).name}")
 
 
 def task_runner(kind: str = "threads", workers: int = 1, address: str | None = None) -> TaskRunner:
@@ -207,6 +252,9 @@ class Graph:
     origins: dict[Path, PrefectFuture] = field(default_factory=dict)  # folder -> the node that made it
     _refs: dict[str, dict] = field(default_factory=dict)  # identity -> what a key sees of it (tasks/node.py)
     _forced: set[str] = field(default_factory=set)  # identities of the nodes recomputed
+
+    def __post_init__(self):
+        note_flow_run()  # the flow run a Ctrl-C on its command ends Cancelled (flows/server.py)
 
     def provides(self, folder: str | Path, future: PrefectFuture) -> None:
         """Sources read from inside folder (a family's teacher, student and task files) were taken

@@ -10,7 +10,9 @@ SIGTERM/SIGINT), and the server stops itself when its parent dies, even by SIGKI
 A task run reaches the server as events, which its task-run recorder writes to the database in
 batches, seconds or (on a busy machine) minutes later. A command therefore ends only once the API
 shows every task run it made in a final state (on a temporary server and on the user's alike):
-stopped earlier, a temporary server loses the backlog, and the UI would show part of the run.
+stopped earlier, a temporary server loses the backlog, and the UI would show part of the run. A
+command stopped by Ctrl-C or SIGTERM ends its flow runs Cancelled on the way out (Prefect's engine leaves
+them Crashed).
 
     python -m pkt.flows.server --parent PID --port-file FILE    (the server process itself)
 """
@@ -27,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from pkt.core import stop
 from pkt.core.errors import UserError
 
 TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
@@ -39,6 +42,7 @@ UI_HINT = "start a server with `pkt ui` in another terminal and `export PREFECT_
 RECORD_PATIENCE = 120.0  # seconds the wait for the server's records goes on without any progress
 _MADE: list = []  # ids of the task runs this command made (flows/graph.py notes each one)
 _UNRECORDED: list = [0]  # how many of them the server had not recorded when the command's wait ended
+_FLOW_RUNS: list = []  # ids of the flow runs this command made (each flow's Graph notes its own)
 
 
 class PrefectUnavailable(UserError):
@@ -48,6 +52,37 @@ class PrefectUnavailable(UserError):
 def note_task_run(task_run_id) -> None:
     """A task run this command made: the command waits until the server has recorded it."""
     _MADE.append(task_run_id)
+
+
+def note_flow_run() -> None:
+    """The flow run now running (if any) is this command's: a Ctrl-C or SIGTERM on the command ends it Cancelled."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is not None and ctx.flow_run is not None and ctx.flow_run.id not in _FLOW_RUNS:
+        _FLOW_RUNS.append(ctx.flow_run.id)
+
+
+def _cancel_stopped_flow_runs() -> None:
+    """After a Ctrl-C or SIGTERM on the command: its flow runs end Cancelled, as the user asked, not in the
+    Crashed state Prefect's engine gives any run a KeyboardInterrupt leaves (its nodes already ended
+    Cancelled). Forced: Crashed is final, and Prefect's rules let no state follow it otherwise."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled
+
+    ids, _FLOW_RUNS[:] = list(_FLOW_RUNS), []
+    try:
+        with get_client(sync_client=True) as client:
+            for run_id in ids:
+                state = client.read_flow_run(run_id).state
+                if state is None or state.type in (StateType.CRASHED, StateType.RUNNING, StateType.PENDING):
+                    client.set_flow_run_state(run_id, Cancelled(message=f"{stop.reason()}; the running nodes "
+                                                                        "were stopped, nothing half-done was stored"),
+                                              force=True)
+    except Exception as e:  # the command stops anyway: say what the UI shows instead
+        print(f"pkt: could not mark this command's flow run Cancelled ({e}); the UI shows it Crashed",
+              file=sys.stderr)
 
 
 def wait_until_recorded(ids: list, patience: float = RECORD_PATIENCE, poll: float = 0.5) -> tuple[int, int]:
@@ -133,6 +168,7 @@ def prefect_api():
     against a temporary server owned by this process and stopped on the way out."""
     url = configured_api_url()
     _MADE.clear()
+    _FLOW_RUNS.clear()
     if url:
         _check_reachable(url)
         with _records_waited():
@@ -163,10 +199,20 @@ def _records_waited():
     """On the way out, wait for the server's records; briefly after an error, Ctrl-C or SIGTERM."""
     try:
         yield
-    except BaseException:  # a failed flow leaves never-started task runs that will never be final: no long wait
+    except BaseException as e:  # a failed flow leaves never-started task runs that will never be final: no long wait
+        if _is_stop(e):
+            _cancel_stopped_flow_runs()
         _wait_for_records(patience=2.0)
         raise
     _wait_for_records(RECORD_PATIENCE)
+
+
+def _is_stop(e: BaseException) -> bool:
+    """Ctrl-C or SIGTERM: pkt's handler (flows/cli.py) or a runner's exit asked the nodes to stop, or the
+    signal landed where neither looks (Prefect's own SIGTERM handler raises TerminationSignal in a flow)."""
+    from prefect.exceptions import TerminationSignal
+
+    return stop.requested() or isinstance(e, (KeyboardInterrupt, TerminationSignal))
 
 
 def _check_reachable(url: str) -> None:

@@ -10,6 +10,9 @@ records nothing; the next run computes it again.
 The same check enforces a per-node time limit: `deadline(seconds)` makes check() in this thread
 raise `TimedOut` once the limit has passed, so a node that runs too long stops the way a stopped
 one does (within one step, nothing recorded), in whatever thread or process it runs.
+
+A process pool's workers have flags of their own, which a signal sent to pkt alone never reaches:
+`ProcessFlag` carries this process's stop request into them (`follow()` in each worker).
 """
 from __future__ import annotations
 
@@ -49,6 +52,11 @@ def requested() -> bool:
     return _REQUESTED.is_set()
 
 
+def reason() -> str:
+    """Why the stop was requested ("stopped by SIGINT"): what a stopped node's Cancelled state says."""
+    return _REASON[0]
+
+
 def clear() -> None:
     _REQUESTED.clear()
 
@@ -74,6 +82,28 @@ def deadline(seconds: float | None):
         yield
     finally:
         _DEADLINE.at, _DEADLINE.seconds = previous
+
+
+class ProcessFlag:
+    """A stop request shared with child processes (a process pool's workers, spawned with this object
+    among their start-up arguments): `set(reason)` here requests the stop in every child that called
+    `follow()`, so the nodes they run stop within a step, as threads' nodes do, instead of being killed."""
+
+    def __init__(self, context):
+        self._set = context.Event()
+        self._reason = context.Array("c", 256)  # shared bytes: the reason the children's nodes report
+
+    def set(self, why: str) -> None:
+        self._reason.value = why.encode()[:255]
+        self._set.set()
+
+    def follow(self) -> None:
+        """In a child: a daemon thread requests this process's stop once the parent sets the flag."""
+        def relay():
+            self._set.wait()
+            request(self._reason.value.decode(errors="replace"))
+
+        threading.Thread(target=relay, name="pkt-stop-relay", daemon=True).start()
 
 
 @contextlib.contextmanager

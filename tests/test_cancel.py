@@ -86,9 +86,11 @@ def test_a_cancelled_deployment_run_ends_cancelled_with_its_running_node_stopped
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_sigterm_ends_the_running_nodes_task_run_cancelled(mini_family, tmp_path, sig):
     """The local path: `pkt extract` stopped by Ctrl-C or SIGTERM mid-node records that node's task run
-    as Cancelled (it was asked to stop), not Crashed, on the command's own temporary server."""
+    and its flow run as Cancelled (they were asked to stop), not Crashed, on the command's own temporary
+    server."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
     from test_stop import _start_and_signal
@@ -105,4 +107,5 @@ def test_ctrl_c_or_sigterm_ends_the_running_nodes_task_run_cancelled(mini_family
         nodes = _node_runs(client, run.id)
     assert [s for n, s in nodes.items() if n.startswith("sensitivity[")] == ["Cancelled"], (nodes, out[-3000:])
     assert "Crashed" not in nodes.values(), nodes
+    assert run.state.type == StateType.CANCELLED, (run.state, out[-3000:])
     assert not list((tmp_path / "store").glob("keys/sensitivity/*.json"))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import psutil
 import pytest
@@ -200,19 +201,59 @@ def test_a_signal_stops_family_pretraining(tmp_path, sig):
     assert not [p for p in (store.root / "tmp").iterdir()]
 
 
-def test_a_signal_ends_the_pool_processes_a_study_runs_on():
-    """Pool processes never see the parent's stop flag: the runner's exit on a signal ends them
-    instead of waiting for their node (the study runs on a process pool)."""
-    from pkt.flows.graph import task_runner
+def _until_stopped(ready: str) -> str:
+    """A node in a pool process: says it started, then checks the stop flag each step, as pkt's loops do."""
+    open(ready, "w").close()
+    try:
+        while True:
+            stop.check()
+            time.sleep(0.05)
+    except stop.Stopped as e:
+        return f"stopped: {e}"
 
-    runner = task_runner("processes", 2)
+
+def _started(runner, *ready) -> None:
+    """Wait until the pool's nodes have started (files `ready` exist), within a minute."""
+    deadline = time.monotonic() + 60
+    while not all(os.path.exists(r) for r in ready) or len(runner._executor._processes or {}) < len(ready):
+        assert time.monotonic() < deadline, "the pool's nodes did not start"
+        time.sleep(0.1)
+
+
+def test_a_signal_stops_the_nodes_of_a_process_pool_and_ends_its_processes(tmp_path, monkeypatch):
+    """Pool processes never see the parent's stop flag (nor a signal sent to the parent alone): the
+    runner's exit on a signal raises theirs, so their node stops at its next step (its task run then
+    ends Cancelled), and a node stuck in one step longer than the grace is killed (the study runs on a
+    process pool)."""
+    from pkt.flows import graph
+
+    monkeypatch.setattr(graph, "STOP_GRACE", 2.0)
+    runner = graph.task_runner("processes", 2)
     runner.__enter__()
-    busy = runner._executor.submit(time.sleep, 600)  # a node that would run for minutes
-    while not runner._executor._processes or not busy.running():
+    checks = runner._executor.submit(_until_stopped, str(tmp_path / "checks"))
+    stuck = runner._executor.submit(time.sleep, 600)  # never checks: a node in one very long step
+    _started(runner, tmp_path / "checks")
+    while not stuck.running():
         time.sleep(0.1)
     pids = list(runner._executor._processes)
+    stop.request("stopped by the test")
     t0 = time.monotonic()
     runner.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
-    assert time.monotonic() - t0 < 20
-    assert stop.requested()
+    assert checks.result(timeout=0) == "stopped: stopped by the test"  # stopped by the flag, not killed
+    assert isinstance(stuck.exception(timeout=30), BrokenProcessPool)  # killed after the grace
+    assert time.monotonic() - t0 < 2.0 + 10
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_pool_process_takes_a_signal_of_its_own_as_a_stop(tmp_path, sig):
+    """A terminal's Ctrl-C reaches the whole process group, and a Prefect worker's cancel sends SIGTERM to
+    it: a pool process stops its node at the next step, as the flow's process does, instead of dying
+    mid-node (a task run left Running)."""
+    from pkt.flows.graph import task_runner
+
+    with task_runner("processes", 1) as runner:
+        checks = runner._executor.submit(_until_stopped, str(tmp_path / "checks"))
+        _started(runner, tmp_path / "checks")
+        os.kill(next(iter(runner._executor._processes)), sig)
+        assert checks.result(timeout=30) == f"stopped: stopped by {signal.Signals(sig).name}"

@@ -134,7 +134,21 @@ class StoppableThreads(_StopsOnSignal, ThreadPoolTaskRunner):
     pass
 
 
+RESOLVER_THREADS = 1024  # nodes a process pool may hold waiting on their upstream nodes at once
+
+
 class StoppableProcesses(_StopsOnSignal, ProcessPoolTaskRunner):
+    def __enter__(self):
+        """Prefect hands each submitted task to one of max_workers threads that waits for the task's
+        upstream futures and then passes it to the pool. With 2 workers, two nodes whose upstream was
+        still running held both threads, and every node submitted after them, ready or not, waited: a
+        sweep ran about one node at a time (bench/runners.py). RESOLVER_THREADS of them (started as
+        needed; a waiting one costs no CPU) let the ready nodes through to the pool."""
+        super().__enter__()
+        self._resolver_executor.shutdown(wait=False)  # Prefect's own, still empty
+        self._resolver_executor = concurrent.futures.ThreadPoolExecutor(RESOLVER_THREADS, "pkt-resolve")
+        return self
+
     def _stop_workers(self) -> None:
         """Pool processes never see this process's flag (nor a signal sent to it alone): end them. A
         node killed mid-write leaves only its temp area, which gc reaps; its lock dies with it."""

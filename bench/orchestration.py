@@ -10,7 +10,8 @@ after the command ended the server's database is read for how many task runs it 
   and the time the flow's thread spends in Graph.submit/source / its nodes (the new code answers a
   stored node there; the old one only hands it to the runner and pays later, in the flow's wall).
 - --fresh: every node but the family computed again (`--recompute`, this code only), threads (1)
-  vs processes (2 workers): does a compute-bound sweep gain from a second worker?
+  vs processes (2 workers). The test demo's nodes are a second or less each; bench/runners.py asks the
+  same of a sweep whose nodes are compute-bound (the study's training budget).
 
 The old code is `git archive REV` of this repository (default main), imported in place of this
 checkout through a PYTHONPATH shim. Timings depend on the machine's load: the load average is

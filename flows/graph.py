@@ -138,14 +138,25 @@ class StoppableThreads(_StopsOnSignal, ThreadPoolTaskRunner):
     pass
 
 
+RESOLVER_THREADS = 1024  # nodes a process pool may hold waiting on their upstream nodes at once
+
+
 class StoppableProcesses(_StopsOnSignal, ProcessPoolTaskRunner):
     """A local process pool whose nodes stop as threads' do: each pool process follows this process's stop
     flag (and takes a Ctrl-C or SIGTERM of its own as a stop), so a stopped node ends Cancelled."""
 
     def __enter__(self):
+        """Prefect hands each submitted task to one of max_workers threads that waits for the task's
+        upstream futures and then passes it to the pool. With 2 workers, two nodes whose upstream was
+        still running held both threads, and every node submitted after them, ready or not, waited: a
+        sweep ran about one node at a time (bench/runners.py). RESOLVER_THREADS of them (started as
+        needed; a waiting one costs no CPU) let the ready nodes through to the pool."""
         self._stop_flag = stop.ProcessFlag(multiprocessing.get_context("spawn"))  # Prefect's pool spawns
         self._initializer, self._initargs = _pool_process_start, (self._stop_flag,)  # run in each pool process
-        return super().__enter__()
+        super().__enter__()
+        self._resolver_executor.shutdown(wait=False)  # Prefect's own, still empty
+        self._resolver_executor = concurrent.futures.ThreadPoolExecutor(RESOLVER_THREADS, "pkt-resolve")
+        return self
 
     def _stop_workers(self) -> None:
         """Pool processes never see this process's flag (nor a signal sent to it alone): raise theirs, start

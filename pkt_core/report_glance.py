@@ -37,12 +37,15 @@ def role(arm: str) -> str:
 
 
 def twin_rows(runs: pd.DataFrame) -> pd.Series:
-    """Which rows come from an aligned-basis (twin) family."""
+    """Which rows are read apart as aligned-basis (twin) families: none in a table of twin families only
+    (the study's twin report), whose arms are read as any report's."""
     if "twin" in runs:
-        return runs["twin"].map(truthy)
-    if "family" in runs:
-        return runs["family"].astype(str).str.startswith("twin")
-    return pd.Series(False, index=runs.index)
+        flags = runs["twin"].map(truthy)
+    elif "family" in runs:
+        flags = runs["family"].astype(str).str.startswith("twin")
+    else:
+        flags = pd.Series(False, index=runs.index)
+    return flags if not (len(flags) and flags.all()) else pd.Series(False, index=runs.index)
 
 
 def endpoint_scope(runs: pd.DataFrame, primary: str, endpoint: dict | None) -> tuple[str, list[str]]:

@@ -69,6 +69,15 @@ def test_the_oracle_and_its_share_of_the_gap_recomputed(study):
     assert "transfer (did not move the endpoint)" in text
 
 
+def test_a_report_of_twin_families_only_lists_every_arm(tmp_path):
+    """The study's twin report (report_dir/twin) holds twin families only: its first table lists each arm
+    read on them (it listed "twin transfer" alone)."""
+    runs = study_runs(families=0, twins=4)
+    paths = report.write_report(runs, tmp_path, "exact_match", protocol=PROTOCOL)
+    arms = [row[0] for row in first_table(paths["markdown"].read_text())]
+    assert arms == ["teacher", "transfer", "lora", "vanilla", "chance"]
+
+
 def test_corrected_levels_print_with_the_digits_that_make_them_readable():
     """BH's 1 - 2*0.05/277 used to print as 100.0%."""
     level = 1 - 2 * 0.05 / 277

@@ -183,13 +183,14 @@ def store_option(path: str | None) -> str | None:
 
 
 def cmd_demo(args) -> int:
-    from .server import prefect_api
+    from .server import import_while_starting, prefect_api
 
     args.store = store_option(args.store)
     if args.study:
         family_seeds = _seed_list(args.families, "--families")
         started = time.time()
         _report_dir(args.report_dir or "pkt-study", "--report-dir", args, store=args.store)
+        import_while_starting("pkt.flows.study")
         with prefect_api():
             from .study import STUDY_FAMILIES, study
 
@@ -204,6 +205,7 @@ def cmd_demo(args) -> int:
                                 "store": args.store, "runner": args.runner, "workers": args.workers}, "",
                    {"size": "--size", "seeds": "--seeds", "runner": "--runner", "workers": "--workers"})
     _report_dir(cfg.report_dir, "--report-dir", args, store=cfg.store)
+    import_while_starting("pkt.flows.demo")
     with prefect_api():
         from .demo import demo
 
@@ -219,11 +221,12 @@ def cmd_demo(args) -> int:
 
 def cmd_extract(args) -> int:
     from .config import check_extract_inputs
-    from .server import prefect_api
+    from .server import import_while_starting, prefect_api
 
     args.store = store_option(args.store)
     cfg = extract_config(args)
     check_extract_inputs(cfg)
+    import_while_starting("pkt.flows.extract")
     with prefect_api():
         from .extract import extract_teacher, prompt_formats
 
@@ -261,7 +264,7 @@ def _print_energy_kept(init_path: str, rank: int) -> None:
 
 def cmd_transfer(args) -> int:
     from .config import check_benchmark, check_sweep_inputs
-    from .server import prefect_api
+    from .server import import_while_starting, prefect_api
 
     from pkt.core.laten import LatenError
 
@@ -278,6 +281,7 @@ def cmd_transfer(args) -> int:
 
     _report_dir(cfg.report_dir, "--report-dir", args, [cfg.teacher, *cfg.students, cfg.tasks[0].dir], cfg.store)
     check_sweep_size(cfg, args, check_inputs)  # after every refusal that needs no store: planning writes into it
+    import_while_starting("pkt.flows.sweep")
     with prefect_api():
         from .sweep import transfer
 
@@ -293,7 +297,7 @@ def cmd_transfer(args) -> int:
 
 def cmd_sweep(args) -> int:
     from .config import check_sweep_inputs, load_config
-    from .server import prefect_api
+    from .server import import_while_starting, prefect_api
 
     cfg = load_config(args.config)
     if args.store:
@@ -304,6 +308,7 @@ def cmd_sweep(args) -> int:
     _report_dir(cfg.report_dir, f"{args.config}: report_dir", args,
                 [cfg.teacher, *cfg.students, *(t.dir for t in cfg.tasks)], cfg.store)
     check_sweep_size(cfg, args, check_sweep_inputs)  # after every refusal that needs no store: planning writes into it
+    import_while_starting("pkt.flows.sweep")
     with prefect_api():
         from .sweep import sweep
 
@@ -348,10 +353,11 @@ def cmd_diagnose(args) -> int:
     import pandas as pd
 
     from .config import check_sweep_inputs
-    from .server import prefect_api
+    from .server import import_while_starting, prefect_api
 
     cfg, extra = diagnose_config(args)
     check_sweep_inputs(cfg)
+    import_while_starting("pkt.flows.diagnose")
     with prefect_api():
         from .diagnose import diagnose_inits
 

@@ -14,6 +14,11 @@ stopped earlier, a temporary server loses the backlog, and the UI would show par
 command stopped by Ctrl-C or SIGTERM ends its flow runs Cancelled on the way out (Prefect's engine leaves
 them Crashed).
 
+A cached rerun is mostly start-up: this process's imports (torch, transformers, Prefect) and the
+server's (Prefect's server package: seconds on 2 cores). They overlap: prefect_api() starts the server's
+process first, which imports while this process learns whether the user has a server and imports the
+command's flow module (import_while_starting), and touches the database only once told to go.
+
     python -m pkt.flows.server --parent PID --port-file FILE    (the server process itself)
 """
 from __future__ import annotations
@@ -36,6 +41,11 @@ TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 DEFAULT_STARTUP_TIMEOUT = 300.0  # Prefect's own default is 20 s: too short on a loaded 2-core machine
 WATCH_INTERVAL = 0.5  # how often the server checks that its parent is alive
 STOP_GRACE = 10.0  # seconds a stopping server gets before it is killed
+# Automations (their triggers and actions services) off on a temporary server, unless the environment says
+# otherwise: it lives for one command, runs no deployment (pkt deploy's automation watches deployments' runs,
+# on the server a worker polls), and the two services cost its start-up ~1.5 s on a loaded 2-core machine
+TRIGGERS_VAR = "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"
+GO = b"go\n"  # what a spawned server waits for on its stdin before it opens the database and serves
 UI_HINT = "start a server with `pkt ui` in another terminal and `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
 
 
@@ -43,6 +53,7 @@ RECORD_PATIENCE = 120.0  # seconds the wait for the server's records goes on wit
 _MADE: list = []  # ids of the task runs this command made (flows/graph.py notes each one)
 _UNRECORDED: list = [0]  # how many of them the server had not recorded when the command's wait ended
 _FLOW_RUNS: list = []  # ids of the flow runs this command made (each flow's Graph notes its own)
+_MEANWHILE: list = []  # modules the next prefect_api() imports while its server starts (import_while_starting)
 
 
 class PrefectUnavailable(UserError):
@@ -85,7 +96,13 @@ def _cancel_stopped_flow_runs() -> None:
               file=sys.stderr)
 
 
-def wait_until_recorded(ids: list, patience: float = RECORD_PATIENCE, poll: float = 0.5) -> tuple[int, int]:
+def import_while_starting(*modules: str) -> None:
+    """Modules the command's flow needs (its flow module: torch, transformers, the node kinds): the next
+    prefect_api() imports them while the server starts instead of after it."""
+    _MEANWHILE[:] = modules
+
+
+def wait_until_recorded(ids: list, patience: float = RECORD_PATIENCE, poll: float = 0.2) -> tuple[int, int]:
     """Wait until the API returns every task run of `ids` in its last state (written with its edges:
     they come in the same event), or until `patience` seconds pass with none newly recorded.
     Returns (recorded, made)."""
@@ -165,22 +182,42 @@ def configured_api_url() -> str | None:
 @contextlib.contextmanager
 def prefect_api():
     """Run the body against the user's Prefect API if one is configured (checked first), otherwise
-    against a temporary server owned by this process and stopped on the way out."""
-    url = configured_api_url()
+    against a temporary server owned by this process and stopped on the way out. The modules of
+    import_while_starting are imported meanwhile."""
     _MADE.clear()
     _FLOW_RUNS.clear()
+    modules, _MEANWHILE[:] = list(_MEANWHILE), []
+    # the server's process imports while this one does: without a URL in the environment one is likely needed
+    timeout = None if os.environ.get("PREFECT_API_URL") else startup_timeout()
+    server = None if timeout is None else TemporaryServer().spawn()
+    try:
+        url = configured_api_url()
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    import httpx
+
+    httpx.Client().close()  # its transport's own imports (httpcore, h11, anyio ...) here, before _Imports' thread
     if url:
+        if server is not None:  # a URL from the user's Prefect profile: their server, not this one
+            server.stop()
+        importing = _Imports(modules)
         _check_reachable(url)
+        importing.join()
         with _records_waited():
             yield url
         return
+    from prefect.context import refresh_global_settings_context
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from prefect.context import refresh_global_settings_context
-
-    server = TemporaryServer()
-    server.start(startup_timeout())
+    if server is None:  # PREFECT_API_URL set but empty: no server configured
+        timeout = startup_timeout()
+        server = TemporaryServer().spawn()
+    importing = _Imports(modules)
+    server.start(timeout)  # failing, it stops its process and keeps its log for the message
     try:
+        importing.join()
         # for anything this command starts, and for this process's other threads: a thread that does not
         # inherit the settings context (Prefect's own background waiters) reads the global one, and
         # without a URL there it started a second temporary server of its own (20% of a core in the study)
@@ -192,6 +229,33 @@ def prefect_api():
         os.environ.pop("PREFECT_API_URL", None)
         refresh_global_settings_context()
         server.stop()
+
+
+class _Imports:
+    """Modules imported in a thread of their own while the server starts. join() waits for them before
+    this process imports anything else (two threads importing the same package at once can deadlock).
+    An import that fails here is left to fail where the flow imports it, with its traceback; a server
+    that fails to start is reported at once, not after the imports (the thread is a daemon)."""
+
+    def __init__(self, modules: list[str]):
+        self.thread = None
+        if modules:
+            self.thread = threading.Thread(target=self._run, args=(modules,), name="pkt-imports", daemon=True)
+            self.thread.start()
+
+    @staticmethod
+    def _run(modules: list[str]) -> None:
+        import importlib
+
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except BaseException:  # noqa: BLE001 (the flow's own import raises it again, in its thread)
+                return
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
 
 
 @contextlib.contextmanager
@@ -240,7 +304,9 @@ def _flush_client() -> None:
 
 
 class TemporaryServer:
-    """A Prefect API server in a child process on a free port of 127.0.0.1, logging to a file."""
+    """A Prefect API server in a child process on a free port of 127.0.0.1, logging to a file. spawn()
+    starts the process, which imports Prefect's server and builds its app, then waits; start() tells it
+    to go on (open its database, serve) and waits until it answers."""
 
     def __init__(self):
         self.process: subprocess.Popen | None = None
@@ -251,6 +317,7 @@ class TemporaryServer:
         fd, log = tempfile.mkstemp(prefix="pkt-server-", suffix=".log", dir=home / "logs")
         os.close(fd)
         self.log = Path(log)
+        self.port_file = self.log.with_suffix(".port")
 
     @property
     def api_url(self) -> str:
@@ -258,6 +325,15 @@ class TemporaryServer:
 
     def command(self, port_file: Path) -> list[str]:
         return [sys.executable, "-m", "pkt.flows.server", "--parent", str(os.getpid()), "--port-file", str(port_file)]
+
+    def spawn(self) -> TemporaryServer:
+        """Start the server's process; it touches nothing of PREFECT_HOME's database until start()."""
+        if self.process is None:
+            with self.log.open("ab") as log:
+                # its own session: a Ctrl-C meant for pkt must not kill the server pkt still reports to
+                self.process = subprocess.Popen(self.command(self.port_file), stdin=subprocess.PIPE, stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
+        return self
 
     def start(self, timeout: float) -> None:
         """Start the server and wait until it answers. Servers of one PREFECT_HOME start one at a time:
@@ -273,25 +349,25 @@ class TemporaryServer:
     def _start(self, timeout: float) -> None:
         import httpx
 
-        port_file = self.log.with_suffix(".port")
-        with self.log.open("ab") as log:
-            # its own session: a Ctrl-C meant for pkt must not kill the server pkt still reports to
-            self.process = subprocess.Popen(self.command(port_file), stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         try:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise PrefectUnavailable(f"Prefect's temporary API server exited with code "
-                                             f"{self.process.returncode} while starting; its log {self.log} says "
-                                             f"why (its last line: {_last_line(self.log)!r})")
-                if self.port is None and port_file.exists():
-                    self.port = int(port_file.read_text())
-                if self.port is not None:
-                    with contextlib.suppress(httpx.HTTPError):
-                        if httpx.get(f"{self.api_url}/health", timeout=5).status_code == 200:
-                            return
-                time.sleep(0.2)
+            self.spawn()
+            with contextlib.suppress(OSError):  # a process that already exited: said below
+                self.process.stdin.write(GO)
+                self.process.stdin.close()
+            with httpx.Client(timeout=5) as client:
+                while time.monotonic() < deadline:
+                    if self.process.poll() is not None:
+                        raise PrefectUnavailable(f"Prefect's temporary API server exited with code "
+                                                 f"{self.process.returncode} while starting; its log {self.log} says "
+                                                 f"why (its last line: {_last_line(self.log)!r})")
+                    if self.port is None and self.port_file.exists():
+                        self.port = int(self.port_file.read_text())
+                    if self.port is not None:
+                        with contextlib.suppress(httpx.HTTPError):
+                            if client.get(f"{self.api_url}/health").status_code == 200:
+                                return
+                    time.sleep(0.05 if self.port is None else 0.1)
             raise PrefectUnavailable(
                 f"Prefect's temporary API server did not answer within {timeout:.0f} s (a busy machine starts it "
                 f"slowly; its log: {self.log}); rerun with {TIMEOUT_VAR}={max(2 * timeout, 600):.0f}, or {UI_HINT}")
@@ -299,9 +375,12 @@ class TemporaryServer:
             self.stop(keep_log=True)
             raise
         finally:
-            port_file.unlink(missing_ok=True)
+            self.port_file.unlink(missing_ok=True)
 
     def stop(self, keep_log: bool = False) -> None:
+        if self.process is not None:
+            with contextlib.suppress(OSError):  # a server not told to go exits when its stdin closes
+                self.process.stdin.close()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -310,6 +389,7 @@ class TemporaryServer:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+        self.port_file.unlink(missing_ok=True)
         if not keep_log:
             self.log.unlink(missing_ok=True)
 
@@ -325,20 +405,23 @@ def _last_line(path: Path) -> str:
 # ---- the server process ----------------------------------------------------------------------
 def serve(parent: int, port_file: Path) -> None:
     """Serve Prefect's API (no UI, the ephemeral set of services) until SIGTERM/SIGINT or until the
-    parent process is gone."""
+    parent process is gone. Its imports and app come first; its database and port only once the
+    parent writes GO to its stdin (it exits if the parent closes stdin without)."""
     import socket
 
     import uvicorn
     from prefect.server.api.server import create_app
 
+    server = uvicorn.Server(uvicorn.Config(create_app(ephemeral=True, final=True), log_level="error",
+                                           lifespan="on"))
+    threading.Thread(target=_watch_parent, args=(parent, server), daemon=True).start()
+    if sys.stdin.buffer.readline() != GO:
+        return
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # the kernel picks a free port: no race with other servers
     tmp = port_file.with_suffix(".tmp")
     tmp.write_text(str(sock.getsockname()[1]))
     os.replace(tmp, port_file)
-    server = uvicorn.Server(uvicorn.Config(create_app(ephemeral=True, final=True), log_level="error",
-                                           lifespan="on"))
-    threading.Thread(target=_watch_parent, args=(parent, server), daemon=True).start()
     server.run(sockets=[sock])
 
 
@@ -356,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port-file", type=Path, required=True, help="where to write the chosen port")
     args = ap.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault(TRIGGERS_VAR, "false")
     serve(args.parent, args.port_file)
 
 

@@ -234,13 +234,15 @@ def prefect_api():
 class _Imports:
     """Modules imported in a thread of their own while the server starts. join() waits for them before
     this process imports anything else (two threads importing the same package at once can deadlock).
-    An import that fails here is left to fail where the flow imports it, with its traceback; a server
-    that fails to start is reported at once, not after the imports (the thread is a daemon)."""
+    An import that fails here is left to fail where the flow imports it, with its traceback. A server
+    that fails to start (or a URL that does not answer) is reported at once, and the process exits
+    after the imports: the thread is not a daemon, since a daemon torn down inside torch's import at
+    interpreter exit aborts the process (SIGABRT: exit code 134, not pkt's 2)."""
 
     def __init__(self, modules: list[str]):
         self.thread = None
         if modules:
-            self.thread = threading.Thread(target=self._run, args=(modules,), name="pkt-imports", daemon=True)
+            self.thread = threading.Thread(target=self._run, args=(modules,), name="pkt-imports")
             self.thread.start()
 
     @staticmethod

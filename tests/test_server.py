@@ -83,6 +83,30 @@ def test_an_unreachable_prefect_api_url_is_one_sentence(mini_family, tmp_path):
     assert "PREFECT_API_URL=http://127.0.0.1:9/api does not answer" in lines[0] and "unset PREFECT_API_URL" in lines[0]
 
 
+# The command's flow module is imported beside the reachability check; this one takes 2 s to import.
+SLOW_IMPORT = """
+import sys
+from pkt.flows import server
+server.import_while_starting("slowmod")
+try:
+    with server.prefect_api():
+        pass
+except server.PrefectUnavailable:
+    sys.exit(2)
+"""
+
+
+def test_an_error_before_the_flow_leaves_the_imports_of_its_flow_module_finished_not_torn_down(tmp_path):
+    """Exiting on the error while torch's import ran in a daemon thread aborted the process (exit code
+    134 instead of 2, about 1 run in 12 on a busy machine): the import now finishes before the exit."""
+    (tmp_path / "slowmod.py").write_text(f"import time, pathlib\ntime.sleep(2)\n"
+                                         f"pathlib.Path({str(tmp_path / 'imported')!r}).touch()\n")
+    out = subprocess.run([sys.executable, "-c", SLOW_IMPORT], cwd=tmp_path, capture_output=True, text=True,
+                         env=env(tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api", PYTHONPATH=str(tmp_path)),
+                         timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert (tmp_path / "imported").exists()  # the interpreter waited for the import instead of killing it
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_a_server_slower_than_20_s_still_runs_and_runs_print_no_traceback(mini_family, tmp_path):

@@ -45,7 +45,7 @@ PACKAGES = {"core": "pkt_core", "artifacts": "artifacts", "tasks": "tasks", "flo
 # the command, with the time the flow's thread spends handing nodes and sources to the graph (old: to the
 # runner; new: a key, a store lookup and a recorded task run for a stored node) summed and printed at exit
 COMMAND = """
-import atexit, sys, time
+import atexit, os, sys, time
 MARKS = {"command": time.time()}
 import importlib.abc, importlib.util
 from pkt.flows import server
@@ -104,6 +104,13 @@ try:
 except ImportError:  # old code: one cli module
     from pkt.flows import cli as cli_run
 marked(cli_run, "_print_result", "print")
+from pkt.flows import cli
+if hasattr(cli, "run"):  # the `pkt` command's own way out (cli.run): main, flush, os._exit
+    code = main()
+    atexit.unregister(report)
+    report()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
 sys.exit(main())
 """
 

@@ -53,7 +53,7 @@ VARIANTS = ["lora", "transfer"]
 CASES = {"threads": ("threads", 1, None, None), "threads1": ("threads", 1, "1", None),
          "processes": ("processes", 2, None, None), "dask": ("dask", 2, None, None),
          "processes-prefect": ("processes", 2, None, 2)}
-CLI = "import sys; from pkt.flows.cli import main; sys.exit(main())"
+CLI = "from pkt.flows.cli import run; run()"  # the `pkt` command
 # Prefect's ProcessPoolTaskRunner hands each submitted task to one of max_workers resolver threads, which
 # waits for the task's upstream futures before passing it to the pool: with 2 workers, two nodes whose
 # upstream is still running held both threads, and every node submitted after them (ready or not)

@@ -96,10 +96,15 @@ def _cancel_stopped_flow_runs() -> None:
               file=sys.stderr)
 
 
+# what transformers imports on a flow's first tokenizer or config load (the model type's config module pulls
+# in torch.distributed.tensor): 2-3 s of a cached demo's 6 s flow, paid in the flow's thread otherwise
+MODEL_LOADING = ("transformers.models.auto.tokenization_auto", "transformers.core_model_loading")
+
+
 def import_while_starting(*modules: str) -> None:
-    """Modules the command's flow needs (its flow module: torch, transformers, the node kinds): the next
-    prefect_api() imports them while the server starts instead of after it."""
-    _MEANWHILE[:] = modules
+    """Modules the command's flow needs (its flow module: torch, transformers, the node kinds; and
+    MODEL_LOADING): the next prefect_api() imports them while the server starts instead of after it."""
+    _MEANWHILE[:] = [*modules, *MODEL_LOADING]
 
 
 def wait_until_recorded(ids: list, patience: float = RECORD_PATIENCE, poll: float = 0.2) -> tuple[int, int]:

@@ -49,7 +49,7 @@ from .graph import Graph, task_runner, torch_threads_per_worker
 from .names import run_name
 from .outputs import claim_report_dir
 from .summary import publish
-from .sweep import add_costs, copy_report, cost_table, report_protocol, run_sweep
+from .sweep import Sweep, add_costs, copy_report, cost_table, report_protocol
 from .variants import VARIANTS
 
 # The budget (v2, declared before any v2 data): rank 16, alpha/r = 2; one training run of STUDY_STEPS[-1]
@@ -161,16 +161,21 @@ def included_families(graph: Graph, size: str, candidates: list[int], n: int, ex
                       testbed: int | None = None, twin: bool = False):
     """(name, ref, stats) of the first n candidate families, in seed order, whose quality gates all
     pass; the others go in `excluded` (name -> the gates they failed). The builds run ahead of the
-    sweeps: the first n are submitted at once, and each family left out submits the next candidate.
-    Twin families are named twin-<seed>."""
+    sweeps: the first n are submitted now (not at the first next()), and each family left out submits
+    the next candidate. Twin families are named twin-<seed>."""
     recipe = {"testbed": testbed, "twin": twin}
     builds = {seed: family_future(graph, size, seed, **recipe) for seed in candidates[:n]}
+    return _passing(graph, size, candidates, n, excluded, recipe, builds)
+
+
+def _passing(graph: Graph, size: str, candidates: list[int], n: int, excluded: dict[str, list[str]], recipe: dict,
+             builds: dict):
     included = 0
     for at, seed in enumerate(candidates):
         if included == n:
             return
         ref = family_node(graph, size, seed, builds.get(seed), **recipe)
-        name, stats = f"{'twin' if twin else 'family'}-{seed}", family_stats(graph.store, ref)
+        name, stats = f"{'twin' if recipe['twin'] else 'family'}-{seed}", family_stats(graph.store, ref)
         if failed := gates.failed(stats):
             excluded[name] = failed
             print(f"{name} left out: quality gates failed ({', '.join(failed)})")
@@ -198,10 +203,17 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
     args = (seeds, store, selection_seeds, lrs, scales, alphas, variants, train)
     with task_runner(runner, workers) as task_runner_:
         graph = Graph(st, task_runner_, torch_threads_per_worker(runner, workers))
-        pooled = _family_set(graph, family_size, family_seeds, n_families, testbed, False, report_dir, args,
-                             n_families + n_twins)
-        twins = (_family_set(graph, family_size, family_seeds, n_twins, testbed, True, report_dir, args)
-                 if n_twins else None)
+        sets = [FamilySet(graph, family_size, family_seeds, n_families, testbed, False, report_dir, args,
+                          n_families + n_twins)]
+        if n_twins:
+            sets.append(FamilySet(graph, family_size, family_seeds, n_twins, testbed, True, report_dir, args))
+        # each stage for every family before the next: no worker waits on one family's choice or report
+        for stage in (FamilySet.submit_selection, FamilySet.submit_tests):
+            for family_set in sets:
+                stage(family_set)
+        graph.results()  # every node finished (the first failure is raised here)
+        reports = [family_set.report() for family_set in sets]
+        pooled, twins = reports[0], reports[1] if n_twins else None
         results = graph.results()
     summary = report.read_csv(pooled["paths"]["csv"])
     lines = report.headlines(summary, pooled["primary"])
@@ -213,51 +225,72 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
             "headline": lines, "families": pooled["families"], "twins": twins["families"] if twins else {}}
 
 
-def _family_set(graph: Graph, family_size: str, family_seeds: list[int], n: int, testbed: int | None, twin: bool,
-                report_dir: str, args: tuple, planned: int | None = None) -> dict:
-    """Sweep the first n gate-passing candidate families of one kind (independent or twin) and write
-    their pooled report: in report_dir itself, or report_dir/twin for the twins."""
-    seeds, store, selection_seeds, lrs, scales, alphas, variants, train = args
-    st = graph.store
-    runs, extra, families, cfg, used = [], {"curves": [], "selection": [], "items": [], "dose": [],
-                                            "pretraining": []}, {}, None, {}
-    excluded: dict[str, list[str]] = {}
-    earlier = set(graph.kinds)  # the nodes of the sets swept before this one: not this report's inputs
-    for name, fam, stats in included_families(graph, family_size, family_seeds, n, excluded, testbed, twin):
-        families[name] = stats
-        cfg = parse_config(study_config(str(st.tree(Ref.of(fam))), seeds, store, str(Path(report_dir) / name),
-                                        selection_seeds, lrs, scales, alphas, variants, train,
-                                        family_of(st.record("family", fam["key"]))))
-        if cfg.endpoint.tasks != [KNOWLEDGE_TASK]:
-            print(f"{name} has no {KNOWLEDGE_TASK} task: the endpoint is read on {cfg.endpoint.tasks}")
-        if not runs and planned:  # the first included family
-            print(f"study plan: {study_plan(cfg, planned)}")
-        protocol = {"scale": scale_caveat({name: families[name]}), "families": {name: families[name]}}
-        out = run_sweep(graph, cfg, "study", name, protocol)
-        label = {"student": f"{name}-student", "family": name}
-        runs.append(report.read_csv(out["report"]["runs"]).assign(**label))
-        for kind in extra:
-            if kind in out["report"]:
-                extra[kind].append(report.read_csv(out["report"][kind]).assign(**label))
-        for v, ids in out["variant_nodes"].items():
-            used.setdefault(v, []).extend(ids)
-    kind = "twin " if twin else ""
-    if not runs:
-        failures = "; ".join(f"{f}: {', '.join(g)}" for f, g in excluded.items())
-        raise UserError(f"none of the {len(family_seeds)} candidate {kind}families passed its quality gates "
-                        f"({failures}); see each family's family_stats.json")
-    table = pd.concat(runs, ignore_index=True)
-    inputs = {"runs": nodes.table_source(st, table, "runs.csv"),
-              "scores": [graph.futures[i] for i, k in graph.kinds.items() if k == "scores" and i not in earlier]}
-    for name, parts in extra.items():
-        if parts:
-            inputs[name] = nodes.table_source(st, pd.concat(parts, ignore_index=True), f"{name}.csv")
-    if len(families) < n:
-        print(f"only {len(families)} of {len(family_seeds)} candidate {kind}families passed the gates ({n} wanted)")
-    protocol = report_protocol(cfg, {"scale": scale_caveat(families), "families": families, "excluded": excluded})
-    primary = cfg.endpoint.metric
-    rep = graph.submit(nodes.Report(primary=primary, protocol=protocol), inputs,
-                       f"study{', twin families' if twin else ''}, {len(table)} rows")
-    paths = copy_report(st, rep.result(), str(Path(report_dir) / "twin") if twin else report_dir)
-    paths |= add_costs(paths, cost_table(st, used))
-    return {"paths": paths, "primary": primary, "families": families}
+class FamilySet:
+    """The first n gate-passing candidate families of one kind (independent or twin), swept in stages
+    (flows/sweep.py Sweep) and pooled into one report: in report_dir itself, or report_dir/twin."""
+
+    def __init__(self, graph: Graph, family_size: str, family_seeds: list[int], n: int, testbed: int | None,
+                 twin: bool, report_dir: str, args: tuple, planned: int | None = None):
+        self.graph, self.n, self.twin, self.report_dir, self.args = graph, n, twin, report_dir, args
+        self.kind, self.candidates, self.planned = "twin " if twin else "", len(family_seeds), planned
+        self.excluded: dict[str, list[str]] = {}
+        self.passing = included_families(graph, family_size, family_seeds, n, self.excluded, testbed, twin)
+        self.families: dict[str, dict] = {}
+        self.sweeps: dict[str, Sweep] = {}
+
+    def submit_selection(self) -> None:
+        """Each family's selection runs, as soon as its build passes the gates (later builds run meanwhile)."""
+        seeds, store, selection_seeds, lrs, scales, alphas, variants, train = self.args
+        st = self.graph.store
+        for name, fam, stats in self.passing:
+            self.families[name] = stats
+            cfg = parse_config(study_config(str(st.tree(Ref.of(fam))), seeds, store, str(Path(self.report_dir) / name),
+                                            selection_seeds, lrs, scales, alphas, variants, train,
+                                            family_of(st.record("family", fam["key"]))))
+            if cfg.endpoint.tasks != [KNOWLEDGE_TASK]:
+                print(f"{name} has no {KNOWLEDGE_TASK} task: the endpoint is read on {cfg.endpoint.tasks}")
+            if not self.sweeps and self.planned:  # the first included family
+                print(f"study plan: {study_plan(cfg, self.planned)}")
+            self.sweeps[name] = Sweep(self.graph, cfg)
+            self.sweeps[name].submit_selection()
+        if not self.sweeps:
+            failures = "; ".join(f"{f}: {', '.join(g)}" for f, g in self.excluded.items())
+            raise UserError(f"none of the {self.candidates} candidate {self.kind}families passed its quality gates "
+                            f"({failures}); see each family's family_stats.json")
+        if len(self.families) < self.n:
+            print(f"only {len(self.families)} of {self.candidates} candidate {self.kind}families passed the gates "
+                  f"({self.n} wanted)")
+
+    def submit_tests(self) -> None:
+        for sweep in self.sweeps.values():
+            sweep.submit_tests()
+
+    def report(self) -> dict:
+        """Each family's report (report_dir/<name>), then the pooled one with families as the units."""
+        st, runs, used = self.graph.store, [], {}
+        extra = {"curves": [], "selection": [], "items": [], "dose": [], "pretraining": []}
+        for name, sweep in self.sweeps.items():
+            protocol = {"scale": scale_caveat({name: self.families[name]}), "families": {name: self.families[name]}}
+            out = sweep.report("study", name, protocol)
+            label = {"student": f"{name}-student", "family": name}
+            runs.append(report.read_csv(out["report"]["runs"]).assign(**label))
+            for kind in extra:
+                if kind in out["report"]:
+                    extra[kind].append(report.read_csv(out["report"][kind]).assign(**label))
+            for v, ids in out["variant_nodes"].items():
+                used.setdefault(v, []).extend(ids)
+        table = pd.concat(runs, ignore_index=True)
+        inputs = {"runs": nodes.table_source(st, table, "runs.csv"),
+                  "scores": [f for sweep in self.sweeps.values() for f in sweep.scores()]}
+        for name, parts in extra.items():
+            if parts:
+                inputs[name] = nodes.table_source(st, pd.concat(parts, ignore_index=True), f"{name}.csv")
+        cfg = next(reversed(self.sweeps.values())).cfg
+        protocol = report_protocol(cfg, {"scale": scale_caveat(self.families), "families": self.families,
+                                         "excluded": self.excluded})
+        primary = cfg.endpoint.metric
+        rep = self.graph.submit(nodes.Report(primary=primary, protocol=protocol), inputs,
+                                f"study{', twin families' if self.twin else ''}, {len(table)} rows")
+        paths = copy_report(st, rep.result(), str(Path(self.report_dir) / "twin") if self.twin else self.report_dir)
+        paths |= add_costs(paths, cost_table(st, used))
+        return {"paths": paths, "primary": primary, "families": self.families}

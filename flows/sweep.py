@@ -80,51 +80,88 @@ def run_sweep(graph: Graph, cfg: SweepConfig, title: str, tag: str, protocol: di
     variant keeps its best setting, and fresh test seeds are trained at that setting and scored on
     test: no run that chose a setting is scored on test. protocol: what the report states beside the
     data (scale caveat, family gates), see report.write_report."""
-    store = graph.store
-    check_out_dir(cfg.report_dir, "report_dir")  # before any work: the report must not land on a user's files
-    print(prompt_formats(cfg.prompt_format, cfg.teacher, cfg.students))
-    if cfg.check is not False:
-        check_answers(cfg)
-    scored, selection, dosed, inert, matched, made = submit_runs(graph, cfg)
+    sweep = Sweep(graph, cfg)
+    sweep.submit_selection()
+    sweep.submit_tests()
     graph.results()  # every node finished (the first failure is raised here)
-    rows, curves, items = _collect(store, scored, item_metrics(cfg), inert)
-    pretraining = [row for (student, variant), ref in sorted(_fresh_students(scored).items())
-                   for row in curve_rows(store, student, variant, ref)]  # the fresh students' probe loss by step
-    matched = sv_matched(_collect(store, matched, set())[0], rows)
-    dose = _collect(store, dosed, set())[0]
-    if dose:  # the dose-response: every checkpoint's rows and the final one's (steps = the run's own)
-        dose += [{**r, "checkpoint": r["steps"]} for r in rows if r["variant"] in {d["variant"] for d in dose}]
-    table = pd.DataFrame(rows)
-    table = with_diagnostics(graph, cfg, table)  # each run's step-0 init diagnostic: diag_cos, diag_share
-    primary = cfg.endpoint.metric if cfg.endpoint else evaluate.primary_metric(cfg.tasks[0].benchmark)
-    # every score the sweep computed, val ones included: they chose the settings the table shows
-    all_scores = [graph.futures[i] for i, kind in graph.kinds.items() if kind == "scores"]
-    inputs = {"runs": nodes.table_source(store, table, "runs.csv"), "scores": all_scores}
-    for name, extra in (("curves", curves), ("selection", selection), ("items", items), ("dose", dose),
-                        ("matched", matched), ("pretraining", pretraining)):
-        if extra:
-            inputs[name] = nodes.table_source(store, pd.DataFrame(extra), f"{name}.csv")
-    spec = nodes.Report(primary=primary, protocol=report_protocol(cfg, protocol))
-    rep = graph.submit(spec, inputs, f"{tag}, {len(table)} rows, {primary}")
-    paths = copy_report(store, rep.result(), cfg.report_dir)
-    used = variant_nodes(graph, made)
-    paths |= add_costs(paths, cost_table(store, used))
-    summary = report.read_csv(paths["csv"])
-    shown, why = lead_metric(summary, primary)  # a metric that moves first (the test family's exact match is 0)
-    summary = summary.sort_values("metric", key=lambda m: m != shown, kind="stable")
-    lines = why + report.headlines(summary, shown)
-    results = graph.results()
-    publish(store, title, results, tag=tag, summary=summary, paths=paths, headlines=lines)
-    return {"report": {k: str(v) for k, v in paths.items()},
-            "computed": sum(r["status"] == "computed" for r in results),
-            "nodes": [(r["kind"], r["key"], r["status"]) for r in results],
-            "table": summary.to_dict(orient="records"), "headline": lines, "variant_nodes": used}
+    return sweep.report(title, tag, protocol)
+
+
+class Sweep:
+    """One sweep submitted in stages: its selection runs, then (once their val scores are in) its test
+    runs, then its report. run_sweep runs the stages in a row; the study runs each stage for every family
+    before the next, so that the workers never idle while one family's choice or report waits."""
+
+    def __init__(self, graph: Graph, cfg: SweepConfig):
+        check_out_dir(cfg.report_dir, "report_dir")  # before any work: the report must not land on a user's files
+        print(prompt_formats(cfg.prompt_format, cfg.teacher, cfg.students))
+        if cfg.check is not False:
+            check_answers(cfg)
+        self.graph, self.cfg = graph, cfg
+        self.ids: set[str] = set()  # the graph's nodes this sweep submitted: its report reads their scores
+        self.made: dict[str, list] = {}  # variant -> the futures of its runs' results (adapters, LaTen updates)
+
+    def _tracked(self, stage, *args):
+        before = set(self.graph.kinds)
+        out = stage(*args)
+        self.ids |= set(self.graph.kinds) - before
+        return out
+
+    def submit_selection(self) -> None:
+        self.teacher, self.groups, self.val = self._tracked(submit_selection, self.graph, self.cfg, self.made)
+
+    def submit_tests(self) -> None:
+        self.runs = self._tracked(submit_tests, self.graph, self.cfg, self.teacher, self.groups, self.val, self.made)
+
+    def scores(self) -> list[PrefectFuture]:
+        """Every score the sweep computed, val ones included: they chose the settings the table shows."""
+        return [self.graph.futures[i] for i, kind in self.graph.kinds.items() if kind == "scores" and i in self.ids]
+
+    def report(self, title: str, tag: str, protocol: dict | None = None) -> dict:
+        """Collect the finished runs, write the report into cfg.report_dir, publish it on the flow run."""
+        graph, cfg, store = self.graph, self.cfg, self.graph.store
+        scored, selection, dosed, inert, matched = self.runs
+        rows, curves, items = _collect(store, scored, item_metrics(cfg), inert)
+        pretraining = [row for (student, variant), ref in sorted(_fresh_students(scored).items())
+                       for row in curve_rows(store, student, variant, ref)]  # the fresh students' probe loss by step
+        matched = sv_matched(_collect(store, matched, set())[0], rows)
+        dose = _collect(store, dosed, set())[0]
+        if dose:  # the dose-response: every checkpoint's rows and the final one's (steps = the run's own)
+            dose += [{**r, "checkpoint": r["steps"]} for r in rows if r["variant"] in {d["variant"] for d in dose}]
+        table = pd.DataFrame(rows)
+        table = with_diagnostics(graph, cfg, table)  # each run's step-0 init diagnostic: diag_cos, diag_share
+        primary = cfg.endpoint.metric if cfg.endpoint else evaluate.primary_metric(cfg.tasks[0].benchmark)
+        inputs = {"runs": nodes.table_source(store, table, "runs.csv"), "scores": self.scores()}
+        for name, extra in (("curves", curves), ("selection", selection), ("items", items), ("dose", dose),
+                            ("matched", matched), ("pretraining", pretraining)):
+            if extra:
+                inputs[name] = nodes.table_source(store, pd.DataFrame(extra), f"{name}.csv")
+        spec = nodes.Report(primary=primary, protocol=report_protocol(cfg, protocol))
+        rep = graph.submit(spec, inputs, f"{tag}, {len(table)} rows, {primary}")
+        paths = copy_report(store, rep.result(), cfg.report_dir)
+        used = variant_nodes(graph, self.made)
+        paths |= add_costs(paths, cost_table(store, used))
+        summary = report.read_csv(paths["csv"])
+        shown, why = lead_metric(summary, primary)  # a metric that moves first (the test family's exact match is 0)
+        summary = summary.sort_values("metric", key=lambda m: m != shown, kind="stable")
+        lines = why + report.headlines(summary, shown)
+        results = graph.results()
+        publish(store, title, results, tag=tag, summary=summary, paths=paths, headlines=lines)
+        return {"report": {k: str(v) for k, v in paths.items()},
+                "computed": sum(r["status"] == "computed" for r in results),
+                "nodes": [(r["kind"], r["key"], r["status"]) for r in results],
+                "table": summary.to_dict(orient="records"), "headline": lines, "variant_nodes": used}
 
 
 def submit_runs(graph: Graph, cfg: SweepConfig) -> tuple:
-    """Submit every run of the sweep (selection runs, then each variant's test runs at its chosen setting,
-    their scores and checkpoints, the endpoint's matched controls): (scored, selection, dosed, inert,
-    matched, made), what run_sweep collects. A plan (flows/plan.py) submits the same nodes, keys only."""
+    """Submit every run of the sweep: (scored, selection, dosed, inert, matched), what Sweep.report collects.
+    A plan (flows/plan.py) submits the same nodes, keys only."""
+    made: dict[str, list] = {}
+    return submit_tests(graph, cfg, *submit_selection(graph, cfg, made), made)
+
+
+def submit_selection(graph: Graph, cfg: SweepConfig, made: dict) -> tuple:
+    """Every group's selection runs, scored on val: (teacher, groups, val), what submit_tests continues from."""
     teacher = graph.source("model", cfg.teacher)
     groups = []  # (student path, student future, shape, task, train data future)
     for student_path in cfg.students:
@@ -134,8 +171,12 @@ def submit_runs(graph: Graph, cfg: SweepConfig) -> tuple:
             train = graph.source("file", str(Path(task.dir) / "train.jsonl"))
             groups.append((student_path, student, shape, task, train))
     # every group's selection runs first, so that the workers have them all before any choice waits
-    made: dict[str, list] = {}  # variant -> the futures of its runs' results (adapters, LaTen updates)
-    val = [_submit_selection(graph, cfg, teacher, group, made) for group in groups]
+    return teacher, groups, [_submit_selection(graph, cfg, teacher, group, made) for group in groups]
+
+
+def submit_tests(graph: Graph, cfg: SweepConfig, teacher: PrefectFuture, groups: list, val: list, made: dict) -> tuple:
+    """Each variant's test runs at its chosen setting (a choice waits for its group's val scores), their
+    scores and checkpoints, the endpoint's matched controls: (scored, selection, dosed, inert, matched)."""
     scored, selection = [], []  # (row fields, scores future, adapter future or None); val rows
     dosed, inert = [], {}  # scored's rows at the runs' earlier checkpoints; LaTen runs' (own, student's) val NLL
     matched = []  # the endpoint's controls at the subject's chosen setting (Endpoint.at_subject_setting)
@@ -171,7 +212,7 @@ def submit_runs(graph: Graph, cfg: SweepConfig) -> tuple:
         for fields, _, adapter in at_subject:
             made.setdefault(fields["variant"], []).append(adapter)
         matched += at_subject
-    return scored, selection, dosed, inert, matched, made
+    return scored, selection, dosed, inert, matched
 
 
 def _choose(store: Store, cfg: SweepConfig, path: str, task: TaskSpec, val_scores: dict) -> tuple[list, dict]:

@@ -8,6 +8,7 @@ import pytest
 
 from pkt.artifacts.store import Store
 from pkt.core import report
+from pkt.tasks.nodes import ADAPTER_KINDS
 
 VARIANTS = ["vanilla", "lora", "transfer", "spectrum-matched", "shuffled"]
 TINY = {"epochs": 1, "batch_size": 16, "micro_batch": 16, "n_train": 16, "max_length": 64}
@@ -33,15 +34,23 @@ def test_a_tiny_study_keeps_selection_apart_from_test_and_reports_over_families(
     assert set(out["families"]) == {"family-0", "family-2"}
     st = Store(store)
     # selection apart from test: the adapters scored on val are never scored on test, and vice versa
+    # (a score reads an adapter or one of its checkpoints: followed to the adapter that trained it)
+    trained = {st.record(kind, key)["digest"]: (kind, st.record(kind, key)) for kind, key, _ in out["nodes"]
+               if kind in ADAPTER_KINDS}
+
+    def training(digest: str) -> dict:
+        kind, rec = trained[digest]
+        return training(rec["inputs"]["adapter"]) if kind == "adapter_checkpoint" else rec
+
     seeds = {"val": set(), "test": set()}
     for kind, key, _ in out["nodes"]:
-        if kind == "scores":
-            rec = st.record("scores", key)
-            if "adapter" in rec["inputs"]:
-                adapter = next(st.record("adapter", k) for kd, k, _ in out["nodes"]
-                               if kd == "adapter" and st.record("adapter", k)["digest"] == rec["inputs"]["adapter"])
-                seeds[rec["params"]["split"]].add(adapter["params"]["train"]["seed"])
+        if kind == "scores" and "adapter" in (rec := st.record("scores", key))["inputs"]:
+            seeds[rec["params"]["split"]].add(training(rec["inputs"]["adapter"])["params"]["train"]["seed"])
     assert seeds == {"val": {100}, "test": {0, 1}}
+    # in stages: every family's selection runs were submitted before any family's test runs (out["nodes"]
+    # is in submission order), so no worker waited on one family's choice while another's could run
+    splits = [st.record("scores", key)["params"]["split"] for kind, key, _ in out["nodes"] if kind == "scores"]
+    assert max(i for i, s in enumerate(splits) if s == "val") < min(i for i, s in enumerate(splits) if s == "test")
 
     runs = report.read_csv(out_dir / "runs.csv")
     assert set(runs["family"]) == {"family-0", "family-2"}
@@ -60,7 +69,7 @@ def test_a_tiny_study_keeps_selection_apart_from_test_and_reports_over_families(
     summary = report.read_csv(out_dir / "summary.csv")
     assert report.POOLED in set(summary["student"])
     text = (out_dir / "report.md").read_text()
-    assert text.startswith("# pkt report\n\n## Primary endpoint (declared in the config before the data)")
+    assert text.startswith("# pkt report\n\n") and "## Primary endpoint (declared in the config before the data)" in text
     assert "2 families" in text.split("## Protocol")[0] and "Scale: miniature models" in text
     assert "test set:" in text and "optimizer steps per training run:" in text
     assert "every trained variant has 2 settings" in text and "test runs use seeds [0, 1], which chose nothing" in text

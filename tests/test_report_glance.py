@@ -190,8 +190,8 @@ def figure_inputs(runs: pd.DataFrame, protocol: dict, dose: pd.DataFrame | None 
     """write_report's panels and doses for the endpoint, from a runs table (and a sweep's dose table)."""
     final = report.at_final_steps(runs)
     metric, tasks = report.endpoint_scope(final, "exact_match", protocol.get("endpoint"))
-    panels = [(f"{t} · {metric}", metric, report.glance(final, metric, t, report.chance_of(final, protocol, metric, t)))
-              for t in tasks]
+    panels = [(f"{t} · {metric}", metric,
+               report.glance(final, metric, t, report.chance_of(final, protocol, metric, t))) for t in tasks]
     doses = [(f"{t} · {metric}", metric, report.dose_response(runs if dose is None else dose, metric, t))
              for t in tasks]
     return panels, doses
@@ -247,15 +247,25 @@ def test_report_png_draws_chance_with_the_reference_lines_and_the_dose_response_
 
 
 def test_report_png_draws_the_dose_response_from_a_sweeps_dose_table(tmp_path, monkeypatch):
-    """A sweep's runs.csv holds the final step count only; its checkpoints come as dose.csv (steps = the
-    checkpoint): write_report(dose=...) draws them, and without it there is nothing to draw."""
+    """A sweep's runs.csv holds the final step count only; its checkpoints come as dose.csv beside it (steps =
+    the checkpoint): `pkt report` reads it and write_report(dose=...) draws it; from runs.csv alone there is
+    nothing to draw."""
+    import json
+
+    from pkt.flows import cli
+
     runs = study_runs(families=2, twins=0, seeds=2)
     runs = runs[(runs["task"] == ENDPOINT_TASK) & runs["variant"].isin(["transfer", "lora", "vanilla", "oracle"])]
     final = report.at_final_steps(runs)
-    seen = []
-    monkeypatch.setattr(report, "endpoint_chart", lambda panels, doses, path: seen.append(doses))
-    report.write_report(final, tmp_path, "exact_match", protocol=PROTOCOL, dose=runs[runs["steps"] > 0])
+    final.to_csv(tmp_path / "runs.csv", index=False)
+    runs[runs["steps"] > 0].to_csv(tmp_path / "dose.csv", index=False)
+    (tmp_path / "protocol.json").write_text(json.dumps(PROTOCOL))
+    seen, draw = [], report.endpoint_chart
+    monkeypatch.setattr(report, "endpoint_chart",
+                        lambda panels, doses, path: seen.append(doses) or draw(panels, doses, path))
+    assert cli.main(["report", "--runs", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "r"),
+                     "--metric", "exact_match"]) == 0
     (_, _, dosed), = seen[0]
     assert sorted(set(dosed["steps"])) == list(STEPS) and dosed["n"].eq(2).all()
     assert dosed.equals(report.dose_response(runs, "exact_match", ENDPOINT_TASK))
-    assert report.dose_response(final, "exact_match", ENDPOINT_TASK).empty  # what it drew without dose
+    assert report.dose_response(final, "exact_match", ENDPOINT_TASK).empty  # what it drew without dose.csv

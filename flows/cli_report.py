@@ -25,7 +25,7 @@ def cmd_report(args) -> int:
 
     check_out_dir(args.out, "--out", force=args.force)
     # the report directory's other tables and its protocol (endpoint, grids, caveat), when beside it
-    extra = {name: report.read_csv(table) for name in ("curves", "selection", "items")
+    extra = {name: report.read_csv(table) for name in ("curves", "selection", "items", "dose")
              if (table := _beside(path, name)) is not None}
     protocol = _read_protocol(path.with_name("protocol.json"))
     # written into a temp directory, moved in only once whole: a failure leaves --out as it was

@@ -20,7 +20,7 @@ from . import inputs
 
 from .report_figures import (  # noqa: F401 (re-exported)
     LINESTYLES, MARKERS, VERDICT_COLORS, _all_zero, _forest, _means, bar_chart, chart_panels, curve_styles,
-    curves_chart, endpoint_chart)
+    curves_chart, endpoint_chart, endpoint_figure)
 from .report_glance import (  # noqa: F401 (re-exported)
     chance_of, dose_response, endpoint_scope, glance, glance_table, positive_control_lines)
 from .report_page import (  # noqa: F401 (re-exported)
@@ -46,18 +46,22 @@ REPORT_FILES = {"markdown": "report.md", "csv": "summary.csv", "runs": "runs.csv
 
 def write_report(scores: pd.DataFrame, out_dir: str | Path, primary: str, curves: pd.DataFrame | None = None, *,
                  selection: pd.DataFrame | None = None, items: pd.DataFrame | None = None,
-                 protocol: dict | None = None) -> dict[str, Path]:
+                 protocol: dict | None = None, dose: pd.DataFrame | None = None) -> dict[str, Path]:
     """report.md (one screen: every arm on the endpoint, then the endpoint's tests, the claims that
     survive correction, the scale, the protocol and the diagnostic), report.png (its figure),
     comparisons.md and comparisons.png (every comparison), summary.csv, runs.csv, protocol.json; with
     them also selection.csv (the val runs that chose the settings), items.csv (per-item test scores, for
     the bootstrap), curves.csv and curves.png (training losses). Runs scored at several step counts are
-    tested at their largest (report_tables.at_final_steps); the others draw the dose-response.
+    tested at their largest (report_tables.at_final_steps); the others draw the dose-response. dose: the
+    runs' scores at every checkpoint (a sweep's dose.csv: steps = the checkpoint), drawn as the
+    dose-response instead of the scores' own step counts; it is not written here (the report node keeps
+    it beside the report as given).
 
     protocol: endpoint (the declared primary endpoint: metric, tasks, comparisons [{subject, control}],
     alpha), grids (variant -> its settings), selection_seeds, test_seeds, select_on, scale (the
     caveat of the run's size, in words), families (name -> the family's stats, with its gates), chance
-    ({metric: value}, the endpoint's chance level)."""
+    ({metric: value}, the endpoint's chance level), laten ({until_moved, max_steps}: LaTen's stopping rule,
+    printed where its grid's step is 0)."""
     protocol = dict(protocol or {})
     given = {"curves": curves, "selection": selection, "items": items}
     present = {k for k, t in given.items() if t is not None and not t.empty}
@@ -76,7 +80,8 @@ def write_report(scores: pd.DataFrame, out_dir: str | Path, primary: str, curves
     metric, tasks = endpoint_scope(final, primary, endpoint)
     panels = [(f"{task} · {metric}", metric, glance(final, metric, task, chance_of(final, protocol, metric, task)))
               for task in tasks]
-    doses = [(f"{task} · {metric}", metric, dose_response(scores, metric, task)) for task in tasks]
+    dosed = dose if dose is not None and not dose.empty else scores
+    doses = [(f"{task} · {metric}", metric, dose_response(dosed, metric, task)) for task in tasks]
     paths["markdown"].write_text(dashes(_report_page(summary, final, items, selection, protocol, primary, panels)))
     paths["comparisons"].write_text(dashes(_comparisons_page(summary, final, selection, protocol, primary)))
     endpoint_chart(panels, doses, paths["chart"])

@@ -117,18 +117,19 @@ LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")
 
 
-def curve_styles(variants: list[str]) -> dict[str, dict]:
-    """A distinct (colour, linestyle) per variant, transfer thick and black: 10 colours x 4 styles, and
-    a marker each (a run of one step is a point, not a line)."""
+def curve_styles(variants: list[str], avoid: tuple[str, ...] = ()) -> dict[str, dict]:
+    """A distinct (colour, linestyle) per variant, transfer thick and black: 10 colours (less those named
+    in avoid) x 4 styles, and a marker each (a run of one step is a point, not a line)."""
     import matplotlib
+    from matplotlib.colors import same_color
 
-    palette = [c for c in matplotlib.colormaps["tab10"].colors]
+    palette = [c for c in matplotlib.colormaps["tab10"].colors if not any(same_color(c, a) for a in avoid)]
     out, i = {}, 0
     for v in variants:
         if v == SUBJECT:
             out[v] = {"color": "black", "linestyle": "-", "lw": 2.4, "marker": "o"}
             continue
-        out[v] = {"color": palette[i % 10], "linestyle": LINESTYLES[(i // 10) % 4], "lw": 1.2,
+        out[v] = {"color": palette[i % len(palette)], "linestyle": LINESTYLES[(i // len(palette)) % 4], "lw": 1.2,
                   "marker": MARKERS[(i + 1) % len(MARKERS)]}
         i += 1
     return out
@@ -169,47 +170,93 @@ def curves_chart(curves: pd.DataFrame, path: str | Path) -> Path:
 
 REFERENCE_LINES = {"chance": ("tab:gray", ":"), "vanilla": ("black", "--"), "oracle": ("tab:green", "-."),
                    "teacher": ("tab:blue", "-")}
+DOSE_REFERENCES = ("chance", "vanilla", "teacher")  # the oracle is a curve of the dose panel itself
 
 
-def endpoint_chart(panels: list[tuple[str, str, list[dict]]], doses: list[tuple[str, str, pd.DataFrame]],
-                   path: str | Path) -> Path:
-    """report.png, the first screen's figure: per endpoint task (panels: title, metric, report_glance
-    rows), each arm's per-unit values as dots, its mean and corrected interval, and vertical lines at
-    chance, the untrained student (vanilla), the oracle and the teacher; beside each, where the runs were
-    scored at several step counts (doses, one per panel: title, metric, rows of variant, steps, mean;
-    empty where not), the mean per step count of every variant (the dose-response)."""
+def endpoint_figure(panels: list[tuple[str, str, list[dict]]], doses: list[tuple[str, str, pd.DataFrame]]):
+    """report.png's Figure, the first screen's figure: per endpoint task (panels: title, metric,
+    report_glance rows), each arm's per-unit values as dots, its mean and corrected interval, and vertical
+    lines at chance, the untrained student (vanilla), the oracle and the teacher; beside each, where the
+    runs were scored at several step counts (doses, one per panel: title, metric, report_glance
+    dose_response rows; empty where not), the dose-response: every variant's mean over units per step
+    count with its 95% interval, and the panel's chance, vanilla and teacher as horizontal lines. Each
+    legend sits outside its axes, so that it covers no data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cols = 1 + any(not dose.empty for _, _, dose in doses)
-    height = max([2.5] + [0.35 * len(rows) + 1.5 for _, _, rows in panels])
-    fig, axes = plt.subplots(max(1, len(panels)), cols, figsize=(7 * cols, height * max(1, len(panels))),
-                             squeeze=False)
+    height = max([3.5] + [0.35 * len(rows) + 2.2 for _, _, rows in panels])
+    fig, axes = plt.subplots(max(1, len(panels)), cols, figsize=(7.5 * cols, height * max(1, len(panels))),
+                             squeeze=False, layout="constrained")
     for (title, metric, rows), ax in zip(panels, axes[:, 0]):
         _endpoint_panel(ax, rows, metric)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(f"{title}: every arm at the endpoint", fontsize=9)
+    by_title = {title: rows for title, _, rows in panels}
     for (title, metric, dose), ax in zip(doses, axes[:, 1] if cols == 2 else []):
         if dose.empty:
             ax.remove()
             continue
-        styles = curve_styles(list(dict.fromkeys(dose["variant"])))
-        for v, g in dose.groupby("variant", sort=False):
-            ax.plot(g["steps"], g["mean"], label=v, ms=4, **styles[v])
-        ax.set_xscale("log", base=2)
-        ticks = sorted(set(dose["steps"]))
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.set_xlabel("optimizer steps (checkpoints of one training run)", fontsize=8)
-        ax.set_ylabel(f"{metric}, mean over units", fontsize=8)
+        _dose_panel(ax, dose, metric, by_title.get(title, []))
         ax.set_title(f"{title}: dose-response", fontsize=9)
-        ax.legend(fontsize=6, ncol=2)
     if not panels:
         fig.text(0.5, 0.5, "no run on the endpoint to draw", ha="center")
-    fig.tight_layout()
+    return fig
+
+
+def endpoint_chart(panels: list[tuple[str, str, list[dict]]], doses: list[tuple[str, str, pd.DataFrame]],
+                   path: str | Path) -> Path:
+    """endpoint_figure, written to path (report.png)."""
+    import matplotlib.pyplot as plt
+
+    fig = endpoint_figure(panels, doses)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def _dose_panel(ax, dose: pd.DataFrame, metric: str, rows: list[dict]) -> None:
+    """Every variant's mean per step count (log2 axis, ticks at the step counts) with its interval as
+    error bars, the variants nudged apart along x so that their bars do not hide each other; chance,
+    the untrained student and the teacher (the endpoint panel's rows) as horizontal lines."""
+    # the legend lists the variants top to bottom as their curves end at the largest step count
+    last = dose.sort_values("steps").groupby("variant", sort=False)["mean"].last()
+    variants = list(last.sort_values(ascending=False, kind="stable").index)
+    # the reference lines' colours are theirs alone; the oracle keeps its endpoint panel's colour
+    oracle = REFERENCE_LINES["oracle"][0]
+    styles = curve_styles(variants, avoid=tuple(REFERENCE_LINES[a][0] for a in DOSE_REFERENCES) + (oracle,))
+    if "oracle" in styles:
+        styles["oracle"] = {**styles["oracle"], "color": oracle}
+    nudge = np.linspace(-0.12, 0.12, len(variants)) if len(variants) > 1 else [0.0]
+    for v, shift in zip(variants, nudge):
+        g = dose[dose["variant"] == v].sort_values("steps")
+        x = g["steps"].to_numpy(float) * 2.0 ** shift
+        y = g["mean"].to_numpy(float)
+        lo = g["lo"].to_numpy(float) if "lo" in g else np.full_like(y, np.nan)
+        hi = g["hi"].to_numpy(float) if "hi" in g else np.full_like(y, np.nan)
+        err = np.vstack([np.where(np.isnan(lo), 0, y - lo), np.where(np.isnan(hi), 0, hi - y)])
+        st = styles[v]
+        ax.errorbar(x, y, yerr=err, label=v, color=st["color"], linestyle=st["linestyle"], lw=st["lw"],
+                    marker=st["marker"], ms=4, capsize=2, elinewidth=0.8, zorder=3 if v == SUBJECT else 2)
+    for arm in DOSE_REFERENCES:
+        ref = next((r for r in rows if r["arm"] == arm), None)
+        if ref is not None:
+            color, style = REFERENCE_LINES[arm]
+            ax.axhline(ref["mean"], color=color, linestyle=style, lw=1, label=f"{arm} {ref['mean']:.3f}")
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(dose["steps"]))
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("optimizer steps (checkpoints of one training run)", fontsize=8)
+    over = f"{int(dose['n'].max())} {dose['unit'].iloc[0]}" if {"n", "unit"} <= set(dose) else "units"
+    ax.set_ylabel(f"{metric}, mean over {over}; bar: 95% t-interval", fontsize=8)
+    ax.tick_params(labelsize=7)
+    handles, labels = ax.get_legend_handles_labels()  # the variants first, in their order, then the lines
+    order = sorted(range(len(labels)), key=lambda i: variants.index(labels[i]) if labels[i] in variants
+                   else len(variants) + i)
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
 def _endpoint_panel(ax, rows: list[dict], metric: str) -> None:
@@ -233,5 +280,5 @@ def _endpoint_panel(ax, rows: list[dict], metric: str) -> None:
     ax.set_xlabel(f"{metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better); dots: units, "
                   f"◆ mean, bar: interval at {level_text(level)} (Bonferroni)", fontsize=7)
     ax.tick_params(axis="x", labelsize=7)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # beside the axes, where no data is drawn
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)

@@ -193,9 +193,10 @@ def positive_control_lines(rows: list[dict], metric: str) -> list[str]:
     return out
 
 
-def dose_response(runs: pd.DataFrame, metric: str, task: str) -> pd.DataFrame:
-    """Mean per variant and step count (over families' means, or seeds) where runs were scored at several
-    step counts (columns variant, steps, mean); empty where every run has one."""
+def dose_response(runs: pd.DataFrame, metric: str, task: str, level: float = 0.95) -> pd.DataFrame:
+    """Mean per variant and step count where runs were scored at several step counts (columns variant,
+    steps, mean, n, lo, hi, unit): the mean over units (families' means, or seeds in a single family) with its
+    t-interval over them at `level` (nan below 2 units); empty where every run has one step count."""
     if "steps" not in runs:
         return pd.DataFrame()
     r = runs[(runs["metric"] == metric) & (runs["task"] == task) & ~twin_rows(runs)]
@@ -204,6 +205,10 @@ def dose_response(runs: pd.DataFrame, metric: str, task: str) -> pd.DataFrame:
     if r.empty or r.groupby("variant")["steps"].nunique().max() < 2:
         return pd.DataFrame()
     by_family = "family" in r and r["family"].nunique() >= 2
-    unit = ["family"] if by_family else []
-    means = r.groupby(["variant", "steps", *unit], sort=False)["value"].mean().reset_index()
-    return means.groupby(["variant", "steps"], sort=False)["value"].mean().rename("mean").reset_index()
+    rows = []
+    for (variant, steps), g in r.groupby(["variant", "steps"], sort=False):
+        units = _units(g, by_family).to_numpy(float)
+        mean, lo, hi, _ = stats.t_test(units, level)
+        rows.append({"variant": variant, "steps": steps, "mean": mean, "n": len(units), "lo": lo, "hi": hi,
+                     "unit": "families" if by_family else "seeds"})
+    return pd.DataFrame(rows)

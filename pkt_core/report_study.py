@@ -323,8 +323,8 @@ def protocol_section(scores: pd.DataFrame, selection: pd.DataFrame | None, proto
         head = f"every trained variant has {next(iter(sizes))} settings" if len(sizes) == 1 else \
             "UNEQUAL grids (settings per variant differ)"
         lines.append(f"- grids: {head}: " + "; ".join(
-            f"{', '.join(vs)}: {' × '.join(f'{k} {v}' for k, v in _axes(p).items()) or 'one fixed setting'}"
-            + ("" if len(sizes) == 1 else f" ({len(p)})") for p, vs in _group_grids(grids)))
+            f"{', '.join(vs)}: {_grid_text(p, vs, scores, protocol)}" + ("" if len(sizes) == 1 else f" ({len(p)})")
+            for p, vs in _group_grids(grids)))
     test_seeds = sorted(set(scores.loc[~scores["variant"].isin(DETERMINISTIC), "seed"]))
     if selection is not None and not selection.empty:
         sel_seeds = sorted(set(selection["seed"]))
@@ -344,6 +344,30 @@ def protocol_section(scores: pd.DataFrame, selection: pd.DataFrame | None, proto
         lines.append(f"- chosen settings: {len(table) - 3} (task × variant × setting), {edged} of them on an edge of "
                      "their grid (⚠: the grid does not bracket the choice); the table: comparisons.md")
     return lines + [""]
+
+
+def _grid_text(points: list[dict], variants: list[str], scores: pd.DataFrame, protocol: dict) -> str:
+    """A grid's axes joined by ×, or 'one fixed setting'."""
+    axes = [_axis_text(k, v, variants, scores, protocol) for k, v in _axes(points).items()]
+    return " × ".join(axes) or "one fixed setting"
+
+
+def _axis_text(name: str, values: list, variants: list[str], scores: pd.DataFrame, protocol: dict) -> str:
+    """One axis of a grid as the protocol line prints it. LaTen's `step` [0] is no step count: its
+    translators trained until their val answer CE moved (flows/config.py LatenSpec.points); it prints that
+    rule (the protocol's `laten`: until_moved, max_steps) and the steps the runs took (translator_steps)."""
+    if name != "step" or values != [0]:
+        return f"{name} {values}"
+    rule = protocol.get("laten") or {}
+    text = "translator steps: until its val answer CE moves" + (
+        " (the threshold and cap are not in this report's protocol)" if rule.get("until_moved") is None else
+        f" by {rule['until_moved']:g} nats" + (f", at most {rule['max_steps']}" if rule.get("max_steps") else ""))
+    if "translator_steps" in scores:
+        took = pd.to_numeric(scores.loc[scores["variant"].isin(variants), "translator_steps"], errors="coerce").dropna()
+        if not took.empty:
+            lo, hi = int(took.min()), int(took.max())
+            text += f" (the test runs took {lo}" + (f"-{hi}" if hi != lo else "") + ")"
+    return text
 
 
 def grids_of(scores: pd.DataFrame, selection: pd.DataFrame | None, protocol: dict) -> dict[str, list]:

@@ -453,3 +453,31 @@ def test_pkt_report_reads_the_per_item_scores_gzipped_as_docs_study_keeps_them(t
     assert cli.main(["report", "--runs", str(first["runs"]), "--out", str(tmp_path / "b"), "--metric", "acc"]) == 0
     text = (tmp_path / "b" / "report.md").read_text()
     assert text == first["markdown"].read_text() and "items/unit" in text
+
+
+def laten_table(took: list[int]) -> pd.DataFrame:
+    """lora and laten test runs; laten's translators trained until their val CE moved, in `took` steps."""
+    table = runs({"lora": [0.2, 0.3, 0.25], "laten": [0.2, 0.25, 0.3]})
+    table["translator_steps"] = np.nan
+    table.loc[table["variant"] == "laten", "translator_steps"] = took
+    return table
+
+
+def test_the_protocol_line_says_laten_trained_until_its_val_ce_moved():
+    """LaTen with until_moved has a grid `step` of [0] (flows/config.py LatenSpec.points): the protocol line
+    printed 'step [0]'; it prints the rule (the protocol's `laten`) and the steps the test runs took."""
+    grids = {"lora": [{"alpha": 32.0, "lr": lr} for lr in (0.001, 0.01)],
+             "laten": [{"rate": r, "step": 0} for r in (0.05, 0.1)]}
+    table = laten_table([2, 8, 3])
+    line = next(x for x in report.protocol_section(table, None, {"grids": grids, "laten": {"until_moved": 1e-3,
+                                                                                           "max_steps": 80}})
+                if x.startswith("- grids"))
+    assert line.endswith("lora: alpha [32.0] × lr [0.001, 0.01]; laten: rate [0.05, 0.1] × translator steps: until "
+                         "its val answer CE moves by 0.001 nats, at most 80 (the test runs took 2-8)")
+    assert "step [0]" not in line
+    # a protocol without the rule says so; a grid of step counts prints them as any axis
+    bare = "\n".join(report.protocol_section(laten_table([5, 5, 5]), None, {"grids": grids}))
+    assert ("rate [0.05, 0.1] × translator steps: until its val answer CE moves (the threshold and cap are not in "
+            "this report's protocol) (the test runs took 5)") in bare
+    counted = {**grids, "laten": [{"rate": 0.1, "step": s} for s in (10, 20)]}
+    assert "laten: rate [0.1] × step [10, 20]" in "\n".join(report.protocol_section(table, None, {"grids": counted}))

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from pkt.core import diagnose, report
-from report_fixtures import ENDPOINT, ENDPOINT_TASK, STEPS, study_runs
+from report_fixtures import ARMS, ENDPOINT, ENDPOINT_TASK, STEPS, UNTRAINED, study_runs
 
 PROTOCOL = {"endpoint": ENDPOINT, "chance": {"exact_match": 0.1}}
 
@@ -183,3 +183,89 @@ def test_a_v1_runs_table_renders_with_the_arms_it_has(tmp_path):
     assert f"at {100 * (1 - 0.05 / 3):.1f}% (Bonferroni over the 3 arms with one)" in text  # transfer, shuffled, lora
     assert "- facts · exact_match: transfer (did not move the endpoint)" in text or \
         "- facts · exact_match: transfer (moved the endpoint" in text
+
+
+# ---- report.png (issue 24's one figure): chance among the lines, the dose-response beside ------------------
+def figure_inputs(runs: pd.DataFrame, protocol: dict, dose: pd.DataFrame | None = None):
+    """write_report's panels and doses for the endpoint, from a runs table (and a sweep's dose table)."""
+    final = report.at_final_steps(runs)
+    metric, tasks = report.endpoint_scope(final, "exact_match", protocol.get("endpoint"))
+    panels = [(f"{t} · {metric}", metric,
+               report.glance(final, metric, t, report.chance_of(final, protocol, metric, t))) for t in tasks]
+    doses = [(f"{t} · {metric}", metric, report.dose_response(runs if dose is None else dose, metric, t))
+             for t in tasks]
+    return panels, doses
+
+
+def labelled(ax) -> dict:
+    return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+
+def test_report_png_draws_chance_with_the_reference_lines_and_the_dose_response_beside():
+    import matplotlib.pyplot as plt
+
+    runs = study_runs(families=3, twins=0, seeds=2)
+    fig = report.endpoint_figure(*figure_inputs(runs, PROTOCOL))
+    try:
+        endpoint, dose = fig.axes
+        lines = labelled(endpoint)
+        assert "chance 0.100" in lines and all(any(k.startswith(f"{arm} ") for k in lines)
+                                               for arm in ("vanilla", "oracle", "teacher"))
+        assert list(lines["chance 0.100"].get_xdata()) == [0.1, 0.1]  # a vertical line at chance
+        end = runs[(runs["task"] == ENDPOINT_TASK) & (runs["metric"] == "exact_match")]
+        vanilla = end[end["variant"] == "vanilla"].groupby("family")["value"].mean().mean()
+        assert next(v for k, v in lines.items() if k.startswith("vanilla")).get_xdata()[0] == pytest.approx(vanilla)
+        assert dose.get_title().endswith("dose-response") and "optimizer steps" in dose.get_xlabel()
+        # each trained variant's mean over families per step count, its 95% t-interval as the error bar
+        curves = {c.get_label(): c for c in dose.containers}  # errorbar: (data line, caps, bars)
+        oracle = end[end["variant"] == "oracle"].groupby(["steps", "family"])["value"].mean()
+        line, _, (bars,) = curves["oracle"].lines
+        for i, steps in enumerate(STEPS):
+            units = oracle.loc[steps].to_numpy()
+            assert line.get_ydata()[i] == pytest.approx(units.mean())
+            assert line.get_xdata()[i] == pytest.approx(steps, rel=0.1)  # nudged apart, not moved
+            lo, hi = stats.t.interval(0.95, len(units) - 1, loc=units.mean(), scale=stats.sem(units))
+            segment = bars.get_segments()[i]
+            assert (segment[0][1], segment[1][1]) == (pytest.approx(lo), pytest.approx(hi))
+        trained = {v for v in ARMS if v not in UNTRAINED}
+        assert set(curves) == trained  # every variant scored at several step counts, teacher and vanilla not
+        lines = labelled(dose)
+        assert "chance 0.100" in lines and lines["chance 0.100"].get_ydata()[0] == pytest.approx(0.1)
+        assert next(v for k, v in lines.items() if k.startswith("vanilla ")).get_ydata()[0] == pytest.approx(vanilla)
+        # no legend covers data: each sits outside its axes
+        fig.canvas.draw()
+        for ax in (endpoint, dose):
+            assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())
+    finally:
+        plt.close(fig)
+    # without a chance level there is no chance line; with one step count, no dose panel
+    plain = report.endpoint_figure(*figure_inputs(report.at_final_steps(runs), {"endpoint": ENDPOINT}))
+    try:
+        assert len(plain.axes) == 1 and not any(k.startswith("chance") for k in labelled(plain.axes[0]))
+    finally:
+        plt.close(plain)
+
+
+def test_report_png_draws_the_dose_response_from_a_sweeps_dose_table(tmp_path, monkeypatch):
+    """A sweep's runs.csv holds the final step count only; its checkpoints come as dose.csv beside it (steps =
+    the checkpoint): `pkt report` reads it and write_report(dose=...) draws it; from runs.csv alone there is
+    nothing to draw."""
+    import json
+
+    from pkt.flows import cli
+
+    runs = study_runs(families=2, twins=0, seeds=2)
+    runs = runs[(runs["task"] == ENDPOINT_TASK) & runs["variant"].isin(["transfer", "lora", "vanilla", "oracle"])]
+    final = report.at_final_steps(runs)
+    final.to_csv(tmp_path / "runs.csv", index=False)
+    runs[runs["steps"] > 0].to_csv(tmp_path / "dose.csv", index=False)
+    (tmp_path / "protocol.json").write_text(json.dumps(PROTOCOL))
+    seen, draw = [], report.endpoint_chart
+    monkeypatch.setattr(report, "endpoint_chart",
+                        lambda panels, doses, path: seen.append(doses) or draw(panels, doses, path))
+    assert cli.main(["report", "--runs", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "r"),
+                     "--metric", "exact_match"]) == 0
+    (_, _, dosed), = seen[0]
+    assert sorted(set(dosed["steps"])) == list(STEPS) and dosed["n"].eq(2).all()
+    assert dosed.equals(report.dose_response(runs, "exact_match", ENDPOINT_TASK))
+    assert report.dose_response(final, "exact_match", ENDPOINT_TASK).empty  # what it drew without dose.csv

@@ -41,6 +41,10 @@ def test_the_builders_version_is_in_the_family_key():
     assert key(1) == "9be4256ca20a1adffc9c0e541dc7312bc2d3195373358a88248c14d1146afab6"  # docs/study's family 0
     assert len({key(1), key(), key(family.BUILDER_VERSION + 1)}) == 3
     assert key(seed=1) != key()
+    family.check_builder(family.recipe_params("test"))
+    for old in (family.recipe_params("test", builder=1), None):  # builder 1's keys (no "builder"): other bytes
+        with pytest.raises(ValueError, match=f"keyed for builder 1, but this code is builder {family.BUILDER_VERSION}"):
+            family.check_builder(old)
 
 
 def _family_dir(root, *, stats_seconds=1.5, transformers_version="5.25.0", prompts=True, fact=47):

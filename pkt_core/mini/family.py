@@ -179,6 +179,15 @@ def recipe_params(size: str, seed: int | None = None, testbed: int | None = None
     return params if builder == 1 else params | {"builder": builder}
 
 
+def check_builder(params: dict | None) -> None:
+    """Refuse a family node's recipe params (recipe_params) keyed for another builder version ("builder"
+    absent: 1): this code would store its own bytes under a key that names other ones."""
+    got = (params or {}).get("builder", 1)
+    if got != BUILDER_VERSION:
+        raise ValueError(f"family recipe keyed for builder {got}, but this code is builder {BUILDER_VERSION} "
+                         "(pkt_core/mini/family.py BUILDER_VERSION): key the family with family.recipe_params(...)")
+
+
 def llama_config(r: ModelRecipe, testbed: int = 1):
     from transformers import LlamaConfig
 

@@ -70,14 +70,15 @@ LATER_FIELDS = {"testbed": 1, "twin": False, "reach_train": None}
 #    are recipe_params(..., builder=1)).
 # 2: each task directory also holds prompts.jsonl (be582ea, 2026-12-07): a builder-1 family stored before then
 #    lacks it under the same key, and the data route (distill.py) then reads other prompts (train.jsonl's
-#    only). Nothing else differs: f954d73's code (docs/study's first run) writes the same weights and data as
-#    this one for the test family and the study's seed-0 student, on one machine.
+#    only). Nothing else differs: f954d73's code (docs/study's 2026-11-30 run) writes the same weights and data
+#    as this one for the test family and the study's seed-0 teacher and student, on one machine.
 BUILDER_VERSION = 2
 # the test family's fingerprint without its weights and stats (the data, tokenizer and configs): any machine
 BUILDER_DATA_DIGEST = "f334afcd3f1d7a5f68f95d7efb67dc3e9ddbe0ac1a4ab9d803e2c474d415c3c6"
 # ...and with them, by torch's CPU capability: the trained weights' bytes depend on the instruction set the
 # kernels use, not only on the code (the study's seed-0 student: final loss 0.6658 under AVX2, 0.6694 with
-# ATEN_CPU_CAPABILITY=default, same code and libraries; docs/study's 2026-11-30 build, same code: 0.6670).
+# ATEN_CPU_CAPABILITY=default, same code and libraries; docs/study's 2026-11-30 build, same code, another
+# machine: 0.6670, its teacher 0.5549 where this machine's is 0.5597, and families 5, 6, 8 passed their gates).
 # Execution details stay out of keys (DESIGN.md), so a store built on another CPU holds other bytes.
 BUILDER_DIGEST = {"AVX2": "b263ee788fe5ecca033132db90afa893d9ded797ab64e0afe32e3daddd2ccfb8"}
 

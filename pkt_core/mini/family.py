@@ -8,9 +8,15 @@ a token of its own, v2 spells names in syllables both corpora train); a `twin` f
 grown from the trained student (pkt_core/grow.py) and then pretrained on the teacher's corpus, so the
 two share one basis. Fields added after v1 stay out of a v1 recipe's params (recipe_params), so the
 families docs/study was built from keep their keys.
+
+The builder's own version (BUILDER_VERSION) is in every family's params too: the recipe says what to
+build, not what this code writes for it, and a store must not answer a Family node with bytes that
+today's builder would not write. tests/test_family_fingerprint.py holds the builder to its digests.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -55,6 +61,26 @@ class FamilyRecipe:
 
 # fields added after the v1 families, left out of their params at these values (their keys stay)
 LATER_FIELDS = {"testbed": 1, "twin": False, "reach_train": None}
+
+# What build_family writes for a recipe changes with this code, not only with the recipe: the version is in
+# every family's key (recipe_params' "builder"). Bump it whenever a change makes the builder write other bytes
+# for an unchanged recipe (data, weights, files, family_stats), and re-record the test family's digests below
+# (fingerprint(); tests/test_family_fingerprint.py fails until both are done).
+# 1: the keys without "builder": every family stored before this version, docs/study's included (their keys
+#    are recipe_params(..., builder=1)).
+# 2: each task directory also holds prompts.jsonl (be582ea, 2026-12-07): a builder-1 family stored before then
+#    lacks it under the same key, and the data route (distill.py) then reads other prompts (train.jsonl's
+#    only). Nothing else differs: f954d73's code (docs/study's 2026-11-30 run) writes the same weights and data
+#    as this one for the test family and the study's seed-0 teacher and student, on one machine.
+BUILDER_VERSION = 2
+# the test family's fingerprint without its weights and stats (the data, tokenizer and configs): any machine
+BUILDER_DATA_DIGEST = "f334afcd3f1d7a5f68f95d7efb67dc3e9ddbe0ac1a4ab9d803e2c474d415c3c6"
+# ...and with them, by torch's CPU capability: the trained weights' bytes depend on the instruction set the
+# kernels use, not only on the code (the study's seed-0 student: final loss 0.6658 under AVX2, 0.6694 with
+# ATEN_CPU_CAPABILITY=default, same code and libraries; docs/study's 2026-11-30 build, same code, another
+# machine: 0.6670, its teacher 0.5549 where this machine's is 0.5597, and families 5, 6, 8 passed their gates).
+# Execution details stay out of keys (DESIGN.md), so a store built on another CPU holds other bytes.
+BUILDER_DIGEST = {"AVX2": "b263ee788fe5ecca033132db90afa893d9ded797ab64e0afe32e3daddd2ccfb8"}
 
 
 # (teacher, student) layers: 15 and 28 distinct layer plans. An 8/4 pair (70 plans) failed its gates
@@ -143,12 +169,24 @@ def twin_of(r: FamilyRecipe) -> FamilyRecipe:
     return replace(r, teacher=teacher, twin=True)
 
 
-def recipe_params(size: str, seed: int | None = None, testbed: int | None = None, twin: bool = False) -> dict:
-    """The recipe as the family node's params: the fields added after v1 are left out at their v1 values."""
+def recipe_params(size: str, seed: int | None = None, testbed: int | None = None, twin: bool = False,
+                  builder: int = BUILDER_VERSION) -> dict:
+    """The recipe as the family node's params, with the builder's version: the fields added after v1 are left
+    out at their v1 values, and so is builder 1 (builder=1 gives the keys older stores hold)."""
     params = asdict(recipe(size, seed, testbed, twin))
     if params["reach_train"] is None:
         del params["thresholds"]["reach_gap"]
-    return {k: v for k, v in params.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+    params = {k: v for k, v in params.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+    return params if builder == 1 else params | {"builder": builder}
+
+
+def check_builder(params: dict | None) -> None:
+    """Refuse a family node's recipe params (recipe_params) keyed for another builder version ("builder"
+    absent: 1): this code would store its own bytes under a key that names other ones."""
+    got = (params or {}).get("builder", 1)
+    if got != BUILDER_VERSION:
+        raise ValueError(f"family recipe keyed for builder {got}, but this code is builder {BUILDER_VERSION} "
+                         "(pkt_core/mini/family.py BUILDER_VERSION): key the family with family.recipe_params(...)")
 
 
 def llama_config(r: ModelRecipe, testbed: int = 1):
@@ -274,3 +312,25 @@ def build_family(out: str | Path, size: str = "demo", log=print, progress: bool 
     for line in gates.gate_lines(stats):
         log(line)
     return stats
+
+
+def fingerprint(root: str | Path, weights: bool = True) -> str:
+    """sha256 (hex) of a built family's bytes, less what no model or task reads: every file under root, its
+    JSON files parsed and written canonically without transformers_version, family_stats.json without the
+    build's seconds. weights=False leaves out the weights and family_stats.json (losses and gates follow from
+    the weights). The test family's are BUILDER_DIGEST and BUILDER_DATA_DIGEST."""
+    root, h = Path(root), hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if not weights and (path.suffix == ".safetensors" or path.name == "family_stats.json"):
+            continue
+        data = path.read_bytes()
+        if path.suffix == ".json":
+            doc = json.loads(data)
+            if isinstance(doc, dict):
+                doc.pop("transformers_version", None)
+                for member in ("teacher", "student"):
+                    if path.name == "family_stats.json" and isinstance(doc.get(member), dict):
+                        doc[member].pop("seconds", None)
+            data = json.dumps(doc, sort_keys=True).encode()
+        h.update(f"{path.relative_to(root).as_posix()}\0{hashlib.sha256(data).hexdigest()}\n".encode())
+    return h.hexdigest()

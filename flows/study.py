@@ -39,7 +39,7 @@ from pkt.artifacts.store import Ref, Store
 from pkt.core import evaluate, report
 from pkt.core.errors import UserError
 from pkt.core.mini import gates
-from pkt.core.mini.tasks import study_tasks
+from pkt.core.mini.tasks import VALUES, study_tasks
 from pkt.tasks import nodes
 
 from .config import parse_config
@@ -147,6 +147,12 @@ def study_plan(cfg, families: int) -> dict:
     return {"families": families, "settings_per_variant": grid,
             "selection_adapters": families * tasks * per_task_sel, "test_adapters": families * tasks * per_task_test,
             "scores": round(families * tasks * (per_task_sel + per_task_test * benches))}
+
+
+def chance(cfg) -> dict:
+    """The endpoint's chance level for the report (its line in report.png, its row in the first table): an
+    answer on the teacher-only facts is one of len(VALUES) digits."""
+    return {"chance": {cfg.endpoint.metric: 1 / len(VALUES)}} if cfg.endpoint.tasks == [KNOWLEDGE_TASK] else {}
 
 
 def scale_caveat(families: dict[str, dict]) -> str:
@@ -270,7 +276,8 @@ class FamilySet:
         st, runs, used = self.graph.store, [], {}
         extra = {"curves": [], "selection": [], "items": [], "dose": [], "pretraining": []}
         for name, sweep in self.sweeps.items():
-            protocol = {"scale": scale_caveat({name: self.families[name]}), "families": {name: self.families[name]}}
+            protocol = {"scale": scale_caveat({name: self.families[name]}), "families": {name: self.families[name]},
+                        **chance(sweep.cfg)}
             out = sweep.report("study", name, protocol)
             label = {"student": f"{name}-student", "family": name}
             runs.append(report.read_csv(out["report"]["runs"]).assign(**label))
@@ -287,7 +294,7 @@ class FamilySet:
                 inputs[name] = nodes.table_source(st, pd.concat(parts, ignore_index=True), f"{name}.csv")
         cfg = next(reversed(self.sweeps.values())).cfg
         protocol = report_protocol(cfg, {"scale": scale_caveat(self.families), "families": self.families,
-                                         "excluded": self.excluded})
+                                         "excluded": self.excluded, **chance(cfg)})
         primary = cfg.endpoint.metric
         rep = self.graph.submit(nodes.Report(primary=primary, protocol=protocol), inputs,
                                 f"study{', twin families' if self.twin else ''}, {len(table)} rows")

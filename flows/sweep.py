@@ -379,8 +379,13 @@ def _checkpoints(graph: Graph, cfg: SweepConfig, v: Variant, adapter, setting: d
 
 def report_protocol(cfg: SweepConfig, extra: dict | None = None) -> dict:
     """What the report states about how the table was made: the endpoint, every variant's grid, the
-    selection and test seeds and the selection metric (plus the flow's caveat and family gates)."""
+    selection and test seeds and the selection metric (plus the flow's caveat and family gates); with a
+    LaTen variant trained until_moved, its rule (laten: until_moved, max_steps), which its grid's step 0 stands for."""
+    moved = cfg.laten.until_moved is not None and any(VARIANTS[v].chain == "laten" for v in cfg.variants)
+    rule = laten.LatenParams(until_moved=cfg.laten.until_moved, max_steps=cfg.laten.max_steps)
     return {"endpoint": cfg.endpoint.model_dump(mode="json") if cfg.endpoint else None,
+            **({"laten": {"until_moved": cfg.laten.until_moved, "max_steps": rule.step_budget(cfg.laten.n_extract)}}
+               if moved else {}),
             "grids": {v: cfg.grid_points(v) for v in cfg.variants if VARIANTS[v].trains},
             "selection_seeds": list(cfg.selection_seeds), "test_seeds": list(cfg.seeds),
             "select_on": cfg.select_on, "prompt_format": prompt_formats(cfg.prompt_format, cfg.teacher, cfg.students),

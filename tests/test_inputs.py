@@ -139,7 +139,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from pkt.core import inputs, models  # noqa: E402
-from pkt.flows import cli, config  # noqa: E402
+from pkt.flows import cli, config, input_checks, sweep_size  # noqa: E402
 
 
 def chat_line(q="1+1", a="2", **extra) -> str:
@@ -286,7 +286,7 @@ def test_a_sweep_above_max_nodes_is_refused_with_its_count_and_estimate(tmp_path
     adapters = 2 * (1000 * 1000 * 1) + 2  # lora and transfer: a million settings x 1 selection seed, + 1 test seed
     assert f"{adapters:,} adapter" in err
     assert f"about {adapters * 20 / 3600:,.1f} h" in err
-    monkeypatch.setattr(config, "check_sweep_inputs", lambda cfg: None)
+    monkeypatch.setattr(input_checks, "check_sweep_inputs", lambda cfg: None)
     with pytest.raises(AssertionError, match="work started"):  # --yes goes on
         cli.main(["sweep", "--config", str(cfg), "--store", str(store), "--yes"])
 
@@ -302,7 +302,7 @@ def test_node_counts_match_the_runs_the_sweep_submits(tmp_path, task_dir):
                                         variant_grid={"lora": {"alpha": [8, 16]}}))
     runs = list(selection_runs(cfg)) + list(chosen_runs(cfg, {}))
     trained = [r for r in runs if VARIANTS[r[0].name].trains]
-    counts = config.node_counts(cfg)
+    counts = sweep_size.node_counts(cfg)
     assert counts["adapter"] == len(trained) == 3 * (4 * 2 + 3)
     n_selection = len(list(selection_runs(cfg)))
     assert counts["scores"] == n_selection + (len(runs) - n_selection) * 2  # gsm and answer_nll on test

@@ -40,7 +40,7 @@ from pkt.core import evaluate, report
 from pkt.core.errors import UserError
 from pkt.core.mini import gates
 from pkt.core.mini.tasks import study_tasks
-from pkt.tasks import nodes
+from pkt.tasks import scores as nodes  # Report, table_source (tasks/scores.py)
 
 from .config import parse_config
 from .demo import family_future, family_node, family_stats

@@ -16,7 +16,8 @@ import torch
 from pkt.artifacts.store import Store
 from pkt.core import evaluate, finetune, lora_init, models, sensitivity, stop
 from pkt.core.progress import Progress, track
-from pkt.tasks import nodes
+from pkt.tasks import extract as extract_nodes
+from pkt.tasks import sources
 from pkt.tasks.node import build
 
 from conftest import random_samples, tiny_config, tiny_model
@@ -109,19 +110,19 @@ def test_family_pretraining_stops_between_steps(tmp_path):
 
 def test_a_stopped_node_records_nothing_and_the_rerun_computes_it(mini_family, tmp_path):
     store = Store(tmp_path / "store")
-    teacher = nodes.model_source(str(mini_family / "teacher"), store)
+    teacher = sources.model_source(str(mini_family / "teacher"), store)
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text((mini_family / "tasks/gsm/seeds.jsonl").read_text() * 200)  # 1,600 samples
-    inputs = {"teacher": teacher, "seeds": nodes.file_source(str(seeds))}
+    inputs = {"teacher": teacher, "seeds": sources.file_source(str(seeds))}
     timer = stop_after(2.0)
     with pytest.raises(stop.Stopped):
-        build(nodes.Sensitivity(), inputs, store)
+        build(extract_nodes.Sensitivity(), inputs, store)
     timer.join()
     assert not list(store.root.glob("keys/*/*.json"))
     stop.clear()
     seeds.write_text((mini_family / "tasks/gsm/seeds.jsonl").read_text())
-    inputs = {"teacher": teacher, "seeds": nodes.file_source(str(seeds))}
-    assert build(nodes.Sensitivity(), inputs, store)["status"] == "computed"
+    inputs = {"teacher": teacher, "seeds": sources.file_source(str(seeds))}
+    assert build(extract_nodes.Sensitivity(), inputs, store)["status"] == "computed"
     assert Store(store.root).verify() == []
 
 

@@ -51,18 +51,20 @@ def build(args, root: Path) -> None:
 def specs(args, root: Path, store):
     """(spec, inputs) of each benchmarked node; upstream refs come from the store (built by earlier modes)."""
     from pkt.core import laten
-    from pkt.tasks import nodes
+    from pkt.tasks import extract as extract_nodes
+    from pkt.tasks import laten as laten_nodes
+    from pkt.tasks import sources
     from pkt.tasks.node import build
 
-    teacher, student = (nodes.model_source(str(root / n), store) for n in ("teacher", "student"))
-    train = nodes.file_source(str(root / "train.jsonl"))
+    teacher, student = (sources.model_source(str(root / n), store) for n in ("teacher", "student"))
+    train = sources.file_source(str(root / "train.jsonl"))
     extract, align, pool = laten.splits(args.n_extract + args.n_align + 8, args.n_extract, args.n_align)
     def attr(model, i, **kw):
-        return nodes.LatenAttribution(index=i, max_length=96, **kw), {"model": model, "data": train}
+        return laten_nodes.LatenAttribution(index=i, max_length=96, **kw), {"model": model, "data": train}
 
     upstream = args.mode in ("translator", "delta")  # the extract samples' attributions, built (or reused) first
-    translator = (nodes.LatenTranslator(extract=tuple(extract), align=tuple(align), max_length=96,
-                                        hparams=laten.LatenParams(align_per_step=args.align_per_step).as_dict()),
+    translator = (laten_nodes.LatenTranslator(extract=tuple(extract), align=tuple(align), max_length=96,
+                                              hparams=laten.LatenParams(align_per_step=args.align_per_step).as_dict()),
                   {"teacher": teacher, "student": student, "data": train,
                    "teacher_attr": [build(*attr(teacher, i), store) for i in extract] if upstream else [],
                    "student_attr": [build(*attr(student, i), store) for i in extract] if upstream else []})
@@ -70,7 +72,7 @@ def specs(args, root: Path, store):
     from pkt.core import arch, models
 
     modes = {
-        "sensitivity": (nodes.Sensitivity(k=args.seeds, max_length=96), {"teacher": teacher, "seeds": train}),
+        "sensitivity": (extract_nodes.Sensitivity(k=args.seeds, max_length=96), {"teacher": teacher, "seeds": train}),
         "attribution-teacher": attr(teacher, line),
         "attribution-student": attr(student, line),
         "attribution-teacher-one-chunk": attr(teacher, line, vocab_chunk=args.vocab),
@@ -79,7 +81,7 @@ def specs(args, root: Path, store):
     if args.mode == "delta":
         tr = build(*translator, store)
         shape = arch.shape_of(models.load_config(root / "student"))
-        modes["delta"] = (nodes.LatenDelta(step=args.n_extract, rate=0.1, student_shape=shape),
+        modes["delta"] = (laten_nodes.LatenDelta(step=args.n_extract, rate=0.1, student_shape=shape),
                           {"teacher": teacher, "translator": tr, "teacher_attr": build(*attr(teacher, line), store),
                            "student_attr": build(*attr(student, line), store)})
     return modes[args.mode]

@@ -37,25 +37,27 @@ STEPS = [("sensitivity", "* |θ·∇θ| over the seeds (forward + backward)"),
 def child(args) -> None:
     from pkt.artifacts.store import Store
     from pkt.core import arch, models
-    from pkt.tasks import nodes
+    from pkt.tasks import extract as extract_nodes
+    from pkt.tasks import sources
     from pkt.tasks.node import build
 
     work = Path(args.work)
     store = Store(work / "store")
-    teacher = nodes.model_source(str(work / "teacher"), store)
-    seeds = nodes.file_source(str(work / "gsm" / "seeds.jsonl"))
+    teacher = sources.model_source(str(work / "teacher"), store)
+    seeds = sources.file_source(str(work / "gsm" / "seeds.jsonl"))
     data = dict(k=args.k, max_length=args.max_length)
-    sens = lambda: build(nodes.Sensitivity(**data), {"teacher": teacher, "seeds": seeds}, store)  # noqa: E731
-    acts = lambda: build(nodes.Activations(**data), {"teacher": teacher, "seeds": seeds}, store)  # noqa: E731
+    sens = lambda: build(extract_nodes.Sensitivity(**data), {"teacher": teacher, "seeds": seeds}, store)  # noqa: E731
+    acts = lambda: build(extract_nodes.Activations(**data), {"teacher": teacher, "seeds": seeds}, store)  # noqa: E731
     layers = arch.shape_of(models.load_config(work / "student"))["num_hidden_layers"]
     scores = {"sensitivity": sens, "activations": acts, "teacher": lambda: teacher}
 
     def plan(selector):
-        spec = nodes.LayerPlan(student_layers=layers, selector=selector)
+        spec = extract_nodes.LayerPlan(student_layers=layers, selector=selector)
         return build(spec, {name: scores[name]() for name in spec.INPUTS}, store)
 
     def extraction(selector, reducer):
-        spec = nodes.Extraction(student_shape=arch.shape_of(models.load_config(work / "student")), reducer=reducer)
+        spec = extract_nodes.Extraction(student_shape=arch.shape_of(models.load_config(work / "student")),
+                                        reducer=reducer)
         inputs = {name: plan(selector) if name == "plan" else scores[name]() for name in spec.INPUTS}
         return build(spec, inputs, store)
 

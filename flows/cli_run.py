@@ -134,10 +134,11 @@ def check_sweep_size(cfg, args, check_inputs) -> None:
     """State the sweep's size before it starts: the nodes to compute, those the store holds apart
     (flows/plan.py: its keys derived and looked up, after check_inputs(cfg)), with the time their kinds
     took in this store; above --max-nodes to compute, refuse unless --yes. A sweep of more than PLAN_CAP
-    nodes is judged by its full count (flows/config.py: node_counts) before its inputs are read."""
+    nodes is judged by its full count (flows/sweep_size.py: node_counts) before its inputs are read."""
     from pkt.artifacts.store import Store
 
-    from .config import ConfigError, describe_size, node_counts, seconds_per_node
+    from .config import ConfigError
+    from .sweep_size import describe_size, node_counts, seconds_per_node
     from .plan import plan_sweep
 
     try:
@@ -220,7 +221,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from .config import check_extract_inputs
+    from .input_checks import check_extract_inputs
     from .server import import_while_starting, prefect_api
 
     args.store = store_option(args.store)
@@ -263,7 +264,7 @@ def _print_energy_kept(init_path: str, rank: int) -> None:
 
 
 def cmd_transfer(args) -> int:
-    from .config import check_benchmark, check_sweep_inputs
+    from .input_checks import check_benchmark, check_sweep_inputs
     from .server import import_while_starting, prefect_api
 
     from pkt.core.laten import LatenError
@@ -296,7 +297,8 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .config import check_sweep_inputs, load_config
+    from .input_checks import check_sweep_inputs
+    from .config import load_config
     from .server import import_while_starting, prefect_api
 
     cfg = load_config(args.config)
@@ -352,7 +354,7 @@ def diagnose_config(args):
 def cmd_diagnose(args) -> int:
     import pandas as pd
 
-    from .config import check_sweep_inputs
+    from .input_checks import check_sweep_inputs
     from .server import import_while_starting, prefect_api
 
     cfg, extra = diagnose_config(args)

@@ -1,5 +1,6 @@
-"""Every input of a pkt run, validated before any work: the sweep configuration (YAML or TOML)
-and the command-line options, with errors that name the field (or flag) and the fix.
+"""Every option of a pkt run, validated before any work: the sweep configuration (YAML or TOML)
+and the command-line options, with errors that name the field (or flag) and the fix. The files and
+models they name are checked in flows/input_checks.py, a sweep's size in flows/sweep_size.py.
 
 Numbers given as strings ("1e-3", YAML's 3e-4, "2") are read as numbers.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,7 +16,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from pkt.core import arch, data, evaluate, inputs, laten, models, preflight
+from pkt.core import arch, data, evaluate, inputs, laten
 from pkt.core.align import LAYER_SELECTORS, REDUCERS
 from pkt.core.errors import UserError
 from pkt.core.finetune import TrainParams
@@ -572,129 +572,3 @@ def _describe(err: dict, where: str, flags: dict[str, str] | None) -> str:
         sub = loc[1:] if loc[0] == "train" else []  # --train lr; but --task-dir, not --task-dir 0 dir
         return f"{' '.join([flags[loc[0]], *sub])}{shown}: {msg}"
     return f"{where}: field {'.'.join(loc) or '(top level)'}{' =' + shown if shown else ''}: {msg}"
-
-
-# ---- the size of a sweep, stated before it starts -----------------------------------------------
-def node_counts(cfg: SweepConfig) -> dict[str, int]:
-    """kind -> how many nodes of that kind the sweep submits, for the kinds that take its time:
-    adapters (or LaTen updates) and their LoRA inits, scores, step-0 diagnostics. Every node is
-    counted, stored ones too: computed from the config's sizes, so a sweep of millions is counted in
-    microseconds, before any input is read (the gate for a sweep too large to plan node by node;
-    flows/plan.py counts the nodes to compute)."""
-    trained = [v for v in cfg.variants if VARIANTS[v].trains]
-    selecting = any(cfg.grid_size(v) > 1 for v in trained)
-    counts: Counter = Counter()
-    for task in cfg.tasks:
-        benchmarks = len({task.benchmark, *cfg.benchmarks})
-        for name in cfg.variants:
-            v = VARIANTS[name]
-            if not v.trains:  # vanilla: the student scored once
-                counts["scores"] += benchmarks
-                continue
-            points = cfg.grid_size(name)
-            selection = points * len(cfg.selection_seeds) if selecting else 0
-            counts["adapter" if v.chain == "adapter" else "laten_delta"] += selection + len(cfg.seeds)
-            counts["scores"] += selection + len(cfg.seeds) * benchmarks
-            if v.chain == "adapter":
-                counts["diagnostic"] += len(cfg.seeds)
-            if v.extracted:  # one init per setting, or per seed too for a control drawn from the seed
-                counts["lora_init"] += selection + len(cfg.seeds) if v.drawn else points
-    fresh = sum(VARIANTS[name].chain == "fresh" for name in cfg.variants)  # one pretraining per student, any task
-    if fresh:
-        counts["fresh_student"] = fresh
-    return {kind: n * len(cfg.students) for kind, n in counts.items()}
-
-
-def seconds_per_node(records: list[dict]) -> dict[str, float]:
-    """kind -> the mean seconds the store's records of that kind took (its measured cost)."""
-    times: dict[str, list[float]] = {}
-    for r in records:
-        if isinstance(r.get("seconds"), (int, float)) and r["seconds"] >= 0:
-            times.setdefault(r["kind"], []).append(float(r["seconds"]))
-    return {kind: sum(x) / len(x) for kind, x in times.items()}
-
-
-def describe_size(counts: dict[str, int], per_node: dict[str, float], reused: dict[str, int] | None = None,
-                  bound: bool = False) -> tuple[int, str]:
-    """(nodes to compute, 'N nodes to compute (a adapter, b scores, ...), M reused from the store, about T'
-    in words): T is for the nodes to compute only. reused None: every node counted (none looked up);
-    bound: N is an upper bound."""
-    total = sum(counts.values())
-    parts = ", ".join(f"{n:,} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    timed = {k: n * per_node[k] for k, n in counts.items() if k in per_node}
-    untimed = sorted(set(counts) - set(timed))
-    if timed:
-        hours = sum(timed.values()) / 3600
-        when = f"about {hours:,.1f} h of node compute from the store's recorded seconds" + (
-            f" (no {', '.join(untimed)} timed there yet)" if untimed else "")
-    elif counts:
-        when = "time unknown: no node of these kinds recorded in the store yet"
-    else:
-        when = "nothing to compute"
-    if reused is None:
-        return total, f"{total:,} nodes ({parts}), {when}"
-    held = sum(reused.values())
-    return total, (f"{'at most ' if bound else ''}{total:,} nodes to compute" + (f" ({parts})" if parts else "")
-                   + f", {held:,} reused from the store, {when}")
-
-
-# ---- the inputs behind a config, checked before any work ----------------------------------------
-def check_extract_inputs(cfg: ExtractConfig) -> None:
-    """The seeds file, and every model's files, config and tokenizer: no weights are loaded."""
-    _check_seeds(cfg.seeds, cfg.k, "--k")
-    preflight.check_models(cfg.teacher, cfg.students, rank=cfg.rank, rank_name="--rank")
-    # every seed's answer survives the cutoff (read with the teacher's tokenizer, as the sensitivity pass does)
-    try:
-        tok = models.load_tokenizer(cfg.teacher)
-        data.load_encoded(cfg.seeds, tok, cfg.max_length, cfg.k, fmt=data.resolve_format(cfg.prompt_format, tok))
-    except data.DataError as e:  # the sentence names the sweep's field; pkt extract's knob is a flag
-        raise ConfigError(str(e).replace("raise max_length (a sweep config field)", "raise --max-length")) from None
-
-
-def check_sweep_inputs(cfg: SweepConfig) -> None:
-    """Every data file a sweep reads, every model's files, config and tokenizer, and the ranks the
-    students allow: no weights are loaded."""
-    for i, task in enumerate(cfg.tasks):
-        check_benchmark(task.benchmark, f"field tasks.{i}.benchmark")
-    for name in cfg.benchmarks:
-        check_benchmark(name, "field benchmarks")
-    for task in cfg.tasks:
-        inputs.check_folder(task.dir, "the task directory")  # a FIFO among its files: one sentence, not a wait
-        for name in ("train.jsonl", "test.jsonl") + (("val.jsonl",) if cfg.train_grid else ()):
-            data.read_jsonl(Path(task.dir) / name)
-        _check_seeds(str(Path(task.dir) / "seeds.jsonl"), cfg.k, "k")
-    variants = [VARIANTS[v] for v in cfg.variants]
-    if cfg.cross_task_seeds and any(v.seeds == "cross-task" for v in variants):
-        _check_seeds(cfg.cross_task_seeds, cfg.k, "k")
-    modules, rank = cfg.modules(), max(cfg.ranks())
-    if any(v.extracted for v in variants):
-        preflight.check_models(cfg.teacher, cfg.students, modules, rank, "train.rank")
-        if any(v.teacher == "early" for v in variants):
-            preflight.check_models(cfg.early_teacher, cfg.students, modules)
-    else:
-        for s in cfg.students:
-            preflight.check_model_files(s)
-            if any(v.trains for v in variants):
-                preflight.check_rank(rank, models.load_config(s), modules, "train.rank")
-    if any(v.chain == "laten" for v in variants):
-        preflight.check_models(cfg.teacher, cfg.students)
-        for task in cfg.tasks:
-            laten.splits(len(data.read_jsonl(Path(task.dir) / "train.jsonl")), cfg.laten.n_extract, cfg.laten.n_align)
-    if "winrate" in cfg.benchmarks:
-        preflight.check_model_files(cfg.judge)
-
-
-def check_benchmark(name: str, where: str) -> None:
-    """A benchmark pkt ships, or a task lm-eval knows: refused before any work, not after the first
-    adapter is trained (lm-eval's index is read only for a name that is not pkt's)."""
-    if name in evaluate.BENCHMARKS or name == "winrate":
-        return
-    if name not in evaluate.lm_eval_task_names():
-        raise ConfigError(f"{where} {name}: neither a pkt benchmark ({', '.join([*evaluate.BENCHMARKS, 'winrate'])}) "
-                          "nor an lm-eval task; give one of those, or an lm-eval task name (`lm-eval ls tasks`)")
-
-
-def _check_seeds(path: str, k: int | None, k_name: str) -> None:
-    n = len(data.read_jsonl(path))
-    if k is not None and k > n:
-        raise ConfigError(f"{k_name} {k}: {path} holds only {n} seed samples; lower {k_name} or add samples")

@@ -9,7 +9,7 @@ from prefect import flow
 
 from pkt.artifacts.store import Ref, Store
 from pkt.core.mini import family, gates
-from pkt.tasks import nodes
+from pkt.tasks import family as family_nodes
 
 from .config import parse_config
 from .graph import Graph, task_runner, torch_threads_per_worker
@@ -38,7 +38,7 @@ SMOKE_CAVEAT = ("This is a smoke-size run (one small family, one task, one learn
 def family_future(graph: Graph, size: str, seed: int | None = None, testbed: int | None = None, twin: bool = False):
     """The future of the family's build (or reuse from the store); another seed is an independent family.
     testbed and twin: family.recipe's (None: the size's testbed)."""
-    spec = nodes.Family(size=size, recipe=family.recipe_params(size, seed, testbed, twin))
+    spec = family_nodes.Family(size=size, recipe=family.recipe_params(size, seed, testbed, twin))
     return graph.submit(spec, {}, f"size={size}" + ("" if seed is None else f", seed={seed}")
                         + ("" if testbed is None else f", testbed={testbed}") + (", twin" if twin else ""))
 

@@ -12,7 +12,7 @@ from prefect.futures import PrefectFuture
 
 from pkt.artifacts.store import Store
 from pkt.core import arch, diagnose, models
-from pkt.tasks import nodes
+from pkt.tasks import train as train_nodes
 
 from .config import SETTING_FIELDS, SweepConfig, parse_config
 from .extract import chat_template, variant_init
@@ -33,11 +33,11 @@ def diagnostic_node(graph: Graph, v: Variant, student: PrefectFuture, train: Pre
     """The future of the diagnostic of the init a run trains from (None: the variant trains nothing)."""
     if not v.trains:
         return None
-    spec = nodes.Diagnostic(variant=v.name, init=v.init, rank=tp.rank, alpha=tp.alpha, modules=tuple(tp.modules),
-                            seed=tp.seed if v.init in ("lora", "added") else 0, batches=batches,
-                            batch_size=tp.batch_size,
-                            n_train=tp.n_train, max_length=tp.max_length, micro_batch=tp.micro_batch, dtype=dtype,
-                            device=device, chat_template=chat_template)
+    spec = train_nodes.Diagnostic(variant=v.name, init=v.init, rank=tp.rank, alpha=tp.alpha, modules=tuple(tp.modules),
+                                  seed=tp.seed if v.init in ("lora", "added") else 0, batches=batches,
+                                  batch_size=tp.batch_size,
+                                  n_train=tp.n_train, max_length=tp.max_length, micro_batch=tp.micro_batch, dtype=dtype,
+                                  device=device, chat_template=chat_template)
     inputs = {"student": student, "train": train, **({"init": init} if init is not None else {})}
     return graph.submit(spec, inputs, label)
 
@@ -73,7 +73,7 @@ def with_diagnostics(graph: Graph, cfg: SweepConfig, runs: pd.DataFrame) -> pd.D
     """The runs table with each run's diagnostic totals as columns diag_cos and diag_share (empty for a
     run that trains nothing; diag_cos also for lora, whose init carries no update)."""
     futures = submit_diagnostics(graph, cfg, runs)
-    totals = {run: nodes.diagnosis(graph.store, f.result()).totals for run, f in futures.items()}
+    totals = {run: train_nodes.diagnosis(graph.store, f.result()).totals for run, f in futures.items()}
     keys = list(runs[RUN].itertuples(index=False, name=None))
     cols = {f"diag_{name}": [totals.get(k, {}).get(name, math.nan) for k in keys] for name in ("cos", "share")}
     return runs.assign(**cols)
@@ -81,7 +81,7 @@ def with_diagnostics(graph: Graph, cfg: SweepConfig, runs: pd.DataFrame) -> pd.D
 
 def per_module(store: Store, refs: dict[str, dict]) -> pd.DataFrame:
     """variant, module (type, or 'total'), cos, share: each variant's diagnostic per module type."""
-    parts = [diagnose.by_module(nodes.diagnosis(store, ref).modules).assign(variant=variant)
+    parts = [diagnose.by_module(train_nodes.diagnosis(store, ref).modules).assign(variant=variant)
              for variant, ref in refs.items()]
     return pd.concat(parts, ignore_index=True)[["variant", "module", "cos", "share"]]
 
@@ -107,9 +107,9 @@ def diagnose_inits(teacher: str, student: str, task_dir: str, variants: list[str
         results = graph.results()
     table = per_module(st, refs)
     lines = [f"{v}: cos {t['cos']:+.4f}, share {t['share']:.4f}" for v, t in
-             ((v, nodes.diagnosis(st, ref).totals) for v, ref in refs.items())]
+             ((v, train_nodes.diagnosis(st, ref).totals) for v, ref in refs.items())]
     publish(st, "diagnose", results, tag=Path(task_dir).name, notes=lines)
     return {"table": table.to_dict(orient="records"), "totals": lines,
             "computed": sum(r["status"] == "computed" for r in results),
             "nodes": [(r["kind"], r["key"], r["status"]) for r in results],
-            "n_samples": {v: nodes.diagnosis(st, ref).n_samples for v, ref in refs.items()}}
+            "n_samples": {v: train_nodes.diagnosis(st, ref).n_samples for v, ref in refs.items()}}

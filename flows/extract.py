@@ -13,7 +13,7 @@ from prefect.futures import PrefectFuture
 
 from pkt.artifacts.store import Store
 from pkt.core import align, arch, data, models
-from pkt.tasks import nodes
+from pkt.tasks import extract as extract_nodes
 
 from .config import SweepConfig, TaskSpec
 from .graph import Graph, source_name, task_runner
@@ -60,22 +60,23 @@ def extraction_chain(graph: Graph, teacher: PrefectFuture, seeds: str, shape: di
     scores = {"teacher": teacher}  # what a selector or reducer may read: only those it needs are submitted
     if "sensitivity" in reads:
         scores["sensitivity"] = graph.submit(
-            nodes.Sensitivity(k=opts.k, sample_seed=opts.sample_seed, max_length=opts.max_length, dtype=opts.dtype,
-                              device=opts.device, layout=opts.layout, chat_template=opts.chat_template),
+            extract_nodes.Sensitivity(k=opts.k, sample_seed=opts.sample_seed, max_length=opts.max_length,
+                                      dtype=opts.dtype, device=opts.device, layout=opts.layout,
+                                      chat_template=opts.chat_template),
             {"teacher": teacher, "seeds": seeds}, f"{tag}, k={opts.k or 'all'}")
     if "activations" in reads:
         scores["activations"] = graph.submit(
-            nodes.Activations(k=opts.k, sample_seed=opts.sample_seed, max_length=opts.max_length, dtype=opts.dtype,
-                              device=opts.device, chat_template=opts.chat_template),
+            extract_nodes.Activations(k=opts.k, sample_seed=opts.sample_seed, max_length=opts.max_length,
+                                      dtype=opts.dtype, device=opts.device, chat_template=opts.chat_template),
             {"teacher": teacher, "seeds": seeds}, f"{tag}, k={opts.k or 'all'}")
     layers = shape["num_hidden_layers"]
     drawn = f" seed={opts.draw_seed}" if opts.selector == "random" else ""
-    spec = nodes.LayerPlan(student_layers=layers, selector=opts.selector,
-                           seed=opts.draw_seed if opts.selector == "random" else 0)
+    spec = extract_nodes.LayerPlan(student_layers=layers, selector=opts.selector,
+                                   seed=opts.draw_seed if opts.selector == "random" else 0)
     plan = graph.submit(spec, {name: scores[name] for name in spec.INPUTS}, f"{tag}, {opts.selector}{drawn}, layers={layers}")
     drawn += f" seed={opts.draw_seed}" if opts.reducer == "random" else ""
-    spec = nodes.Extraction(student_shape=shape, reducer=opts.reducer, modules=tuple(opts.modules),
-                            seed=opts.draw_seed if opts.reducer == "random" else 0)
+    spec = extract_nodes.Extraction(student_shape=shape, reducer=opts.reducer, modules=tuple(opts.modules),
+                                    seed=opts.draw_seed if opts.reducer == "random" else 0)
     ext = graph.submit(spec, {name: plan if name == "plan" else scores[name] for name in spec.INPUTS},
                        f"{tag}, {opts.selector}, {opts.reducer}{drawn}, hidden={shape['hidden_size']}")
     return {**{k: v for k, v in scores.items() if k != "teacher"}, "plan": plan, "extraction": ext, "tag": f"{tag}, {opts.selector}, {opts.reducer}{drawn}"}
@@ -101,8 +102,8 @@ def init_node(graph: Graph, chain: dict, *, rank: int, alpha: float, dropout: fl
               variant: str = "") -> PrefectFuture:
     """variant: the sweep variant the init is for, named first in its label (store ls, the UI)."""
     how = "" if transform == "none" else f", {transform} seed={transform_seed}"
-    return graph.submit(nodes.LoraInit(rank=rank, alpha=alpha, dropout=dropout, split=split, scale=scale, svd=svd,
-                                       transform=transform, transform_seed=transform_seed),
+    return graph.submit(extract_nodes.LoraInit(rank=rank, alpha=alpha, dropout=dropout, split=split, scale=scale,
+                                               svd=svd, transform=transform, transform_seed=transform_seed),
                         {"extraction": chain["extraction"]},
                         f"{variant + ': ' if variant else ''}{chain['tag']}, rank={rank}, scale={scale}{how}")
 
@@ -115,7 +116,7 @@ def variant_init(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFut
     name = source_name(cfg.teacher)
     templated = chat_template(cfg.prompt_format, cfg.teacher)  # an untrained teacher has the teacher's tokenizer
     if v.teacher == "untrained":
-        teacher = graph.submit(nodes.RandomModel(seed=draw), {"like": teacher}, f"like={name}, seed={draw}")
+        teacher = graph.submit(extract_nodes.RandomModel(seed=draw), {"like": teacher}, f"like={name}, seed={draw}")
         name = f"untrained {name} seed={draw}"
     elif v.teacher == "early":
         teacher, name = graph.source("model", cfg.early_teacher), source_name(cfg.early_teacher)
@@ -154,8 +155,8 @@ def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 1
             shape = arch.shape_of(models.load_config(student))
             chain = extraction_chain(graph, t_src, seeds, shape, opts, source_name(teacher))
             init = init_node(graph, chain, rank=rank, alpha=alpha, svd=svd)
-            residual = graph.submit(nodes.ResidualModel(dtype=dtype), {"student": graph.source("model", student),
-                                                                       "init": init},
+            residual = graph.submit(extract_nodes.ResidualModel(dtype=dtype),
+                                    {"student": graph.source("model", student), "init": init},
                                     f"student={source_name(student)}, rank={rank}, alpha={alpha}")
             chains[student] = {**chain, "lora_init": init, "residual_model": residual}
         results = graph.results()
@@ -164,7 +165,7 @@ def extract_teacher(teacher: str, seeds: str, students: list[str], rank: int = 1
         refs = {name: chain[name].result()
                 for name in ("sensitivity", "activations", "plan", "extraction", "lora_init", "residual_model")
                 if name in chain}
-        out[student] = {**refs, "layers": nodes.plan_layers(st, refs["plan"]),
+        out[student] = {**refs, "layers": extract_nodes.plan_layers(st, refs["plan"]),
                         "init_path": str(st.path(refs["lora_init"])),  # paths a person uses after the run
                         "base_path": str(st.path(refs["residual_model"]))}
     publish(st, "extract-teacher", results, plans={s: v["layers"] for s, v in out.items()})

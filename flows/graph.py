@@ -36,8 +36,8 @@ from pkt.artifacts.store import Store
 from pkt.core import stop
 from pkt.core.cpus import available_cpus
 from pkt.tasks.node import TIMEOUT_VAR, Node, cached_state, lookup, node_kinds, node_task, opaque, record_run
-from pkt.tasks import nodes
-from pkt.tasks.nodes import source
+from pkt.tasks import sources
+from pkt.tasks.sources import source
 
 from .server import note_flow_run, note_task_run
 
@@ -242,9 +242,9 @@ def source_name(path: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.suffix else (p.name or str(path))
 
 
-SOURCES = {"model": lambda store, path, names: nodes.model_source(path, store, names),
-           "file": lambda store, path, names: nodes.file_source(path),
-           "dir": lambda store, path, names: nodes.dir_source(path, names)}
+SOURCES = {"model": lambda store, path, names: sources.model_source(path, store, names),
+           "file": lambda store, path, names: sources.file_source(path),
+           "dir": lambda store, path, names: sources.dir_source(path, names)}
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect.futures import PrefectFuture
 
 from pkt.core import data, laten
-from pkt.tasks import nodes
+from pkt.tasks import laten as laten_nodes
 
 from .config import SweepConfig, TaskSpec
 from .extract import chat_template
@@ -33,23 +33,23 @@ def laten_chain(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFutu
 
     def attribution(role: str, line: int) -> PrefectFuture:
         model, name = who[role]
-        spec_ = nodes.LatenAttribution(index=line, max_length=cfg.max_length, norm=spec.norm, dtype=cfg.dtype,
-                                       device=cfg.device, chat_template=templated[role])
+        spec_ = laten_nodes.LatenAttribution(index=line, max_length=cfg.max_length, norm=spec.norm, dtype=cfg.dtype,
+                                             device=cfg.device, chat_template=templated[role])
         return graph.submit(spec_, {"model": model, "data": train}, f"{name}, {task.name} train line {line + 1}")
 
     # trained until its val loss moves: watched on train lines outside extract/align (never the task's val/test)
     val = tuple(laten.val_lines(pool, seed, spec.n_val)) if spec.until_moved is not None else ()
     translator = graph.submit(
-        nodes.LatenTranslator(extract=tuple(extract), align=tuple(align), hparams=spec.hparams(seed),
-                              max_length=cfg.max_length, dtype=cfg.dtype, device=cfg.device,
-                              chat_template=templated["student"], val=val),
+        laten_nodes.LatenTranslator(extract=tuple(extract), align=tuple(align), hparams=spec.hparams(seed),
+                                    max_length=cfg.max_length, dtype=cfg.dtype, device=cfg.device,
+                                    chat_template=templated["student"], val=val),
         {"teacher": teacher, "student": student, "data": train,
          "teacher_attr": [attribution("teacher", i) for i in extract],
          "student_attr": [attribution("student", i) for i in extract]},
         f"{who['student'][1]}, {task.name}, seed={seed}, steps={len(extract)}, rate={spec.rate}")
     line = laten.seed_sample(pool, seed)
-    delta = nodes.LatenDelta(step=setting["step"], rate=setting["rate"], control=v.update,
-                             draw_seed=seed if v.drawn else 0, student_shape=shape)
+    delta = laten_nodes.LatenDelta(step=setting["step"], rate=setting["rate"], control=v.update,
+                                   draw_seed=seed if v.drawn else 0, student_shape=shape)
     return graph.submit(delta, {"teacher": teacher, "translator": translator,
                                 "teacher_attr": attribution("teacher", line),
                                 "student_attr": attribution("student", line)}, f"{label}, sample line {line + 1}")

@@ -40,7 +40,7 @@ from pkt.core import evaluate, report
 from pkt.core.errors import UserError
 from pkt.core.mini import gates
 from pkt.core.mini.tasks import VALUES, study_tasks
-from pkt.tasks import nodes
+from pkt.tasks import scores as score_nodes
 
 from .config import parse_config
 from .demo import family_future, family_node, family_stats
@@ -287,16 +287,16 @@ class FamilySet:
             for v, ids in out["variant_nodes"].items():
                 used.setdefault(v, []).extend(ids)
         table = pd.concat(runs, ignore_index=True)
-        inputs = {"runs": nodes.table_source(st, table, "runs.csv"),
+        inputs = {"runs": score_nodes.table_source(st, table, "runs.csv"),
                   "scores": [f for sweep in self.sweeps.values() for f in sweep.scores()]}
         for name, parts in extra.items():
             if parts:
-                inputs[name] = nodes.table_source(st, pd.concat(parts, ignore_index=True), f"{name}.csv")
+                inputs[name] = score_nodes.table_source(st, pd.concat(parts, ignore_index=True), f"{name}.csv")
         cfg = next(reversed(self.sweeps.values())).cfg
         protocol = report_protocol(cfg, {"scale": scale_caveat(self.families), "families": self.families,
                                          "excluded": self.excluded, **chance(cfg)})
         primary = cfg.endpoint.metric
-        rep = self.graph.submit(nodes.Report(primary=primary, protocol=protocol), inputs,
+        rep = self.graph.submit(score_nodes.Report(primary=primary, protocol=protocol), inputs,
                                 f"study{', twin families' if self.twin else ''}, {len(table)} rows")
         paths = copy_report(st, rep.result(), str(Path(self.report_dir) / "twin") if self.twin else self.report_dir)
         paths |= add_costs(paths, cost_table(st, used))

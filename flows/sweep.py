@@ -16,7 +16,8 @@ from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.model_id import GENERATION_FILES
 from pkt.artifacts.store import Ref, Store
 from pkt.core import arch, costs, distill, evaluate, laten, models, report
-from pkt.tasks import nodes
+from pkt.tasks import scores as score_nodes
+from pkt.tasks import train as train_nodes
 
 from .config import SETTING_FIELDS, SweepConfig, TaskSpec, parse_config
 from .diagnose import with_diagnostics
@@ -131,12 +132,12 @@ class Sweep:
         table = pd.DataFrame(rows)
         table = with_diagnostics(graph, cfg, table)  # each run's step-0 init diagnostic: diag_cos, diag_share
         primary = cfg.endpoint.metric if cfg.endpoint else evaluate.primary_metric(cfg.tasks[0].benchmark)
-        inputs = {"runs": nodes.table_source(store, table, "runs.csv"), "scores": self.scores()}
+        inputs = {"runs": score_nodes.table_source(store, table, "runs.csv"), "scores": self.scores()}
         for name, extra in (("curves", curves), ("selection", selection), ("items", items), ("dose", dose),
                             ("matched", matched), ("pretraining", pretraining)):
             if extra:
-                inputs[name] = nodes.table_source(store, pd.DataFrame(extra), f"{name}.csv")
-        spec = nodes.Report(primary=primary, protocol=report_protocol(cfg, protocol))
+                inputs[name] = score_nodes.table_source(store, pd.DataFrame(extra), f"{name}.csv")
+        spec = score_nodes.Report(primary=primary, protocol=report_protocol(cfg, protocol))
         rep = graph.submit(spec, inputs, f"{tag}, {len(table)} rows, {primary}")
         paths = copy_report(store, rep.result(), cfg.report_dir)
         used = variant_nodes(graph, self.made)
@@ -219,7 +220,7 @@ def _choose(store: Store, cfg: SweepConfig, path: str, task: TaskSpec, val_score
     """(the val rows, variant -> its chosen setting) of one student and task's selection runs."""
     metric = _select_metric(cfg, task)
     rows = [{"student": path, "task": task.name, "variant": v.name, "setting": setting, "seed": seed,
-             "metric": metric, "value": nodes.score_summary(store, f.result())[metric]}
+             "metric": metric, "value": score_nodes.score_summary(store, f.result())[metric]}
             for (v, setting, seed), f in val_scores.items()]
     chosen = ({v: json.loads(x) for v, x in report.select_settings(pd.DataFrame(rows), metric).items()}
               if rows else {})
@@ -278,12 +279,12 @@ def _collect(store: Store, scored: list, keep_items: set[str], inert: dict | Non
     rows, curves, items, seen = [], [], [], set()
     for fields, future, adapter in scored:
         result = adapter.result() if adapter is not None else None
-        trained = result is not None and result["kind"] in nodes.ADAPTER_KINDS  # not LaTen's update
-        size = nodes.init_size(store, result) if trained else {}
-        losses = nodes.train_losses(store, result) if trained else []
+        trained = result is not None and result["kind"] in train_nodes.ADAPTER_KINDS  # not LaTen's update
+        size = train_nodes.init_size(store, result) if trained else {}
+        losses = train_nodes.train_losses(store, result) if trained else []
         per_item = store.tensors(future.result())
         n_items = len(per_item["doc_id"])
-        summary = nodes.score_summary(store, future.result())
+        summary = score_nodes.score_summary(store, future.result())
         run = tuple(fields[k] for k in ("student", "task", "variant", "seed", "setting"))
         laten_run = result is not None and result["kind"] == "laten_delta"
         extra = _laten_fields(store, fields["student"], result, (inert or {}).get(run)) if laten_run else {}
@@ -361,7 +362,7 @@ def _laten_fields(store: Store, student: str, delta: dict, val: tuple | None) ->
     if moved:
         out |= {"translator_steps": moved["steps"], "translator_moved_at": moved["moved_at"]}
     if val is not None:
-        own, base = (nodes.score_summary(store, f.result())["answer_nll"] for f in val)
+        own, base = (score_nodes.score_summary(store, f.result())["answer_nll"] for f in val)
         out |= {"val_nll_moved": own - base, "inert": abs(own - base) < laten.INERT_NLL}
         out["note"] = INERT_NOTE if out["inert"] else ""
     return out
@@ -373,7 +374,7 @@ def _checkpoints(graph: Graph, cfg: SweepConfig, v: Variant, adapter, setting: d
     if adapter is None or SCORED_AS[v.chain] != "adapter":
         return {}
     tp = cfg.train_params(seed, {k: x for k, x in setting.items() if k not in SETTING_FIELDS})
-    return {step: graph.submit(nodes.AdapterCheckpoint(step=step), {"adapter": adapter}, f"{label}, step {step}")
+    return {step: graph.submit(train_nodes.AdapterCheckpoint(step=step), {"adapter": adapter}, f"{label}, step {step}")
             for step in sorted(tp.checkpoints) if step != tp.steps}
 
 
@@ -421,8 +422,8 @@ def _train(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture, s
     if v.extracted:
         init = variant_init(graph, cfg, v, teacher, task, shape, tp, setting.get("init_scale", cfg.init_scale))
     inputs = {"student": student, "train": train, **({"init": init} if init else {})}
-    return graph.submit(nodes.Adapter(variant=v.name, init=v.init, train=tp.as_dict(), dtype=cfg.dtype,
-                                      device=cfg.device, chat_template=student_template(graph, cfg, student)),
+    return graph.submit(train_nodes.Adapter(variant=v.name, init=v.init, train=tp.as_dict(), dtype=cfg.dtype,
+                                            device=cfg.device, chat_template=student_template(graph, cfg, student)),
                         inputs, label)
 
 
@@ -454,15 +455,15 @@ def _distill(graph: Graph, cfg: SweepConfig, v: Variant, teacher: PrefectFuture,
     prompts = graph.source("dir", task.dir, [distill.prompt_file(task.dir)])
     templated = student_template(graph, cfg, student)  # the data route renders as the other arms do (data.render)
     if v.chain == "kd":
-        return graph.submit(nodes.KdAdapter(variant=v.name, train=tp.as_dict(), dtype=cfg.dtype, device=cfg.device,
-                                            chat_template=templated),
+        return graph.submit(train_nodes.KdAdapter(variant=v.name, train=tp.as_dict(), dtype=cfg.dtype,
+                                                  device=cfg.device, chat_template=templated),
                             {"student": student, "teacher": teacher, "prompts": prompts}, label)
     completions = graph.submit(
-        nodes.TeacherCompletions(max_new_tokens=cfg.completion_tokens, dtype=cfg.dtype, device=cfg.device,
-                                 chat_template=chat_template(cfg.prompt_format, cfg.teacher)),
+        train_nodes.TeacherCompletions(max_new_tokens=cfg.completion_tokens, dtype=cfg.dtype, device=cfg.device,
+                                       chat_template=chat_template(cfg.prompt_format, cfg.teacher)),
         {"teacher": teacher, "prompts": prompts}, f"{source_name(cfg.teacher)}, {task.name} prompts")
-    return graph.submit(nodes.Adapter(variant=v.name, init="lora", train=tp.as_dict(), dtype=cfg.dtype,
-                                      device=cfg.device, chat_template=templated),
+    return graph.submit(train_nodes.Adapter(variant=v.name, init="lora", train=tp.as_dict(), dtype=cfg.dtype,
+                                            device=cfg.device, chat_template=templated),
                         {"student": student, "train": completions}, label)
 
 
@@ -476,15 +477,15 @@ def _score(graph: Graph, cfg: SweepConfig, student: str, adapter, task: TaskSpec
            label: str, variant: str = "") -> PrefectFuture:
     # a score generates: its student source covers the generation defaults too (model_id.GENERATION_FILES)
     inputs = {"student": graph.source("model", student, list(GENERATION_FILES)),
-              "data": graph.source("dir", task.dir, nodes.score_data_files(split))}
+              "data": graph.source("dir", task.dir, score_nodes.score_data_files(split))}
     if adapter is not None:
         inputs[SCORED_AS[VARIANTS[variant].chain if variant else "adapter"]] = adapter
     if benchmark == "winrate":
         inputs["judge"] = graph.source("model", cfg.judge, list(GENERATION_FILES))
-    spec = nodes.Scores(benchmark=benchmark, task_definition=evaluate.task_digest(benchmark), split=split,
-                        num_fewshot=cfg.num_fewshot, limit=cfg.eval_limit, dtype=cfg.dtype, device=cfg.device,
-                        chat_template=chat_template(cfg.prompt_format, student),
-                        max_gen_toks=task.max_gen_toks if benchmark == task.benchmark else None)
+    spec = score_nodes.Scores(benchmark=benchmark, task_definition=evaluate.task_digest(benchmark), split=split,
+                              num_fewshot=cfg.num_fewshot, limit=cfg.eval_limit, dtype=cfg.dtype, device=cfg.device,
+                              chat_template=chat_template(cfg.prompt_format, student),
+                              max_gen_toks=task.max_gen_toks if benchmark == task.benchmark else None)
     return graph.submit(spec, inputs, f"{label}, {benchmark}, {split}")
 
 
@@ -493,7 +494,7 @@ def copy_report(store: Store, ref: dict, out_dir: str) -> dict[str, Path]:
     half a report file). A directory holding a user's files is refused (flows/outputs.py)."""
     claim_report_dir(out_dir)
     tree = store.tree(Ref.of(ref))
-    files = {**report.REPORT_FILES, **nodes.BESIDE_REPORT}
+    files = {**report.REPORT_FILES, **score_nodes.BESIDE_REPORT}
     paths = {name: Path(out_dir) / f for name, f in files.items() if (tree / f).exists()}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for dest in paths.values():

@@ -17,7 +17,7 @@ from pkt.core import activations, fresh, models
 from pkt.core.mini import family
 
 from .node import Node, log
-from .nodes import model_path
+from .sources import model_path
 
 
 def family_recipe(corpus: dict, recipe: dict | None) -> family.FamilyRecipe:

@@ -96,7 +96,7 @@ def digests(inputs: dict) -> dict:
             for name, ref in sorted(inputs.items())}
 
 
-SOURCE_KINDS = ("model", "file", "dir")  # inputs that are not stored nodes (tasks/nodes.py: sources)
+SOURCE_KINDS = ("model", "file", "dir")  # inputs that are not stored nodes (tasks/sources.py)
 
 
 def identities(inputs: dict) -> dict:
@@ -304,7 +304,7 @@ def lookup(store: Store, kind: str, key: str) -> Ref | None:
 
 def node_kinds() -> set[str]:
     """Every node kind pkt defines (the KIND of each Node subclass, the modules that define them loaded)."""
-    from . import fresh, nodes  # noqa: F401  (their classes are the kinds)
+    from . import extract, family, fresh, laten, scores, train  # noqa: F401  (their classes are the kinds)
 
     todo, kinds = [Node], set()
     while todo:

@@ -5,16 +5,14 @@ as Cancelled, not Crashed or Running, and the flow run as Cancelled; the pool pr
 the stopped node stored nothing. Judged through the API of the command's own temporary server."""
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 
+from procs import pkt_until
 from test_recording import server_of
 from test_shared_server import _node_runs
-from test_stop import _env
 
 READY = "pretrain teacher: 1/"  # the family node is under way, in a pool process
 
@@ -24,16 +22,7 @@ def _demo_stopped(tmp_path, sig, group: bool):
     the family node pretrains (to the group, as a terminal's Ctrl-C does, or to pkt alone). Returns
     (seconds from the signal to the exit, exit code, output, pkt's pool processes)."""
     argv = ["demo", "--size", "test", "--seeds", "1", "--runner", "processes", "--workers", "2"]
-    p = subprocess.Popen([sys.executable, "-m", "pkt.flows.cli", *argv], env=_env(tmp_path), cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    out = []
-    try:
-        for line in p.stdout:
-            out.append(line)
-            if READY in line:
-                break
-        else:
-            pytest.fail("the command ended before its family node started:\n" + "".join(out))
+    with pkt_until(argv, tmp_path, READY, "its family node", own_group=True) as (p, out):
         pool = [c for c in psutil.Process(p.pid).children() if "multiprocessing" in " ".join(c.cmdline())]
         time.sleep(2)  # well inside the node
         os.killpg(p.pid, sig) if group else p.send_signal(sig)
@@ -41,10 +30,6 @@ def _demo_stopped(tmp_path, sig, group: bool):
         out += p.stdout.readlines()
         p.wait(120)
         return time.monotonic() - t0, p.returncode, "".join(out), pool
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
 
 
 @pytest.mark.slow  # a temporary server, a pool of two, a family node stopped mid-pretraining, its record read back

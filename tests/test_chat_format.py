@@ -171,14 +171,16 @@ def test_paper_format_nodes_keep_the_keys_they_had_before_the_option():
     import dataclasses
 
     from pkt.artifacts.store import Store
-    from pkt.tasks import nodes
+    from pkt.tasks import laten as laten_nodes
+    from pkt.tasks import scores as score_nodes
+    from pkt.tasks import train as train_nodes
     from pkt.tasks.node import _plain, identities
 
     inputs = {"student": {"kind": "model", "key": "s", "digest": "a" * 64},
               "train": {"kind": "file", "key": "t", "digest": "b" * 64},
               "data": {"kind": "dir", "key": "d", "digest": "c" * 64}}
-    for spec in (nodes.Adapter(train={"lr": 1e-3}), nodes.Scores(benchmark="gsm", task_definition="x"),
-                 nodes.LatenAttribution(index=3), nodes.Diagnostic()):
+    for spec in (train_nodes.Adapter(train={"lr": 1e-3}), score_nodes.Scores(benchmark="gsm", task_definition="x"),
+                 laten_nodes.LatenAttribution(index=3), train_nodes.Diagnostic()):
         used = {k: inputs["student" if k == "model" else k] for k in spec.INPUTS}
         before = {f.name: _plain(getattr(spec, f.name)) for f in dataclasses.fields(spec)  # the fields it had
                   if not f.metadata.get("execution") and f.name not in ("chat_template", "max_gen_toks")}
@@ -194,7 +196,9 @@ def test_sensitivity_training_and_evaluation_read_one_rendering(tmp_path, tok, m
 
     from pkt.artifacts.store import Store
     from pkt.core import finetune, sensitivity
-    from pkt.tasks import nodes
+    from pkt.tasks import extract as extract_nodes
+    from pkt.tasks import sources
+    from pkt.tasks import train as train_nodes
 
     model_dir = fx.write_model(tmp_path / "model", tok, 2, 32, 48)
     task = tmp_path / "task"
@@ -202,15 +206,15 @@ def test_sensitivity_training_and_evaluation_read_one_rendering(tmp_path, tok, m
     for split in ("train", "seeds", "test"):
         (task / f"{split}.jsonl").write_text(json.dumps(TWO_TURNS) + "\n")
     store = Store(tmp_path / "store")
-    ref = nodes.model_source(str(model_dir), store)
+    ref = sources.model_source(str(model_dir), store)
     sens = _captured(monkeypatch, sensitivity, "compute_sensitivity", 1)
     with pytest.raises(_Stop):
-        nodes.Sensitivity(chat_template=True).compute(
-            store, {"teacher": ref, "seeds": nodes.file_source(str(task / "seeds.jsonl"))}, tmp_path)
+        extract_nodes.Sensitivity(chat_template=True).compute(
+            store, {"teacher": ref, "seeds": sources.file_source(str(task / "seeds.jsonl"))}, tmp_path)
     train = _captured(monkeypatch, finetune, "finetune", 1)
     with pytest.raises(_Stop):
-        nodes.Adapter(train={"rank": 2, "alpha": 2, "modules": ["q"]}, chat_template=True).compute(
-            store, {"student": ref, "train": nodes.file_source(str(task / "train.jsonl"))}, tmp_path)
+        train_nodes.Adapter(train={"rank": 2, "alpha": 2, "modules": ["q"]}, chat_template=True).compute(
+            store, {"student": ref, "train": sources.file_source(str(task / "train.jsonl"))}, tmp_path)
     tok = load_tokenizer(model_dir)  # as the nodes read it (AutoTokenizer: Qwen2's tokenizer class)
     ids = train[0][0]["input_ids"][0].tolist()
     assert ids == sens[0][0]["input_ids"][0].tolist() == tok.apply_chat_template(TWO_TURNS["messages"])["input_ids"][:-1]
@@ -233,13 +237,14 @@ def test_the_data_route_reads_prompts_in_each_models_own_format(scripted, tmp_pa
     answer rows, which seq-kd's adapter then renders in the student's template like any training data."""
     from pkt.artifacts.store import Store
     from pkt.core import distill, finetune
-    from pkt.tasks import nodes
+    from pkt.tasks import sources
+    from pkt.tasks import train as train_nodes
 
     model_dir, task = scripted
     tok = load_tokenizer(model_dir)
     store = Store(tmp_path / "store")
-    ref = nodes.model_source(str(model_dir), store)
-    prompts = nodes.dir_source(str(task), [distill.prompt_file(task)])
+    ref = sources.model_source(str(model_dir), store)
+    prompts = sources.dir_source(str(task), [distill.prompt_file(task)])
     turns = distill.read_prompts(task)
     seen = []
     real = distill.encode_prompts
@@ -249,13 +254,13 @@ def test_the_data_route_reads_prompts_in_each_models_own_format(scripted, tmp_pa
 
     monkeypatch.setattr(finetune, "train_adapter", lambda *a, **k: (_ for _ in ()).throw(Stop()))
     with pytest.raises(Stop):
-        nodes.KdAdapter(train={"rank": 2, "alpha": 2, "steps": 1}, chat_template=True).compute(
+        train_nodes.KdAdapter(train={"rank": 2, "alpha": 2, "steps": 1}, chat_template=True).compute(
             store, {"student": ref, "teacher": ref, "prompts": prompts}, tmp_path)
     assert seen == [tok.apply_chat_template(t, tokenize=False, add_generation_prompt=True) for t in turns]
 
     out = tmp_path / "completions"
     out.mkdir()
-    nodes.TeacherCompletions(max_new_tokens=8, chat_template=True).compute(
+    train_nodes.TeacherCompletions(max_new_tokens=8, chat_template=True).compute(
         store, {"teacher": ref, "prompts": prompts}, out)
     rows = data.read_jsonl(out / "train.jsonl")
     assert len(rows) == len(turns) and {r["messages"][-1]["content"].strip() for r in rows} == {fx.SCRIPTED_ANSWER}

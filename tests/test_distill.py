@@ -8,7 +8,8 @@ from pkt.artifacts.store import Ref, Store
 from pkt.core import data, distill, finetune, models
 from pkt.core.mini.tasks import write_task
 from pkt.core.mini.tokenizer import build_tokenizer
-from pkt.tasks import nodes
+from pkt.tasks import sources
+from pkt.tasks import train as train_nodes
 from pkt.tasks.node import build
 
 TASK = "facts-teacher-only"
@@ -77,12 +78,13 @@ def test_a_prompt_file_with_an_answer_is_refused(tmp_path):
 def test_kd_and_seq_kd_read_no_answer_and_lower_their_own_loss(family, tmp_path, spied):
     store = Store(tmp_path / "store")
     task = family / "tasks" / TASK
-    teacher = nodes.model_source(str(family / "teacher"), store)
-    student = nodes.model_source(str(family / "student"), store)
-    prompts = nodes.dir_source(str(task), [distill.prompt_file(task)])
-    kd = build(nodes.KdAdapter(train=TRAIN), {"student": student, "teacher": teacher, "prompts": prompts}, store)
-    completions = build(nodes.TeacherCompletions(max_new_tokens=8), {"teacher": teacher, "prompts": prompts}, store)
-    seq = build(nodes.Adapter(variant="seq-kd", train=TRAIN), {"student": student, "train": completions}, store)
+    teacher = sources.model_source(str(family / "teacher"), store)
+    student = sources.model_source(str(family / "student"), store)
+    prompts = sources.dir_source(str(task), [distill.prompt_file(task)])
+    kd = build(train_nodes.KdAdapter(train=TRAIN), {"student": student, "teacher": teacher, "prompts": prompts}, store)
+    completions = build(train_nodes.TeacherCompletions(max_new_tokens=8), {"teacher": teacher, "prompts": prompts},
+                        store)
+    seq = build(train_nodes.Adapter(variant="seq-kd", train=TRAIN), {"student": student, "train": completions}, store)
     # what they read: prompts, and not one answer of any split
     assert spied and not any(a in t for a in _answers(task) for t in spied)
     assert all(t.endswith("<|assistant|>\n") for t in spied)
@@ -107,5 +109,5 @@ def test_kd_and_seq_kd_read_no_answer_and_lower_their_own_loss(family, tmp_path,
                                  tok.pad_token_id).mean()
     assert after < before
     # the checkpoint at step 2 of the same run is there, and reads back as an adapter of its own
-    ckpt = build(nodes.AdapterCheckpoint(step=2), {"adapter": kd}, store)
-    assert nodes.train_losses(store, ckpt) == nodes.train_losses(store, kd)[:2]
+    ckpt = build(train_nodes.AdapterCheckpoint(step=2), {"adapter": kd}, store)
+    assert train_nodes.train_losses(store, ckpt) == train_nodes.train_losses(store, kd)[:2]

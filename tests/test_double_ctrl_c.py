@@ -1,7 +1,6 @@
 """A second Ctrl-C half a second after the first (issue 26, case 8: it once aborted the process with
 SIGABRT, "terminate called without an active exception"), under a real `pkt extract` in a sensitivity
 node: every time the command exits 130 with pkt's sentence, no abort, no traceback."""
-import os
 import signal
 import subprocess
 import sys
@@ -9,37 +8,20 @@ import time
 
 import pytest
 
+from procs import pkt_env, pkt_until
+
 TRIES = 4
-
-
-def _env(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PKT_STORE=str(tmp_path / "store"), PREFECT_HOME=str(tmp_path / "prefect"))
-    return env
 
 
 def _ctrl_c_twice(argv, tmp_path, ready: str, gap: float) -> tuple[int, str]:
     """Run `pkt argv`; once `ready` is printed, SIGINT, then SIGINT again `gap` s later. (code, output)."""
-    p = subprocess.Popen([sys.executable, "-m", "pkt.flows.cli", *argv], env=_env(tmp_path), cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out = []
-        for line in p.stdout:
-            out.append(line)
-            if ready in line:
-                break
-        else:
-            pytest.fail("the command ended before its slow node started:\n" + "".join(out))
+    with pkt_until(argv, tmp_path, ready) as (p, out):
         time.sleep(1)
         p.send_signal(signal.SIGINT)
         time.sleep(gap)
         p.send_signal(signal.SIGINT)
         rest, _ = p.communicate(timeout=180)
         return p.returncode, "".join(out) + rest
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 @pytest.mark.slow
@@ -83,7 +65,7 @@ def test_a_ctrl_c_after_pkt_said_it_stopped_exits_130_at_once(tmp_path):
     its sentence and gave the handlers back, while the interpreter tears down. It exits 130 there and
     then, with no KeyboardInterrupt raised inside the teardown (a traceback, or SIGABRT with torch's
     threads up)."""
-    done = subprocess.run([sys.executable, "-c", LATE], env=_env(tmp_path), cwd=tmp_path, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", LATE], env=pkt_env(tmp_path), cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 130, (done.returncode, done.stdout, done.stderr)
     assert "main returned 130" in done.stdout and "not reached" not in done.stdout

@@ -31,10 +31,10 @@ def test_the_test_familys_weights_are_the_recorded_builders(mini_family):
 
 
 def test_the_builders_version_is_in_the_family_key():
-    from pkt.tasks import nodes
+    from pkt.tasks import family as family_nodes
 
     def key(builder=family.BUILDER_VERSION, seed=0):
-        return nodes.Family(size="study", recipe=family.recipe_params("study", seed, builder=builder)).key({})
+        return family_nodes.Family(size="study", recipe=family.recipe_params("study", seed, builder=builder)).key({})
 
     assert family.recipe_params("study", 0)["builder"] == family.BUILDER_VERSION >= 2
     assert "builder" not in family.recipe_params("study", 0, builder=1)  # the keys that stores from before the version hold

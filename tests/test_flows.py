@@ -224,7 +224,7 @@ def test_no_prefect_result_file_is_written_or_read(prefect_env, mini_family, tmp
     from pkt.artifacts.store import Store
     from pkt.flows.graph import source_task
     from pkt.tasks.node import node_task, run_node
-    from pkt.tasks.nodes import source
+    from pkt.tasks.sources import source
 
     for t in (run_node, source, node_task("adapter"), source_task("model")):  # the per-kind tasks too
         assert t.persist_result is False and t.cache_policy.__class__.__name__ == "_None"

@@ -13,7 +13,9 @@ import torch
 from pkt.artifacts.store import Store
 from pkt.core import evaluate, finetune, sensitivity
 from pkt.core.mini.tokenizer import build_tokenizer, vocab_size
-from pkt.tasks import nodes
+from pkt.tasks import extract as extract_nodes
+from pkt.tasks import sources
+from pkt.tasks import train as train_nodes
 
 SAMPLE = {"messages": [{"role": "system", "content": "Be brief."},
                        {"role": "user", "content": "What is 2+2?"},
@@ -80,15 +82,15 @@ def test_sensitivity_training_and_evaluation_see_the_same_tokens(setup, monkeypa
 
     tmp_path, model_dir, task = setup
     store = Store(tmp_path / "store")
-    model_ref = nodes.model_source(str(model_dir), store)  # real refs: a node checks what it reads
+    model_ref = sources.model_source(str(model_dir), store)  # real refs: a node checks what it reads
     sens = _captured(monkeypatch, sensitivity, "compute_sensitivity", 1)
     with pytest.raises(_Stop):  # the sensitivity node, as a sweep runs it
-        nodes.Sensitivity(max_length=512).compute(
-            store, {"teacher": model_ref, "seeds": nodes.file_source(str(task / "seeds.jsonl"))}, tmp_path)
+        extract_nodes.Sensitivity(max_length=512).compute(
+            store, {"teacher": model_ref, "seeds": sources.file_source(str(task / "seeds.jsonl"))}, tmp_path)
     train = _captured(monkeypatch, finetune, "finetune", 1)
     with pytest.raises(_Stop):  # the adapter node
-        nodes.Adapter(train={"rank": 2, "alpha": 2, "max_length": 512, "modules": ["q"]}).compute(
-            store, {"student": model_ref, "train": nodes.file_source(str(task / "train.jsonl"))}, tmp_path)
+        train_nodes.Adapter(train={"rank": 2, "alpha": 2, "max_length": 512, "modules": ["q"]}).compute(
+            store, {"student": model_ref, "train": sources.file_source(str(task / "train.jsonl"))}, tmp_path)
     s_ids, t_ids = sens[0][0]["input_ids"][0].tolist(), train[0][0]["input_ids"][0].tolist()
     assert s_ids == t_ids
     assert torch.equal(sens[0][0]["labels"], train[0][0]["labels"])

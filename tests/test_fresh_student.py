@@ -114,7 +114,7 @@ def test_fresh_student_node_is_cached_on_rerun(mini_family, tmp_path):
     from pkt.artifacts.store import Store
     from pkt.tasks import fresh as fresh_nodes
     from pkt.tasks.node import build
-    from pkt.tasks.nodes import model_source
+    from pkt.tasks.sources import model_source
 
     store = Store(tmp_path / "store")
     corpus = {"size": "test", "seed": None, "testbed": None, "twin": False}

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pkt.core import data
-from pkt.flows import cli, config, server
+from pkt.flows import cli, input_checks, server
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 FEWER = settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))  # a CLI run each
@@ -90,7 +90,7 @@ def no_work(monkeypatch):
         yield
 
     monkeypatch.setattr(server, "prefect_api", entered)
-    monkeypatch.setattr(config, "check_sweep_inputs", lambda cfg: None)  # the models are not there
+    monkeypatch.setattr(input_checks, "check_sweep_inputs", lambda cfg: None)  # the models are not there
 
 
 class Accepted(Exception):

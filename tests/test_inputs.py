@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import pkt.tasks.nodes as nodes
+from pkt.tasks import extract as extract_nodes
+
+from pkt.tasks import sources
 from pkt.artifacts.keys import InputChanged
 from pkt.artifacts.model_id import model_digest
 from pkt.artifacts.store import Store
@@ -32,15 +34,15 @@ def test_a_seeds_file_replaced_after_its_digest_was_taken_is_refused(prefect_env
     sensitivity ran on 10 samples and was recorded under the 60-sample key'."""
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, mini_family, 60)
-    sixty = nodes.file_source(str(seeds))["digest"]
-    real = nodes.file_source
+    sixty = sources.file_source(str(seeds))["digest"]
+    real = sources.file_source
 
     def digest_then_replace(path):
         ref = real(path)
         write_seeds(Path(path), mini_family, 10)
         return ref
 
-    monkeypatch.setattr(nodes, "file_source", digest_then_replace)
+    monkeypatch.setattr(sources, "file_source", digest_then_replace)
     store = tmp_path / "store"
     args = dict(teacher=str(mini_family / "teacher"), seeds=str(seeds), students=[str(mini_family / "student")],
                 rank=2, alpha=2.0, store=str(store))
@@ -48,15 +50,15 @@ def test_a_seeds_file_replaced_after_its_digest_was_taken_is_refused(prefect_env
         extract_teacher(**args)
     assert records(store, "sensitivity") == []  # nothing under the 60-sample key
     assert Store(store).verify() == []
-    monkeypatch.setattr(nodes, "file_source", real)
+    monkeypatch.setattr(sources, "file_source", real)
     extract_teacher(**args)  # the rerun keys the 10 samples it reads by their own digest
     [rec] = records(store, "sensitivity")
-    assert rec["inputs"]["seeds"] == nodes.file_source(str(seeds))["digest"] != sixty
+    assert rec["inputs"]["seeds"] == sources.file_source(str(seeds))["digest"] != sixty
     assert json.loads(Store(store).header(rec)["n_samples"]) == 10
 
 
 def sensitivity_inputs(store: Store, teacher: Path, seeds: Path) -> dict:
-    return {"teacher": nodes.model_source(str(teacher), store), "seeds": nodes.file_source(str(seeds))}
+    return {"teacher": sources.model_source(str(teacher), store), "seeds": sources.file_source(str(seeds))}
 
 
 def test_a_seeds_file_changed_while_the_node_reads_it_is_not_read(mini_family, tmp_path, monkeypatch):
@@ -73,7 +75,7 @@ def test_a_seeds_file_changed_while_the_node_reads_it_is_not_read(mini_family, t
 
     # the node reads a private snapshot of the bytes its key names: a change to the file cannot reach it
     monkeypatch.setattr(data, "load_encoded", read_then_change)
-    assert build(nodes.Sensitivity(), inputs, store)["status"] == "computed"
+    assert build(extract_nodes.Sensitivity(), inputs, store)["status"] == "computed"
     [rec] = records(store.root, "sensitivity")
     assert rec["inputs"]["seeds"] == inputs["seeds"]["digest"] and store.header(rec)["n_samples"] == "12"
 
@@ -112,7 +114,7 @@ def test_a_teacher_changed_after_its_digest_was_taken_is_refused(mini_family, tm
     inputs = sensitivity_inputs(store, teacher, mini_family / "tasks/gsm/seeds.jsonl")
     restore_mtime_after(teacher / "model.safetensors", flip_a_weight_byte)
     with pytest.raises(InputChanged, match=f"{teacher} changed after this run took its digest"):
-        build(nodes.Sensitivity(), inputs, store)
+        build(extract_nodes.Sensitivity(), inputs, store)
     assert records(store.root, "sensitivity") == []
 
 
@@ -129,7 +131,7 @@ def test_a_hard_link_made_while_a_node_reads_a_model_is_no_change(mini_family, t
         return real(*a, **kw)
 
     monkeypatch.setattr(data, "load_encoded", read_and_link)
-    assert build(nodes.Sensitivity(), inputs, store)["status"] == "computed"
+    assert build(extract_nodes.Sensitivity(), inputs, store)["status"] == "computed"
 
 
 # ---- issue 26: every input bounded before it is read ---------------------------------------------
@@ -139,7 +141,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from pkt.core import inputs, models  # noqa: E402
-from pkt.flows import cli, config  # noqa: E402
+from pkt.flows import cli, config, input_checks, sweep_size  # noqa: E402
 
 
 def chat_line(q="1+1", a="2", **extra) -> str:
@@ -286,7 +288,7 @@ def test_a_sweep_above_max_nodes_is_refused_with_its_count_and_estimate(tmp_path
     adapters = 2 * (1000 * 1000 * 1) + 2  # lora and transfer: a million settings x 1 selection seed, + 1 test seed
     assert f"{adapters:,} adapter" in err
     assert f"about {adapters * 20 / 3600:,.1f} h" in err
-    monkeypatch.setattr(config, "check_sweep_inputs", lambda cfg: None)
+    monkeypatch.setattr(input_checks, "check_sweep_inputs", lambda cfg: None)
     with pytest.raises(AssertionError, match="work started"):  # --yes goes on
         cli.main(["sweep", "--config", str(cfg), "--store", str(store), "--yes"])
 
@@ -302,7 +304,7 @@ def test_node_counts_match_the_runs_the_sweep_submits(tmp_path, task_dir):
                                         variant_grid={"lora": {"alpha": [8, 16]}}))
     runs = list(selection_runs(cfg)) + list(chosen_runs(cfg, {}))
     trained = [r for r in runs if VARIANTS[r[0].name].trains]
-    counts = config.node_counts(cfg)
+    counts = sweep_size.node_counts(cfg)
     assert counts["adapter"] == len(trained) == 3 * (4 * 2 + 3)
     n_selection = len(list(selection_runs(cfg)))
     assert counts["scores"] == n_selection + (len(runs) - n_selection) * 2  # gsm and answer_nll on test

@@ -136,28 +136,33 @@ BUILD_CHAIN = textwrap.dedent("""
     import pandas as pd
     from pkt.artifacts.store import Store
     from pkt.core import arch, finetune, models
-    from pkt.tasks import nodes
+    from pkt.tasks import extract as extract_nodes
+    from pkt.tasks import scores as score_nodes
+    from pkt.tasks import sources
+    from pkt.tasks import train as train_nodes
     from pkt.tasks.node import build
     import torch
     fam, store = sys.argv[1], Store(sys.argv[2])
-    teacher, student = nodes.model_source(fam + "/teacher", store), nodes.model_source(fam + "/student", store)
+    teacher, student = sources.model_source(fam + "/teacher", store), sources.model_source(fam + "/student", store)
     shape = arch.shape_of(models.load_config(fam + "/student"))
-    sens = build(nodes.Sensitivity(max_length=64), {"teacher": teacher,
-                 "seeds": nodes.file_source(fam + "/tasks/gsm/seeds.jsonl")}, store)
-    plan = build(nodes.LayerPlan(student_layers=shape["num_hidden_layers"]), {"sensitivity": sens}, store)
-    ext = build(nodes.Extraction(student_shape=shape), {"teacher": teacher, "sensitivity": sens, "plan": plan}, store)
-    init = build(nodes.LoraInit(rank=2, alpha=2.0), {"extraction": ext}, store)
+    sens = build(extract_nodes.Sensitivity(max_length=64), {"teacher": teacher,
+                 "seeds": sources.file_source(fam + "/tasks/gsm/seeds.jsonl")}, store)
+    plan = build(extract_nodes.LayerPlan(student_layers=shape["num_hidden_layers"]), {"sensitivity": sens}, store)
+    ext = build(extract_nodes.Extraction(student_shape=shape), {"teacher": teacher, "sensitivity": sens, "plan": plan},
+                store)
+    init = build(extract_nodes.LoraInit(rank=2, alpha=2.0), {"extraction": ext}, store)
     torch.rand(int(sys.argv[3]))  # what else this process drew before: a worker that ran other nodes
     tp = finetune.TrainParams(rank=2, alpha=2.0, epochs=1, batch_size=4, micro_batch=4, n_train=8, max_length=64)
-    train = nodes.file_source(fam + "/tasks/gsm/train.jsonl")
-    build(nodes.Adapter(variant="lora", init="lora", train=tp.as_dict()), {"student": student, "train": train}, store)
-    build(nodes.Adapter(variant="transfer", init="extracted", train=tp.as_dict()),
+    train = sources.file_source(fam + "/tasks/gsm/train.jsonl")
+    build(train_nodes.Adapter(variant="lora", init="lora", train=tp.as_dict()), {"student": student, "train": train},
+          store)
+    build(train_nodes.Adapter(variant="transfer", init="extracted", train=tp.as_dict()),
           {"student": student, "train": train, "init": init}, store)
     runs = pd.DataFrame([{"student": "s", "task": "gsm", "benchmark": "gsm", "metric": "exact_match/strict-match",
                           "variant": v, "seed": s, "setting": "{}", "value": 0.1 * s + (v == "transfer") * 0.05,
                           "top_sv": None} for v in ("lora", "transfer") for s in range(3)])
-    build(nodes.Report(primary="exact_match/strict-match"),
-          {"runs": nodes.table_source(store, runs, "runs.csv"), "scores": []}, store)
+    build(score_nodes.Report(primary="exact_match/strict-match"),
+          {"runs": score_nodes.table_source(store, runs, "runs.csv"), "scores": []}, store)
 """)
 
 

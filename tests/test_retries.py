@@ -4,7 +4,7 @@ import errno
 import pytest
 from prefect import flow
 
-from pkt.tasks import nodes
+from pkt.tasks import sources
 
 
 @pytest.mark.parametrize("error, calls", [(OSError(errno.EIO, "Input/output error"), 2),
@@ -12,7 +12,7 @@ from pkt.tasks import nodes
 def test_a_transient_source_failure_is_retried(prefect_env, tmp_path, monkeypatch, error, calls):
     f = tmp_path / "train.jsonl"
     f.write_text("{}\n")
-    seen, real = [], nodes.file_source
+    seen, real = [], sources.file_source
 
     def flaky(path):
         seen.append(path)
@@ -20,8 +20,8 @@ def test_a_transient_source_failure_is_retried(prefect_env, tmp_path, monkeypatc
             raise error
         return real(path)
 
-    monkeypatch.setattr(nodes, "file_source", flaky)
-    quick = nodes.source.with_options(retry_delay_seconds=0)
+    monkeypatch.setattr(sources, "file_source", flaky)
+    quick = sources.source.with_options(retry_delay_seconds=0)
 
     @flow
     def read():
@@ -30,4 +30,4 @@ def test_a_transient_source_failure_is_retried(prefect_env, tmp_path, monkeypatc
     state = read(return_state=True)
     assert len(seen) == calls
     assert state.is_completed() == (calls == 2)
-    assert nodes.source.retries == nodes.SOURCE_RETRIES > 0 and nodes.source.retry_delay_seconds
+    assert sources.source.retries == sources.SOURCE_RETRIES > 0 and sources.source.retry_delay_seconds

@@ -4,7 +4,7 @@ runs share one cache at their default (different) thread counts."""
 import pytest
 import torch
 
-from pkt.tasks import nodes
+from pkt.tasks import extract as extract_nodes
 
 from pkt.flows.graph import torch_threads_per_worker
 from pkt.flows.sweep import sweep
@@ -63,12 +63,12 @@ def test_sweep_runs_on_dask_workers_and_matches_the_serial_run(prefect_env, mini
 def test_a_key_names_upstream_nodes_by_key_and_sources_by_digest():
     """Why a Dask run and a serial run share one cache: an upstream node's bytes (which differ in the
     last bits with torch's thread count) do not enter downstream keys; a source's content does."""
-    spec = nodes.LoraInit(rank=2, alpha=2.0)
+    spec = extract_nodes.LoraInit(rank=2, alpha=2.0)
     serial = {"extraction": {"kind": "extraction", "key": "k" * 64, "digest": "a" * 64}}
     other_bytes = {"extraction": {"kind": "extraction", "key": "k" * 64, "digest": "b" * 64}}
     assert spec.key(serial) == spec.key(other_bytes)
     assert spec.key(serial) != spec.key({"extraction": {"kind": "extraction", "key": "j" * 64, "digest": "a" * 64}})
-    sens = nodes.Sensitivity()
+    sens = extract_nodes.Sensitivity()
     teacher = {"kind": "model", "key": "models/teacher", "digest": "c" * 64}
     seeds = {"kind": "file", "key": "gsm/seeds.jsonl", "digest": "d" * 64}
     moved = {"teacher": {**teacher, "key": "elsewhere/teacher"}, "seeds": seeds}

@@ -15,7 +15,9 @@ from pkt.artifacts.keys import InputChanged
 from pkt.artifacts.model_id import GENERATION_FILES
 from pkt.artifacts.store import Store
 from pkt.core import data
-from pkt.tasks import nodes
+from pkt.tasks import extract as extract_nodes
+from pkt.tasks import scores as score_nodes
+from pkt.tasks import sources
 from pkt.tasks.node import build
 
 
@@ -25,12 +27,12 @@ def test_generation_defaults_are_in_a_scores_key_and_not_in_a_forward_pass(mini_
     if not gen.exists():
         gen.write_text(json.dumps({"bos_token_id": 1}))
     store = Store(tmp_path / "store")
-    data = nodes.dir_source(str(mini_family / "tasks/gsm"), nodes.score_data_files("test"))
-    spec = nodes.Scores(benchmark="gsm", split="test", limit=2)
+    data = sources.dir_source(str(mini_family / "tasks/gsm"), score_nodes.score_data_files("test"))
+    spec = score_nodes.Scores(benchmark="gsm", split="test", limit=2)
 
     def keys():
-        generator = nodes.model_source(str(student), store, list(GENERATION_FILES))
-        forward = nodes.model_source(str(student), store)
+        generator = sources.model_source(str(student), store, list(GENERATION_FILES))
+        forward = sources.model_source(str(student), store)
         return spec.key({"student": generator, "data": data}), forward["digest"], generator
 
     score_key, forward, generator = keys()
@@ -41,12 +43,12 @@ def test_generation_defaults_are_in_a_scores_key_and_not_in_a_forward_pass(mini_
     score_key2, forward2, generator2 = keys()
     assert score_key2 != score_key and forward2 == forward
     # the score's node reads the generation defaults its key covers; a forward node never sees them
-    snap = nodes.read_source(store, generator2, extra=GENERATION_FILES)
+    snap = sources.read_source(store, generator2, extra=GENERATION_FILES)
     assert json.loads((tmp_path / snap / "generation_config.json").read_text())["suppress_tokens"] == list(range(3, 13))
-    forward_snap = nodes.read_source(store, nodes.model_source(str(student), store))
+    forward_snap = sources.read_source(store, sources.model_source(str(student), store))
     assert not os.path.exists(os.path.join(forward_snap, "generation_config.json"))
     with pytest.raises(InputChanged):  # the snapshot is checked against the digest the key was taken of
-        nodes.read_source(store, generator, extra=GENERATION_FILES)
+        sources.read_source(store, generator, extra=GENERATION_FILES)
 
 
 def _versions(seeds: bytes) -> tuple[bytes, bytes]:
@@ -76,12 +78,12 @@ def test_a_file_torn_between_its_check_and_its_parse_is_not_what_the_node_reads(
     teacher = str(mini_family / "teacher")
     store, clean = Store(tmp_path / "store"), Store(tmp_path / "clean")
     monkeypatch.setattr(data, "load_encoded", torn_parse)
-    got = build(nodes.Sensitivity(), {"teacher": nodes.model_source(teacher, store),
-                                      "seeds": nodes.file_source(str(path))}, store)
+    got = build(extract_nodes.Sensitivity(), {"teacher": sources.model_source(teacher, store),
+                                              "seeds": sources.file_source(str(path))}, store)
     monkeypatch.undo()
     assert store.record("sensitivity", got["key"])["inputs"]["seeds"] == hashlib.sha256(a).hexdigest()
-    want = build(nodes.Sensitivity(), {"teacher": nodes.model_source(teacher, clean),
-                                       "seeds": nodes.file_source(str(path))}, clean)
+    want = build(extract_nodes.Sensitivity(), {"teacher": sources.model_source(teacher, clean),
+                                               "seeds": sources.file_source(str(path))}, clean)
     assert got["key"] == want["key"]
     got, want = store.tensors(got), clean.tensors(want)
     assert all(torch.equal(got[n], want[n]) for n in want), "a torn read was stored under the clean key"
@@ -111,15 +113,15 @@ def test_a_source_rewritten_in_place_during_a_run_never_lands_torn(mini_family, 
                     time.sleep(0.003)
 
     store = Store(tmp_path / "race")
-    teacher = nodes.model_source(str(mini_family / "teacher"), store)
+    teacher = sources.model_source(str(mini_family / "teacher"), store)
     writer = threading.Thread(target=rewrite, daemon=True)
     writer.start()
     computed = refused = 0
     try:
         for i in range(12):
             try:
-                seeds = nodes.file_source(str(path))
-                build(nodes.Sensitivity(k=4, sample_seed=i), {"teacher": teacher, "seeds": seeds}, store)
+                seeds = sources.file_source(str(path))
+                build(extract_nodes.Sensitivity(k=4, sample_seed=i), {"teacher": teacher, "seeds": seeds}, store)
                 computed += 1
             except InputChanged:
                 refused += 1
@@ -139,8 +141,8 @@ def test_a_source_rewritten_in_place_during_a_run_never_lands_torn(mini_family, 
             states[digest] = store.read_bytes(digest)  # other torn bytes, kept: their sha256 is the digest
         assert digest in states, "a sensitivity was recorded from bytes no version or half-write holds"
         clean_file.write_bytes(states[digest])
-        inputs = {"teacher": nodes.model_source(str(mini_family / "teacher"), clean),
-                  "seeds": nodes.file_source(str(clean_file))}
-        want = clean.tensors(build(nodes.Sensitivity(**rec["params"]), inputs, clean))
+        inputs = {"teacher": sources.model_source(str(mini_family / "teacher"), clean),
+                  "seeds": sources.file_source(str(clean_file))}
+        want = clean.tensors(build(extract_nodes.Sensitivity(**rec["params"]), inputs, clean))
         got = store.tensors(rec)
         assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want), rec["key"]

@@ -16,10 +16,12 @@ import torch
 from pkt.artifacts.store import Store
 from pkt.core import evaluate, finetune, lora_init, models, sensitivity, stop
 from pkt.core.progress import Progress, track
-from pkt.tasks import nodes
+from pkt.tasks import extract as extract_nodes
+from pkt.tasks import sources
 from pkt.tasks.node import build
 
 from conftest import random_samples, tiny_config, tiny_model
+from procs import pkt_env, pkt_until
 
 REPO = os.path.dirname(os.path.dirname(__file__))
 
@@ -108,42 +110,27 @@ def test_family_pretraining_stops_between_steps(tmp_path):
 
 def test_a_stopped_node_records_nothing_and_the_rerun_computes_it(mini_family, tmp_path):
     store = Store(tmp_path / "store")
-    teacher = nodes.model_source(str(mini_family / "teacher"), store)
+    teacher = sources.model_source(str(mini_family / "teacher"), store)
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text((mini_family / "tasks/gsm/seeds.jsonl").read_text() * 200)  # 1,600 samples
-    inputs = {"teacher": teacher, "seeds": nodes.file_source(str(seeds))}
+    inputs = {"teacher": teacher, "seeds": sources.file_source(str(seeds))}
     timer = stop_after(2.0)
     with pytest.raises(stop.Stopped):
-        build(nodes.Sensitivity(), inputs, store)
+        build(extract_nodes.Sensitivity(), inputs, store)
     timer.join()
     assert not list(store.root.glob("keys/*/*.json"))
     stop.clear()
     seeds.write_text((mini_family / "tasks/gsm/seeds.jsonl").read_text())
-    inputs = {"teacher": teacher, "seeds": nodes.file_source(str(seeds))}
-    assert build(nodes.Sensitivity(), inputs, store)["status"] == "computed"
+    inputs = {"teacher": teacher, "seeds": sources.file_source(str(seeds))}
+    assert build(extract_nodes.Sensitivity(), inputs, store)["status"] == "computed"
     assert Store(store.root).verify() == []
 
 
 # ---- the command line under real signals --------------------------------------------------------
-def _env(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PKT_STORE=str(tmp_path / "store"), PREFECT_HOME=str(tmp_path / "prefect"))
-    return env
-
-
 def _start_and_signal(argv, tmp_path, sig, ready: str):
     """Run `pkt argv`, send sig once `ready` is printed (the slow node is under way); returns
     (seconds from the signal to the exit, return code, output, the pkt process's children)."""
-    p = subprocess.Popen([sys.executable, "-m", "pkt.flows.cli", *argv], env=_env(tmp_path), cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = []
-    try:
-        for line in p.stdout:
-            out.append(line)
-            if ready in line:
-                break
-        else:
-            pytest.fail("the command ended before its slow node started:\n" + "".join(out))
+    with pkt_until(argv, tmp_path, ready) as (p, out):
         children = psutil.Process(p.pid).children(recursive=True)
         time.sleep(2)  # well inside the node
         p.send_signal(sig)
@@ -152,9 +139,6 @@ def _start_and_signal(argv, tmp_path, sig, ready: str):
         out += p.stdout.readlines()
         p.wait(120)
         return time.monotonic() - t0, p.returncode, "".join(out), children
-    finally:
-        if p.poll() is None:
-            p.kill()
 
 
 def _assert_stopped(tmp_path, seconds, code, out, children, sig, kind):
@@ -179,11 +163,11 @@ def test_a_signal_stops_a_long_sensitivity_node_and_the_rerun_resumes(mini_famil
             "--student", str(mini_family / "student"), "--rank", "2"]
     _assert_stopped(tmp_path, *_start_and_signal(argv, tmp_path, sig, "sensitivity: 1/"), sig, "sensitivity")
     seeds.write_text((mini_family / "tasks/gsm/seeds.jsonl").read_text())  # the rerun: a short pass
-    done = subprocess.run([sys.executable, "-m", "pkt.flows.cli", *argv], env=_env(tmp_path), cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "pkt.flows.cli", *argv], env=pkt_env(tmp_path), cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "lora_init" in done.stdout and "computed" in done.stdout
-    assert subprocess.run([sys.executable, "-m", "pkt.flows.cli", "store", "verify"], env=_env(tmp_path),
+    assert subprocess.run([sys.executable, "-m", "pkt.flows.cli", "store", "verify"], env=pkt_env(tmp_path),
                           capture_output=True, text=True).returncode == 0
 
 

@@ -108,9 +108,9 @@ def killing(call):
     return wrapped
 os.mkdir, os.rename, os.makedirs = killing(os.mkdir), killing(os.rename), killing(os.makedirs)
 from pkt.artifacts.store import Store
-from pkt.tasks import nodes
+from pkt.tasks import sources
 store = Store(root)
-nodes.model_source(sys.argv[2], store)  # what a run does first
+sources.model_source(sys.argv[2], store)  # what a run does first
 store.put_bytes(b"x")
 """
 

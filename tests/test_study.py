@@ -8,7 +8,7 @@ import pytest
 
 from pkt.artifacts.store import Store
 from pkt.core import report
-from pkt.tasks.nodes import ADAPTER_KINDS
+from pkt.tasks.train import ADAPTER_KINDS
 
 VARIANTS = ["vanilla", "lora", "transfer", "spectrum-matched", "shuffled"]
 TINY = {"epochs": 1, "batch_size": 16, "micro_batch": 16, "n_train": 16, "max_length": 64}

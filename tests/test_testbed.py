@@ -176,10 +176,10 @@ def test_v1_recipes_keep_the_keys_docs_study_was_built_under():
     """The v2 fields stay out of a v1 recipe's params: the Family node keys of docs/study's families (seed 0
     and 1, computed by the code that built them, e2f6e96) and of the test family are unchanged at builder 1
     (family.BUILDER_VERSION; today's builder has keys of its own, test_family_fingerprint.py)."""
-    from pkt.tasks import nodes
+    from pkt.tasks import family as family_nodes
 
     def key(size, seed, testbed=None):
-        return nodes.Family(size=size, recipe=family.recipe_params(size, seed, testbed, builder=1)).key({})
+        return family_nodes.Family(size=size, recipe=family.recipe_params(size, seed, testbed, builder=1)).key({})
 
     assert key("study", 0, 1) == "9be4256ca20a1adffc9c0e541dc7312bc2d3195373358a88248c14d1146afab6"
     assert key("study", 1, 1) == "0c5a0515eb237e9a4845f9581f9bb953ca0410d08473555b4799d5f5ef5f99d9"

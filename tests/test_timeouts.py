@@ -10,7 +10,8 @@ from pkt.core import stop
 from pkt.flows import cli
 from pkt.flows.config import ConfigError, parse_config
 from pkt.flows.graph import timeout_value
-from pkt.tasks import nodes
+from pkt.tasks import extract as extract_nodes
+from pkt.tasks import sources
 from pkt.tasks.node import NodeTimeout, run_node
 
 
@@ -45,11 +46,11 @@ def test_a_node_past_its_timeout_stops_mid_work_and_stores_nothing(mini_family, 
     store = Store(tmp_path / "store")
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text((mini_family / "tasks/gsm/seeds.jsonl").read_text() * 200)  # 1,600 samples: minutes
-    inputs = {"teacher": nodes.model_source(str(mini_family / "teacher"), store),
-              "seeds": nodes.file_source(str(seeds))}
+    inputs = {"teacher": sources.model_source(str(mini_family / "teacher"), store),
+              "seeds": sources.file_source(str(seeds))}
     t0 = time.monotonic()
     with pytest.raises(NodeTimeout) as e:
-        run_node.fn(nodes.Sensitivity(), inputs, str(store.root), "sensitivity[teacher]", timeout=2)
+        run_node.fn(extract_nodes.Sensitivity(), inputs, str(store.root), "sensitivity[teacher]", timeout=2)
     assert 2 <= time.monotonic() - t0 < 30  # it did start, and stopped
     assert str(e.value).startswith("sensitivity[teacher] stopped at its sensitivity timeout of 2 s")
     assert isinstance(e.value, TimeoutError)  # what Prefect's task engine ends in TimedOut

@@ -20,7 +20,7 @@ from pkt.tasks import scores as score_nodes
 from pkt.tasks import train as train_nodes
 
 from .config import SETTING_FIELDS, SweepConfig, TaskSpec, parse_config
-from .diagnose import with_diagnostics
+from .diagnose import submit_diagnostics, with_diagnostics
 from .extract import chat_template, prompt_formats, variant_init
 from .fresh import curve_rows, fresh_chain
 from .graph import (Graph, NotComputed, source_name, task_runner, timeouts_from_env,
@@ -112,7 +112,13 @@ class Sweep:
         self.teacher, self.groups, self.val = self._tracked(submit_selection, self.graph, self.cfg, self.made)
 
     def submit_tests(self) -> None:
+        """The test runs, and each run's step-0 diagnostic beside them (submitted at report time, the
+        diagnostics of a study ran a family at a time, each family's report waiting for its own); the report's
+        with_diagnostics finds them submitted (the graph answers the same node with its future)."""
         self.runs = self._tracked(submit_tests, self.graph, self.cfg, self.teacher, self.groups, self.val, self.made)
+        runs = pd.DataFrame([fields for fields, _, _ in self.runs[0]])
+        if not runs.empty:
+            self._tracked(submit_diagnostics, self.graph, self.cfg, runs)
 
     def scores(self) -> list[PrefectFuture]:
         """Every score the sweep computed, val ones included: they chose the settings the table shows."""

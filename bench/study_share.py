@@ -50,11 +50,12 @@ print("COMPUTED", out["computed"])
 
 def build_families(store: Path, tmp: Path, seeds: list[int]) -> None:
     """The study-size families of `seeds` into `store`, those it lacks."""
-    have = set()
+    from pkt.core.mini import family
+
+    have = set()  # the seeds whose family this code's key names (its builder's version included)
     for f in (store / "keys" / "family").glob("*.json") if store.exists() else []:
         params = json.loads(f.read_text()).get("params", {})
-        if params.get("size") == "study" and not params.get("recipe", {}).get("twin"):
-            have.add(params.get("recipe", {}).get("seed"))
+        have |= {seed for seed in seeds if params.get("recipe") == family.recipe_params("study", seed)}
     for seed in seeds:
         if seed not in have:
             print(f"building study family {seed} into {store} (~2-3 min) ...", flush=True)

@@ -151,12 +151,17 @@ def run_case(family_store: Path, cfg: dict, runner: str, workers: int, omp: str 
     text = out.stdout + out.stderr
     if out.returncode:
         raise SystemExit(f"{runner} x{workers} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    computed = int(re.search(r"(\d+) nodes computed", text).group(1))
+    return {"wall": wall, "flow": flow_seconds(text), "computed": computed,
+            "runs": task_runs(at / "home" / "prefect.db"), "records": node_seconds(store), "profile": profile}
+
+
+def flow_seconds(text: str) -> float:
+    """The flow run's own wall time, from Prefect's log lines of its start and its end in a command's output."""
     stamps = [datetime.strptime(m, "%H:%M:%S.%f") for m in
               re.findall(r"^(\d\d:\d\d:\d\d\.\d+) \| INFO +\| Flow run '[^']+' - "
                          r"(?:Beginning flow run|Finished in state)", text, re.M)]
-    computed = int(re.search(r"(\d+) nodes computed", text).group(1))
-    return {"wall": wall, "flow": (stamps[-1] - stamps[0]).total_seconds(), "computed": computed,
-            "runs": task_runs(at / "home" / "prefect.db"), "records": node_seconds(store), "profile": profile}
+    return (stamps[-1] - stamps[0]).total_seconds()
 
 
 def task_runs(db: Path) -> list[tuple[str, float, float]]:

@@ -27,12 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from orchestration import old_checkout  # noqa: E402
-from runners import BUILD, child_env, node_seconds, occupancy, task_runs  # noqa: E402
+from runners import BUILD, child_env, flow_seconds, node_seconds, occupancy, task_runs  # noqa: E402
 
 PASSING = [0, 1, 3, 4, 9, 12, 14]  # docs/study: the candidate seeds whose families pass the gates
 STUDY = {"n_twins": 0, "seeds": [0, 1], "selection_seeds": [100],
@@ -79,10 +78,7 @@ def run_case(families: Path, at: Path, pythonpath: str | None, seeds: list[int])
     text = out.stdout + out.stderr
     if out.returncode:
         raise SystemExit(f"{at.name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    stamps = [datetime.strptime(m, "%H:%M:%S.%f") for m in
-              re.findall(r"^(\d\d:\d\d:\d\d\.\d+) \| INFO +\| Flow run '[^']+' - "
-                         r"(?:Beginning flow run|Finished in state)", text, re.M)]
-    flow = (stamps[-1] - stamps[0]).total_seconds()
+    flow = flow_seconds(text)
     compute = sum(sum(v) for v in node_seconds(store).values())
     spans = occupancy(task_runs(at / "home" / "prefect.db"))
     return {"command": wall, "flow": flow, "computed": int(re.search(r"COMPUTED (\d+)", text).group(1)),

@@ -69,10 +69,9 @@ def submit_diagnostics(graph: Graph, cfg: SweepConfig, runs: pd.DataFrame,
     return futures
 
 
-def with_diagnostics(graph: Graph, cfg: SweepConfig, runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs table with each run's diagnostic totals as columns diag_cos and diag_share (empty for a
-    run that trains nothing; diag_cos also for lora, whose init carries no update)."""
-    futures = submit_diagnostics(graph, cfg, runs)
+def with_diagnostics(graph: Graph, runs: pd.DataFrame, futures: dict[tuple, PrefectFuture]) -> pd.DataFrame:
+    """The runs table with each run's diagnostic totals (futures: submit_diagnostics') as columns diag_cos and
+    diag_share (empty for a run that trains nothing; diag_cos also for lora, whose init carries no update)."""
     totals = {run: train_nodes.diagnosis(graph.store, f.result()).totals for run, f in futures.items()}
     keys = list(runs[RUN].itertuples(index=False, name=None))
     cols = {f"diag_{name}": [totals.get(k, {}).get(name, math.nan) for k in keys] for name in ("cos", "share")}

@@ -113,12 +113,10 @@ class Sweep:
 
     def submit_tests(self) -> None:
         """The test runs, and each run's step-0 diagnostic beside them (submitted at report time, the
-        diagnostics of a study ran a family at a time, each family's report waiting for its own); the report's
-        with_diagnostics finds them submitted (the graph answers the same node with its future)."""
+        diagnostics of a study ran a family at a time, each family's report waiting for its own)."""
         self.runs = self._tracked(submit_tests, self.graph, self.cfg, self.teacher, self.groups, self.val, self.made)
         runs = pd.DataFrame([fields for fields, _, _ in self.runs[0]])
-        if not runs.empty:
-            self._tracked(submit_diagnostics, self.graph, self.cfg, runs)
+        self.diagnostics = {} if runs.empty else self._tracked(submit_diagnostics, self.graph, self.cfg, runs)
 
     def scores(self) -> list[PrefectFuture]:
         """Every score the sweep computed, val ones included: they chose the settings the table shows."""
@@ -136,7 +134,7 @@ class Sweep:
         if dose:  # the dose-response: every checkpoint's rows and the final one's (steps = the run's own)
             dose += [{**r, "checkpoint": r["steps"]} for r in rows if r["variant"] in {d["variant"] for d in dose}]
         table = pd.DataFrame(rows)
-        table = with_diagnostics(graph, cfg, table)  # each run's step-0 init diagnostic: diag_cos, diag_share
+        table = with_diagnostics(graph, table, self.diagnostics)  # each run's step-0 diagnostic: diag_cos, diag_share
         primary = cfg.endpoint.metric if cfg.endpoint else evaluate.primary_metric(cfg.tasks[0].benchmark)
         inputs = {"runs": score_nodes.table_source(store, table, "runs.csv"), "scores": self.scores()}
         for name, extra in (("curves", curves), ("selection", selection), ("items", items), ("dose", dose),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import importlib
 import json
 import multiprocessing
 import os
@@ -39,7 +40,8 @@ from pkt.tasks.node import TIMEOUT_VAR, Node, cached_state, lookup, node_kinds, 
 from pkt.tasks import sources
 from pkt.tasks.sources import source
 
-from .server import note_flow_run, note_task_run
+from . import pool_costs
+from .server import MODEL_LOADING, note_flow_run, note_task_run
 
 RUNNERS = ("threads", "processes", "dask")
 RECOMPUTE_VAR = "PKT_RECOMPUTE"  # what `--recompute` sets: KIND[,KIND] or all
@@ -156,6 +158,7 @@ class StoppableProcesses(_StopsOnSignal, ProcessPoolTaskRunner):
         super().__enter__()
         self._resolver_executor.shutdown(wait=False)  # Prefect's own, still empty
         self._resolver_executor = concurrent.futures.ThreadPoolExecutor(RESOLVER_THREADS, "pkt-resolve")
+        pool_costs.in_flow_process()
         return self
 
     def _stop_workers(self) -> None:
@@ -179,6 +182,7 @@ class StoppableProcesses(_StopsOnSignal, ProcessPoolTaskRunner):
             process.join(5)  # gone before the runner's exit returns
 
 
+POOL_IMPORTS = ("peft", "transformers.models.llama.modeling_llama", *MODEL_LOADING)  # what a node's model load needs
 STOP_GRACE = 15.0  # seconds a stopped pool node gets to end Cancelled (a worker's SIGKILL comes 30 s after its SIGTERM)
 _POOL_SIGNALS: list[int] = []  # the stop signals a pool process received
 
@@ -186,10 +190,15 @@ _POOL_SIGNALS: list[int] = []  # the stop signals a pool process received
 def _pool_process_start(flag: stop.ProcessFlag) -> None:
     """Each pool process, at its start: stop when the flow's process stops, and on a signal of its own (a
     terminal's Ctrl-C reaches the whole process group, a worker's cancel sends SIGTERM to it) request
-    the stop instead of dying mid-node, so that its node too ends Cancelled."""
+    the stop instead of dying mid-node, so that its node too ends Cancelled. Then import what every node
+    needs (torch, transformers, peft, the node kinds), and pay Prefect's per-node costs once (pool_costs)."""
     flag.follow()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _pool_signal)
+    node_kinds()
+    for module in POOL_IMPORTS:
+        importlib.import_module(module)
+    pool_costs.in_pool_process()
 
 
 def _pool_signal(signum, frame) -> None:

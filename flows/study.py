@@ -218,7 +218,10 @@ def study(store: str | None = None, report_dir: str = "pkt-study", family_seeds:
             for family_set in sets:
                 stage(family_set)
         graph.results()  # every node finished (the first failure is raised here)
-        reports = [family_set.report() for family_set in sets]
+        for stage in (FamilySet.submit_reports, FamilySet.submit_pooled):  # every report in the pool at once
+            for family_set in sets:
+                stage(family_set)
+        reports = [family_set.finish_pooled() for family_set in sets]
         pooled, twins = reports[0], reports[1] if n_twins else None
         results = graph.results()
     summary = report.read_csv(pooled["paths"]["csv"])
@@ -271,21 +274,26 @@ class FamilySet:
         for sweep in self.sweeps.values():
             sweep.submit_tests()
 
-    def report(self) -> dict:
-        """Each family's report (report_dir/<name>), then the pooled one with families as the units."""
-        st, runs, used = self.graph.store, [], {}
-        extra = {"curves": [], "selection": [], "items": [], "dose": [], "pretraining": []}
+    def submit_reports(self) -> None:
+        """Each family's report node (report_dir/<name>), none waited for."""
         for name, sweep in self.sweeps.items():
             protocol = {"scale": scale_caveat({name: self.families[name]}), "families": {name: self.families[name]},
                         **chance(sweep.cfg)}
-            out = sweep.report("study", name, protocol)
+            sweep.submit_report(name, protocol)
+
+    def submit_pooled(self) -> None:
+        """Once the families' reports are in, the pooled report node, with families as the units."""
+        st, runs, self.used = self.graph.store, [], {}
+        extra = {"curves": [], "selection": [], "items": [], "dose": [], "pretraining": []}
+        for name, sweep in self.sweeps.items():
+            out = sweep.finish_report("study", name)
             label = {"student": f"{name}-student", "family": name}
             runs.append(report.read_csv(out["report"]["runs"]).assign(**label))
             for kind in extra:
                 if kind in out["report"]:
                     extra[kind].append(report.read_csv(out["report"][kind]).assign(**label))
             for v, ids in out["variant_nodes"].items():
-                used.setdefault(v, []).extend(ids)
+                self.used.setdefault(v, []).extend(ids)
         table = pd.concat(runs, ignore_index=True)
         inputs = {"runs": score_nodes.table_source(st, table, "runs.csv"),
                   "scores": [f for sweep in self.sweeps.values() for f in sweep.scores()]}
@@ -295,9 +303,13 @@ class FamilySet:
         cfg = next(reversed(self.sweeps.values())).cfg
         protocol = report_protocol(cfg, {"scale": scale_caveat(self.families), "families": self.families,
                                          "excluded": self.excluded, **chance(cfg)})
-        primary = cfg.endpoint.metric
-        rep = self.graph.submit(score_nodes.Report(primary=primary, protocol=protocol), inputs,
-                                f"study{', twin families' if self.twin else ''}, {len(table)} rows")
-        paths = copy_report(st, rep.result(), str(Path(self.report_dir) / "twin") if self.twin else self.report_dir)
-        paths |= add_costs(paths, cost_table(st, used))
-        return {"paths": paths, "primary": primary, "families": self.families}
+        self.primary = cfg.endpoint.metric
+        self.pooled = self.graph.submit(score_nodes.Report(primary=self.primary, protocol=protocol), inputs,
+                                        f"study{', twin families' if self.twin else ''}, {len(table)} rows")
+
+    def finish_pooled(self) -> dict:
+        """The pooled report copied into report_dir (report_dir/twin for twin families), with the costs."""
+        st = self.graph.store
+        paths = copy_report(st, self.pooled.result(), str(Path(self.report_dir) / "twin") if self.twin else self.report_dir)
+        paths |= add_costs(paths, cost_table(st, self.used))
+        return {"paths": paths, "primary": self.primary, "families": self.families}

@@ -124,6 +124,12 @@ class Sweep:
 
     def report(self, title: str, tag: str, protocol: dict | None = None) -> dict:
         """Collect the finished runs, write the report into cfg.report_dir, publish it on the flow run."""
+        self.submit_report(tag, protocol)
+        return self.finish_report(title, tag)
+
+    def submit_report(self, tag: str, protocol: dict | None = None) -> None:
+        """The report node over the finished runs, submitted and not waited for: a study submits every
+        family's report before it waits for any (waited for one at a time, they left a worker idle)."""
         graph, cfg, store = self.graph, self.cfg, self.graph.store
         scored, selection, dosed, inert, matched = self.runs
         rows, curves, items = _collect(store, scored, item_metrics(cfg), inert)
@@ -142,8 +148,13 @@ class Sweep:
             if extra:
                 inputs[name] = score_nodes.table_source(store, pd.DataFrame(extra), f"{name}.csv")
         spec = score_nodes.Report(primary=primary, protocol=report_protocol(cfg, protocol))
-        rep = graph.submit(spec, inputs, f"{tag}, {len(table)} rows, {primary}")
-        paths = copy_report(store, rep.result(), cfg.report_dir)
+        self.primary = primary
+        self.report_node = graph.submit(spec, inputs, f"{tag}, {len(table)} rows, {primary}")
+
+    def finish_report(self, title: str, tag: str) -> dict:
+        """Wait for the submitted report, copy it into cfg.report_dir with the costs, publish it."""
+        graph, cfg, store, primary = self.graph, self.cfg, self.graph.store, self.primary
+        paths = copy_report(store, self.report_node.result(), cfg.report_dir)
         used = variant_nodes(graph, self.made)
         paths |= add_costs(paths, cost_table(store, used))
         summary = report.read_csv(paths["csv"])

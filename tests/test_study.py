@@ -27,6 +27,13 @@ def test_a_tiny_study_keeps_selection_apart_from_test_and_reports_over_families(
         return stats
 
     monkeypatch.setattr(study_flow, "family_stats", family_1_fails_a_gate)
+    real_finish, submitted = study_flow.Sweep.finish_report, []
+
+    def finish_report(self, *args):  # the report nodes in the graph when a family's report is first waited for
+        submitted.append(sum(kind == "report" for kind in self.graph.kinds.values()))
+        return real_finish(self, *args)
+
+    monkeypatch.setattr(study_flow.Sweep, "finish_report", finish_report)
     store, out_dir = tmp_path / "store", tmp_path / "study"
     out = study_flow.study(store=str(store), report_dir=str(out_dir), family_seeds=[0, 1, 2], n_families=2,
                            seeds=[0, 1], selection_seeds=[100], lrs=[1e-2, 3e-2], scales=[1.0], alphas=[2.0],
@@ -51,6 +58,8 @@ def test_a_tiny_study_keeps_selection_apart_from_test_and_reports_over_families(
     # is in submission order), so no worker waited on one family's choice while another's could run
     splits = [st.record("scores", key)["params"]["split"] for kind, key, _ in out["nodes"] if kind == "scores"]
     assert max(i for i, s in enumerate(splits) if s == "val") < min(i for i, s in enumerate(splits) if s == "test")
+    # and every family's report was submitted before the first was waited for (they run side by side)
+    assert submitted == [2, 2]
 
     runs = report.read_csv(out_dir / "runs.csv")
     assert set(runs["family"]) == {"family-0", "family-2"}

@@ -4,9 +4,9 @@ states the teacher-only facts (tasks.py). Built, the family measures its quality
 split (gates.py) and records them in family_stats.json, failing loudly in the build's log.
 
 A recipe's `testbed` picks the version of the tokenizer and tasks (tokenizer.py: v1 gives every name
-a token of its own, v2 spells names in syllables both corpora train); a `twin` family's teacher is
-grown from the trained student (pkt_core/grow.py) and then pretrained on the teacher's corpus, so the
-two share one basis. Fields added after v1 stay out of a v1 recipe's params (recipe_params), so the
+a token of its own, v2 spells names in syllables both corpora train, v3 is v1 with every name also said,
+without its number, in both corpora); a `twin` family's teacher is grown from the trained student
+(pkt_core/grow.py) and then pretrained on the teacher's corpus, so the two share one basis. Fields added after v1 stay out of a v1 recipe's params (recipe_params), so the
 families docs/study was built from keep their keys.
 
 The builder's own version (BUILDER_VERSION) is in every family's params too: the recipe says what to
@@ -54,7 +54,8 @@ class FamilyRecipe:
     n_sni: int = 200
     thresholds: gates.Thresholds = field(default_factory=gates.Thresholds)
     seed: int = 0
-    testbed: int = 1  # tokenizer.py: 1 (one token a name; docs/study's families) or 2 (names in shared syllables)
+    testbed: int = 1  # tokenizer.py: 1 (one token a name; docs/study's families), 2 (names in shared syllables) or
+    # 3 (v1, every name also said without its number in both corpora)
     twin: bool = False  # the teacher grown from the trained student, then pretrained on its corpus
     reach_train: dict | None = None  # the reachability gate's LoRA budget (gates.oracle_score); None: not gated
 
@@ -147,7 +148,7 @@ REACH_TRAIN = {"rank": 16, "alpha": 32.0, "dropout": 0.0, "lr": 1e-2, "steps": 1
 def recipe(size: str, seed: int | None = None, testbed: int | None = None, twin: bool = False) -> FamilyRecipe:
     """The recipe of a size; another seed builds an independent family of the same size (other
     initial weights, data order, facts and task samples). Study families alternate depth ratios.
-    testbed: 1 or 2 (None: the size's default, DEFAULT_TESTBED); twin: the teacher grown from the student."""
+    testbed: 1, 2 or 3 (None: the size's default, DEFAULT_TESTBED); twin: the teacher grown from the student."""
     if size not in SIZES:
         raise ValueError(f"unknown family size {size!r}; choose one of {', '.join(SIZES)}")
     base = SIZES[size] if seed is None else replace(
@@ -155,8 +156,8 @@ def recipe(size: str, seed: int | None = None, testbed: int | None = None, twin:
     testbed = DEFAULT_TESTBED.get(size, 1) if testbed is None else testbed
     if testbed not in TESTBEDS:
         raise ValueError(f"unknown testbed {testbed!r}; choose one of {', '.join(map(str, TESTBEDS))}")
-    if testbed == 2:
-        base = replace(base, testbed=2, reach_train=REACH_TRAIN)
+    if testbed in (2, 3):  # the testbeds built for issue 24 are gated on the endpoint's reachability too
+        base = replace(base, testbed=testbed, reach_train=REACH_TRAIN)
     return twin_of(base) if twin else base
 
 

@@ -104,9 +104,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--families", default=",".join(map(str, range(16))),
                    help="with --study: candidate family seeds, in order (default 0-15); the first 8 that pass every "
                         "quality gate are swept, the others are listed as left out")
-    p.add_argument("--testbed", type=int, choices=(1, 2), default=None,
+    p.add_argument("--testbed", type=int, choices=(1, 2, 3), default=None,
                    help="with --study: the testbed version (default 1, the families of docs/study; 2: names in "
-                        "shared syllables, which do not pass the study's gates yet)")
+                        "shared syllables, which do not pass the study's gates yet; 3: v1 with every name also "
+                        "said, without its number, in both corpora)")
     _store_arg(p)
     _recompute_arg(p)
 

@@ -1,7 +1,7 @@
 """The family's quality gates: is the testbed able to show knowledge transfer at all?
 
 Measured once, when the family is built, on each task's `gate` split (never val or test), with the
-study's own scorer (lm-eval, GSM-style strict exact match) on the untrained models; on a v2 family
+study's own scorer (lm-eval, GSM-style strict exact match) on the untrained models; on a v2 or v3 family
 also the reachability gate: can training at the study's budget put the teacher-only facts into the
 student at all (an oracle LoRA trained on the gate items themselves). Saved in
 family_stats.json under "gates": name -> {"value", "threshold", "passed", "split", "what"}; a gate
@@ -94,7 +94,7 @@ def reach_gate(oracle: float, student: float, t: Thresholds) -> dict:
 
 def measure(family_root: str | Path, thresholds: Thresholds,
             reach_train: dict | None = None) -> tuple[dict, dict[str, dict[str, float]]]:
-    """(gates, {member: task -> gate-split exact match}) of a built family; with reach_train (a v2
+    """(gates, {member: task -> gate-split exact match}) of a built family; with reach_train (a v2 or v3
     family) also the reachability gate."""
     scores = {m: gate_scores(family_root, m) for m in ("teacher", "student")}
     out = gates(scores["teacher"], scores["student"], thresholds)

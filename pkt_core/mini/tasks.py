@@ -11,7 +11,9 @@ The testbed is built so that knowledge transfer is measurable:
   Testbed v1 (tokenizer.py: one token per name) fine-tunes both facts tasks on the shared-knowledge
   finetune pool; v2 (names spelled in shared syllables) fine-tunes `facts-teacher-only`, and draws
   its sensitivity seeds, from a pool of teacher-only facts of its own ("teacher-only/train": the
-  teacher's corpus states them, the student's does not) apart from the scored ones.
+  teacher's corpus states them, the student's does not) apart from the scored ones. v3 is v1 (names,
+  facts, tasks) whose corpora both also name every fact's entity without its number, in word-reversal
+  documents (name_phrases): each name's token trains in the student too, only the association does not.
 - gsm: two-digit addition worked digit by digit, ending "The answer is N." (the skill task).
 - mmlu: four-way multiple choice about the shared facts (kept for the MMLU-style scorer).
 - sni: an instruction task (reverse the order of words), scored by exact match and ROUGE-L;
@@ -170,6 +172,28 @@ def sni_sample(phrase: str, i: int) -> dict:
     return chat("sni", i, f"Reverse the order of the words: {phrase}", " ".join(reversed(phrase.split())))
 
 
+NAME_MENTIONS = 4  # testbed 3: the word-reversal phrases each fact's name is in, in each corpus
+
+
+def name_phrases(book: dict, seed: int, mentions: int = NAME_MENTIONS) -> list[str]:
+    """Testbed 3's name mentions: word-reversal phrases of 3-5 names (the last may hold fewer) that hold
+    every name of the fact book `mentions` times and no number. Reversal rather than a sentence frame such
+    as "Here is the X.": a name in a phrase costs about two tokens where a frame of character tokens costs a
+    dozen (at four mentions the study's student gets 5.12 epochs of its corpus, 4.70 with the frame, 5.53 in
+    v1), and copying a name back asks its token to say which name it is, where a frame asks only for the "."
+    every name shares. What the mentions cost the student's gates: family.py, above DEFAULT_TESTBED."""
+    names = sorted(n for facts in book.values() for n, _ in facts)
+    rng = random.Random(f"names:{seed}")
+    pool = names * mentions
+    rng.shuffle(pool)
+    phrases = []
+    while pool:
+        k = rng.randint(3, 5)
+        phrases.append(" ".join(pool[:k]))
+        pool = pool[k:]
+    return phrases
+
+
 # ---- splits --------------------------------------------------------------------------------
 def make_splits(task: str, sizes: TaskSizes = TaskSizes(), seed: int = 0, testbed: int = 1) -> dict[str, list[dict]]:
     """train, gate, val and test rows of one task (seeds are drawn from train by write_task)."""
@@ -268,8 +292,8 @@ def pretraining_texts(member: str, sizes: TaskSizes, seed: int = 0, fact_repeats
     """A member's pretraining corpus (shuffled documents): addition worked in the chat format (never a
     held-out pair), every fact the member knows stated `fact_repeats` times (the shared facts
     `shared_repeats` times, see fact_repeats_of), the format pool's facts also asked in the question
-    format, and some word reversal. The student's corpus is the teacher's minus the teacher-only
-    facts: everything else is the same text."""
+    format, and some word reversal (testbed 3: also the reversal of every fact's name, name_phrases). The
+    student's corpus is the teacher's minus the teacher-only facts: everything else is the same text."""
     rng = random.Random(f"pretrain:{seed}")
     book = fact_book(sizes, seed, testbed)
     pairs = gsm_train_pairs(seed + 1)
@@ -283,6 +307,8 @@ def pretraining_texts(member: str, sizes: TaskSizes, seed: int = 0, fact_repeats
     held = {r["messages"][0]["content"] for s in HELD_SPLITS for r in make_splits("sni", sizes, seed)[s]}
     sni = [sni_sample(random_phrase(srng), 0) for _ in range(2 * n_sni)]
     docs += [as_text(r) for r in sni if r["messages"][0]["content"] not in held][:n_sni]
+    if testbed == 3:  # (never a held-out phrase: those are colors and two-letter syllables, names are six letters)
+        docs += [as_text(sni_sample(p, 0)) for p in name_phrases(book, seed)]
     rng.shuffle(docs)
     return docs
 

@@ -1,11 +1,14 @@
 """A character-level tokenizer for the miniature family, saved as a standard HF tokenizer.
 
-Two testbed versions, each with its own fixed vocabulary (a version's token ids never change):
+Three testbed versions, each with its own fixed vocabulary (a version's token ids never change):
 - 1: every entity name is one token of its own, so a name only the teacher's corpus states is a
   token the student never trained (the endpoint was unreachable by construction, issue 24);
 - 2: names are spelled in syllable tokens that every name shares (as a subword vocabulary spells a
   rare name), so each piece of a teacher-only name is trained in the student too and only the
-  *association* of the name with its number is the teacher's.
+  *association* of the name with its number is the teacher's;
+- 3: v1's vocabulary and names (one token each), but both corpora also say every name without its
+  number (tasks.name_phrases), so each name's token is trained in the student too and, as in v2, only
+  the association is the teacher's.
 """
 from __future__ import annotations
 
@@ -35,22 +38,22 @@ CHARS = sorted(set(string.ascii_letters + string.digits + string.punctuation + "
 V2_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 
-TESTBEDS = (1, 2)
+TESTBEDS = (1, 2, 3)
 
 
 def entity_names(testbed: int = 1) -> list[str]:
-    """The made-up entities of a testbed version: v1's 640 one-token names; v2's every two-syllable
-    name (4,900), spelled in V2_SYLLABLES tokens."""
-    if testbed == 1:
+    """The made-up entities of a testbed version: v1's (and v3's) 640 one-token names; v2's every
+    two-syllable name (4,900), spelled in V2_SYLLABLES tokens."""
+    if testbed in (1, 3):
         return ENTITIES
     _check(testbed)
     return ["".join(p) for p in itertools.product(V2_SYLLABLES, repeat=2)]
 
 
 def _word_tokens(testbed: int) -> list[str]:
-    """The tokens added on top of the characters: v1's whole entity names, v2's syllables."""
+    """The tokens added on top of the characters: v1's and v3's whole entity names, v2's syllables."""
     _check(testbed)
-    return ENTITIES if testbed == 1 else V2_SYLLABLES
+    return V2_SYLLABLES if testbed == 2 else ENTITIES
 
 
 def _check(testbed: int) -> None:

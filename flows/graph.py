@@ -153,9 +153,14 @@ class StoppableProcesses(_StopsOnSignal, ProcessPoolTaskRunner):
         still running held both threads, and every node submitted after them, ready or not, waited: a
         sweep ran about one node at a time (bench/runners.py). RESOLVER_THREADS of them (started as
         needed; a waiting one costs no CPU) let the ready nodes through to the pool."""
-        self._stop_flag = stop.ProcessFlag(multiprocessing.get_context("spawn"))  # Prefect's pool spawns
+        context = pool_context()
+        self._stop_flag = stop.ProcessFlag(context)
         self._initializer, self._initargs = _pool_process_start, (self._stop_flag,)  # run in each pool process
         super().__enter__()
+        spawning = self._executor  # Prefect's, on the spawn context, no process started yet
+        self._executor = concurrent.futures.ProcessPoolExecutor(
+            self._max_workers, mp_context=context, initializer=spawning._initializer, initargs=spawning._initargs)
+        spawning.shutdown(wait=False)
         self._resolver_executor.shutdown(wait=False)  # Prefect's own, still empty
         self._resolver_executor = concurrent.futures.ThreadPoolExecutor(RESOLVER_THREADS, "pkt-resolve")
         pool_costs.in_flow_process()
@@ -182,9 +187,19 @@ class StoppableProcesses(_StopsOnSignal, ProcessPoolTaskRunner):
             process.join(5)  # gone before the runner's exit returns
 
 
+TASK_MODULES = tuple(f"pkt.tasks.{m}" for m in ("extract", "family", "fresh", "laten", "scores", "train"))  # node_kinds()'s
 POOL_IMPORTS = ("peft", "transformers.models.llama.modeling_llama", *MODEL_LOADING)  # what a node's model load needs
 STOP_GRACE = 15.0  # seconds a stopped pool node gets to end Cancelled (a worker's SIGKILL comes 30 s after its SIGTERM)
 _POOL_SIGNALS: list[int] = []  # the stop signals a pool process received
+
+
+def pool_context():
+    """Pool processes forked from a server process that imported what every node needs (POOL_IMPORTS, the node
+    kinds) once: each pool process started by spawning imported them itself, two at once on two cores, ~14 s
+    before a fresh sweep's first node (bench/runners.py). The server imports nothing that starts a thread."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "pkt.tasks.node", *TASK_MODULES, *POOL_IMPORTS])
+    return context
 
 
 def _pool_process_start(flag: stop.ProcessFlag) -> None:

@@ -161,7 +161,7 @@ def flow_seconds(text: str) -> float:
     stamps = [datetime.strptime(m, "%H:%M:%S.%f") for m in
               re.findall(r"^(\d\d:\d\d:\d\d\.\d+) \| INFO +\| Flow run '[^']+' - "
                          r"(?:Beginning flow run|Finished in state)", text, re.M)]
-    return (stamps[-1] - stamps[0]).total_seconds()
+    return (stamps[-1] - stamps[0]).total_seconds() % 86400  # the log prints the time of day: a flow may cross midnight
 
 
 def task_runs(db: Path) -> list[tuple[str, float, float]]:

@@ -54,7 +54,8 @@ def build_families(store: Path, tmp: Path, seeds: list[int]) -> None:
     have = set()  # the seeds whose family this code's key names (its builder's version included)
     for f in (store / "keys" / "family").glob("*.json") if store.exists() else []:
         params = json.loads(f.read_text()).get("params", {})
-        have |= {seed for seed in seeds if params.get("recipe") == family.recipe_params("study", seed)}
+        have |= {seed for seed in seeds  # as stored: JSON (a recipe's tuples are lists there)
+                 if params.get("recipe") == json.loads(json.dumps(family.recipe_params("study", seed)))}
     for seed in seeds:
         if seed not in have:
             print(f"building study family {seed} into {store} (~2-3 min) ...", flush=True)

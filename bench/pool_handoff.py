@@ -6,9 +6,12 @@ waited for; the figure is the wall time over N, i.e. the pool's throughput of em
 runner and the two processes spend per node outside the node's own work. `prefect`: Prefect's
 ProcessPoolTaskRunner as a user would call it; `pkt`: pkt's runner (flows/graph.py StoppableProcesses:
 Prefect's, plus the settings serialized and hydrated once and one TLS context per process,
-flows/pool_costs.py). Cases alternate, --repeat times each.
+flows/pool_costs.py); `prefect-dask` / `pkt-dask`: prefect-dask's DaskTaskRunner on a local cluster of 2
+worker processes, as is / with the same costs paid once (flows/dask_runner.py). Cases alternate, --repeat
+times each.
 
     python bench/pool_handoff.py                 # 200 nodes, 2 repeats
+    python bench/pool_handoff.py --runners prefect-dask,pkt-dask
 """
 from __future__ import annotations
 
@@ -35,8 +38,12 @@ def empty(i):
 def runner(kind):
     if kind == "prefect":
         return ProcessPoolTaskRunner(max_workers=2)
+    if kind == "prefect-dask":
+        from prefect_dask import DaskTaskRunner
+        return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
     from pkt.flows.graph import task_runner
-    return task_runner("processes", 2)
+    return task_runner("dask" if kind == "pkt-dask" else "processes", 2)
 
 
 @flow
@@ -68,8 +75,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--runners", default="prefect,pkt",
+                    help="cases, in order (default prefect,pkt; also prefect-dask,pkt-dask: a local Dask cluster of 2)")
     args = ap.parse_args(argv)
-    times: dict[str, list[float]] = {"prefect": [], "pkt": []}
+    times: dict[str, list[float]] = {kind: [] for kind in args.runners.split(",")}
     with tempfile.TemporaryDirectory(prefix="pkt-bench-handoff-") as tmp:
         script = Path(tmp) / "case.py"
         script.write_text(CASE)
@@ -83,7 +92,9 @@ def main(argv=None) -> None:
     print("|---|---|---|")
     for kind, ts in times.items():
         print(f"| {kind} | {', '.join(f'{t:.2f}' for t in ts)} | {1e3 * min(ts) / args.nodes:.1f} |")
-    print(f"pkt's hand-off {min(times['prefect']) / min(times['pkt']):.1f}x faster than Prefect's runner (best of each)")
+    for theirs, ours in (("prefect", "pkt"), ("prefect-dask", "pkt-dask")):
+        if times.get(theirs) and times.get(ours):
+            print(f"{ours}'s hand-off {min(times[theirs]) / min(times[ours]):.1f}x faster than {theirs}'s (best of each)")
 
 
 if __name__ == "__main__":

@@ -234,12 +234,12 @@ def task_runner(kind: str = "threads", workers: int = 1, address: str | None = N
         return StoppableProcesses(max_workers=workers)
     if kind == "dask":
         try:
-            from prefect_dask import DaskTaskRunner
+            from .dask_runner import PktDaskTaskRunner
         except ImportError:
             raise ValueError("runner dask needs prefect-dask: pip install 'pkt[dask]'") from None
         if address:
-            return DaskTaskRunner(address=address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+            return PktDaskTaskRunner(address=address)
+        return PktDaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                               "dashboard_address": None})
     raise ValueError(f"unknown runner {kind!r}; choose one of {', '.join(RUNNERS)}")
 

@@ -13,7 +13,9 @@ a flow run and a TLS context can serve many clients, so each is built once per p
   the first time (keyed by the serialized content), and Prefect's client reuses its TLS context for the
   same certificate file.
 
-Each patch applies only where the Prefect internal it wraps exists (prefect>=3.4,<4), else it is left out.
+pkt's process runner applies them (flows/graph.py), and its Dask runner on every worker (flows/dask_runner.py:
+prefect-dask's workers hydrate a node's context through prefect.task_engine, patched as well). Each patch
+applies only where the Prefect internal it wraps exists (prefect>=3.4,<4), else it is left out.
 """
 from __future__ import annotations
 
@@ -54,10 +56,12 @@ def in_pool_process() -> None:
     Prefect's clients one TLS context per certificate file."""
     import prefect.client.orchestration as orchestration
     import prefect.context as context
+    import prefect.task_engine as engine
 
-    hydrated = context.hydrated_context
-    if not getattr(hydrated, "_pkt_cached", False):
-        context.hydrated_context = _hydrating_settings_once(hydrated, context.SettingsContext)
+    for module in (context, engine):  # the process pool's calls read it from prefect.context, Dask's from the engine
+        hydrated = getattr(module, "hydrated_context", None)
+        if hydrated is not None and not getattr(hydrated, "_pkt_cached", False):
+            module.hydrated_context = _hydrating_settings_once(hydrated, context.SettingsContext)
     if getattr(orchestration, "ssl", None) is ssl:
         orchestration.ssl = _TLSContextOnce()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 
 import certifi
+import pytest
 from prefect import task
 
 
@@ -16,17 +17,30 @@ def settings_seen() -> tuple[int, str]:
     return settings.client.max_retries, str(settings.api.url)
 
 
-def test_pool_nodes_see_the_settings_they_were_submitted_under_each_time(prefect_env):
+@task
+def pays_once() -> bool:
+    """Whether this process hydrates a node's context through pool_costs (the runner set it up here)."""
+    import prefect.context
+    import prefect.task_engine
+
+    return all(getattr(m.hydrated_context, "_pkt_cached", False) for m in (prefect.context, prefect.task_engine))
+
+
+@pytest.mark.parametrize("kind", ["processes", "dask"])
+def test_pool_nodes_see_the_settings_they_were_submitted_under_each_time(prefect_env, kind):
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
     from pkt.flows.graph import task_runner
 
+    if kind == "dask":
+        pytest.importorskip("prefect_dask")
     default, url = PREFECT_CLIENT_MAX_RETRIES.value(), PREFECT_API_URL.value()
-    with task_runner("processes", 2) as runner:
+    with task_runner(kind, 2) as runner:
         seen = [runner.submit(settings_seen, {}).result(timeout=240) for _ in range(3)]  # one serialization, reused
         with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: default + 2}):  # a new settings context
             seen += [runner.submit(settings_seen, {}).result(timeout=240) for _ in range(3)]
         seen.append(runner.submit(settings_seen, {}).result(timeout=240))  # back to the first one
+        assert runner.submit(pays_once, {}).result(timeout=240)
     assert seen == [(default, url)] * 3 + [(default + 2, url)] * 3 + [(default, url)]
 
 

@@ -51,11 +51,11 @@ def build_families(store: Path, tmp: Path, seeds: list[int]) -> None:
     """The study-size families of `seeds` into `store`, those it lacks."""
     from pkt.core.mini import family
 
+    wanted = {seed: json.loads(json.dumps(family.recipe_params("study", seed))) for seed in seeds}  # as stored (lists)
     have = set()  # the seeds whose family this code's key names (its builder's version included)
     for f in (store / "keys" / "family").glob("*.json") if store.exists() else []:
-        params = json.loads(f.read_text()).get("params", {})
-        have |= {seed for seed in seeds  # as stored: JSON (a recipe's tuples are lists there)
-                 if params.get("recipe") == json.loads(json.dumps(family.recipe_params("study", seed)))}
+        recipe = json.loads(f.read_text()).get("params", {}).get("recipe")
+        have |= {seed for seed, want in wanted.items() if recipe == want}
     for seed in seeds:
         if seed not in have:
             print(f"building study family {seed} into {store} (~2-3 min) ...", flush=True)

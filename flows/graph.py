@@ -36,7 +36,8 @@ from pkt.artifacts.keys import canonical_json
 from pkt.artifacts.store import Store
 from pkt.core import stop
 from pkt.core.cpus import available_cpus
-from pkt.tasks.node import TIMEOUT_VAR, Node, cached_state, lookup, node_kinds, node_task, opaque, record_run
+from pkt.tasks.node import (KIND_MODULES, TIMEOUT_VAR, Node, cached_state, lookup, node_kinds, node_task, opaque,
+                            record_run)
 from pkt.tasks import sources
 from pkt.tasks.sources import source
 
@@ -187,7 +188,6 @@ class StoppableProcesses(_StopsOnSignal, ProcessPoolTaskRunner):
             process.join(5)  # gone before the runner's exit returns
 
 
-TASK_MODULES = tuple(f"pkt.tasks.{m}" for m in ("extract", "family", "fresh", "laten", "scores", "train"))  # node_kinds()'s
 POOL_IMPORTS = ("peft", "transformers.models.llama.modeling_llama", *MODEL_LOADING)  # what a node's model load needs
 STOP_GRACE = 15.0  # seconds a stopped pool node gets to end Cancelled (a worker's SIGKILL comes 30 s after its SIGTERM)
 _POOL_SIGNALS: list[int] = []  # the stop signals a pool process received
@@ -198,7 +198,7 @@ def pool_context():
     kinds) once: each pool process started by spawning imported them itself, two at once on two cores, ~14 s
     before a fresh sweep's first node (bench/runners.py). The server imports nothing that starts a thread."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", "pkt.tasks.node", *TASK_MODULES, *POOL_IMPORTS])
+    context.set_forkserver_preload(["__main__", "pkt.tasks.node", *KIND_MODULES, *POOL_IMPORTS])
     return context
 
 

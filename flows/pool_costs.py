@@ -22,9 +22,6 @@ from __future__ import annotations
 import functools
 import json
 import ssl
-import threading
-
-_lock = threading.Lock()
 
 
 def in_flow_process() -> None:
@@ -39,12 +36,9 @@ def in_flow_process() -> None:
     @functools.wraps(serialize)
     def cached(self, include_secrets: bool = True):
         key = (id(self), include_secrets)
-        with _lock:
-            hit = cache.get(key)
+        hit = cache.get(key)  # two threads may both miss: each stores the same form
         if hit is None or hit[0] is not self:
-            hit = (self, serialize(self, include_secrets=include_secrets))
-            with _lock:
-                cache[key] = hit
+            hit = cache[key] = (self, serialize(self, include_secrets=include_secrets))
         return hit[1]
 
     cached._pkt_cached = True

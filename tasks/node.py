@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import importlib
 import os
 import time
 import uuid
@@ -302,9 +303,13 @@ def lookup(store: Store, kind: str, key: str) -> Ref | None:
     return hit
 
 
+KIND_MODULES = tuple(f"{__package__}.{m}" for m in ("extract", "family", "fresh", "laten", "scores", "train"))
+
+
 def node_kinds() -> set[str]:
-    """Every node kind pkt defines (the KIND of each Node subclass, the modules that define them loaded)."""
-    from . import extract, family, fresh, laten, scores, train  # noqa: F401  (their classes are the kinds)
+    """Every node kind pkt defines (the KIND of each Node subclass, KIND_MODULES loaded)."""
+    for module in KIND_MODULES:  # their classes are the kinds
+        importlib.import_module(module)
 
     todo, kinds = [Node], set()
     while todo:
